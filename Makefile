@@ -1,0 +1,34 @@
+# AeroKV: every target sets up what it needs first (`make setup` is idempotent and fast when done).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+ENV := source scripts/env.sh &&
+
+.PHONY: help setup build test demo bench-engine bench-planner bench-swarm bench-recovery clean
+
+help:
+	@echo "make demo           set up, build, run a 4-drone swarm on this machine"
+	@echo "make test           set up, build, run every test"
+	@echo "make setup          install Debian packages, the ROS 2 + ONNX Runtime venv, interfaces, model parts"
+	@echo "make build          release binaries (target/release/aerokv and the four nodes)"
+	@echo "make bench-engine | bench-planner | bench-swarm | bench-recovery"
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	@$(ENV) cargo build --release --workspace --bins
+
+test: build
+	@scripts/test.sh
+
+demo: build
+	@scripts/demo.sh
+
+bench-engine: build
+	@$(ENV) scripts/bench-engine.sh
+
+bench-planner: setup
+	@$(ENV) cargo run --release -q -p aerokv-sim --bin bench-planner
+
+clean:
+	rm -rf target build install log

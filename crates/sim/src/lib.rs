@@ -1,0 +1,1 @@
+//! AeroKV mission simulator (pure Rust, no ROS). See DESIGN.md §7.

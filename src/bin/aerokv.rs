@@ -1,0 +1,33 @@
+//! `aerokv`: the command-line entry point (generate, sim, swarm).
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "aerokv", version, about = "Resilient LLM inference across a UAV swarm")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole model in one process and stream the answer.
+    Generate(aerokv::cli::generate::GenerateArgs),
+    /// Run the mission simulator (NP / OO / SO / AeroKV) and write CSV traces and plots.
+    Sim(aerokv::cli::sim::SimArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    aerokv::cli::init_tracing();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => aerokv::cli::generate::run(args),
+        Command::Sim(args) => aerokv::cli::sim::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! Subcommands of the `aerokv` CLI. Each file owns one subcommand: its `clap::Args` and `run`.
+pub mod generate;
+pub mod sim;
+
+/// Logs go to stderr (stdout carries answers and JSON); `RUST_LOG` overrides the level.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

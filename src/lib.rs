@@ -1,0 +1,11 @@
+//! AeroKV: resilient, lifespan-aware LLM inference across a UAV swarm.
+//!
+//! Layout of the workspace (the architecture, folder by folder):
+//! - `crates/plan`   (`aerokv-plan`): swarm types, cost model, P1 protection planner, lifespan-aware
+//!   layout, recovery planning, P2 reconfiguration. Pure Rust, no ROS.
+//! - `crates/sim`    (`aerokv-sim`): the mission simulator over the planning core. Pure Rust.
+//! - `crates/engine` (`aerokv-engine`): ONNX Runtime layer shards, per-layer KV caches, tokenizer,
+//!   sampling. Pure Rust, no ROS.
+//! - this crate (`aerokv`): the CLI (`cli`) and, with the `ros` feature, the ROS 2 nodes
+//!   (`src/bin/*`), thin adapters from messages to the pure crates.
+pub mod cli;
