@@ -1,0 +1,256 @@
+//! Node parameters from ROS 2 parameter files (`ros__parameters`), typed and validated.
+//!
+//! ROS tools start a node as `exe --ros-args --params-file FILE -p name:=value -r __ns:=/uav1`.
+//! We read the same arguments (rcl reads them too) and deserialize the matching sections into
+//! the node's typed parameter struct, so that a bad file is refused with the file and the field
+//! named before the node starts.
+use serde::de::DeserializeOwned;
+use serde_yaml::{Mapping, Value};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParamError {
+    #[error("{file}: cannot read parameter file: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("{file}: not valid YAML: {source}")]
+    Yaml { file: PathBuf, source: serde_yaml::Error },
+    #[error("{file}: section `{section}`: `ros__parameters` must be a mapping")]
+    Section { file: PathBuf, section: String },
+    #[error("{origin}: field `{field}`: {message}")]
+    Field { origin: String, field: String, message: String },
+    #[error("bad argument `{0}`: expected `-p name:=value`")]
+    Override(String),
+}
+
+/// What the command line says about this node: its name, namespace, parameter files and overrides.
+#[derive(Debug, Clone, Default)]
+pub struct RosArgs {
+    pub node_name: Option<String>,
+    pub namespace: Option<String>,
+    pub params_files: Vec<PathBuf>,
+    pub overrides: Vec<(String, String)>,
+}
+
+impl RosArgs {
+    /// Parses the `--ros-args ... [--]` part of `args` (the program name excluded).
+    pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Self, ParamError> {
+        let mut out = RosArgs::default();
+        let mut in_ros = false;
+        let mut it = args.into_iter();
+        while let Some(arg) = it.next() {
+            match arg.as_str() {
+                "--ros-args" => in_ros = true,
+                "--" => in_ros = false,
+                "--params-file" if in_ros => {
+                    if let Some(f) = it.next() {
+                        out.params_files.push(PathBuf::from(f));
+                    }
+                }
+                "-p" | "--param" if in_ros => {
+                    let kv = it.next().unwrap_or_default();
+                    let (k, v) = kv.split_once(":=").ok_or_else(|| ParamError::Override(kv.clone()))?;
+                    out.overrides.push((k.to_string(), v.to_string()));
+                }
+                "-r" | "--remap" if in_ros => {
+                    if let Some(rule) = it.next() {
+                        if let Some(ns) = rule.strip_prefix("__ns:=") {
+                            out.namespace = Some(ns.to_string());
+                        } else if let Some(name) = rule.strip_prefix("__node:=") {
+                            out.node_name = Some(name.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn from_env() -> Result<Self, ParamError> {
+        Self::parse(std::env::args().skip(1))
+    }
+
+    /// Fully qualified node name, e.g. `/uav1/shard_executor`.
+    pub fn fqn(&self, default_name: &str) -> String {
+        let name = self.node_name.as_deref().unwrap_or(default_name);
+        match self.namespace.as_deref().map(|n| n.trim_matches('/')) {
+            Some(ns) if !ns.is_empty() => format!("/{ns}/{name}"),
+            _ => format!("/{name}"),
+        }
+    }
+
+    /// The namespace without slashes ("" for the root namespace).
+    pub fn namespace_leaf(&self) -> String {
+        self.namespace.as_deref().unwrap_or("").trim_matches('/').rsplit('/').next().unwrap_or("").to_string()
+    }
+
+    /// Loads the typed parameters of node `default_name`: every matching file section, in order,
+    /// then the `-p` overrides. Missing fields take the struct's serde defaults.
+    pub fn load<P: DeserializeOwned>(&self, default_name: &str) -> Result<P, ParamError> {
+        let fqn = self.fqn(default_name);
+        let mut merged = Mapping::new();
+        let mut origin = String::from("parameters");
+        for file in &self.params_files {
+            let section = read_sections(file, &fqn)?;
+            for (k, v) in section {
+                merged.insert(k, v);
+            }
+            origin = file.display().to_string();
+        }
+        for (k, v) in &self.overrides {
+            let value: Value = serde_yaml::from_str(v).unwrap_or_else(|_| Value::String(v.clone()));
+            merged.insert(Value::String(k.clone()), value);
+            origin = format!("-p {k}:={v}");
+        }
+        from_mapping(merged, &origin)
+    }
+}
+
+/// Deserializes `ros__parameters` into `P`, naming the field that is wrong.
+pub fn from_mapping<P: DeserializeOwned>(map: Mapping, origin: &str) -> Result<P, ParamError> {
+    serde_path_to_error::deserialize(Value::Mapping(map)).map_err(|err| {
+        let field = err.path().to_string();
+        let message = err.into_inner().to_string();
+        // serde names an unknown field in the message; the path then still points at the parent.
+        let field = if field == "." { unknown_field(&message).unwrap_or(field) } else { field };
+        ParamError::Field { origin: origin.to_string(), field, message }
+    })
+}
+
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+/// The `ros__parameters` of every section of `file` that applies to node `fqn`.
+fn read_sections(file: &Path, fqn: &str) -> Result<Mapping, ParamError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ParamError::Read { file: file.into(), source })?;
+    let doc: Value = serde_yaml::from_str(&text).map_err(|source| ParamError::Yaml { file: file.into(), source })?;
+    let mut out = Mapping::new();
+    let Value::Mapping(sections) = doc else { return Ok(out) };
+    for (key, body) in sections {
+        let Some(pattern) = key.as_str() else { continue };
+        if !section_matches(pattern, fqn) {
+            continue;
+        }
+        let params = match &body {
+            Value::Mapping(m) => m.get("ros__parameters").cloned().unwrap_or(Value::Null),
+            _ => Value::Null,
+        };
+        match params {
+            Value::Mapping(m) => out.extend(m),
+            Value::Null => {}
+            _ => return Err(ParamError::Section { file: file.into(), section: pattern.to_string() }),
+        }
+    }
+    Ok(out)
+}
+
+/// ROS 2 parameter-file section matching: `/**`, `/**/name`, `/ns/name`, `ns/name`, `name`,
+/// with `*` matching one path token.
+fn section_matches(pattern: &str, fqn: &str) -> bool {
+    let pat: Vec<&str> = pattern.trim_start_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let name: Vec<&str> = fqn.trim_start_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    fn go(p: &[&str], n: &[&str]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(&"**"), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(a), Some(b)) => (*a == "*" || a == b) && go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(&pat, &name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct P {
+        period_s: f64,
+        uav_id: String,
+    }
+    impl Default for P {
+        fn default() -> Self {
+            P { period_s: 1.0, uav_id: "x".into() }
+        }
+    }
+
+    fn write(text: &str) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::new(text)
+    }
+
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl TempPath {
+            pub fn new(text: &str) -> Self {
+                use std::sync::atomic::{AtomicUsize, Ordering};
+                static N: AtomicUsize = AtomicUsize::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "aerokv-params-{}-{}.yaml",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::write(&p, text).expect("temp file");
+                TempPath(p)
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    fn args(file: &Path, extra: &[&str]) -> RosArgs {
+        let mut v = vec!["--ros-args".to_string(), "--params-file".into(), file.display().to_string()];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        RosArgs::parse(v).expect("args")
+    }
+
+    #[test]
+    fn matching_sections_merge_in_order_and_overrides_win() {
+        let f = write("/**:\n  ros__parameters:\n    period_s: 2.0\n/**/node:\n  ros__parameters:\n    uav_id: a\nother:\n  ros__parameters:\n    uav_id: b\n");
+        let a = args(&f.0, &["-r", "__ns:=/uav3", "-p", "period_s:=0.5"]);
+        let p: P = a.load("node").expect("load");
+        assert_eq!(p, P { period_s: 0.5, uav_id: "a".into() });
+        assert_eq!(a.fqn("node"), "/uav3/node");
+        assert_eq!(a.namespace_leaf(), "uav3");
+    }
+
+    #[test]
+    fn wrong_type_names_file_and_field() {
+        let f = write("/**/node:\n  ros__parameters:\n    period_s: fast\n");
+        let err = args(&f.0, &[]).load::<P>("node").unwrap_err().to_string();
+        assert!(err.contains(&f.0.display().to_string()) && err.contains("period_s"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let f = write("/**/node:\n  ros__parameters:\n    perod_s: 1.0\n");
+        let err = args(&f.0, &[]).load::<P>("node").unwrap_err().to_string();
+        assert!(err.contains("field `perod_s`"), "{err}");
+    }
+
+    #[test]
+    fn broken_yaml_and_missing_file_are_reported() {
+        let f = write("/**/node:\n  ros__parameters:\n    a: [1,\n");
+        assert!(matches!(args(&f.0, &[]).load::<P>("node"), Err(ParamError::Yaml { .. })));
+        let missing = Path::new("/nonexistent/aerokv.yaml");
+        assert!(matches!(args(missing, &[]).load::<P>("node"), Err(ParamError::Read { .. })));
+    }
+
+    #[test]
+    fn section_patterns() {
+        assert!(section_matches("/**", "/uav1/x"));
+        assert!(section_matches("/**/x", "/uav1/x"));
+        assert!(section_matches("/uav1/x", "/uav1/x"));
+        assert!(section_matches("uav1/x", "/uav1/x"));
+        assert!(section_matches("/*/x", "/uav1/x"));
+        assert!(!section_matches("/uav2/x", "/uav1/x"));
+        assert!(!section_matches("x", "/uav1/x"));
+    }
+}

@@ -1,0 +1,45 @@
+//! Topic and service names and their QoS (DESIGN.md §5): data plane reliable, telemetry best
+//! effort, assignments transient-local so that a late joiner gets the current plan.
+use r2r::QosProfile;
+
+/// Swarm-wide topics live under this namespace.
+pub const SWARM_NS: &str = "/aerokv";
+pub const ASSIGNMENT: &str = "/aerokv/assignment";
+pub const FAILURES: &str = "/aerokv/failures";
+pub const TOKENS: &str = "/aerokv/tokens";
+pub const GENERATE: &str = "/aerokv/generate";
+/// Hidden states leaving the last stage, back to the gateway (the scheduler).
+pub const GATEWAY_INPUT: &str = "/aerokv/gateway/input";
+pub const DIAGNOSTICS: &str = "/diagnostics";
+
+pub fn heartbeat(uav: &str) -> String {
+    format!("/{uav}/heartbeat")
+}
+pub fn battery(uav: &str) -> String {
+    format!("/{uav}/battery")
+}
+/// Input hidden states of `uav`'s shard; the stage and the holder of its head replica subscribe.
+pub fn stage_input(uav: &str) -> String {
+    format!("/{uav}/input")
+}
+/// KV snapshots of `uav`'s tail, streamed to its ring successor.
+pub fn snapshots(uav: &str) -> String {
+    format!("/{uav}/snapshots")
+}
+/// Buffered tail inputs sent to the recovering successor of a failed `uav`.
+pub fn replay(uav: &str) -> String {
+    format!("/{uav}/replay")
+}
+
+pub fn data_plane() -> QosProfile {
+    QosProfile::default().reliable().keep_last(1000).volatile()
+}
+pub fn telemetry() -> QosProfile {
+    QosProfile::sensor_data().keep_last(10)
+}
+pub fn latched() -> QosProfile {
+    QosProfile::default().reliable().keep_last(1).transient_local()
+}
+pub fn events() -> QosProfile {
+    QosProfile::default().reliable().keep_last(100).transient_local()
+}

@@ -1,0 +1,207 @@
+//! `battery_monitor`: one per UAV. Publishes remaining energy, power, state of charge and
+//! expected remaining tokens on `/<uav>/battery`, and `/diagnostics`. Sources: a built-in
+//! discharge simulation (flight power, the executor's reported compute time, TX bytes), or
+//! `sensor_msgs/BatteryState` (Gazebo via ros_gz_bridge, MAVROS), which takes over when it arrives.
+use crate::ros::{names, now_stamp, NodeContext};
+use r2r::aerokv::msg::{BatteryHealth, Heartbeat};
+use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
+use r2r::sensor_msgs::msg::BatteryState;
+use serde::Deserialize;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Params {
+    /// Defaults to the node's namespace (`/uav3/battery_monitor` -> "uav3").
+    pub uav_id: String,
+    /// "auto" (simulate until a BatteryState arrives), "simulation" or "battery_state".
+    pub source: String,
+    pub capacity_j: f64,
+    pub initial_soc: f64,
+    pub flight_power_w: f64,
+    /// Inference power at full power; battery-aware scaling applies below 40 % (DESIGN.md §3).
+    pub inference_power_w: f64,
+    pub tx_power_w: f64,
+    pub link_rate_bps: f64,
+    /// Simulated seconds per wall-clock second (demos drain a battery in minutes).
+    pub time_scale: f64,
+    pub publish_period_s: f64,
+    /// Seconds per token assumed until the executor's heartbeats show the real rate.
+    pub token_period_s: f64,
+    pub battery_state_topic: String,
+    /// "best_effort" (Gazebo bridge, MAVROS) or "reliable".
+    pub battery_state_qos: String,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            uav_id: String::new(),
+            source: "auto".into(),
+            capacity_j: 2.7e6,
+            initial_soc: 1.0,
+            flight_power_w: 80.0,
+            inference_power_w: 35.0,
+            tx_power_w: 2.5,
+            link_rate_bps: 20e6,
+            time_scale: 1.0,
+            publish_period_s: 0.5,
+            token_period_s: 0.1,
+            battery_state_topic: "battery_state".into(),
+            battery_state_qos: "best_effort".into(),
+        }
+    }
+}
+
+impl Params {
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(matches!(self.source.as_str(), "auto" | "simulation" | "battery_state"), "parameter `source` must be auto, simulation or battery_state, not {:?}", self.source);
+        anyhow::ensure!(matches!(self.battery_state_qos.as_str(), "best_effort" | "reliable"), "parameter `battery_state_qos` must be best_effort or reliable");
+        anyhow::ensure!(self.capacity_j > 0.0, "parameter `capacity_j` must be positive");
+        anyhow::ensure!((0.0..=1.0).contains(&self.initial_soc), "parameter `initial_soc` must be within 0..1");
+        anyhow::ensure!(self.link_rate_bps > 0.0 && self.time_scale > 0.0 && self.publish_period_s > 0.0, "parameters `link_rate_bps`, `time_scale` and `publish_period_s` must be positive");
+        Ok(())
+    }
+}
+
+/// Per-token figures learnt from the executor's cumulative heartbeat counters.
+#[derive(Default)]
+struct ExecutorUsage {
+    last: Option<(Instant, Heartbeat)>,
+    token_period_s: Option<f64>,
+    compute_s_per_token: f64,
+    tx_bytes_per_token: f64,
+}
+
+pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
+    p.validate()?;
+    if p.uav_id.is_empty() {
+        p.uav_id = ctx.namespace.clone();
+    }
+    anyhow::ensure!(!p.uav_id.is_empty(), "parameter `uav_id` is empty and the node has no namespace");
+    let health_pub = ctx.publisher::<BatteryHealth>(&names::battery(&p.uav_id), names::telemetry())?;
+    let diag_pub = ctx.publisher::<DiagnosticArray>(names::DIAGNOSTICS, r2r::QosProfile::default())?;
+    let mut heartbeats = ctx.subscribe::<Heartbeat>(&names::heartbeat(&p.uav_id), names::telemetry())?;
+    let bs_qos = if p.battery_state_qos == "reliable" { r2r::QosProfile::default() } else { r2r::QosProfile::sensor_data() };
+    let bs_topic = if p.battery_state_topic.starts_with('/') { p.battery_state_topic.clone() } else { format!("/{}/{}", p.uav_id, p.battery_state_topic) };
+    let mut battery_states = ctx.subscribe::<BatteryState>(&bs_topic, bs_qos)?;
+    tracing::info!(uav = %p.uav_id, source = %p.source, battery_state_topic = %bs_topic, "battery monitor up");
+
+    let mut energy_j = p.capacity_j * p.initial_soc;
+    let mut external: Option<BatteryState> = None;
+    let mut usage = ExecutorUsage::default();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(p.publish_period_s));
+    let mut last_tick = Instant::now();
+    let shutdown = ctx.shutdown();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            Some(hb) = heartbeats.recv() => {
+                let now = Instant::now();
+                if let Some((t0, prev)) = &usage.last {
+                    let d_tokens = hb.kv_tokens.saturating_sub(prev.kv_tokens) as f64;
+                    let d_compute = (hb.compute_s_total - prev.compute_s_total).max(0.0);
+                    let d_tx = hb.tx_bytes_total.saturating_sub(prev.tx_bytes_total) as f64;
+                    if p.source != "battery_state" && external.is_none() {
+                        // Compute and radio energy of the interval, at the battery-aware power level.
+                        let soc = energy_j / p.capacity_j;
+                        let compute_w = p.inference_power_w * inference_power_fraction(soc);
+                        energy_j -= (compute_w * d_compute + p.tx_power_w * d_tx * 8.0 / p.link_rate_bps) * p.time_scale;
+                    }
+                    if d_tokens > 0.0 {
+                        usage.token_period_s = Some(now.duration_since(*t0).as_secs_f64() / d_tokens);
+                        usage.compute_s_per_token = d_compute / d_tokens;
+                        usage.tx_bytes_per_token = d_tx / d_tokens;
+                    }
+                }
+                usage.last = Some((now, hb));
+            }
+            Some(bs) = battery_states.recv() => {
+                if p.source != "simulation" {
+                    if external.is_none() { tracing::info!(uav = %p.uav_id, "sensor_msgs/BatteryState received: it is now the battery source"); }
+                    external = Some(bs);
+                }
+            }
+            _ = ticker.tick() => {
+                let dt = last_tick.elapsed().as_secs_f64();
+                last_tick = Instant::now();
+                let soc;
+                let source;
+                let power_w;
+                if let Some(bs) = &external {
+                    soc = if bs.percentage.is_finite() { f64::from(bs.percentage).clamp(0.0, 1.0) } else { energy_j / p.capacity_j };
+                    energy_j = soc * p.capacity_j;
+                    let measured = f64::from(bs.voltage) * f64::from(bs.current);
+                    power_w = if measured.is_finite() && measured != 0.0 { measured.abs() } else { p.flight_power_w };
+                    source = "sensor_msgs/BatteryState";
+                } else {
+                    if p.source != "battery_state" {
+                        energy_j -= p.flight_power_w * dt * p.time_scale;
+                    }
+                    energy_j = energy_j.max(0.0);
+                    soc = energy_j / p.capacity_j;
+                    let period = usage.token_period_s.unwrap_or(p.token_period_s);
+                    power_w = p.flight_power_w + p.inference_power_w * inference_power_fraction(soc) * (usage.compute_s_per_token / period).min(1.0);
+                    source = if p.source == "battery_state" { "sensor_msgs/BatteryState" } else { "simulation" };
+                }
+                let period = usage.token_period_s.unwrap_or(p.token_period_s);
+                let energy_per_token = p.flight_power_w * period
+                    + p.inference_power_w * inference_power_fraction(soc) * usage.compute_s_per_token
+                    + p.tx_power_w * usage.tx_bytes_per_token * 8.0 / p.link_rate_bps;
+                let expected_tokens = if energy_per_token > 0.0 { energy_j / energy_per_token } else { f64::INFINITY };
+                let msg = BatteryHealth {
+                    uav_id: p.uav_id.clone(),
+                    stamp: now_stamp(),
+                    energy_j,
+                    capacity_j: p.capacity_j,
+                    state_of_charge: soc as f32,
+                    power_w,
+                    expected_remaining_tokens: expected_tokens,
+                    source: source.into(),
+                };
+                if let Err(e) = health_pub.publish(&msg) { tracing::warn!("publish battery health: {e}"); }
+                let _ = diag_pub.publish(&diagnostics(&p.uav_id, &msg));
+            }
+        }
+    }
+}
+
+fn diagnostics(uav: &str, h: &BatteryHealth) -> DiagnosticArray {
+    let (level, message) = match h.state_of_charge {
+        s if s <= 0.0 => (DiagnosticStatus::ERROR as u8, "battery empty"),
+        s if s < 0.2 => (DiagnosticStatus::WARN as u8, "battery low: inference at floor power"),
+        _ => (DiagnosticStatus::OK as u8, "ok"),
+    };
+    let kv = |k: &str, v: String| KeyValue { key: k.into(), value: v };
+    DiagnosticArray {
+        header: r2r::std_msgs::msg::Header { stamp: h.stamp.clone(), frame_id: String::new() },
+        status: vec![DiagnosticStatus {
+            level,
+            name: format!("aerokv/{uav}/battery"),
+            message: message.into(),
+            hardware_id: uav.into(),
+            values: vec![
+                kv("energy_j", format!("{:.1}", h.energy_j)),
+                kv("state_of_charge", format!("{:.3}", h.state_of_charge)),
+                kv("power_w", format!("{:.1}", h.power_w)),
+                kv("expected_remaining_tokens", format!("{:.0}", h.expected_remaining_tokens)),
+                kv("source", h.source.clone()),
+            ],
+        }],
+    }
+}
+
+/// Fraction of full inference power the battery allows (DESIGN.md §3): full above 40 % energy,
+/// a smooth (cubic) decay to a 40 % floor at 20 %, the floor below.
+fn inference_power_fraction(soc: f64) -> f64 {
+    const FLOOR: f64 = 0.4;
+    match soc {
+        s if s >= 0.4 => 1.0,
+        s if s <= 0.2 => FLOOR,
+        s => {
+            let x = (s - 0.2) / 0.2;
+            FLOOR + (1.0 - FLOOR) * (1.0 - (1.0 - x).powi(3))
+        }
+    }
+}

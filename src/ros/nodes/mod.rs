@@ -1,0 +1,6 @@
+//! The four nodes. Each module has its typed parameters (`config/*.yaml`) and an async `run`.
+pub mod battery_monitor;
+pub mod discovery;
+pub mod scheduler;
+pub mod shard_executor;
+pub mod watchdog;

@@ -1,0 +1,118 @@
+//! `watchdog`: one per swarm. Watches every UAV's heartbeats and battery health and declares a
+//! UAV failed (heartbeats missed for `heartbeat_timeout_s`, or its battery empty) once per UAV
+//! and epoch, on `/aerokv/failures`.
+use super::discovery::uavs_with_topic;
+use crate::ros::{names, now_stamp, NodeContext};
+use r2r::aerokv::msg::{Assignment, BatteryHealth, FailureEvent, Heartbeat};
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Params {
+    pub heartbeat_timeout_s: f64,
+    pub check_period_s: f64,
+    /// How often to look for new UAV topics (new members).
+    pub discovery_period_s: f64,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Params { heartbeat_timeout_s: 1.0, check_period_s: 0.05, discovery_period_s: 0.5 }
+    }
+}
+
+enum Seen {
+    Heartbeat(Heartbeat),
+    Battery(BatteryHealth),
+}
+
+pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
+    anyhow::ensure!(p.heartbeat_timeout_s > 0.0 && p.check_period_s > 0.0 && p.discovery_period_s > 0.0, "watchdog periods must be positive");
+    let failures = ctx.publisher::<FailureEvent>(names::FAILURES, names::events())?;
+    let mut assignments = ctx.subscribe::<Assignment>(names::ASSIGNMENT, names::latched())?;
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
+    let mut watched: BTreeSet<String> = BTreeSet::new();
+    let mut last_beat: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut declared: HashSet<(u64, String)> = HashSet::new();
+    let mut epoch = 0u64;
+    let mut ring: Option<BTreeSet<String>> = None;
+    let mut check = tokio::time::interval(Duration::from_secs_f64(p.check_period_s));
+    let mut discover = tokio::time::interval(Duration::from_secs_f64(p.discovery_period_s));
+    let timeout = Duration::from_secs_f64(p.heartbeat_timeout_s);
+    let shutdown = ctx.shutdown();
+    tokio::pin!(shutdown);
+    tracing::info!(timeout_s = p.heartbeat_timeout_s, "watchdog up");
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = discover.tick() => {
+                for uav in uavs_with_topic(&ctx, "heartbeat").union(&uavs_with_topic(&ctx, "battery")) {
+                    if watched.insert(uav.clone()) {
+                        tracing::info!(%uav, "watching");
+                        forward(&ctx, &names::heartbeat(uav), &seen_tx, Seen::Heartbeat)?;
+                        forward(&ctx, &names::battery(uav), &seen_tx, Seen::Battery)?;
+                    }
+                }
+            }
+            Some(a) = assignments.recv() => {
+                epoch = epoch.max(a.epoch);
+                ring = Some(a.ring.iter().cloned().collect());
+            }
+            Some(seen) = seen_rx.recv() => match seen {
+                Seen::Heartbeat(hb) => { last_beat.insert(hb.uav_id, Instant::now()); }
+                Seen::Battery(b) if b.energy_j <= 0.0 => {
+                    declare(&failures, &mut declared, epoch, &b.uav_id, "battery_empty", last_beat.get(&b.uav_id));
+                }
+                Seen::Battery(_) => {}
+            },
+            _ = check.tick() => {
+                for (uav, t) in &last_beat {
+                    // Only members of the current plan can fail; others are not serving.
+                    let member = ring.as_ref().map_or(true, |r| r.contains(uav));
+                    if member && t.elapsed() > timeout {
+                        declare(&failures, &mut declared, epoch, uav, "heartbeat_timeout", Some(t));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn forward<T, F>(ctx: &NodeContext, topic: &str, tx: &mpsc::UnboundedSender<Seen>, wrap: F) -> anyhow::Result<()>
+where
+    T: r2r::WrappedTypesupport + Send + 'static,
+    F: Fn(T) -> Seen + Send + 'static,
+{
+    let mut rx = ctx.subscribe::<T>(topic, names::telemetry())?;
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if tx.send(wrap(m)).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(())
+}
+
+fn declare(
+    out: &r2r::Publisher<FailureEvent>,
+    declared: &mut HashSet<(u64, String)>,
+    epoch: u64,
+    uav: &str,
+    reason: &str,
+    last_beat: Option<&Instant>,
+) {
+    if !declared.insert((epoch, uav.to_string())) {
+        return;
+    }
+    let silence_s = last_beat.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
+    tracing::warn!(%uav, epoch, reason, silence_s, "UAV declared failed");
+    let msg = FailureEvent { epoch, uav_id: uav.into(), reason: reason.into(), silence_s, stamp: now_stamp() };
+    if let Err(e) = out.publish(&msg) {
+        tracing::error!("publish failure event: {e}");
+    }
+}

@@ -1,0 +1,158 @@
+//! The node runtime: typed parameters, one r2r node spun on its own thread, tracing, and graceful
+//! shutdown on SIGINT/SIGTERM (a broadcast channel tells every task; exit code 0, no panic).
+use crate::params::RosArgs;
+use futures::Stream;
+use serde::de::DeserializeOwned;
+use std::future::Future;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// What a node body gets: the r2r node, its identity, and the shutdown signal.
+#[derive(Clone)]
+pub struct NodeContext {
+    pub node: Arc<Mutex<r2r::Node>>,
+    /// Namespace leaf, e.g. "uav3" ("" in the root namespace).
+    pub namespace: String,
+    shutdown: broadcast::Sender<()>,
+}
+
+impl NodeContext {
+    /// Resolves when the node is asked to stop.
+    pub fn shutdown(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutdown.subscribe();
+        async move {
+            let _ = rx.recv().await;
+        }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, r2r::Node> {
+        // A poisoned lock only means another task panicked while holding it; the node is still usable.
+        self.node.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn publisher<T: r2r::WrappedTypesupport>(
+        &self,
+        topic: &str,
+        qos: r2r::QosProfile,
+    ) -> anyhow::Result<r2r::Publisher<T>> {
+        Ok(self.lock().create_publisher::<T>(topic, qos)?)
+    }
+
+    /// A subscription drained into an unbounded channel by its own task: r2r drops messages when
+    /// its small internal queue is full, which the data plane must never do.
+    pub fn subscribe<T>(&self, topic: &str, qos: r2r::QosProfile) -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<T>>
+    where
+        T: r2r::WrappedTypesupport + Send + 'static,
+    {
+        let stream = self.lock().subscribe::<T>(topic, qos)?;
+        Ok(drain(stream))
+    }
+}
+
+fn drain<T: Send + 'static>(mut stream: impl Stream<Item = T> + Unpin + Send + 'static) -> tokio::sync::mpsc::UnboundedReceiver<T> {
+    use futures::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(msg) = stream.next().await {
+            if tx.send(msg).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// `builtin_interfaces/Time` of the wall clock.
+pub fn now_stamp() -> r2r::builtin_interfaces::msg::Time {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    r2r::builtin_interfaces::msg::Time { sec: d.as_secs() as i32, nanosec: d.subsec_nanos() }
+}
+
+/// Runs a node: loads its typed parameters (refusing a bad file with the file and field named,
+/// exit code 2), creates the r2r node, spins it, runs `body` until it ends or a signal arrives.
+pub fn run_node<P, F, Fut>(default_name: &str, body: F) -> ExitCode
+where
+    P: DeserializeOwned,
+    F: FnOnce(NodeContext, P) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    crate::cli::init_tracing();
+    let args = match RosArgs::from_env() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {default_name}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let params: P = match args.load(default_name) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {default_name}: bad parameters: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {default_name}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let ctx = r2r::Context::create()?;
+        let node = r2r::Node::create(ctx, args.node_name.as_deref().unwrap_or(default_name), "")?;
+        let node = Arc::new(Mutex::new(node));
+        let (shutdown, _) = broadcast::channel(1);
+        let nc = NodeContext { node: node.clone(), namespace: args.namespace_leaf(), shutdown: shutdown.clone() };
+
+        let stop_spin = Arc::new(AtomicBool::new(false));
+        let spin = {
+            let stop = stop_spin.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    node.lock().unwrap_or_else(|e| e.into_inner()).spin_once(Duration::from_millis(5));
+                    std::thread::yield_now();
+                }
+            })
+        };
+        tracing::info!(node = %args.fqn(default_name), "started");
+        let mut task = tokio::spawn(body(nc, params));
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let outcome = tokio::select! {
+            r = &mut task => Some(r),
+            _ = tokio::signal::ctrl_c() => None,
+            _ = sigterm.recv() => None,
+        };
+        let result = match outcome {
+            Some(joined) => joined.map_err(anyhow::Error::from).and_then(|r| r),
+            None => {
+                tracing::info!("signal received, shutting down");
+                let _ = shutdown.send(());
+                match tokio::time::timeout(Duration::from_secs(3), &mut task).await {
+                    Ok(joined) => joined.map_err(anyhow::Error::from).and_then(|r| r),
+                    Err(_) => {
+                        task.abort();
+                        Ok(())
+                    }
+                }
+            }
+        };
+        stop_spin.store(true, Ordering::Relaxed);
+        let _ = spin.join();
+        result
+    });
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {default_name}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
