@@ -14,6 +14,8 @@ enum Command {
     Generate(aerokv::cli::generate::GenerateArgs),
     /// Run the mission simulator (NP / OO / SO / AeroKV) and write CSV traces and plots.
     Sim(aerokv::cli::sim::SimArgs),
+    /// Start the nodes of a ROS 2 XML launch file on this machine (a `ros2 launch` stand-in).
+    Launch(aerokv::cli::launch::LaunchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -22,6 +24,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Generate(args) => aerokv::cli::generate::run(args),
         Command::Sim(args) => aerokv::cli::sim::run(args),
+        Command::Launch(args) => aerokv::cli::launch::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

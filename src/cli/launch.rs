@@ -1,0 +1,61 @@
+//! `aerokv launch FILE [name:=value ...]`: a stand-in for `ros2 launch` (not installable from
+//! PyPI): starts the nodes the launch file describes and stops them on SIGINT/SIGTERM.
+use crate::launch::Launcher;
+use crate::supervisor::{bin_dir, share_dir, Supervisor};
+use anyhow::Context;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct LaunchArgs {
+    /// Launch file (a name such as `swarm.launch.xml` is looked up in the package's launch/).
+    pub file: PathBuf,
+    /// Launch arguments, `name:=value`.
+    pub args: Vec<String>,
+    /// Write each node's output to DIR/<namespace>_<node>.log instead of this terminal.
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
+}
+
+pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
+    let share = share_dir();
+    let file = if a.file.exists() { a.file.clone() } else { share.join("launch").join(&a.file) };
+    let pairs: Vec<(&str, &str)> = a
+        .args
+        .iter()
+        .map(|s| s.split_once(":=").with_context(|| format!("launch argument `{s}`: expected name:=value")))
+        .collect::<anyhow::Result<_>>()?;
+    let nodes = Launcher::new(&share).load(&file, &pairs)?;
+    let mut sup = Supervisor::new(bin_dir(), a.log_dir);
+    for n in &nodes {
+        let pid = sup.start(n)?;
+        eprintln!("[launch] {} (pid {pid})", n.fqn());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut poll = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = poll.tick() => {
+                    for (fqn, status) in sup.exited() {
+                        eprintln!("[launch] {fqn} exited: {status}");
+                    }
+                    if sup.running.iter_mut().all(|r| matches!(r.child.try_wait(), Ok(Some(_)))) { break; }
+                }
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let mut failed = 0;
+    for (fqn, code) in sup.stop_all(Duration::from_secs(5)) {
+        eprintln!("[launch] {fqn} stopped, exit code {code:?}");
+        if code != Some(0) {
+            failed += 1;
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} node(s) did not exit cleanly");
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! Starts the processes of a launch description on this machine and stops them by their ids
+//! (SIGTERM, then SIGKILL after a grace period). Used by `aerokv launch` and `aerokv swarm`.
+use crate::launch::NodeProcess;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("executable `{0}` not found (run `make build`)")]
+    MissingExecutable(PathBuf),
+    #[error("cannot start {exe}: {source}")]
+    Spawn { exe: PathBuf, source: std::io::Error },
+}
+
+pub struct Running {
+    pub node: NodeProcess,
+    pub child: Child,
+}
+
+/// The processes of one swarm on this machine.
+pub struct Supervisor {
+    pub bin_dir: PathBuf,
+    pub log_dir: Option<PathBuf>,
+    pub running: Vec<Running>,
+}
+
+impl Supervisor {
+    pub fn new(bin_dir: impl Into<PathBuf>, log_dir: Option<PathBuf>) -> Self {
+        Supervisor { bin_dir: bin_dir.into(), log_dir, running: Vec::new() }
+    }
+
+    /// Starts one node; its output goes to `<log_dir>/<ns>_<name>.log` (or is inherited).
+    pub fn start(&mut self, node: &NodeProcess) -> Result<u32, SupervisorError> {
+        let exe = self.bin_dir.join(&node.executable);
+        if !exe.is_file() {
+            return Err(SupervisorError::MissingExecutable(exe));
+        }
+        let mut cmd = Command::new(&exe);
+        cmd.args(node.ros_args()).stdin(Stdio::null());
+        if let Some(dir) = &self.log_dir {
+            let _ = std::fs::create_dir_all(dir);
+            let file = dir.join(format!("{}.log", node.fqn().trim_start_matches('/').replace('/', "_")));
+            match std::fs::File::create(&file) {
+                Ok(f) => {
+                    let f2 = f.try_clone().map_err(|source| SupervisorError::Spawn { exe: exe.clone(), source })?;
+                    cmd.stdout(f).stderr(f2);
+                }
+                Err(source) => return Err(SupervisorError::Spawn { exe, source }),
+            }
+        }
+        let child = cmd.spawn().map_err(|source| SupervisorError::Spawn { exe: exe.clone(), source })?;
+        let pid = child.id();
+        tracing::debug!(node = %node.fqn(), pid, "started");
+        self.running.push(Running { node: node.clone(), child });
+        Ok(pid)
+    }
+
+    pub fn pid_of(&self, fqn: &str) -> Option<u32> {
+        self.running.iter().find(|r| r.node.fqn() == fqn).map(|r| r.child.id())
+    }
+
+    /// Sends `signal` to one of our processes.
+    pub fn signal(&self, fqn: &str, signal: i32) -> bool {
+        match self.pid_of(fqn) {
+            // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+            Some(pid) => unsafe { libc::kill(pid as i32, signal) == 0 },
+            None => false,
+        }
+    }
+
+    /// Processes that have exited, with their status (does not block).
+    pub fn exited(&mut self) -> Vec<(String, std::process::ExitStatus)> {
+        let mut out = Vec::new();
+        for r in &mut self.running {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                out.push((r.node.fqn(), status));
+            }
+        }
+        out
+    }
+
+    /// SIGTERM to every process still running, then SIGKILL after `grace`. Returns the exit
+    /// statuses (None: had to be killed).
+    pub fn stop_all(&mut self, grace: Duration) -> Vec<(String, Option<i32>)> {
+        for r in &mut self.running {
+            if matches!(r.child.try_wait(), Ok(None)) {
+                // SAFETY: kill(2) on our own, not yet reaped child.
+                unsafe { libc::kill(r.child.id() as i32, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + grace;
+        let mut out = Vec::new();
+        for r in &mut self.running {
+            let code = loop {
+                match r.child.try_wait() {
+                    Ok(Some(s)) => break s.code(),
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                    _ => {
+                        let _ = r.child.kill();
+                        let _ = r.child.wait();
+                        break None;
+                    }
+                }
+            };
+            out.push((r.node.fqn(), code));
+        }
+        self.running.clear();
+        out
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if !self.running.is_empty() {
+            self.stop_all(Duration::from_secs(3));
+        }
+    }
+}
+
+/// Where our launch/ and config/ live: `$AEROKV_SHARE`, else the installed `share/aerokv` next to
+/// the executable, else the source checkout (`$AEROKV_ROOT` or the current directory).
+pub fn share_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("AEROKV_SHARE") {
+        return d.into();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        // <prefix>/lib/aerokv/aerokv -> <prefix>/share/aerokv
+        if let Some(prefix) = exe.parent().and_then(Path::parent).and_then(Path::parent) {
+            let share = prefix.join("share/aerokv");
+            if share.join("launch").is_dir() {
+                return share;
+            }
+        }
+    }
+    std::env::var("AEROKV_ROOT").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("."))
+}
+
+/// Directory of the running executable (the node binaries sit beside `aerokv`).
+pub fn bin_dir() -> PathBuf {
+    std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."))
+}

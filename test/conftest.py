@@ -1,0 +1,95 @@
+"""Shared fixtures: the built binaries, a private ROS domain per swarm, and node processes that are
+started and stopped by their ids. DDS tests must run inside `unshare -n` (scripts/test.sh does it)."""
+import itertools
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(os.environ.get("AEROKV_BIN_DIR", ROOT / "target" / "release"))
+MODELS = Path(os.environ.get("AEROKV_MODELS", ROOT / "models" / "generated"))
+_domains = itertools.count()
+
+
+def in_private_network() -> bool:
+    """True inside `unshare -n`: the only network interface is loopback."""
+    lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]  # per network namespace
+    return [line.split(":")[0].strip() for line in lines] == ["lo"]
+
+
+@pytest.fixture
+def ros_domain(monkeypatch):
+    """A ROS domain id of our own: shared memory crosses network namespaces, so concurrent swarms
+    (other test runs on this machine) must not share one."""
+    if not in_private_network():
+        pytest.fail("DDS tests must run inside `unshare -n` (use `make test` or scripts/test.sh)")
+    assert os.environ.get("FASTDDS_BUILTIN_TRANSPORTS") == "SHM", "source scripts/env.sh first"
+    assert "ROS_AUTOMATIC_DISCOVERY_RANGE" not in os.environ
+    domain = 1 + (os.getpid() * 7 + next(_domains)) % 200
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
+    return domain
+
+
+class Proc:
+    def __init__(self, args, log: Path, env=None):
+        self.args = [str(a) for a in args]
+        self.log = log
+        self.fh = open(log, "w")
+        self.p = subprocess.Popen(self.args, stdout=self.fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+    def stop(self, sig=signal.SIGTERM, timeout=10.0):
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        try:
+            return self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+            return None
+        finally:
+            self.fh.close()
+
+    def output(self) -> str:
+        if not self.fh.closed:
+            self.fh.flush()
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """Start processes; every one still running at the end is stopped (by its own pid)."""
+    started = []
+
+    def start(args, name="proc", env=None):
+        p = Proc(args, tmp_path / f"{name}-{len(started)}.log", env=env)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop(signal.SIGKILL, timeout=5)
+
+
+@pytest.fixture
+def rclpy_node(ros_domain):
+    rclpy = pytest.importorskip("rclpy")
+    rclpy.init()
+    node = rclpy.create_node(f"aerokv_test_probe_{os.getpid()}")
+    yield node
+    node.destroy_node()
+    rclpy.shutdown()
+
+
+def spin_until(node, predicate, timeout=10.0):
+    import rclpy
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        rclpy.spin_once(node, timeout_sec=0.05)
+    return predicate()
