@@ -116,6 +116,8 @@ pub struct UavCost {
     pub energy: EnergyBreakdown,
     pub memory: MemoryBreakdown,
     pub memory_budget_bytes: f64,
+    /// Memory right after u recovers pred(u)'s tail (native + replica + that tail, weights and KV).
+    pub recovery_memory_bytes: f64,
     /// Worst-case time to recover u's shard if u fails.
     pub worst_recovery_s: f64,
     /// Remaining energy / energy per token.
@@ -197,6 +199,7 @@ pub fn evaluate(
             energy,
             memory,
             memory_budget_bytes: uavs[i].memory_bytes,
+            recovery_memory_bytes: f64::from(n[i] + rep[i] + if m > 1 { pred_tail } else { 0 }) * per_layer,
             worst_recovery_s: rec,
             expected_tokens: tokens,
             lifetime_s: tokens * pipeline,

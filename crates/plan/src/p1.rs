@@ -30,12 +30,14 @@ pub(crate) struct Problem<'a> {
     pub d: &'a RingData,
     pub per_layer_bytes: f64,
     pub kv_bytes: f64,
+    pub recoverable_memory: bool,
 }
 
 impl Problem<'_> {
-    /// Value (expected tokens) of UAV i given K of pred, itself, succ, under `cap`; None if infeasible.
+    /// (expected tokens, energy per token) of UAV i given K of pred, itself, succ, under `cap`;
+    /// None if a constraint fails.
     #[inline]
-    pub fn window(&self, i: usize, kp: u32, ki: u32, ks: u32, cap: f64) -> Option<f64> {
+    pub fn window(&self, i: usize, kp: u32, ki: u32, ks: u32, cap: f64) -> Option<(f64, f64)> {
         let d = self.d;
         let m = d.len();
         let pi = (i + m - 1) % m;
@@ -45,12 +47,39 @@ impl Problem<'_> {
             return None;
         }
         // snapshot rows of pred's tail (tails are always snapshotted in P1)
-        let mem = f64::from(n + ks) * self.per_layer_bytes + f64::from(d.n[pi] - kp) * self.kv_bytes;
+        let pred_tail = d.n[pi] - kp;
+        let mem = f64::from(n + ks) * self.per_layer_bytes + f64::from(pred_tail) * self.kv_bytes;
         if mem > d.mem_budget[i] * (1.0 + 1e-12) {
             return None;
         }
+        if self.recoverable_memory && f64::from(n + ks + pred_tail) * self.per_layer_bytes > d.mem_budget[i] * (1.0 + 1e-12) {
+            return None;
+        }
         let e = d.flight[i] * cap + d.layer_energy[i] * f64::from(n + ks) + d.tx_layer[i] * f64::from(n - ki);
-        Some(if e > 0.0 { d.energy[i] / e } else { f64::INFINITY })
+        Some((if e > 0.0 { d.energy[i] / e } else { f64::INFINITY }, e))
+    }
+}
+
+/// How per-UAV scores combine around the ring (the DP maximises the combination).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Combine {
+    Min,
+    Sum,
+}
+
+impl Combine {
+    pub(crate) fn identity(self) -> f64 {
+        match self {
+            Combine::Min => f64::INFINITY,
+            Combine::Sum => 0.0,
+        }
+    }
+    #[inline]
+    pub(crate) fn join(self, a: f64, b: f64) -> f64 {
+        match self {
+            Combine::Min => a.min(b),
+            Combine::Sum => a + b,
+        }
     }
 }
 
@@ -85,17 +114,16 @@ pub(crate) fn choices(d: &RingData, model: &ModelSpec, swarm: &SwarmState, deadl
         .collect()
 }
 
-/// Exact max-min over the cycle for one latency cap. Returns the choice index per position.
-pub(crate) fn solve_cap(p: &Problem, ch: &[Vec<Choice>], cap: f64) -> Option<(f64, Vec<usize>)> {
+/// Exact optimum over the cycle of `combine` of per-UAV scores; `score(i, k_pred, k_i, k_succ)`
+/// is None when a constraint fails. Returns the best combination and the choice index per position.
+pub(crate) fn solve_cycle(ch: &[Vec<Choice>], score: &dyn Fn(usize, u32, u32, u32) -> Option<f64>, comb: Combine) -> Option<(f64, Vec<usize>)> {
     let m = ch.len();
     let mut best: Option<(f64, Vec<usize>)> = None;
     if m == 2 {
         for (a, ca) in ch[0].iter().enumerate() {
             for (b, cb) in ch[1].iter().enumerate() {
-                let v0 = p.window(0, cb.k, ca.k, cb.k, cap);
-                let v1 = p.window(1, ca.k, cb.k, ca.k, cap);
-                if let (Some(v0), Some(v1)) = (v0, v1) {
-                    let v = v0.min(v1);
+                if let (Some(v0), Some(v1)) = (score(0, cb.k, ca.k, cb.k), score(1, ca.k, cb.k, ca.k)) {
+                    let v = comb.join(v0, v1);
                     if best.as_ref().is_none_or(|(bv, _)| v > *bv) {
                         best = Some((v, vec![a, b]));
                     }
@@ -104,11 +132,11 @@ pub(crate) fn solve_cap(p: &Problem, ch: &[Vec<Choice>], cap: f64) -> Option<(f6
         }
         return best;
     }
-    // back[i][(b * |A_i| + c)] = index a of position i-2 that achieved state (b, c) at positions (i-1, i)
+    // back[i][b * |A_i| + c] = index a at position i-2 that reached state (b, c) at positions (i-1, i)
     for (a0, c0) in ch[0].iter().enumerate() {
         for (a1, c1) in ch[1].iter().enumerate() {
             let mut table = vec![f64::NEG_INFINITY; ch[0].len() * ch[1].len()];
-            table[a0 * ch[1].len() + a1] = f64::INFINITY;
+            table[a0 * ch[1].len() + a1] = comb.identity();
             let mut back: Vec<Vec<u32>> = Vec::with_capacity(m);
             back.push(Vec::new());
             back.push(Vec::new());
@@ -124,8 +152,8 @@ pub(crate) fn solve_cap(p: &Problem, ch: &[Vec<Choice>], cap: f64) -> Option<(f6
                             continue;
                         }
                         for c in 0..nc {
-                            if let Some(w) = p.window(i - 1, ch[i - 2][a].k, ch[i - 1][b].k, ch[i][c].k, cap) {
-                                let nv = v.min(w);
+                            if let Some(w) = score(i - 1, ch[i - 2][a].k, ch[i - 1][b].k, ch[i][c].k) {
+                                let nv = comb.join(v, w);
                                 if nv > next[b * nc + c] {
                                     next[b * nc + c] = nv;
                                     bk[b * nc + c] = a as u32;
@@ -152,22 +180,18 @@ pub(crate) fn solve_cap(p: &Problem, ch: &[Vec<Choice>], cap: f64) -> Option<(f6
                         continue;
                     }
                     let (ka, kb) = (ch[m - 2][a].k, ch[m - 1][b].k);
-                    let w1 = p.window(m - 1, ka, kb, c0.k, cap);
-                    let w0 = p.window(0, kb, c0.k, c1.k, cap);
-                    if let (Some(w1), Some(w0)) = (w1, w0) {
-                        let tot = v.min(w1).min(w0);
+                    if let (Some(w1), Some(w0)) = (score(m - 1, ka, kb, c0.k), score(0, kb, c0.k, c1.k)) {
+                        let tot = comb.join(comb.join(v, w1), w0);
                         if best.as_ref().is_none_or(|(bv, _)| tot > *bv) {
                             let mut idx = vec![0usize; m];
                             idx[0] = a0;
                             idx[1] = a1;
                             idx[m - 2] = a;
                             idx[m - 1] = b;
-                            // walk back: state (idx[i-1], idx[i]) at position i stored idx[i-2]
                             let mut i = m - 1;
                             while i >= 3 {
                                 let nc = ch[i].len();
-                                let prev = back[i][idx[i - 1] * nc + idx[i]] as usize;
-                                idx[i - 2] = prev;
+                                idx[i - 2] = back[i][idx[i - 1] * nc + idx[i]] as usize;
                                 i -= 1;
                             }
                             best = Some((tot, idx));
@@ -201,6 +225,7 @@ pub(crate) fn solve(
         d,
         per_layer_bytes: model.weight_bytes_per_layer + model.total_tokens as f64 * model.kv_bytes_per_token_layer,
         kv_bytes: model.total_tokens as f64 * model.kv_bytes_per_token_layer,
+        recoverable_memory: swarm.config.recoverable_memory,
     };
     // every stage latency a plan can produce
     let base = (0..m).map(|i| f64::from(d.n[i]) * d.lat[i]).fold(0.0, f64::max);
@@ -230,7 +255,8 @@ pub(crate) fn solve(
                 break;
             }
         }
-        if let Some((_, idx)) = solve_cap(&p, &ch, cap) {
+        let score = |i: usize, kp: u32, ki: u32, ks: u32| p.window(i, kp, ki, ks, cap).map(|w| w.0);
+        if let Some((_, idx)) = solve_cycle(&ch, &score, Combine::Min) {
             // true value: with the actual pipeline latency (<= cap)
             let (val, lat) = true_value(&p, &ch, &idx);
             let better = match &best {
@@ -242,7 +268,22 @@ pub(crate) fn solve(
             }
         }
     }
-    let Some((val, lat, idx)) = best else { return Ok(None) };
+    let Some((val, lat, mut idx)) = best else { return Ok(None) };
+    // Max-min leaves the UAVs that are not the bottleneck free; among the optimal plans take
+    // the one with the least total energy per token (fewest replicas: less compute and memory).
+    // values within a relative 1e-9 count as ties (a 1e-11 gain is not worth a replica)
+    let floor = val * (1.0 - 1e-9);
+    let energy = |i: usize, kp: u32, ki: u32, ks: u32| match p.window(i, kp, ki, ks, lat) {
+        Some((t, e)) if t >= floor => Some(-e),
+        _ => None,
+    };
+    if let Some((_, idx2)) = solve_cycle(&ch, &energy, Combine::Sum) {
+        let (v2, l2) = true_value(&p, &ch, &idx2);
+        if v2 >= floor && l2 <= lat * (1.0 + 1e-12) {
+            idx = idx2;
+        }
+    }
+    let (val, lat) = true_value(&p, &ch, &idx);
     let mut per_uav = std::collections::BTreeMap::new();
     let mut worst = 0.0f64;
     for i in 0..m {
@@ -267,7 +308,7 @@ pub(crate) fn true_value(p: &Problem, ch: &[Vec<Choice>], idx: &[usize]) -> (f64
     let k = |i: usize| ch[i % m][idx[i % m]].k;
     let lat = (0..m).map(|i| f64::from(d.n[i] + k(i + 1)) * d.lat[i]).fold(0.0, f64::max);
     let val = (0..m)
-        .map(|i| p.window(i, k(i + m - 1), k(i), k(i + 1), lat).unwrap_or(f64::NEG_INFINITY))
+        .map(|i| p.window(i, k(i + m - 1), k(i), k(i + 1), lat).map_or(f64::NEG_INFINITY, |w| w.0))
         .fold(f64::INFINITY, f64::min);
     (val, lat)
 }

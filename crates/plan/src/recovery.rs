@@ -4,6 +4,7 @@ use tracing::debug;
 
 use crate::cost::{effective, evaluate, tx_energy_j, tx_time_s, weight_load_s};
 use crate::error::{PlanError, Result};
+use crate::p1::Combine;
 use crate::protection::{plan_protection, plan_protection_relaxed};
 use crate::types::{LayerInterval, Layout, ModelSpec, ProtectionPlan, Ring, SwarmState, UavId};
 
@@ -271,21 +272,35 @@ pub fn reconfigure(
     let idx: Vec<usize> = (0..m).map(|j| (r0 + j) % m).collect();
     let stage = |i: usize, len: u32| f64::from(len) * lat[i];
     // pass 1: minimise the slowest stage
-    let pass1 = cycle_dp(l, &idx, &cands, &h, &|i, len| Some(-stage(i, len)));
+    let pass1 = cycle_dp(l, &idx, &cands, &h, &|i, _, len| Some(-stage(i, len)), Combine::Min);
     let Some((neg_b, _)) = pass1 else {
         return Err(PlanError::NoReconfiguration("no set of boundaries gives every survivor a held, non-empty interval".into()));
     };
     let bottleneck = -neg_b;
     // pass 2: under that bottleneck, maximise the minimum expected tokens
-    let tokens = |i: usize, len: u32| -> Option<f64> {
+    let tokens = |i: usize, _start: u32, len: u32| -> Option<f64> {
         if stage(i, len) > bottleneck * (1.0 + 1e-12) {
             return None;
         }
         let e = fl[i] * bottleneck + le[i] * f64::from(len);
         Some(if e > 0.0 { en[i] / e } else { f64::INFINITY })
     };
-    let (min_tokens, cuts) = cycle_dp(l, &idx, &cands, &h, &tokens)
+    let (min_tokens, _) = cycle_dp(l, &idx, &cands, &h, &tokens, Combine::Min)
         .ok_or_else(|| PlanError::NoReconfiguration("internal: second pass infeasible".into()))?;
+    // pass 3: among those, move the fewest layers (each move is a switch-over to coordinate)
+    let natives: Vec<LayerInterval> = order.iter().map(|&u| layout.interval(u).unwrap_or(LayerInterval::new(0, 0))).collect();
+    let floor = min_tokens * (1.0 - 1e-9);
+    let moved = |i: usize, start: u32, len: u32| -> Option<f64> {
+        match tokens(i, start, len) {
+            Some(t) if t >= floor => {
+                let kept = LayerInterval::new(start, start + len).layers(l).filter(|&x| natives[i].contains(x, l)).count() as u32;
+                Some(-f64::from(len - kept))
+            }
+            _ => None,
+        }
+    };
+    let (_, cuts) = cycle_dp(l, &idx, &cands, &h, &moved, Combine::Sum)
+        .ok_or_else(|| PlanError::NoReconfiguration("internal: third pass infeasible".into()))?;
     let mut entries = vec![(0u32, LayerInterval::new(0, 1)); m];
     for j in 0..m {
         let i = idx[j];
@@ -318,7 +333,8 @@ fn cycle_dp(
     idx: &[usize],
     cands: &[Vec<u32>],
     h: &[LayerInterval],
-    value: &dyn Fn(usize, u32) -> Option<f64>,
+    value: &dyn Fn(usize, u32, u32) -> Option<f64>,
+    comb: crate::p1::Combine,
 ) -> Option<(f64, Vec<u32>)> {
     let m = idx.len();
     let mut best: Option<(f64, Vec<u32>)> = None;
@@ -326,7 +342,7 @@ fn cycle_dp(
         let off = |c: u32| (c + l - c0) % l;
         // dp over rotated positions 1..m: (offset, value, back index)
         let mut layers: Vec<Vec<(u32, f64, usize)>> = Vec::with_capacity(m);
-        layers.push(vec![(0, f64::INFINITY, 0)]);
+        layers.push(vec![(0, comb.identity(), 0)]);
         let mut ok = true;
         for j in 1..m {
             let i = idx[j];
@@ -349,8 +365,8 @@ fn cycle_dp(
                     if !h[pi].covers(&LayerInterval::new(start, start + len), l) {
                         continue;
                     }
-                    if let Some(v) = value(pi, len) {
-                        let nv = pv.min(v);
+                    if let Some(v) = value(pi, start, len) {
+                        let nv = comb.join(pv, v);
                         if nv > bestv {
                             bestv = nv;
                             bi = a;
@@ -378,8 +394,8 @@ fn cycle_dp(
             if len == 0 || !h[last].covers(&LayerInterval::new(start, start + len), l) {
                 continue;
             }
-            if let Some(v) = value(last, len) {
-                let tot = pv.min(v);
+            if let Some(v) = value(last, start, len) {
+                let tot = comb.join(pv, v);
                 if best.as_ref().is_none_or(|(bv, _)| tot > *bv) {
                     let mut cuts = vec![0u32; m];
                     let mut k = a;

@@ -61,6 +61,15 @@ pub struct PlanConfig {
     /// Allowed snapshot periods T (tokens), any order.
     pub snapshot_periods: Vec<u32>,
     pub power: PowerModel,
+    /// P1 also requires that succ(u) can hold u's tail after recovering it (native + replica +
+    /// recovered tail layers, weights and KV, within its budget). Without it a plan can meet
+    /// the memory formula yet overflow memory at the first recovery.
+    #[serde(default = "yes")]
+    pub recoverable_memory: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for PlanConfig {
@@ -70,6 +79,7 @@ impl Default for PlanConfig {
             weight_load_bps: 16e9,
             snapshot_periods: vec![1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128],
             power: PowerModel::default(),
+            recoverable_memory: true,
         }
     }
 }

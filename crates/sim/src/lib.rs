@@ -19,7 +19,7 @@ use std::time::Instant;
 use tracing::info;
 
 pub use error::SimError;
-pub use mission::{failure_events, run_mission, FailureEvent, Method, MissionOutput, Summary};
+pub use mission::{failure_events, run_mission, run_mission_with, FailureEvent, Method, MissionOutput, Summary};
 pub use scenario::Scenario;
 
 /// What `aerokv sim` asked for.

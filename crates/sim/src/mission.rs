@@ -217,10 +217,14 @@ struct Run<'a> {
 
 /// Simulate one mission of `method` for `seed`. `traces`: keep per-token and per-UAV rows.
 pub fn run_mission(scn: &Scenario, method: Method, seed: u64, traces: bool) -> MissionOutput {
+    run_mission_with(scn, method, seed, &failure_events(scn, seed), traces)
+}
+
+/// Same, with given failure events (tests, what-if studies). The swarm still comes from `seed`.
+pub fn run_mission_with(scn: &Scenario, method: Method, seed: u64, events: &[FailureEvent], traces: bool) -> MissionOutput {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let swarm = scn.swarm(&mut rng);
     let model = scn.model();
-    let events = failure_events(scn, seed);
     let mut s = Summary {
         method: method.name().to_string(),
         seed,
@@ -270,7 +274,7 @@ pub fn run_mission(scn: &Scenario, method: Method, seed: u64, traces: bool) -> M
         out: MissionOutput::default(),
         s,
     };
-    run.simulate(&events);
+    run.simulate(events);
     let mut out = run.out;
     out.summary = Some(run.s);
     out

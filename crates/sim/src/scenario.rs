@@ -180,6 +180,7 @@ impl Scenario {
             weight_load_bps: self.weight_load_gbps * 1e9,
             snapshot_periods: self.snapshot_periods.clone(),
             power: PowerModel { floor_fraction: self.power_floor, alpha: self.latency_alpha, ..PowerModel::default() },
+            recoverable_memory: true,
         }
     }
 
