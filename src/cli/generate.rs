@@ -44,6 +44,9 @@ pub struct GenerateArgs {
     /// test/test_engine_reference.py to compare against the float64 numpy reference.
     #[arg(long, hide = true, value_name = "FILE")]
     pub dump_first_logits: Option<PathBuf>,
+    /// Keep generating past EOS (benchmarks: always exactly --max-tokens tokens).
+    #[arg(long, hide = true)]
+    pub ignore_eos: bool,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -60,6 +63,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_tokens: args.max_tokens,
         sampling,
         keep_first_logits: args.dump_first_logits.is_some(),
+        ignore_stop: args.ignore_eos,
     };
     let stream = !args.json;
     let stdout = std::io::stdout();

@@ -31,8 +31,14 @@ pub fn replay(uav: &str) -> String {
     format!("/{uav}/replay")
 }
 
+/// Data plane: reliable; a short transient-local history so that a subscription made when a new
+/// plan arrives still gets what its neighbour sent right after the same plan.
 pub fn data_plane() -> QosProfile {
-    QosProfile::default().reliable().keep_last(1000).volatile()
+    QosProfile::default().reliable().keep_last(64).transient_local()
+}
+/// Replays carry a failed stage's buffered inputs, one message per original chunk.
+pub fn replay_qos() -> QosProfile {
+    QosProfile::default().reliable().keep_last(4096).transient_local()
 }
 pub fn telemetry() -> QosProfile {
     QosProfile::sensor_data().keep_last(10)

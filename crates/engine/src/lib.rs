@@ -99,3 +99,12 @@ pub use model::{FinishReason, GenerateOptions, Generation, Model, TokenEvent};
 pub use runtime::{Runtime, RuntimeConfig};
 pub use sampling::{argmax, Sampler, Sampling, SplitMix64};
 pub use shard::{Hidden, KvRows, LayerKv, LayerRows, Shard, ShardMemory};
+
+// The ROS nodes move shards and the gateway into executor tasks.
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<Shard>();
+    assert_send::<Gateway>();
+    assert_send::<Model>();
+    assert_send::<KvRows>();
+};

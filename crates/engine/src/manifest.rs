@@ -275,6 +275,18 @@ impl Manifest {
         }
     }
 
+    /// Weights and KV cost of `[start, end)` from the manifest alone (no loading), for planning
+    /// before a shard exists. [`crate::Shard::memory_bytes`] adds what the load really took.
+    pub fn interval_memory(&self, start: usize, end: usize) -> Result<crate::shard::ShardMemory> {
+        let files = self.layer_files_for(start, end)?;
+        Ok(crate::shard::ShardMemory {
+            weight_bytes: files.iter().map(|f| f.weight_bytes).sum(),
+            kv_bytes_per_token: self.architecture.kv_bytes_per_token_per_layer() * (end - start) as u64,
+            kv_bytes: 0,
+            loaded_rss_bytes: 0,
+        })
+    }
+
     /// Intervals this variant can load: every boundary between files.
     pub fn layer_boundaries(&self) -> Vec<usize> {
         let mut b: Vec<usize> = self.layer_files.iter().map(|f| f.start).collect();

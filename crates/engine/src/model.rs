@@ -17,11 +17,13 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Keep the logits of the first generated token (for comparisons with a reference).
     pub keep_first_logits: bool,
+    /// Do not stop at EOS / `<|im_end|>` (benchmarks: always generate `max_tokens`).
+    pub ignore_stop: bool,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 64, sampling: Sampling::Greedy, keep_first_logits: false }
+        GenerateOptions { max_tokens: 64, sampling: Sampling::Greedy, keep_first_logits: false, ignore_stop: false }
     }
 }
 
@@ -161,7 +163,7 @@ impl Model {
         let mut detok = Detokenizer::new();
         let mut position = prompt_ids.len();
         while tokens.len() < options.max_tokens {
-            if self.gateway.is_stop(next) {
+            if !options.ignore_stop && self.gateway.is_stop(next) {
                 finish = FinishReason::Stop;
                 break;
             }

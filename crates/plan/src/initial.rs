@@ -3,7 +3,8 @@
 //! Cost of UAV u with n layers at pipeline latency L: flight_u x L + n x (compute energy per
 //! layer + TX of a full-shard snapshot row per layer), the worst case before P1 decides.
 //! Objective, lexicographic: (1) the minimum expected tokens, saturated at `saturate_tokens`
-//! (once every UAV outlasts the request with margin, more lifetime buys nothing), (2) the
+//! (`PlanConfig::lifetime_target_factor` x the request; once every UAV outlasts the request
+//! with margin, more lifetime buys nothing; no saturation by default), (2) the
 //! smallest pipeline latency, (3) the unsaturated minimum expected tokens. Exact: for every
 //! possible pipeline latency cap the best minimum is found by bisection on the token target
 //! (the number of layers a UAV can take is monotone in the target), and caps are visited in
@@ -23,9 +24,9 @@ pub struct LayoutObjective {
 }
 
 impl LayoutObjective {
-    /// Saturate at twice the remaining tokens of the request.
-    pub fn for_request(model: &ModelSpec) -> Self {
-        Self { saturate_tokens: Some(2.0 * model.remaining_tokens().max(1) as f64) }
+    /// Saturate at `factor` x the remaining tokens of the request (`None`: never).
+    pub fn for_request(model: &ModelSpec, factor: Option<f64>) -> Self {
+        Self { saturate_tokens: factor.map(|f| f * model.remaining_tokens().max(1) as f64) }
     }
 }
 
@@ -91,7 +92,7 @@ pub(crate) fn better(obj: &LayoutObjective, a: (f64, f64), b: (f64, f64)) -> boo
 
 /// Lifespan-aware layout over the UAVs of `swarm` in the order given (that order is the ring).
 pub fn plan_initial_layout(swarm: &SwarmState, model: &ModelSpec) -> Result<Layout> {
-    plan_initial_layout_with(swarm, model, LayoutObjective::for_request(model))
+    plan_initial_layout_with(swarm, model, LayoutObjective::for_request(model, swarm.config.lifetime_target_factor))
 }
 
 /// Same, with an explicit objective.

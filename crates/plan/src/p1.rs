@@ -31,6 +31,8 @@ pub(crate) struct Problem<'a> {
     pub per_layer_bytes: f64,
     pub kv_bytes: f64,
     pub recoverable_memory: bool,
+    /// Expected tokens above which lifetime counts as enough (infinity: pure max-min).
+    pub saturate: f64,
 }
 
 impl Problem<'_> {
@@ -56,7 +58,7 @@ impl Problem<'_> {
             return None;
         }
         let e = d.flight[i] * cap + d.layer_energy[i] * f64::from(n + ks) + d.tx_layer[i] * f64::from(n - ki);
-        Some((if e > 0.0 { d.energy[i] / e } else { f64::INFINITY }, e))
+        Some(((if e > 0.0 { d.energy[i] / e } else { f64::INFINITY }).min(self.saturate), e))
     }
 }
 
@@ -226,6 +228,7 @@ pub(crate) fn solve(
         per_layer_bytes: model.weight_bytes_per_layer + model.total_tokens as f64 * model.kv_bytes_per_token_layer,
         kv_bytes: model.total_tokens as f64 * model.kv_bytes_per_token_layer,
         recoverable_memory: swarm.config.recoverable_memory,
+        saturate: saturation(swarm, model),
     };
     // every stage latency a plan can produce
     let base = (0..m).map(|i| f64::from(d.n[i]) * d.lat[i]).fold(0.0, f64::max);
@@ -247,6 +250,7 @@ pub(crate) fn solve(
                 }
             })
             .fold(f64::INFINITY, f64::min)
+            .min(p.saturate)
     };
     let mut best: Option<(f64, f64, Vec<usize>)> = None;
     for &cap in &caps {
@@ -283,7 +287,9 @@ pub(crate) fn solve(
             idx = idx2;
         }
     }
-    let (val, lat) = true_value(&p, &ch, &idx);
+    // report the real minimum, not the saturated one
+    let real = Problem { saturate: f64::INFINITY, ..p };
+    let (val, lat) = true_value(&real, &ch, &idx);
     let mut per_uav = std::collections::BTreeMap::new();
     let mut worst = 0.0f64;
     for i in 0..m {
@@ -299,6 +305,14 @@ pub(crate) fn solve(
         worst_recovery_s: worst,
         meets_deadline: worst <= swarm.config.deadline_s * (1.0 + 1e-12),
     }))
+}
+
+/// Expected tokens at which P1 stops buying lifetime (`lifetime_target_factor` x remaining tokens).
+pub(crate) fn saturation(swarm: &SwarmState, model: &ModelSpec) -> f64 {
+    match swarm.config.lifetime_target_factor {
+        Some(f) if f.is_finite() && f > 0.0 => f * model.remaining_tokens().max(1) as f64,
+        _ => f64::INFINITY,
+    }
 }
 
 /// Min tokens and pipeline latency of a complete assignment, with the actual latency.

@@ -201,6 +201,7 @@ pub fn plan_protection_beam(
         per_layer_bytes: model.weight_bytes_per_layer + model.total_tokens as f64 * model.kv_bytes_per_token_layer,
         kv_bytes: model.total_tokens as f64 * model.kv_bytes_per_token_layer,
         recoverable_memory: swarm.config.recoverable_memory,
+        saturate: f64::INFINITY,
     };
     let mut best: Option<(f64, f64, Vec<usize>)> = None;
     for (_, idx) in beam {

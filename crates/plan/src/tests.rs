@@ -20,7 +20,7 @@ fn uav(id: UavId, energy: f64, mem: f64, lat: f64) -> UavState {
 }
 
 fn cfg(deadline: f64, periods: Vec<u32>) -> PlanConfig {
-    PlanConfig { deadline_s: deadline, weight_load_bps: 16.0, snapshot_periods: periods, power: PowerModel::default(), recoverable_memory: true }
+    PlanConfig { deadline_s: deadline, weight_load_bps: 16.0, snapshot_periods: periods, power: PowerModel::default(), recoverable_memory: true, lifetime_target_factor: None }
 }
 
 fn model(l: u32, tokens: u64) -> ModelSpec {
@@ -81,6 +81,7 @@ fn brute_p1(swarm: &SwarmState, m: &ModelSpec, layout: &Layout, floor: f64, max_
         }
         opts.push(o);
     }
+    let sat = swarm.config.lifetime_target_factor.map_or(f64::INFINITY, |f| f * m.remaining_tokens().max(1) as f64);
     let mut best: Option<f64> = None;
     let mut least = f64::INFINITY;
     let mut idx = vec![0usize; ids.len()];
@@ -98,10 +99,11 @@ fn brute_p1(swarm: &SwarmState, m: &ModelSpec, layout: &Layout, floor: f64, max_
                 && u.memory.total() <= u.memory_budget_bytes * (1.0 + 1e-12)
                 && (!swarm.config.recoverable_memory || u.recovery_memory_bytes <= u.memory_budget_bytes * (1.0 + 1e-12))
         });
-        if ok && best.is_none_or(|b| c.expected_remaining_tokens > b) {
-            best = Some(c.expected_remaining_tokens);
+        let v = c.expected_remaining_tokens.min(sat);
+        if ok && best.is_none_or(|b| v > b) {
+            best = Some(v);
         }
-        if ok && c.expected_remaining_tokens >= floor && c.pipeline_latency_s <= max_lat * (1.0 + 1e-12) {
+        if ok && v >= floor && c.pipeline_latency_s <= max_lat * (1.0 + 1e-12) {
             least = least.min(c.per_uav.iter().map(|u| u.energy.total()).sum::<f64>());
         }
         // next combination
@@ -127,9 +129,10 @@ fn small_case() -> impl Strategy<Value = (SwarmState, ModelSpec, Layout)> {
             0.6f64..3.0,
             prop::sample::subsequence(vec![1u32, 2, 3, 4, 8], 1..=3),
             any::<bool>(),
+            prop::option::of(1.0f64..100.0),
         )
     })
-    .prop_map(|(spec, deadline, periods, recoverable)| {
+    .prop_map(|(spec, deadline, periods, recoverable, target)| {
         let l: u32 = spec.iter().map(|s| s.0).sum();
         let uavs: Vec<UavState> = spec
             .iter()
@@ -139,6 +142,7 @@ fn small_case() -> impl Strategy<Value = (SwarmState, ModelSpec, Layout)> {
         let counts: Vec<u32> = spec.iter().map(|s| s.0).collect();
         let mut config = cfg(deadline, periods);
         config.recoverable_memory = recoverable;
+        config.lifetime_target_factor = target;
         let swarm = SwarmState { uavs, config };
         let ring = Ring::new((0..spec.len() as u32).collect()).unwrap();
         let layout = Layout::from_counts(l, &ring, &counts).unwrap();
@@ -153,7 +157,8 @@ proptest! {
     fn p1_is_exact_against_brute_force((swarm, m, layout) in small_case()) {
         let ring = layout.ring();
         let got = plan_protection(&swarm, &m, &layout, &ring);
-        let (floor, lat) = got.as_ref().map_or((f64::INFINITY, 0.0), |p| (p.min_expected_tokens * (1.0 - 1e-9), p.pipeline_latency_s));
+        let sat = swarm.config.lifetime_target_factor.map_or(f64::INFINITY, |f| f * m.remaining_tokens().max(1) as f64);
+        let (floor, lat) = got.as_ref().map_or((f64::INFINITY, 0.0), |p| (p.min_expected_tokens.min(sat) * (1.0 - 1e-9), p.pipeline_latency_s));
         let (brute, least) = brute_p1(&swarm, &m, &layout, floor, lat);
         match (brute, got) {
             (None, Err(_)) => {}
@@ -166,15 +171,15 @@ proptest! {
                         prop_assert!(u.recovery_memory_bytes <= u.memory_budget_bytes * (1.0 + 1e-9), "recovery memory {u:?}");
                     }
                 }
-                prop_assert!((c.expected_remaining_tokens - b).abs() <= 2e-9 * b.abs().max(1.0),
+                prop_assert!((c.expected_remaining_tokens.min(sat) - b).abs() <= 2e-9 * b.abs().max(1.0),
                     "p1 {} brute {}", c.expected_remaining_tokens, b);
-                prop_assert!((plan.min_expected_tokens - b).abs() <= 2e-9 * b.abs().max(1.0));
+                prop_assert!((plan.min_expected_tokens.min(sat) - b).abs() <= 2e-9 * b.abs().max(1.0));
                 // tie-break: least total energy among the optimal plans at that latency
                 let total: f64 = c.per_uav.iter().map(|u| u.energy.total()).sum();
                 prop_assert!(total <= least * (1.0 + 1e-9), "energy {total} vs brute {least}");
                 // the heuristic can only be as good
                 if let Ok(beam) = plan_protection_beam(&swarm, &m, &layout, &ring, 4) {
-                    prop_assert!(beam.min_expected_tokens <= b * (1.0 + 1e-9));
+                    prop_assert!(beam.min_expected_tokens.min(sat) <= b * (1.0 + 1e-9));
                 }
             }
             (b, g) => prop_assert!(false, "brute {:?} vs p1 {:?}", b, g),

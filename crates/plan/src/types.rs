@@ -66,6 +66,12 @@ pub struct PlanConfig {
     /// the memory formula yet overflow memory at the first recovery.
     #[serde(default = "yes")]
     pub recoverable_memory: bool,
+    /// `None`: P1 and the initial layout maximise the minimum lifetime, whatever it costs (the
+    /// paper). `Some(f)`: lifetime beyond `f` x the request's remaining tokens counts as enough;
+    /// among plans reaching it P1 takes the least energy (fewest replicas: less compute, less
+    /// memory) and the layout the fastest pipeline.
+    #[serde(default)]
+    pub lifetime_target_factor: Option<f64>,
 }
 
 fn yes() -> bool {
@@ -80,6 +86,7 @@ impl Default for PlanConfig {
             snapshot_periods: vec![1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128],
             power: PowerModel::default(),
             recoverable_memory: true,
+            lifetime_target_factor: None,
         }
     }
 }
@@ -134,7 +141,8 @@ impl SwarmState {
             && p.alpha.is_finite()
             && p.alpha >= 0.0
             && p.curve_exponent.is_finite()
-            && p.curve_exponent > 0.0;
+            && p.curve_exponent > 0.0
+            && c.lifetime_target_factor.is_none_or(|f| f.is_finite() && f > 0.0);
         if !ok {
             return Err(PlanError::InvalidConfig(format!("{c:?}")));
         }

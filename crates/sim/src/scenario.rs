@@ -80,10 +80,18 @@ pub struct Scenario {
     /// Snapshot period of the SO baseline.
     #[serde(default = "default_so_period")]
     pub so_period: u32,
+    /// Lifetime beyond this many times the request counts as enough (layout and P1); `null`:
+    /// pure max-min lifetime.
+    #[serde(default = "default_lifetime_target")]
+    pub lifetime_target_factor: Option<f64>,
 }
 
 fn default_so_period() -> u32 {
     32
+}
+
+fn default_lifetime_target() -> Option<f64> {
+    Some(2.0)
 }
 
 impl Scenario {
@@ -181,6 +189,7 @@ impl Scenario {
             snapshot_periods: self.snapshot_periods.clone(),
             power: PowerModel { floor_fraction: self.power_floor, alpha: self.latency_alpha, ..PowerModel::default() },
             recoverable_memory: true,
+            lifetime_target_factor: self.lifetime_target_factor,
         }
     }
 

@@ -1,8 +1,15 @@
-//! `shard_executor`: one per UAV, the data plane. Follows the scheduler's assignment, loads its
-//! layer shard, computes, forwards activations, heartbeats.
-use crate::ros::{names, now_stamp, NodeContext};
-use r2r::aerokv::msg::{Assignment, Heartbeat};
+//! `shard_executor`: one per UAV, the data plane. Follows the scheduler's assignments (epochs),
+//! runs its native layers and the live replica of its successor's head, streams boundary
+//! snapshots, replays after a failure, heartbeats. All engine work happens on one worker thread
+//! that owns the [`ShardHost`]; subscriptions only forward messages to it.
+use crate::dataplane::{Emit, ShardHost};
+use crate::ros::{convert, names, now_stamp, NodeContext};
+use aerokv_engine::{models_root, Manifest, Runtime, RuntimeConfig};
+use r2r::aerokv::msg::{Activation, Assignment, Heartbeat, KvSnapshot};
 use serde::Deserialize;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -25,36 +32,270 @@ impl Default for Params {
     }
 }
 
+enum Event {
+    Assignment(Assignment),
+    /// Input of `owner`'s layers (this UAV's, or its successor's for the head replica).
+    Input { owner: String, msg: Activation },
+    Kv(KvSnapshot),
+    Replay { failed: String, msg: Activation },
+}
+
+impl Event {
+    fn epoch(&self) -> u64 {
+        match self {
+            Event::Assignment(a) => a.epoch,
+            Event::Input { msg, .. } | Event::Replay { msg, .. } => msg.epoch,
+            Event::Kv(k) => k.epoch,
+        }
+    }
+}
+
+/// What the heartbeat reports; written by the worker.
+#[derive(Default, Clone)]
+struct Status {
+    hb: Heartbeat,
+}
+
 pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     if p.uav_id.is_empty() {
         p.uav_id = ctx.namespace.clone();
     }
     anyhow::ensure!(!p.uav_id.is_empty(), "parameter `uav_id` is empty and the node has no namespace");
     anyhow::ensure!(p.heartbeat_period_s > 0.0, "parameter `heartbeat_period_s` must be positive");
+    let root = if p.models_dir.is_empty() { models_root() } else { p.models_dir.clone().into() };
+    let runtime = Runtime::init(RuntimeConfig::with_threads(p.threads))?;
+    let manifest = Manifest::load_variant(&root, &p.variant)?;
+    let host = ShardHost::new(runtime, manifest, p.uav_id.clone())?;
+
     let hb_pub = ctx.publisher::<Heartbeat>(&names::heartbeat(&p.uav_id), names::telemetry())?;
     let mut assignments = ctx.subscribe::<Assignment>(names::ASSIGNMENT, names::latched())?;
+    let status = Arc::new(Mutex::new(Status { hb: Heartbeat { uav_id: p.uav_id.clone(), state: "waiting".into(), ..Default::default() } }));
+    let (tx, rx) = mpsc::channel::<Event>();
+    let worker = {
+        let (ctx, status, tx, uav) = (ctx.clone(), status.clone(), tx.clone(), p.uav_id.clone());
+        let handle = tokio::runtime::Handle::current();
+        std::thread::spawn(move || Worker { ctx, uav, host, status, tx, handle, subscribed: BTreeSet::new(), publishers: Publishers::default(), early: Vec::new() }.run(rx))
+    };
     let mut beat = tokio::time::interval(Duration::from_secs_f64(p.heartbeat_period_s));
-    let mut hb = Heartbeat { uav_id: p.uav_id.clone(), state: "waiting".into(), ..Default::default() };
     let shutdown = ctx.shutdown();
     tokio::pin!(shutdown);
-    tracing::info!(uav = %p.uav_id, variant = %p.variant, "shard executor up");
+    tracing::info!(uav = %p.uav_id, variant = %p.variant, threads = p.threads, "shard executor up");
+    let mut sequence = 0;
     loop {
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            Some(a) = assignments.recv() => {
-                if let Some(mine) = a.uavs.iter().find(|u| u.uav_id == p.uav_id) {
-                    hb.epoch = a.epoch;
-                    hb.layer_start = mine.layer_start;
-                    hb.layer_end = mine.layer_end;
-                    hb.state = "ready".into();
-                    tracing::info!(epoch = a.epoch, start = mine.layer_start, end = mine.layer_end, "assignment");
-                }
-            }
+            _ = &mut shutdown => break,
+            Some(a) = assignments.recv() => { let _ = tx.send(Event::Assignment(a)); }
             _ = beat.tick() => {
-                hb.sequence += 1;
+                sequence += 1;
+                let mut hb = status.lock().unwrap_or_else(|e| e.into_inner()).hb.clone();
+                hb.sequence = sequence;
                 hb.stamp = now_stamp();
                 if let Err(e) = hb_pub.publish(&hb) { tracing::warn!("publish heartbeat: {e}"); }
+                if worker.is_finished() { anyhow::bail!("the data-plane worker stopped"); }
             }
+        }
+    }
+    drop(tx);
+    Ok(())
+}
+
+#[derive(Default)]
+struct Publishers {
+    activations: HashMap<String, r2r::Publisher<Activation>>,
+    kv: HashMap<String, r2r::Publisher<KvSnapshot>>,
+}
+
+struct Worker {
+    ctx: NodeContext,
+    uav: String,
+    host: ShardHost,
+    status: Arc<Mutex<Status>>,
+    tx: mpsc::Sender<Event>,
+    handle: tokio::runtime::Handle,
+    subscribed: BTreeSet<String>,
+    publishers: Publishers,
+    /// Messages of an epoch whose assignment has not arrived yet.
+    early: Vec<Event>,
+}
+
+impl Worker {
+    fn run(mut self, rx: mpsc::Receiver<Event>) {
+        while let Ok(ev) = rx.recv() {
+            self.handle_event(ev);
+            self.update_status();
+        }
+    }
+
+    fn handle_event(&mut self, ev: Event) {
+        let current = self.host.epoch();
+        let epoch = ev.epoch();
+        if !matches!(ev, Event::Assignment(_)) {
+            if epoch < current {
+                let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                st.hb.stale_messages += 1;
+                tracing::warn!(epoch, current, count = st.hb.stale_messages, "dropped a message from an older epoch");
+                return;
+            }
+            if epoch > current {
+                self.early.push(ev);
+                return;
+            }
+        }
+        let result = match ev {
+            Event::Assignment(a) if a.epoch <= current => Ok(()),
+            Event::Assignment(a) => self.on_assignment(a),
+            Event::Input { owner, msg } => self.on_input(&owner, &msg),
+            Event::Kv(m) if m.holder == self.uav => convert::kv_rows(&m)
+                .map_err(anyhow::Error::from)
+                .and_then(|rows| Ok(self.host.on_kv(&m.source, m.request_id, rows)?))
+                .and_then(|emits| self.emit(emits)),
+            Event::Kv(_) => Ok(()),
+            Event::Replay { failed, msg } => convert::hidden(&msg)
+                .map_err(anyhow::Error::from)
+                .and_then(|h| Ok(self.host.on_replay(&failed, msg.position as usize, h)?))
+                .and_then(|emits| self.emit(emits)),
+        };
+        if let Err(e) = result {
+            tracing::error!("{e:#}");
+            self.status.lock().unwrap_or_else(|e| e.into_inner()).hb.state = format!("error: {e:#}");
+        }
+    }
+
+    fn on_assignment(&mut self, a: Assignment) -> anyhow::Result<()> {
+        let plan = convert::plan(&a);
+        tracing::info!(epoch = a.epoch, reason = %a.reason, resume = a.resume_position, stage = ?plan.stage(&self.uav), "new assignment");
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).hb.state = "loading".into();
+        // Subscribe before anything is sent in this epoch (publishers keep a transient-local history).
+        if let Some(me) = plan.stage(&self.uav) {
+            self.ensure_input(&me.uav.clone())?;
+            if let Some(succ) = plan.succ(&self.uav).map(|s| s.uav.clone()).filter(|s| *s != self.uav) {
+                self.ensure_input(&succ)?;
+                self.ensure_kv(&succ)?;
+            }
+            if let Some(pred) = plan.pred(&self.uav).map(|s| s.uav.clone()).filter(|s| *s != self.uav) {
+                self.ensure_kv(&pred)?;
+                self.ensure_replay(&pred)?;
+            }
+        }
+        let emits = self.host.apply_plan(plan)?;
+        self.emit(emits)?;
+        // Messages that arrived before their assignment.
+        let early = std::mem::take(&mut self.early);
+        for ev in early {
+            self.handle_event(ev);
+        }
+        Ok(())
+    }
+
+    fn on_input(&mut self, owner: &str, msg: &Activation) -> anyhow::Result<()> {
+        let h = convert::hidden(msg)?;
+        let (req, boundary, pos) = (msg.request_id, msg.layer_boundary as usize, msg.position as usize);
+        if owner == self.uav {
+            let emits = self.host.on_input(req, boundary, pos, &h)?;
+            self.emit(emits)
+        } else {
+            Ok(self.host.on_successor_input(req, boundary, pos, &h)?)
+        }
+    }
+
+    fn emit(&mut self, emits: Vec<Emit>) -> anyhow::Result<()> {
+        let epoch = self.host.epoch();
+        for e in emits {
+            match e {
+                Emit::Activation { to, boundary, request_id, position, hidden } => {
+                    let topic = to.as_deref().map_or(names::GATEWAY_INPUT.to_string(), names::stage_input);
+                    let msg = convert::activation(epoch, request_id, 0, position, boundary, &self.uav, &hidden);
+                    self.count_tx(msg.payload.len());
+                    self.activation_pub(&topic)?.publish(&msg)?;
+                }
+                Emit::Kv { holder, request_id, rows } => {
+                    let msg = convert::kv_snapshot(epoch, request_id, &self.uav, &holder, &rows);
+                    tracing::debug!(%holder, layers = ?(msg.layer_start, msg.layer_end), tokens = ?(msg.token_start, msg.token_end), "kv rows sent");
+                    self.count_tx(msg.payload.len());
+                    let topic = names::snapshots(&self.uav);
+                    if !self.publishers.kv.contains_key(&topic) {
+                        let p = self.ctx.publisher::<KvSnapshot>(&topic, names::data_plane())?;
+                        self.publishers.kv.insert(topic.clone(), p);
+                    }
+                    self.publishers.kv[&topic].publish(&msg)?;
+                }
+                Emit::Replay { failed, to, boundary, request_id, position, hidden } => {
+                    let msg = convert::activation(epoch, request_id, 0, position, boundary, &self.uav, &hidden);
+                    tracing::debug!(%failed, %to, position, "replay chunk sent");
+                    self.count_tx(msg.payload.len());
+                    self.activation_pub(&names::replay(&failed))?.publish(&msg)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn activation_pub(&mut self, topic: &str) -> anyhow::Result<&r2r::Publisher<Activation>> {
+        if !self.publishers.activations.contains_key(topic) {
+            let qos = if topic.ends_with("/replay") { names::replay_qos() } else { names::data_plane() };
+            let p = self.ctx.publisher::<Activation>(topic, qos)?;
+            self.publishers.activations.insert(topic.to_string(), p);
+        }
+        Ok(&self.publishers.activations[topic])
+    }
+
+    fn count_tx(&self, bytes: usize) {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).hb.tx_bytes_total += bytes as u64;
+    }
+
+    fn forward<T, F>(&mut self, topic: String, qos: r2r::QosProfile, wrap: F) -> anyhow::Result<()>
+    where
+        T: r2r::WrappedTypesupport + Send + 'static,
+        F: Fn(T) -> Event + Send + 'static,
+    {
+        if !self.subscribed.insert(topic.clone()) {
+            return Ok(());
+        }
+        let _guard = self.handle.enter();
+        let mut rx = self.ctx.subscribe::<T>(&topic, qos)?;
+        let tx = self.tx.clone();
+        self.handle.spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if tx.send(wrap(m)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn ensure_input(&mut self, owner: &str) -> anyhow::Result<()> {
+        let o = owner.to_string();
+        self.forward::<Activation, _>(names::stage_input(owner), names::data_plane(), move |msg| Event::Input { owner: o.clone(), msg })
+    }
+    fn ensure_kv(&mut self, source: &str) -> anyhow::Result<()> {
+        self.forward::<KvSnapshot, _>(names::snapshots(source), names::data_plane(), Event::Kv)
+    }
+    fn ensure_replay(&mut self, failed: &str) -> anyhow::Result<()> {
+        let f = failed.to_string();
+        self.forward::<Activation, _>(names::replay(failed), names::replay_qos(), move |msg| Event::Replay { failed: f.clone(), msg })
+    }
+
+    fn update_status(&self) {
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let hb = &mut st.hb;
+        hb.epoch = self.host.epoch();
+        if let Some(me) = self.host.my_stage() {
+            hb.layer_start = me.start as u32;
+            hb.layer_end = (me.start + me.len) as u32;
+        } else {
+            hb.layer_start = 0;
+            hb.layer_end = 0;
+        }
+        let replica = self.host.replica_layers();
+        hb.replica_start = replica.first().copied().unwrap_or(0) as u32;
+        hb.replica_end = replica.last().map_or(hb.replica_start as usize, |l| l + 1) as u32;
+        hb.kv_tokens = self.host.kv_tokens() as u32;
+        hb.compute_ms_per_layer = self.host.usage.last_ms_per_layer;
+        hb.compute_s_total = self.host.usage.compute.as_secs_f64();
+        hb.memory_bytes = self.host.memory_bytes();
+        if !hb.state.starts_with("error") {
+            hb.state = if self.host.plan().is_none() { "waiting" } else if self.host.ready() { "ready" } else { "recovering" }.into();
         }
     }
 }

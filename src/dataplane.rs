@@ -1,0 +1,550 @@
+//! The data plane of one UAV, without ROS: which layers it holds (native shard, the live replica
+//! of its successor's head), what it computes for an input, its boundary snapshots, the
+//! activation buffer of its successor's tail, and the recovery steps of DESIGN.md §2 when a new
+//! plan arrives. The `shard_executor` node turns messages into calls on [`ShardHost`] and
+//! publishes the [`Emit`]s it returns.
+//!
+//! Layers are held one ONNX file (= one layer for the shipped variants) per [`Shard`], keyed by
+//! absolute layer, so that a plan can move any layer without splitting a loaded shard.
+//! Intervals are taken modulo the layer count: a stage may wrap around the gateway (after the
+//! last stage fails, the first stage takes its layers).
+use aerokv_engine::{EngineError, Hidden, KvRows, LayerRows, Manifest, Runtime, Shard};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("invalid plan: {0}")]
+    Plan(String),
+    #[error("layer {layer} is assigned to {uav} but {uav} holds no state for it at token {position}")]
+    LostLayer { uav: String, layer: usize, position: usize },
+    #[error("the variant's layer files hold several layers each ({0}); the swarm needs one layer per file")]
+    GroupedFiles(String),
+}
+
+pub type Result<T> = std::result::Result<T, DataPlaneError>;
+
+/// One UAV's part of a plan: layers `start, start+1, ... (mod L)`, `len` of them; the first `k`
+/// are its head (replicated live on its ring predecessor), the rest its tail, snapshotted every
+/// `t` tokens to its successor (`t == 0`: no snapshots).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    pub uav: String,
+    pub start: usize,
+    pub len: usize,
+    pub k: usize,
+    pub t: usize,
+}
+
+/// A plan as the executors see it (the Assignment message).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwarmPlan {
+    pub epoch: u64,
+    pub num_layers: usize,
+    /// Ring (= pipeline) order.
+    pub stages: Vec<Stage>,
+    pub request_id: u64,
+    /// Every KV cache is cut back to this many tokens; generation resumes at this position.
+    pub resume_position: usize,
+}
+
+impl SwarmPlan {
+    pub fn validate(&self) -> Result<()> {
+        let l = self.num_layers;
+        if l == 0 || self.stages.is_empty() {
+            return Err(DataPlaneError::Plan("no layers or no stages".into()));
+        }
+        let mut seen = vec![false; l];
+        let mut uavs = BTreeSet::new();
+        for s in &self.stages {
+            if !uavs.insert(s.uav.as_str()) {
+                return Err(DataPlaneError::Plan(format!("{} appears twice", s.uav)));
+            }
+            if s.len == 0 || s.k > s.len || s.start >= l {
+                return Err(DataPlaneError::Plan(format!("{}: start {} len {} k {}", s.uav, s.start, s.len, s.k)));
+            }
+            for layer in self.layers(s) {
+                if std::mem::replace(&mut seen[layer], true) {
+                    return Err(DataPlaneError::Plan(format!("layer {layer} is assigned twice")));
+                }
+            }
+        }
+        if let Some(missing) = seen.iter().position(|s| !s) {
+            return Err(DataPlaneError::Plan(format!("layer {missing} is assigned to nobody")));
+        }
+        Ok(())
+    }
+
+    pub fn stage(&self, uav: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.uav == uav)
+    }
+    fn index(&self, uav: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.uav == uav)
+    }
+    pub fn pred(&self, uav: &str) -> Option<&Stage> {
+        let i = self.index(uav)?;
+        Some(&self.stages[(i + self.stages.len() - 1) % self.stages.len()])
+    }
+    pub fn succ(&self, uav: &str) -> Option<&Stage> {
+        let i = self.index(uav)?;
+        Some(&self.stages[(i + 1) % self.stages.len()])
+    }
+    /// Absolute layers of a stage in pipeline order.
+    pub fn layers(&self, s: &Stage) -> Vec<usize> {
+        (0..s.len).map(|i| (s.start + i) % self.num_layers).collect()
+    }
+    pub fn head(&self, s: &Stage) -> Vec<usize> {
+        self.layers(s)[..s.k].to_vec()
+    }
+    pub fn tail(&self, s: &Stage) -> Vec<usize> {
+        self.layers(s)[s.k..].to_vec()
+    }
+    pub fn owner(&self, layer: usize) -> Option<&Stage> {
+        self.stages.iter().find(|s| self.layers(s).contains(&layer))
+    }
+    /// The stage whose input the gateway sends (the owner of layer 0).
+    pub fn first(&self) -> Option<&Stage> {
+        self.owner(0)
+    }
+}
+
+/// Something to send.
+#[derive(Debug)]
+pub enum Emit {
+    /// Hidden states entering layer `boundary`; `to` is its owner, `None` = back to the gateway.
+    Activation { to: Option<String>, boundary: usize, request_id: u64, position: usize, hidden: Hidden },
+    /// KV rows for `holder`: a boundary snapshot of this UAV's tail (to its successor) or the
+    /// seed of a new head replica (to its predecessor).
+    Kv { holder: String, request_id: u64, rows: KvRows },
+    /// A buffered input of the failed successor's tail, for its recovering successor.
+    Replay { failed: String, to: String, boundary: usize, request_id: u64, position: usize, hidden: Hidden },
+}
+
+/// Recovery work waiting for state from other UAVs.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Restored tail layers of the failed predecessor, to be brought from the snapshot end to
+    /// the resume position by replaying buffered inputs.
+    replay: Option<PendingReplay>,
+    /// Fresh replica layers waiting for the successor's head seed.
+    seed_layers: Vec<usize>,
+    /// Seeds and snapshots to send once the native layers are complete.
+    announce: bool,
+}
+
+#[derive(Debug)]
+struct PendingReplay {
+    failed: String,
+    layers: Vec<usize>,
+    from: usize,
+    chunks: BTreeMap<usize, Hidden>,
+}
+
+/// Counters for the heartbeat and the battery monitor.
+#[derive(Debug, Default, Clone)]
+pub struct Usage {
+    pub compute: Duration,
+    pub computed_layer_tokens: u64,
+    pub last_ms_per_layer: f64,
+}
+
+pub struct ShardHost {
+    runtime: Runtime,
+    manifest: Manifest,
+    uav: String,
+    plan: Option<SwarmPlan>,
+    pieces: BTreeMap<usize, Shard>,
+    request_id: u64,
+    /// Inputs of the successor's tail (outputs of its head replica), by position.
+    buffer: BTreeMap<usize, Hidden>,
+    /// The predecessor's tail snapshot, accumulated.
+    pred_snapshot: Option<KvRows>,
+    snapshot_sent_until: usize,
+    pending: Pending,
+    pub usage: Usage,
+}
+
+impl ShardHost {
+    pub fn new(runtime: Runtime, manifest: Manifest, uav: impl Into<String>) -> Result<Self> {
+        if let Some(f) = manifest.layer_files_for(0, manifest.architecture.layers)?.iter().find(|f| f.end - f.start != 1) {
+            return Err(DataPlaneError::GroupedFiles(f.name.clone()));
+        }
+        Ok(ShardHost {
+            runtime,
+            manifest,
+            uav: uav.into(),
+            plan: None,
+            pieces: BTreeMap::new(),
+            request_id: 0,
+            buffer: BTreeMap::new(),
+            pred_snapshot: None,
+            snapshot_sent_until: 0,
+            pending: Pending::default(),
+            usage: Usage::default(),
+        })
+    }
+
+    pub fn plan(&self) -> Option<&SwarmPlan> {
+        self.plan.as_ref()
+    }
+    pub fn epoch(&self) -> u64 {
+        self.plan.as_ref().map_or(0, |p| p.epoch)
+    }
+    /// True when every layer this UAV must hold for the current plan is complete.
+    pub fn ready(&self) -> bool {
+        self.plan.as_ref().is_some_and(|p| p.stage(&self.uav).is_none() || (self.pending.replay.is_none() && self.pending.seed_layers.is_empty()))
+    }
+    pub fn my_stage(&self) -> Option<Stage> {
+        self.plan.as_ref()?.stage(&self.uav).cloned()
+    }
+    pub fn replica_layers(&self) -> Vec<usize> {
+        self.replica_of(self.plan.as_ref())
+    }
+    fn replica_of(&self, plan: Option<&SwarmPlan>) -> Vec<usize> {
+        match plan {
+            Some(p) => match (p.stage(&self.uav), p.succ(&self.uav)) {
+                (Some(_), Some(s)) if s.uav != self.uav => p.head(s),
+                _ => Vec::new(),
+            },
+            None => Vec::new(),
+        }
+    }
+    /// Tokens in the native KV caches.
+    pub fn kv_tokens(&self) -> usize {
+        self.my_stage()
+            .and_then(|s| self.plan.as_ref().map(|p| p.layers(&s)))
+            .and_then(|ls| ls.iter().filter_map(|l| self.pieces.get(l)).map(Shard::kv_len).min())
+            .unwrap_or(0)
+    }
+    pub fn memory_bytes(&self) -> u64 {
+        self.pieces.values().map(|s| {
+            let m = s.memory_bytes();
+            m.weight_bytes + m.kv_bytes
+        }).sum::<u64>() + self.buffer.values().map(|h| (h.as_slice().len() * 4) as u64).sum::<u64>()
+    }
+
+    fn load(&self, layer: usize) -> Result<Shard> {
+        Ok(Shard::load(&self.runtime, &self.manifest, layer..layer + 1)?)
+    }
+
+    fn new_request(&mut self, request_id: u64) {
+        if request_id != self.request_id {
+            self.request_id = request_id;
+            for s in self.pieces.values_mut() {
+                s.reset();
+            }
+            self.buffer.clear();
+            self.pred_snapshot = None;
+            self.snapshot_sent_until = 0;
+        }
+    }
+
+    /// Applies a new plan (epoch). Returns what to send now (replays for a failed successor's
+    /// tail, and, once complete, seeds and snapshots for the new neighbours).
+    pub fn apply_plan(&mut self, new: SwarmPlan) -> Result<Vec<Emit>> {
+        new.validate()?;
+        let old = self.plan.take();
+        let p = new.resume_position;
+        let mut emits = Vec::new();
+        if new.request_id != self.request_id || p == 0 {
+            self.new_request(new.request_id);
+            for s in self.pieces.values_mut() {
+                s.reset();
+            }
+        }
+        // A failed successor: its recovering successor needs the buffered inputs of its tail.
+        let mut local_replay = Vec::new();
+        if let (Some(old), true) = (&old, p > 0) {
+            if let Some(failed) = old.succ(&self.uav).filter(|s| s.uav != self.uav && new.stage(&s.uav).is_none()) {
+                if let Some(to) = old.succ(&failed.uav) {
+                    let boundary = old.tail(failed).first().copied().unwrap_or((failed.start + failed.len) % old.num_layers);
+                    for (&position, hidden) in self.buffer.range(..p) {
+                        if to.uav == self.uav {
+                            // A ring of two: the recovering successor is this UAV.
+                            local_replay.push((position, hidden.clone()));
+                        } else {
+                            emits.push(Emit::Replay {
+                                failed: failed.uav.clone(),
+                                to: to.uav.clone(),
+                                boundary,
+                                request_id: self.request_id,
+                                position,
+                                hidden: hidden.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        self.buffer.retain(|&pos, _| pos < p);
+        if let Some(snap) = &self.pred_snapshot {
+            if snap.token_start != 0 {
+                self.pred_snapshot = None;
+            }
+        }
+
+        let mut pending = Pending { announce: p > 0, ..Pending::default() };
+        let Some(me) = new.stage(&self.uav).cloned() else {
+            // Not a member of this plan: hold nothing.
+            self.pieces.clear();
+            self.plan = Some(new);
+            self.pending = pending;
+            return Ok(emits);
+        };
+        let native = new.layers(&me);
+        let replica = self.replica_of(Some(&new));
+        let mut keep = BTreeMap::new();
+        let mut restored = Vec::new();
+        for &layer in native.iter().chain(replica.iter()) {
+            if keep.contains_key(&layer) {
+                continue;
+            }
+            if let Some(mut shard) = self.pieces.remove(&layer) {
+                shard.truncate(p)?;
+                if shard.kv_len() == p {
+                    keep.insert(layer, shard);
+                    continue;
+                }
+                // Fewer rows than needed (e.g. a replica that missed tokens): treat as not held.
+            }
+            let mut shard = self.load(layer)?;
+            if p > 0 && native.contains(&layer) {
+                let snap = self.pred_snapshot.as_ref().and_then(|s| layer_rows(s, layer).map(|r| (s, r)));
+                match snap {
+                    Some((s, rows)) => {
+                        let upto = s.tokens.min(p);
+                        shard.import_kv(&single_layer(s, rows, upto))?;
+                        restored.push((layer, upto));
+                    }
+                    None => return Err(DataPlaneError::LostLayer { uav: self.uav.clone(), layer, position: p }),
+                }
+            } else if p > 0 {
+                pending.seed_layers.push(layer);
+            }
+            keep.insert(layer, shard);
+        }
+        self.pieces = keep;
+        if !restored.is_empty() {
+            let from = restored.iter().map(|r| r.1).min().unwrap_or(0);
+            for (layer, _) in &restored {
+                if let Some(s) = self.pieces.get_mut(layer) {
+                    s.truncate(from)?;
+                }
+            }
+            let failed = old.as_ref().and_then(|o| o.pred(&self.uav)).map(|s| s.uav.clone()).unwrap_or_default();
+            pending.replay = Some(PendingReplay { failed, layers: restored.iter().map(|r| r.0).collect(), from, chunks: BTreeMap::new() });
+        }
+        self.plan = Some(new);
+        self.pending = pending;
+        if let Some(r) = &mut self.pending.replay {
+            r.chunks.extend(local_replay);
+        }
+        emits.extend(self.try_complete()?);
+        Ok(emits)
+    }
+
+    /// Runs pending replays and sends seeds once possible.
+    fn try_complete(&mut self) -> Result<Vec<Emit>> {
+        let Some(plan) = self.plan.clone() else { return Ok(Vec::new()) };
+        let p = plan.resume_position;
+        if let Some(r) = &self.pending.replay {
+            // Complete when the buffered chunks cover [from, p) exactly.
+            let mut at = r.from;
+            for (&pos, h) in r.chunks.range(r.from..) {
+                if pos != at {
+                    break;
+                }
+                at += h.tokens();
+            }
+            if at < p {
+                return Ok(Vec::new());
+            }
+            let r = self.pending.replay.take().expect("checked above");
+            tracing::info!(failed = %r.failed, layers = ?r.layers, from = r.from, to = p, chunks = r.chunks.len(), "replaying buffered inputs through the recovered tail");
+            for (&pos, h) in r.chunks.range(r.from..p) {
+                // One chunk at a time, as the failed UAV computed them (exactness).
+                let mut x = h.clone();
+                for layer in &r.layers {
+                    let shard = self.pieces.get_mut(layer).ok_or_else(|| DataPlaneError::Plan(format!("restored layer {layer} vanished")))?;
+                    x = shard.forward(&x, pos)?;
+                }
+            }
+        }
+        let mut emits = Vec::new();
+        if self.pending.announce {
+            self.pending.announce = false;
+            let me = plan.stage(&self.uav).cloned();
+            if let Some(me) = me {
+                let (pred, succ) = (plan.pred(&self.uav).cloned(), plan.succ(&self.uav).cloned());
+                if let Some(pred) = pred.filter(|s| s.uav != self.uav) {
+                    let head = plan.head(&me);
+                    if !head.is_empty() {
+                        emits.push(Emit::Kv { holder: pred.uav, request_id: self.request_id, rows: self.export(&head, 0..p)? });
+                    }
+                }
+                if let Some(succ) = succ.filter(|s| s.uav != self.uav) {
+                    let tail = plan.tail(&me);
+                    if me.t > 0 && !tail.is_empty() {
+                        emits.push(Emit::Kv { holder: succ.uav, request_id: self.request_id, rows: self.export(&tail, 0..p)? });
+                    }
+                }
+                self.snapshot_sent_until = p;
+            }
+        }
+        Ok(emits)
+    }
+
+    fn export(&self, layers: &[usize], tokens: std::ops::Range<usize>) -> Result<KvRows> {
+        let mut out: Option<KvRows> = None;
+        let mut sorted = layers.to_vec();
+        sorted.sort_unstable();
+        for layer in sorted {
+            let shard = self.pieces.get(&layer).ok_or_else(|| DataPlaneError::Plan(format!("export of layer {layer}, not held")))?;
+            let rows = shard.export_kv(layer..layer + 1, tokens.clone())?;
+            match &mut out {
+                None => out = Some(rows),
+                Some(o) => o.layers.extend(rows.layers),
+            }
+        }
+        out.ok_or_else(|| DataPlaneError::Plan("export of no layers".into()))
+    }
+
+    /// Hidden states for this UAV's native layers starting at `boundary`.
+    pub fn on_input(&mut self, request_id: u64, boundary: usize, position: usize, hidden: &Hidden) -> Result<Vec<Emit>> {
+        let plan = self.plan.clone().ok_or_else(|| DataPlaneError::Plan("input before any plan".into()))?;
+        let me = plan.stage(&self.uav).cloned().ok_or_else(|| DataPlaneError::Plan(format!("{} has no layers in epoch {}", self.uav, plan.epoch)))?;
+        self.new_request(request_id);
+        let native = plan.layers(&me);
+        if !native.contains(&boundary) {
+            return Err(DataPlaneError::Plan(format!("input at layer {boundary}, but {} holds {:?}", self.uav, native)));
+        }
+        let mut x = hidden.clone();
+        let mut layer = boundary;
+        let started = std::time::Instant::now();
+        let mut computed = 0;
+        while layer < plan.num_layers && native.contains(&layer) {
+            let shard = self.pieces.get_mut(&layer).ok_or_else(|| DataPlaneError::Plan(format!("layer {layer} not loaded")))?;
+            x = shard.forward(&x, position)?;
+            layer += 1;
+            computed += 1;
+        }
+        self.account(started.elapsed(), computed, hidden.tokens());
+        let to = if layer == plan.num_layers { None } else { plan.owner(layer).map(|s| s.uav.clone()) };
+        let mut emits = vec![Emit::Activation { to, boundary: layer % plan.num_layers, request_id, position, hidden: x }];
+        emits.extend(self.snapshot_if_due(&plan, &me)?);
+        Ok(emits)
+    }
+
+    /// The successor's input: compute its head replica and buffer the output (its tail's input).
+    pub fn on_successor_input(&mut self, request_id: u64, boundary: usize, position: usize, hidden: &Hidden) -> Result<()> {
+        let Some(plan) = self.plan.clone() else { return Ok(()) };
+        let Some(succ) = plan.succ(&self.uav).cloned() else { return Ok(()) };
+        let head = self.replica_layers();
+        if head.is_empty() || boundary != succ.start || !self.pending.seed_layers.is_empty() {
+            return Ok(());
+        }
+        self.new_request(request_id);
+        let started = std::time::Instant::now();
+        let mut x = hidden.clone();
+        for layer in &head {
+            let shard = self.pieces.get_mut(layer).ok_or_else(|| DataPlaneError::Plan(format!("replica layer {layer} not loaded")))?;
+            x = shard.forward(&x, position)?;
+        }
+        self.account(started.elapsed(), head.len(), hidden.tokens());
+        if succ.k < succ.len {
+            self.buffer.insert(position, x);
+        }
+        Ok(())
+    }
+
+    /// KV rows from another UAV: the predecessor's tail snapshot, or the successor's head seed.
+    pub fn on_kv(&mut self, source: &str, request_id: u64, rows: KvRows) -> Result<Vec<Emit>> {
+        let Some(plan) = self.plan.clone() else { return Ok(Vec::new()) };
+        self.new_request(request_id);
+        if plan.succ(&self.uav).is_some_and(|s| s.uav == source) && !self.pending.seed_layers.is_empty() {
+            for layer in std::mem::take(&mut self.pending.seed_layers) {
+                let shard = self.pieces.get_mut(&layer).ok_or_else(|| DataPlaneError::Plan(format!("seed for layer {layer}, not loaded")))?;
+                match layer_rows(&rows, layer) {
+                    Some(r) => shard.import_kv(&single_layer(&rows, r, rows.tokens))?,
+                    None => return Err(DataPlaneError::Plan(format!("seed from {source} lacks layer {layer}"))),
+                }
+            }
+            tracing::info!(%source, tokens = rows.tokens, "head replica seeded");
+        }
+        if plan.pred(&self.uav).is_some_and(|s| s.uav == source) && plan.stage(source).is_some_and(|s| s.t > 0) {
+            let tail = plan.stage(source).map(|s| plan.tail(s)).unwrap_or_default();
+            let mut ls: Vec<usize> = rows.layers.iter().map(|l| l.layer).collect();
+            ls.sort_unstable();
+            let mut want = tail.clone();
+            want.sort_unstable();
+            if ls == want {
+                match (&mut self.pred_snapshot, rows.token_start) {
+                    (_, 0) => self.pred_snapshot = Some(rows),
+                    (Some(s), _) if s.token_start + s.tokens == rows.token_start => s.append(&rows)?,
+                    (s, start) => tracing::warn!(start, held = ?s.as_ref().map(|s| s.tokens), "snapshot out of order, ignored"),
+                }
+            }
+        }
+        self.try_complete()
+    }
+
+    /// A buffered input of a failed UAV's tail, for the replay.
+    pub fn on_replay(&mut self, failed: &str, position: usize, hidden: Hidden) -> Result<Vec<Emit>> {
+        match &mut self.pending.replay {
+            Some(r) if r.failed == failed => {
+                r.chunks.insert(position, hidden);
+                self.try_complete()
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    fn snapshot_if_due(&mut self, plan: &SwarmPlan, me: &Stage) -> Result<Vec<Emit>> {
+        let tail = plan.tail(me);
+        let Some(succ) = plan.succ(&self.uav).filter(|s| s.uav != self.uav) else { return Ok(Vec::new()) };
+        if me.t == 0 || tail.is_empty() {
+            return Ok(Vec::new());
+        }
+        let upto = tail.iter().filter_map(|l| self.pieces.get(l)).map(Shard::kv_len).min().unwrap_or(0);
+        if upto < self.snapshot_sent_until + me.t {
+            return Ok(Vec::new());
+        }
+        let rows = self.export(&tail, self.snapshot_sent_until..upto)?;
+        self.snapshot_sent_until = upto;
+        Ok(vec![Emit::Kv { holder: succ.uav.clone(), request_id: self.request_id, rows }])
+    }
+
+    fn account(&mut self, took: Duration, layers: usize, tokens: usize) {
+        self.usage.compute += took;
+        self.usage.computed_layer_tokens += (layers * tokens) as u64;
+        if layers > 0 && tokens == 1 {
+            self.usage.last_ms_per_layer = took.as_secs_f64() * 1e3 / layers as f64;
+        }
+    }
+}
+
+fn layer_rows(rows: &KvRows, layer: usize) -> Option<&LayerRows> {
+    rows.layers.iter().find(|l| l.layer == layer)
+}
+
+/// The first `tokens` rows of one layer of a snapshot, as a snapshot of its own.
+fn single_layer(all: &KvRows, rows: &LayerRows, tokens: usize) -> KvRows {
+    let (h, d, n) = (all.kv_heads, all.head_dim, all.tokens);
+    // Rows are [heads, tokens, dim]: keep the first `tokens` of every head.
+    let cut = |v: &[f32]| -> Vec<f32> {
+        let mut out = Vec::with_capacity(h * tokens * d);
+        for head in 0..h {
+            out.extend_from_slice(&v[head * n * d..head * n * d + tokens * d]);
+        }
+        out
+    };
+    KvRows {
+        token_start: all.token_start,
+        tokens,
+        kv_heads: h,
+        head_dim: d,
+        layers: vec![LayerRows { layer: rows.layer, key: cut(&rows.key), value: cut(&rows.value) }],
+    }
+}
