@@ -119,7 +119,9 @@ pub enum Emit {
     /// seed of a new head replica (to its predecessor).
     Kv { holder: String, request_id: u64, rows: KvRows },
     /// A buffered input of the failed successor's tail, for its recovering successor.
-    Replay { failed: String, to: String, boundary: usize, request_id: u64, position: usize, hidden: Hidden },
+    /// All of them in one message (bursts of small messages overflow subscription queues),
+    /// as `(position, chunk)` in order.
+    Replay { failed: String, to: String, boundary: usize, request_id: u64, chunks: Vec<(usize, Hidden)> },
 }
 
 /// Recovery work waiting for state from other UAVs.
@@ -260,20 +262,12 @@ impl ShardHost {
             if let Some(failed) = old.succ(&self.uav).filter(|s| s.uav != self.uav && new.stage(&s.uav).is_none()) {
                 if let Some(to) = old.succ(&failed.uav) {
                     let boundary = old.tail(failed).first().copied().unwrap_or((failed.start + failed.len) % old.num_layers);
-                    for (&position, hidden) in self.buffer.range(..p) {
-                        if to.uav == self.uav {
-                            // A ring of two: the recovering successor is this UAV.
-                            local_replay.push((position, hidden.clone()));
-                        } else {
-                            emits.push(Emit::Replay {
-                                failed: failed.uav.clone(),
-                                to: to.uav.clone(),
-                                boundary,
-                                request_id: self.request_id,
-                                position,
-                                hidden: hidden.clone(),
-                            });
-                        }
+                    let chunks: Vec<(usize, Hidden)> = self.buffer.range(..p).map(|(&pos, h)| (pos, h.clone())).collect();
+                    if to.uav == self.uav {
+                        // A ring of two: the recovering successor is this UAV.
+                        local_replay = chunks;
+                    } else if !chunks.is_empty() {
+                        emits.push(Emit::Replay { failed: failed.uav.clone(), to: to.uav.clone(), boundary, request_id: self.request_id, chunks });
                     }
                 }
             }
@@ -311,6 +305,14 @@ impl ShardHost {
             }
             let mut shard = self.load(layer)?;
             if p > 0 && native.contains(&layer) {
+                // The failed predecessor's tail: its last snapshot, or nothing when none was due
+                // yet; the replay of its buffered inputs brings it to the resume position.
+                let tail_of_pred = old.as_ref().is_some_and(|o| {
+                    o.pred(&self.uav).is_some_and(|f| f.uav != self.uav && new.stage(&f.uav).is_none() && o.tail(f).contains(&layer))
+                });
+                if !tail_of_pred {
+                    return Err(DataPlaneError::LostLayer { uav: self.uav.clone(), layer, position: p });
+                }
                 let snap = self.pred_snapshot.as_ref().and_then(|s| layer_rows(s, layer).map(|r| (s, r)));
                 match snap {
                     Some((s, rows)) => {
@@ -318,7 +320,7 @@ impl ShardHost {
                         shard.import_kv(&single_layer(s, rows, upto))?;
                         restored.push((layer, upto));
                     }
-                    None => return Err(DataPlaneError::LostLayer { uav: self.uav.clone(), layer, position: p }),
+                    None => restored.push((layer, 0)),
                 }
             } else if p > 0 {
                 pending.seed_layers.push(layer);
@@ -397,10 +399,9 @@ impl ShardHost {
     }
 
     fn export(&self, layers: &[usize], tokens: std::ops::Range<usize>) -> Result<KvRows> {
+        // In pipeline order: a wrapped interval (29, 0, 1) travels as one contiguous range mod L.
         let mut out: Option<KvRows> = None;
-        let mut sorted = layers.to_vec();
-        sorted.sort_unstable();
-        for layer in sorted {
+        for &layer in layers {
             let shard = self.pieces.get(&layer).ok_or_else(|| DataPlaneError::Plan(format!("export of layer {layer}, not held")))?;
             let rows = shard.export_kv(layer..layer + 1, tokens.clone())?;
             match &mut out {
@@ -442,7 +443,7 @@ impl ShardHost {
         let Some(plan) = self.plan.clone() else { return Ok(()) };
         let Some(succ) = plan.succ(&self.uav).cloned() else { return Ok(()) };
         let head = self.replica_layers();
-        if head.is_empty() || boundary != succ.start || !self.pending.seed_layers.is_empty() {
+        if succ.uav == self.uav || boundary != succ.start || !self.pending.seed_layers.is_empty() {
             return Ok(());
         }
         self.new_request(request_id);
@@ -453,6 +454,7 @@ impl ShardHost {
             x = shard.forward(&x, position)?;
         }
         self.account(started.elapsed(), head.len(), hidden.tokens());
+        // With no head (K = 0) the tail's input is the stage input itself.
         if succ.k < succ.len {
             self.buffer.insert(position, x);
         }
@@ -490,11 +492,12 @@ impl ShardHost {
         self.try_complete()
     }
 
-    /// A buffered input of a failed UAV's tail, for the replay.
-    pub fn on_replay(&mut self, failed: &str, position: usize, hidden: Hidden) -> Result<Vec<Emit>> {
+    /// The buffered inputs of a failed UAV's tail, for the replay.
+    pub fn on_replay(&mut self, failed: &str, chunks: Vec<(usize, Hidden)>) -> Result<Vec<Emit>> {
+        tracing::debug!(failed, chunks = chunks.len(), waiting = self.pending.replay.is_some(), "replay received");
         match &mut self.pending.replay {
             Some(r) if r.failed == failed => {
-                r.chunks.insert(position, hidden);
+                r.chunks.extend(chunks);
                 self.try_complete()
             }
             _ => Ok(Vec::new()),

@@ -9,6 +9,7 @@
 //! - this crate (`aerokv`): the CLI (`cli`) and, with the `ros` feature, the ROS 2 nodes
 //!   (`src/bin/*`), thin adapters from messages to the pure crates.
 pub mod cli;
+pub mod control;
 pub mod dataplane;
 pub mod launch;
 pub mod params;

@@ -106,6 +106,10 @@ impl Supervisor {
             out.push((r.node.fqn(), code));
         }
         self.running.clear();
+        let orphans = clean_orphaned_shm();
+        if orphans > 0 {
+            tracing::debug!(orphans, "removed shared-memory files of dead DDS participants");
+        }
         out
     }
 }
@@ -139,4 +143,26 @@ pub fn share_dir() -> PathBuf {
 /// Directory of the running executable (the node binaries sit beside `aerokv`).
 pub fn bin_dir() -> PathBuf {
     std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Removes Fast DDS shared-memory files that no live process holds (what `fastdds shm clean`
+/// does): a killed drone leaves its segment behind. A live participant keeps an exclusive lock
+/// on `<file>_el`, so only orphans are removed. Returns how many files went.
+pub fn clean_orphaned_shm() -> usize {
+    let Ok(dir) = std::fs::read_dir("/dev/shm") else { return 0 };
+    let mut removed = 0;
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(base) = name.strip_prefix("fastrtps_").and_then(|n| n.strip_suffix("_el")) else { continue };
+        let lock_path = entry.path();
+        let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&lock_path) else { continue };
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own; released when `file` is dropped.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            let data = lock_path.with_file_name(format!("fastrtps_{base}"));
+            removed += usize::from(std::fs::remove_file(&data).is_ok());
+            removed += usize::from(std::fs::remove_file(&lock_path).is_ok());
+        }
+    }
+    removed
 }

@@ -16,6 +16,9 @@ enum Command {
     Sim(aerokv::cli::sim::SimArgs),
     /// Start the nodes of a ROS 2 XML launch file on this machine (a `ros2 launch` stand-in).
     Launch(aerokv::cli::launch::LaunchArgs),
+    /// Start a swarm on this machine, generate through it (optionally killing drones), stop it.
+    #[cfg(feature = "ros")]
+    Swarm(aerokv::cli::swarm::SwarmArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -25,6 +28,8 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => aerokv::cli::generate::run(args),
         Command::Sim(args) => aerokv::cli::sim::run(args),
         Command::Launch(args) => aerokv::cli::launch::run(args),
+        #[cfg(feature = "ros")]
+        Command::Swarm(args) => aerokv::cli::swarm::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -2,6 +2,8 @@
 pub mod generate;
 pub mod launch;
 pub mod sim;
+#[cfg(feature = "ros")]
+pub mod swarm;
 
 /// Logs go to stderr (stdout carries answers and JSON); `RUST_LOG` overrides the level.
 pub fn init_tracing() {

@@ -48,8 +48,42 @@ pub fn activation(epoch: u64, request_id: u64, step: u32, position: usize, bound
         dtype: "f32".into(),
         codec: "raw".into(),
         payload: f32s_to_bytes(h.as_slice()),
+        chunk_tokens: Vec::new(),
         stamp: crate::ros::now_stamp(),
     }
+}
+
+/// Several chunks (in position order) as one message; `chunk_tokens` keeps their sizes.
+pub fn packed_activation(epoch: u64, request_id: u64, boundary: usize, source: &str, chunks: &[(usize, Hidden)]) -> Activation {
+    let width = chunks.first().map_or(0, |(_, h)| h.width());
+    let mut data = Vec::with_capacity(chunks.iter().map(|(_, h)| h.as_slice().len()).sum());
+    for (_, h) in chunks {
+        data.extend_from_slice(h.as_slice());
+    }
+    let position = chunks.first().map_or(0, |(p, _)| *p);
+    let packed = Hidden::new(data, width.max(1)).unwrap_or_else(|_| Hidden::new(Vec::new(), 1).expect("empty hidden"));
+    let mut msg = activation(epoch, request_id, 0, position, boundary, source, &packed);
+    msg.chunk_tokens = chunks.iter().map(|(_, h)| h.tokens() as u32).collect();
+    msg
+}
+
+/// The chunks of a packed message, with their positions (consecutive from `position`).
+pub fn unpack(a: &Activation) -> Result<Vec<(usize, Hidden)>, ConvertError> {
+    let all = hidden(a)?;
+    if a.chunk_tokens.is_empty() {
+        return Ok(vec![(a.position as usize, all)]);
+    }
+    if a.chunk_tokens.iter().map(|&t| t as usize).sum::<usize>() != all.tokens() {
+        return Err(ConvertError::Shape { bytes: a.payload.len(), shape: a.chunk_tokens.clone() });
+    }
+    let mut out = Vec::with_capacity(a.chunk_tokens.len());
+    let (mut row, mut position) = (0, a.position as usize);
+    for &t in &a.chunk_tokens {
+        out.push((position, all.rows(row..row + t as usize)?));
+        row += t as usize;
+        position += t as usize;
+    }
+    Ok(out)
 }
 
 pub fn hidden(a: &Activation) -> Result<Hidden, ConvertError> {
@@ -68,7 +102,9 @@ pub fn kv_snapshot(epoch: u64, request_id: u64, source: &str, holder: &str, rows
         payload.extend(f32s_to_bytes(&l.key));
         payload.extend(f32s_to_bytes(&l.value));
     }
-    let (lo, hi) = rows.layers.iter().fold((u32::MAX, 0), |(lo, hi), l| (lo.min(l.layer as u32), hi.max(l.layer as u32 + 1)));
+    // Layers are contiguous in pipeline order; past the last layer the range wraps (mod L).
+    let lo = rows.layers.first().map_or(0, |l| l.layer as u32);
+    let hi = lo + rows.layers.len() as u32;
     KvSnapshot {
         epoch,
         request_id,
@@ -87,8 +123,8 @@ pub fn kv_snapshot(epoch: u64, request_id: u64, source: &str, holder: &str, rows
     }
 }
 
-/// The layers of a snapshot are `[layer_start, layer_end)`, each K then V.
-pub fn kv_rows(m: &KvSnapshot) -> Result<KvRows, ConvertError> {
+/// The layers of a snapshot are `[layer_start, layer_end)` modulo `num_layers`, each K then V.
+pub fn kv_rows(m: &KvSnapshot, num_layers: usize) -> Result<KvRows, ConvertError> {
     check_codec(&m.codec, &m.dtype)?;
     let tokens = m.token_end.saturating_sub(m.token_start) as usize;
     let per = m.kv_heads as usize * tokens * m.head_dim as usize;
@@ -99,7 +135,7 @@ pub fn kv_rows(m: &KvSnapshot) -> Result<KvRows, ConvertError> {
     let all = bytes_to_f32s(&m.payload);
     let rows = (0..layers)
         .map(|i| LayerRows {
-            layer: m.layer_start as usize + i,
+            layer: (m.layer_start as usize + i) % num_layers.max(1),
             key: all[2 * i * per..(2 * i + 1) * per].to_vec(),
             value: all[(2 * i + 1) * per..(2 * i + 2) * per].to_vec(),
         })

@@ -32,13 +32,15 @@ pub fn replay(uav: &str) -> String {
 }
 
 /// Data plane: reliable; a short transient-local history so that a subscription made when a new
-/// plan arrives still gets what its neighbour sent right after the same plan.
+/// plan arrives still gets what its neighbour sent right after the same plan. Short, because r2r
+/// hands messages over through a queue of 10 and drops what overflows it: a history replayed to a
+/// new subscriber must fit.
 pub fn data_plane() -> QosProfile {
-    QosProfile::default().reliable().keep_last(64).transient_local()
+    QosProfile::default().reliable().keep_last(8).transient_local()
 }
-/// Replays carry a failed stage's buffered inputs, one message per original chunk.
+/// Replays carry all of a failed stage's buffered inputs in one message.
 pub fn replay_qos() -> QosProfile {
-    QosProfile::default().reliable().keep_last(4096).transient_local()
+    QosProfile::default().reliable().keep_last(2).transient_local()
 }
 pub fn telemetry() -> QosProfile {
     QosProfile::sensor_data().keep_last(10)

@@ -1,9 +1,21 @@
-//! `scheduler`: one per swarm, the control plane and the gateway.
+//! `scheduler`: one per swarm, the control plane and the gateway. Tokenizes, embeds, applies the
+//! LM head and samples; plans layouts and protection with the planning core ([`Controller`]) from
+//! live battery health and measured layer latency; publishes assignments (epochs); serves
+//! `/aerokv/generate` and streams `/aerokv/tokens`; recovers from failures (failover, or an exact
+//! restart when the state to fail over is not there) and retires UAVs before their batteries die.
 use super::discovery::uavs_with_topic;
-use crate::ros::{names, now_stamp, NodeContext};
-use r2r::aerokv::msg::{Assignment, UavAssignment};
+use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telemetry};
+use crate::ros::{convert, names, NodeContext};
+use aerokv_engine::{models_root, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard};
+use aerokv_plan::{PlanConfig, PowerModel};
+use futures::StreamExt;
+use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, TokenChunk};
+use r2r::aerokv::srv::Generate;
 use serde::Deserialize;
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -12,43 +24,742 @@ pub struct Params {
     pub expected_uavs: usize,
     pub models_dir: String,
     pub variant: String,
+    /// ONNX Runtime threads for the embedding and the head (the executors use their own).
     pub threads: usize,
-    pub num_layers: u32,
+    /// Longest answer a request may ask for.
+    pub max_tokens_limit: u32,
+    /// Request length (prompt + answer) the idle plan is made for.
+    pub plan_tokens: u64,
+    /// Per-UAV figures the messages do not carry.
+    pub memory_budget_bytes: f64,
+    pub flight_power_w: f64,
+    pub inference_power_w: f64,
+    pub tx_power_w: f64,
+    pub link_rate_bps: f64,
+    /// Recovery deadline tau and the weight loading rate (DESIGN.md §2).
+    pub recovery_deadline_s: f64,
+    pub weight_load_bps: f64,
+    pub snapshot_periods: Vec<u32>,
+    /// Lifetime beyond this many times the request counts as enough (0: pure max-min).
+    pub lifetime_target_factor: f64,
+    /// A UAV whose heartbeat is older than this is not counted as up.
+    pub member_timeout_s: f64,
+    /// How long executors may take to apply a plan.
+    pub ready_timeout_s: f64,
+    /// A pipeline step that takes longer (with no failure declared) fails the request.
+    pub step_timeout_s: f64,
+    /// How often an idle swarm re-plans from fresh battery health.
+    pub replan_period_s: f64,
+    /// Move the layers of a UAV whose battery will not last the request before it dies.
+    pub retirement: bool,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        Params { expected_uavs: 4, models_dir: String::new(), variant: "q4".into(), threads: 1, num_layers: 30 }
+        Params {
+            expected_uavs: 4,
+            models_dir: String::new(),
+            variant: "q4".into(),
+            threads: 1,
+            max_tokens_limit: 1024,
+            plan_tokens: 512,
+            memory_budget_bytes: 2.0e9,
+            flight_power_w: 80.0,
+            inference_power_w: 35.0,
+            tx_power_w: 2.5,
+            link_rate_bps: 20e6,
+            recovery_deadline_s: 0.25,
+            weight_load_bps: 8e9,
+            snapshot_periods: vec![1, 2, 4, 8, 16, 32, 64],
+            lifetime_target_factor: 0.0,
+            member_timeout_s: 1.0,
+            ready_timeout_s: 60.0,
+            step_timeout_s: 30.0,
+            replan_period_s: 1.0,
+            retirement: true,
+        }
     }
 }
 
+impl Params {
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.expected_uavs >= 1, "parameter `expected_uavs` must be at least 1");
+        anyhow::ensure!(self.threads >= 1, "parameter `threads` must be at least 1");
+        anyhow::ensure!(self.max_tokens_limit >= 1, "parameter `max_tokens_limit` must be at least 1");
+        for (name, v) in [
+            ("memory_budget_bytes", self.memory_budget_bytes),
+            ("link_rate_bps", self.link_rate_bps),
+            ("recovery_deadline_s", self.recovery_deadline_s),
+            ("weight_load_bps", self.weight_load_bps),
+            ("member_timeout_s", self.member_timeout_s),
+            ("ready_timeout_s", self.ready_timeout_s),
+            ("step_timeout_s", self.step_timeout_s),
+            ("replan_period_s", self.replan_period_s),
+        ] {
+            anyhow::ensure!(v.is_finite() && v > 0.0, "parameter `{name}` must be positive, not {v}");
+        }
+        anyhow::ensure!(
+            !self.snapshot_periods.is_empty() && self.snapshot_periods.iter().all(|&t| t >= 1),
+            "parameter `snapshot_periods` must list periods >= 1"
+        );
+        anyhow::ensure!(self.lifetime_target_factor >= 0.0, "parameter `lifetime_target_factor` must be >= 0");
+        Ok(())
+    }
+}
+
+/// Telemetry gathered by the subscription tasks.
+#[derive(Default)]
+struct Live {
+    beats: BTreeMap<String, (Instant, Heartbeat)>,
+    battery: BTreeMap<String, BatteryHealth>,
+}
+
+/// Why a generation could not go on.
+#[derive(Debug, thiserror::Error)]
+enum Interrupt {
+    #[error("{0} failed")]
+    Failed(String),
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// One failure (or retirement) during a request, for `stats_json` and `aerokv swarm --json`.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Incident {
+    uav: String,
+    reason: String,
+    /// Generated tokens when it was handled.
+    token: usize,
+    /// How it was handled: "failover" (replica + snapshot + replay), "restart" (exact replay of
+    /// the whole context), "retirement".
+    mode: String,
+    resume_position: usize,
+    epoch: u64,
+    /// Wall-clock seconds (UNIX): declared, swarm ready again, next token out.
+    detected_at: f64,
+    recovered_at: f64,
+    next_token_at: f64,
+    planned_recovery_s: f64,
+}
+
+struct Scheduler {
+    ctx: NodeContext,
+    p: Params,
+    gateway: Gateway,
+    controller: Controller,
+    own_layer_latency_s: f64,
+    max_context: usize,
+    live: Arc<Mutex<Live>>,
+    watched: BTreeSet<String>,
+    /// Declared failed, with the heartbeat sequence seen then (a restarted process starts over).
+    failed: BTreeMap<String, u64>,
+    assign_pub: r2r::Publisher<Assignment>,
+    token_pub: r2r::Publisher<TokenChunk>,
+    input_pubs: BTreeMap<String, r2r::Publisher<Activation>>,
+    outputs: mpsc::UnboundedReceiver<Activation>,
+    failures: mpsc::UnboundedReceiver<FailureEvent>,
+    current: Option<Planned>,
+    epoch: u64,
+    request_id: u64,
+    stale_dropped: u64,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
 pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
-    anyhow::ensure!(p.expected_uavs >= 1, "parameter `expected_uavs` must be at least 1");
-    let assign_pub = ctx.publisher::<Assignment>(names::ASSIGNMENT, names::latched())?;
-    let mut discover = tokio::time::interval(Duration::from_millis(200));
-    let mut epoch = 0u64;
+    p.validate()?;
+    let root = if p.models_dir.is_empty() { models_root() } else { p.models_dir.clone().into() };
+    let runtime = Runtime::init(RuntimeConfig::with_threads(p.threads))?;
+    let manifest = Manifest::load_variant(&root, &p.variant)?;
+    let gateway = Gateway::load(&runtime, &manifest)?;
+    let own_layer_latency_s = measure_layer_latency(&runtime, &manifest)?;
+    let arch = &manifest.architecture;
+    let model = ModelSize {
+        num_layers: arch.layers as u32,
+        weight_bytes_per_layer: manifest.interval_memory(0, arch.layers)?.weight_bytes as f64 / arch.layers as f64,
+        kv_bytes_per_token_layer: arch.kv_bytes_per_token_per_layer() as f64,
+    };
+    let config = PlanConfig {
+        deadline_s: p.recovery_deadline_s,
+        weight_load_bps: p.weight_load_bps,
+        snapshot_periods: p.snapshot_periods.clone(),
+        power: PowerModel::default(),
+        recoverable_memory: true,
+        lifetime_target_factor: (p.lifetime_target_factor > 0.0).then_some(p.lifetime_target_factor),
+    };
+    let airframe = Airframe {
+        flight_power_w: p.flight_power_w,
+        compute_power_w: p.inference_power_w,
+        tx_power_w: p.tx_power_w,
+        link_bps: p.link_rate_bps,
+        memory_bytes: p.memory_budget_bytes,
+    };
+    tracing::info!(variant = %p.variant, layers = arch.layers, layer_ms = own_layer_latency_s * 1e3, "gateway loaded");
+
+    let (out_tx, outputs) = mpsc::unbounded_channel();
+    forward(ctx.subscribe::<Activation>(names::GATEWAY_INPUT, names::data_plane())?, out_tx);
+    let (fail_tx, failures) = mpsc::unbounded_channel();
+    forward(ctx.subscribe::<FailureEvent>(names::FAILURES, names::events())?, fail_tx);
+    let mut service = ctx.lock().create_service::<Generate::Service>(names::GENERATE, r2r::QosProfile::default())?;
+    let mut s = Scheduler {
+        assign_pub: ctx.publisher::<Assignment>(names::ASSIGNMENT, names::latched())?,
+        token_pub: ctx.publisher::<TokenChunk>(names::TOKENS, names::events())?,
+        ctx: ctx.clone(),
+        p,
+        gateway,
+        controller: Controller::new(config, airframe, model),
+        own_layer_latency_s,
+        max_context: manifest.architecture.max_context,
+        live: Arc::default(),
+        watched: BTreeSet::new(),
+        failed: BTreeMap::new(),
+        input_pubs: BTreeMap::new(),
+        outputs,
+        failures,
+        current: None,
+        epoch: 0,
+        request_id: 0,
+        stale_dropped: 0,
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(s.p.replan_period_s.min(0.25)));
+    let mut last_replan = Instant::now();
     let shutdown = ctx.shutdown();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = discover.tick() => {
-                let uavs: Vec<String> = uavs_with_topic(&ctx, "heartbeat").into_iter().collect();
-                if epoch == 0 && uavs.len() >= p.expected_uavs {
-                    epoch = 1;
-                    let n = uavs.len() as u32;
-                    let mut start = 0;
-                    let entries = uavs.iter().enumerate().map(|(i, u)| {
-                        let end = p.num_layers * (i as u32 + 1) / n;
-                        let e = UavAssignment { uav_id: u.clone(), layer_start: start, layer_end: end, overlap_layers: 0, snapshot_period: 0 };
-                        start = end;
-                        e
-                    }).collect();
-                    let msg = Assignment { epoch, stamp: now_stamp(), model_variant: p.variant.clone(), num_layers: p.num_layers, ring: uavs.clone(), uavs: entries, reason: "initial".into(), request_id: 0, resume_position: 0 };
-                    assign_pub.publish(&msg)?;
-                    tracing::info!(epoch, ?uavs, "assignment published");
+            Some(req) = service.next() => {
+                let response = s.serve(req.message.clone()).await;
+                if let Err(e) = req.respond(response) {
+                    tracing::error!("responding to a generate request: {e}");
+                }
+            }
+            Some(ev) = s.failures.recv() => s.note_failure(&ev),
+            Some(msg) = s.outputs.recv() => { s.stale_dropped += 1; tracing::debug!(epoch = msg.epoch, "activation outside a request dropped"); }
+            _ = tick.tick() => {
+                s.discover()?;
+                if last_replan.elapsed().as_secs_f64() >= s.p.replan_period_s {
+                    last_replan = Instant::now();
+                    if let Err(e) = s.idle_replan() {
+                        tracing::warn!("idle planning: {e:#}");
+                    }
                 }
             }
         }
+    }
+}
+
+/// Decode latency of one layer on this machine (the executors report theirs; this is the
+/// figure used until they do).
+fn measure_layer_latency(runtime: &Runtime, manifest: &Manifest) -> anyhow::Result<f64> {
+    let mut shard = Shard::load(runtime, manifest, 0..1)?;
+    let width = manifest.architecture.hidden;
+    let x = Hidden::new(vec![0.01; 8 * width], width)?;
+    shard.forward(&x, 0)?;
+    let one = Hidden::new(vec![0.01; width], width)?;
+    let started = Instant::now();
+    for i in 0..16 {
+        shard.forward(&one, 8 + i)?;
+    }
+    Ok(started.elapsed().as_secs_f64() / 16.0)
+}
+
+fn forward<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>, tx: mpsc::UnboundedSender<T>) {
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if tx.send(m).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+impl Scheduler {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribes to the heartbeats and battery health of UAVs that appeared.
+    fn discover(&mut self) -> anyhow::Result<()> {
+        for uav in uavs_with_topic(&self.ctx, "heartbeat") {
+            if !self.watched.insert(uav.clone()) {
+                continue;
+            }
+            tracing::info!(%uav, "UAV discovered");
+            let mut beats = self.ctx.subscribe::<Heartbeat>(&names::heartbeat(&uav), names::telemetry())?;
+            let mut battery = self.ctx.subscribe::<BatteryHealth>(&names::battery(&uav), names::telemetry())?;
+            let live = self.live.clone();
+            let u = uav.clone();
+            tokio::spawn(async move {
+                while let Some(hb) = beats.recv().await {
+                    live.lock().unwrap_or_else(|e| e.into_inner()).beats.insert(u.clone(), (Instant::now(), hb));
+                }
+            });
+            let live = self.live.clone();
+            tokio::spawn(async move {
+                while let Some(b) = battery.recv().await {
+                    live.lock().unwrap_or_else(|e| e.into_inner()).battery.insert(b.uav_id.clone(), b);
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// UAVs with a recent heartbeat and battery health, not declared failed, in ring order.
+    fn members(&mut self) -> Vec<String> {
+        let timeout = Duration::from_secs_f64(self.p.member_timeout_s);
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        // A UAV declared failed rejoins only as a new process (its heartbeat count starts over).
+        self.failed.retain(|uav, seq| live.beats.get(uav).is_none_or(|(_, hb)| hb.sequence >= *seq));
+        let mut m: Vec<String> = live
+            .beats
+            .iter()
+            .filter(|(uav, (t, _))| t.elapsed() < timeout && live.battery.contains_key(*uav) && !self.failed.contains_key(*uav))
+            .map(|(uav, _)| uav.clone())
+            .collect();
+        drop(live);
+        ring_order(&mut m);
+        m
+    }
+
+    fn telemetry(&self) -> BTreeMap<String, Telemetry> {
+        let live = self.lock();
+        live.battery
+            .iter()
+            .map(|(uav, b)| {
+                // One figure measured at start-up for every UAV of this (homogeneous) swarm: the
+                // executors' per-token figures are too noisy to plan on without churning layouts.
+                let t = Telemetry { energy_j: b.energy_j, capacity_j: b.capacity_j, layer_latency_s: self.own_layer_latency_s };
+                (uav.clone(), t)
+            })
+            .collect()
+    }
+
+    fn note_failure(&mut self, ev: &FailureEvent) {
+        let seq = self.lock().beats.get(&ev.uav_id).map_or(0, |(_, hb)| hb.sequence);
+        self.failed.insert(ev.uav_id.clone(), seq);
+        tracing::warn!(uav = %ev.uav_id, reason = %ev.reason, "failure noted");
+    }
+
+    fn publish(&mut self, planned: Planned, reason: &str) -> anyhow::Result<()> {
+        let msg = convert::assignment(&planned.plan, &self.p.variant, reason);
+        let layout: Vec<String> = planned.plan.stages.iter().map(|s| format!("{}[{}+{} K{} T{}]", s.uav, s.start, s.len, s.k, s.t)).collect();
+        tracing::info!(epoch = planned.plan.epoch, reason, resume = planned.plan.resume_position, layout = %layout.join(" "), min_expected_tokens = planned.min_expected_tokens, "assignment published");
+        self.assign_pub.publish(&msg)?;
+        self.current = Some(planned);
+        Ok(())
+    }
+
+    /// When idle: the first plan once enough UAVs are up, then a new one whenever membership or
+    /// battery health changes the layout.
+    fn idle_replan(&mut self) -> anyhow::Result<()> {
+        let members = self.members();
+        if members.len() < self.p.expected_uavs && self.current.is_none() {
+            return Ok(());
+        }
+        if members.is_empty() {
+            return Ok(());
+        }
+        let telemetry = self.telemetry();
+        let candidate = self.controller.initial(&members, &telemetry, self.p.plan_tokens, self.epoch + 1, 0)?;
+        let changed = self.current.as_ref().is_none_or(|c| c.plan.stages != candidate.plan.stages);
+        if changed {
+            self.epoch += 1;
+            let reason = if self.current.is_none() { "initial" } else { "battery or membership change" };
+            self.publish(candidate, reason)?;
+        }
+        Ok(())
+    }
+
+    fn refuse(&self, why: String) -> Generate::Response {
+        tracing::warn!("request refused: {why}");
+        Generate::Response { accepted: false, error: why, ..Default::default() }
+    }
+
+    /// Serves one generation request.
+    async fn serve(&mut self, req: Generate::Request) -> Generate::Response {
+        let prompt_ids = match (req.prompt.is_empty(), req.user.is_empty()) {
+            (true, true) => return self.refuse("empty request: set `user` (a question) or `prompt`".into()),
+            (false, _) => self.gateway.encode(&req.prompt),
+            (true, false) => self.gateway.encode_chat(&req.user),
+        };
+        let prompt_ids = match prompt_ids {
+            Ok(ids) if !ids.is_empty() => ids,
+            Ok(_) => return self.refuse("the prompt encodes to no tokens".into()),
+            Err(e) => return self.refuse(format!("cannot tokenize the prompt: {e}")),
+        };
+        if req.max_tokens == 0 || req.max_tokens > self.p.max_tokens_limit {
+            return self.refuse(format!("max_tokens must be within 1..={}, not {}", self.p.max_tokens_limit, req.max_tokens));
+        }
+        let limit = self.max_context;
+        if prompt_ids.len() + req.max_tokens as usize > limit {
+            return self.refuse(format!(
+                "prompt of {} tokens + max_tokens {} exceeds the context limit of {limit} tokens",
+                prompt_ids.len(),
+                req.max_tokens
+            ));
+        }
+        let top_p = (req.top_p > 0.0).then_some(req.top_p);
+        let sampling = match Sampling::from_options(Some(req.temperature), top_p, Some(req.seed)) {
+            Ok(s) => s,
+            Err(e) => return self.refuse(e.to_string()),
+        };
+        let members = self.members();
+        if members.is_empty() {
+            return self.refuse("no UAV is up (no heartbeat and battery health from any shard executor)".into());
+        }
+        self.request_id += 1;
+        let mut run = Run::new(self.request_id, prompt_ids, req.max_tokens as usize, sampling);
+        let result = self.generate(&mut run).await;
+        let finish = match &result {
+            Ok(reason) => reason.to_string(),
+            Err(_) => "error".into(),
+        };
+        let _ = self.token_pub.publish(&TokenChunk {
+            request_id: run.request_id,
+            index: run.tokens.len() as u32,
+            token_id: -1,
+            text: String::new(),
+            done: true,
+            finish_reason: finish.clone(),
+            epoch: self.epoch,
+        });
+        let text = self.gateway.decode(&run.tokens).unwrap_or_default();
+        let decode_s = run.first_token_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let tokens_per_s = if run.tokens.len() > 1 && decode_s > 0.0 { (run.tokens.len() - 1) as f64 / decode_s } else { 0.0 };
+        let stats = serde_json::json!({
+            "request_id": run.request_id,
+            "epochs": run.epochs,
+            "incidents": run.incidents,
+            "stale_dropped": self.stale_dropped,
+            "prefill_s": run.prefill_s,
+            "layout": self.current.as_ref().map(|c| c.plan.stages.iter().map(|s| serde_json::json!({"uav": s.uav, "start": s.start, "layers": s.len, "k": s.k, "t": s.t})).collect::<Vec<_>>()),
+        });
+        let (accepted, error) = match result {
+            Ok(_) => (true, String::new()),
+            Err(e) => {
+                tracing::error!(request = run.request_id, "generation failed: {e}");
+                (run.started, e.to_string())
+            }
+        };
+        Generate::Response {
+            accepted,
+            error,
+            request_id: run.request_id,
+            prompt_ids: run.prompt_ids.iter().map(|&i| i as i32).collect(),
+            token_ids: run.tokens.iter().map(|&i| i as i32).collect(),
+            text,
+            finish_reason: finish,
+            tokens_per_s,
+            stats_json: stats.to_string(),
+        }
+    }
+
+}
+
+/// The state of one request.
+struct Run {
+    request_id: u64,
+    prompt_ids: Vec<u32>,
+    max_tokens: usize,
+    sampler: Sampler,
+    tokens: Vec<u32>,
+    /// The step in flight: its first position and its token ids (the prompt, then one token).
+    position: usize,
+    chunk: Vec<u32>,
+    started: bool,
+    first_token_at: Option<Instant>,
+    prefill_s: f64,
+    epochs: Vec<u64>,
+    incidents: Vec<Incident>,
+}
+
+impl Run {
+    fn new(request_id: u64, prompt_ids: Vec<u32>, max_tokens: usize, sampling: Sampling) -> Self {
+        Run {
+            request_id,
+            chunk: prompt_ids.clone(),
+            prompt_ids,
+            max_tokens,
+            sampler: Sampler::new(sampling),
+            tokens: Vec::new(),
+            position: 0,
+            started: false,
+            first_token_at: None,
+            prefill_s: 0.0,
+            epochs: Vec::new(),
+            incidents: Vec::new(),
+        }
+    }
+
+    /// Index (among generated tokens) of the token the current step's output yields.
+    fn yields(&self) -> usize {
+        self.position + self.chunk.len() - self.prompt_ids.len()
+    }
+
+    fn total_tokens(&self) -> u64 {
+        (self.prompt_ids.len() + self.max_tokens) as u64
+    }
+
+    /// Back to the start: every known token is fed again, one step each, as first computed.
+    fn rewind(&mut self) {
+        self.position = 0;
+        self.chunk = self.prompt_ids.clone();
+    }
+}
+
+impl Scheduler {
+    /// Runs `run` to its end; returns the finish reason.
+    async fn generate(&mut self, run: &mut Run) -> Result<&'static str, Interrupt> {
+        let started = Instant::now();
+        // A fresh plan for this request from current battery health and membership.
+        self.plan_restart(run, "request").await?;
+        run.started = true;
+        loop {
+            self.send_step(run)?;
+            let hidden = match self.await_output(run).await {
+                Ok(h) => h,
+                Err(Interrupt::Failed(uav)) => {
+                    self.recover(run, &uav, "failure").await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let index = run.yields();
+            let next = if index < run.tokens.len() {
+                run.tokens[index] // replaying known tokens after a restart
+            } else {
+                let logits = self.gateway.logits(&hidden).map_err(|e| Interrupt::Fatal(format!("LM head: {e}")))?;
+                let id = run.sampler.sample(&logits).map_err(|e| Interrupt::Fatal(format!("sampling: {e}")))?;
+                if run.first_token_at.is_none() {
+                    run.first_token_at = Some(Instant::now());
+                    run.prefill_s = started.elapsed().as_secs_f64();
+                }
+                let now = unix_now();
+                for inc in run.incidents.iter_mut().filter(|i| i.next_token_at == 0.0) {
+                    inc.next_token_at = now;
+                }
+                if self.gateway.is_stop(id) {
+                    return Ok("eos");
+                }
+                run.tokens.push(id);
+                let text = self.gateway.decode(&[id]).unwrap_or_default();
+                let chunk = TokenChunk {
+                    request_id: run.request_id,
+                    index: index as u32,
+                    token_id: id as i32,
+                    text,
+                    done: false,
+                    finish_reason: String::new(),
+                    epoch: self.epoch,
+                };
+                if let Err(e) = self.token_pub.publish(&chunk) {
+                    tracing::warn!("publish token: {e}");
+                }
+                if run.tokens.len() >= run.max_tokens {
+                    return Ok("length");
+                }
+                id
+            };
+            run.position += run.chunk.len();
+            run.chunk = vec![next];
+            if run.position + 1 > self.max_context {
+                return Ok("context");
+            }
+            if index + 1 >= run.tokens.len() && self.p.retirement {
+                self.maybe_retire(run).await?;
+            }
+        }
+    }
+
+    /// Embeds the step's tokens and sends them to the owner of layer 0.
+    fn send_step(&mut self, run: &Run) -> Result<(), Interrupt> {
+        let plan = &self.current.as_ref().ok_or_else(|| Interrupt::Fatal("no plan".into()))?.plan;
+        let first = plan.first().ok_or_else(|| Interrupt::Fatal("the plan has no first stage".into()))?.uav.clone();
+        let epoch = plan.epoch;
+        let hidden = self.gateway.embed(&run.chunk).map_err(|e| Interrupt::Fatal(format!("embedding: {e}")))?;
+        let msg = convert::activation(epoch, run.request_id, 0, run.position, 0, "gateway", &hidden);
+        let topic = names::stage_input(&first);
+        if !self.input_pubs.contains_key(&topic) {
+            let publisher = self.ctx.publisher::<Activation>(&topic, names::data_plane()).map_err(|e| Interrupt::Fatal(e.to_string()))?;
+            self.input_pubs.insert(topic.clone(), publisher);
+        }
+        self.input_pubs[&topic].publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {topic}: {e}")))
+    }
+
+    /// Waits for the last stage's output of the step in flight.
+    async fn await_output(&mut self, run: &Run) -> Result<Hidden, Interrupt> {
+        let deadline = tokio::time::sleep(Duration::from_secs_f64(self.p.step_timeout_s));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                Some(msg) = self.outputs.recv() => {
+                    if msg.epoch != self.epoch || msg.request_id != run.request_id || msg.position as usize != run.position {
+                        self.stale_dropped += 1;
+                        tracing::debug!(epoch = msg.epoch, position = msg.position, "stale output dropped");
+                        continue;
+                    }
+                    return convert::hidden(&msg).map_err(|e| Interrupt::Fatal(format!("output of the last stage: {e}")));
+                }
+                Some(ev) = self.failures.recv() => {
+                    self.note_failure(&ev);
+                    if self.in_plan(&ev.uav_id) {
+                        return Err(Interrupt::Failed(ev.uav_id));
+                    }
+                }
+                _ = &mut deadline => {
+                    return Err(Interrupt::Fatal(format!("no output for position {} within {} s and no failure declared", run.position, self.p.step_timeout_s)));
+                }
+            }
+        }
+    }
+
+    fn in_plan(&self, uav: &str) -> bool {
+        self.current.as_ref().is_some_and(|c| c.plan.stage(uav).is_some())
+    }
+
+    /// Failover of `failed` at the step in flight; an exact restart when failover is impossible.
+    async fn recover(&mut self, run: &mut Run, failed: &str, reason: &str) -> Result<(), Interrupt> {
+        let detected_at = unix_now();
+        let current = self.current.clone().ok_or_else(|| Interrupt::Fatal("no plan".into()))?;
+        let graceful = reason == "retirement";
+        let wraps = current.plan.stage(failed).is_some_and(|s| s.start + s.len > current.plan.num_layers);
+        let telemetry = self.telemetry();
+        let planned = if wraps {
+            Err("its shard wraps around the gateway".to_string())
+        } else {
+            self.controller
+                .failover(&current, failed, &telemetry, run.total_tokens(), run.position, self.epoch + 1, graceful)
+                .map_err(|e| e.to_string())
+        };
+        let mut incident = Incident {
+            uav: failed.into(),
+            reason: reason.into(),
+            token: run.tokens.len(),
+            mode: if graceful { "retirement" } else { "failover" }.into(),
+            resume_position: run.position,
+            epoch: self.epoch + 1,
+            detected_at,
+            recovered_at: 0.0,
+            next_token_at: 0.0,
+            planned_recovery_s: 0.0,
+        };
+        let ok = match planned {
+            Ok(planned) if planned.plan.resume_position > 0 => {
+                incident.planned_recovery_s = planned.protection.worst_recovery_s;
+                self.epoch += 1;
+                self.publish(planned, &format!("{reason} of {failed}")).map_err(|e| Interrupt::Fatal(e.to_string()))?;
+                run.epochs.push(self.epoch);
+                match self.wait_ready().await {
+                    Ok(()) => true,
+                    Err(Interrupt::Failed(other)) => {
+                        tracing::warn!(%other, "another failure during recovery: restarting exactly");
+                        false
+                    }
+                    Err(Interrupt::Fatal(why)) => {
+                        tracing::warn!(%why, "failover did not complete: restarting exactly");
+                        false
+                    }
+                }
+            }
+            Ok(_) => false,
+            Err(why) => {
+                tracing::warn!(failed, %why, "no failover plan: restarting exactly");
+                false
+            }
+        };
+        if !ok {
+            incident.mode = "restart".into();
+            run.rewind();
+            self.plan_restart(run, &format!("restart after {reason} of {failed}")).await?;
+            incident.epoch = self.epoch;
+            incident.resume_position = 0;
+        }
+        incident.recovered_at = unix_now();
+        tracing::info!(failed, mode = %incident.mode, recovery_s = incident.recovered_at - detected_at, "recovered");
+        run.incidents.push(incident);
+        Ok(())
+    }
+
+    /// A fresh plan over the members, from position 0 (the start of a request, or a restart).
+    async fn plan_restart(&mut self, run: &mut Run, reason: &str) -> Result<(), Interrupt> {
+        loop {
+            let members = self.members();
+            if members.is_empty() {
+                return Err(Interrupt::Fatal("no UAV left to serve the request".into()));
+            }
+            let telemetry = self.telemetry();
+            let planned = self
+                .controller
+                .initial(&members, &telemetry, run.total_tokens(), self.epoch + 1, run.request_id)
+                .map_err(|e| Interrupt::Fatal(format!("the swarm cannot serve this request: {e}")))?;
+            self.epoch += 1;
+            self.publish(planned, reason).map_err(|e| Interrupt::Fatal(e.to_string()))?;
+            run.epochs.push(self.epoch);
+            match self.wait_ready().await {
+                Ok(()) => return Ok(()),
+                Err(Interrupt::Failed(uav)) => tracing::warn!(%uav, "failed while the plan was applied: planning again"),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until every stage of the current plan runs it (heartbeat epoch and state "ready").
+    async fn wait_ready(&mut self) -> Result<(), Interrupt> {
+        let plan = self.current.as_ref().map(|c| c.plan.clone()).ok_or_else(|| Interrupt::Fatal("no plan".into()))?;
+        let deadline = Instant::now() + Duration::from_secs_f64(self.p.ready_timeout_s);
+        let mut poll = tokio::time::interval(Duration::from_millis(5));
+        loop {
+            tokio::select! {
+                Some(ev) = self.failures.recv() => {
+                    self.note_failure(&ev);
+                    if plan.stage(&ev.uav_id).is_some() {
+                        return Err(Interrupt::Failed(ev.uav_id));
+                    }
+                }
+                _ = poll.tick() => {
+                    let live = self.lock();
+                    let mut waiting = Vec::new();
+                    for s in &plan.stages {
+                        match live.beats.get(&s.uav) {
+                            Some((_, hb)) if hb.epoch == plan.epoch && hb.state.starts_with("error") => {
+                                return Err(Interrupt::Fatal(format!("{} cannot apply epoch {}: {}", s.uav, plan.epoch, hb.state)));
+                            }
+                            Some((_, hb)) if hb.epoch >= plan.epoch && hb.state == "ready" => {}
+                            _ => waiting.push(s.uav.clone()),
+                        }
+                    }
+                    drop(live);
+                    if waiting.is_empty() {
+                        return Ok(());
+                    }
+                    if Instant::now() > deadline {
+                        return Err(Interrupt::Fatal(format!("{} not ready with epoch {} after {} s", waiting.join(", "), plan.epoch, self.p.ready_timeout_s)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Planned retirement: a member whose battery will not last the rest of the request hands
+    /// its layers over now, between two tokens, with no failure.
+    async fn maybe_retire(&mut self, run: &mut Run) -> Result<(), Interrupt> {
+        let Some(current) = self.current.clone() else { return Ok(()) };
+        let telemetry = self.telemetry();
+        let done = run.position as u64;
+        match self.controller.retirement_candidate(&current, &telemetry, run.total_tokens(), done) {
+            Ok(Some(uav)) => {
+                tracing::warn!(%uav, "battery will not last the request: retiring it");
+                self.recover(run, &uav, "retirement").await?;
+                // It stays out of plans until it restarts (recharged, as a new process).
+                let seq = self.lock().beats.get(&uav).map_or(0, |(_, hb)| hb.sequence);
+                self.failed.insert(uav, seq);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!("retirement check: {e}"),
+        }
+        Ok(())
     }
 }

@@ -74,7 +74,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let worker = {
         let (ctx, status, tx, uav) = (ctx.clone(), status.clone(), tx.clone(), p.uav_id.clone());
         let handle = tokio::runtime::Handle::current();
-        std::thread::spawn(move || Worker { ctx, uav, host, status, tx, handle, subscribed: BTreeSet::new(), publishers: Publishers::default(), early: Vec::new() }.run(rx))
+        std::thread::spawn(move || Worker { ctx, uav, host, status, tx, handle, subscribed: BTreeSet::new(), publishers: Publishers::default(), early: Vec::new(), failed_epoch: 0 }.run(rx))
     };
     let mut beat = tokio::time::interval(Duration::from_secs_f64(p.heartbeat_period_s));
     let shutdown = ctx.shutdown();
@@ -116,6 +116,8 @@ struct Worker {
     publishers: Publishers,
     /// Messages of an epoch whose assignment has not arrived yet.
     early: Vec<Event>,
+    /// The epoch of an assignment that could not be applied (reported with the error).
+    failed_epoch: u64,
 }
 
 impl Worker {
@@ -142,17 +144,24 @@ impl Worker {
             }
         }
         let result = match ev {
-            Event::Assignment(a) if a.epoch <= current => Ok(()),
-            Event::Assignment(a) => self.on_assignment(a),
+            Event::Assignment(a) if a.epoch <= current.max(self.failed_epoch) => Ok(()),
+            Event::Assignment(a) => {
+                let epoch = a.epoch;
+                let r = self.on_assignment(a);
+                if r.is_err() {
+                    self.failed_epoch = epoch;
+                }
+                r
+            }
             Event::Input { owner, msg } => self.on_input(&owner, &msg),
-            Event::Kv(m) if m.holder == self.uav => convert::kv_rows(&m)
+            Event::Kv(m) if m.holder == self.uav => convert::kv_rows(&m, self.host.plan().map_or(1, |p| p.num_layers))
                 .map_err(anyhow::Error::from)
                 .and_then(|rows| Ok(self.host.on_kv(&m.source, m.request_id, rows)?))
                 .and_then(|emits| self.emit(emits)),
             Event::Kv(_) => Ok(()),
-            Event::Replay { failed, msg } => convert::hidden(&msg)
+            Event::Replay { failed, msg } => convert::unpack(&msg)
                 .map_err(anyhow::Error::from)
-                .and_then(|h| Ok(self.host.on_replay(&failed, msg.position as usize, h)?))
+                .and_then(|chunks| Ok(self.host.on_replay(&failed, chunks)?))
                 .and_then(|emits| self.emit(emits)),
         };
         if let Err(e) = result {
@@ -219,9 +228,9 @@ impl Worker {
                     }
                     self.publishers.kv[&topic].publish(&msg)?;
                 }
-                Emit::Replay { failed, to, boundary, request_id, position, hidden } => {
-                    let msg = convert::activation(epoch, request_id, 0, position, boundary, &self.uav, &hidden);
-                    tracing::debug!(%failed, %to, position, "replay chunk sent");
+                Emit::Replay { failed, to, boundary, request_id, chunks } => {
+                    let msg = convert::packed_activation(epoch, request_id, boundary, &self.uav, &chunks);
+                    tracing::debug!(%failed, %to, chunks = chunks.len(), tokens = msg.token_count, "replay sent");
                     self.count_tx(msg.payload.len());
                     self.activation_pub(&names::replay(&failed))?.publish(&msg)?;
                 }
@@ -279,7 +288,7 @@ impl Worker {
     fn update_status(&self) {
         let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
         let hb = &mut st.hb;
-        hb.epoch = self.host.epoch();
+        hb.epoch = self.host.epoch().max(self.failed_epoch);
         if let Some(me) = self.host.my_stage() {
             hb.layer_start = me.start as u32;
             hb.layer_end = (me.start + me.len) as u32;

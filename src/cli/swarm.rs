@@ -1,0 +1,262 @@
+//! `aerokv swarm --uavs N --user "QUESTION" --max-tokens M [--json] [--kill UAV:TOKEN ...]`:
+//! starts a swarm on this machine from the package's launch files (`control.launch.xml` once,
+//! `uav.launch.xml` per UAV: the node set and configuration `ros2 launch` would start), waits until
+//! the scheduler has planned over every UAV, asks `/aerokv/generate`, prints the answer as
+//! `/aerokv/tokens` streams it, and stops every process it started.
+//!
+//! `--kill uav2:10` sends SIGKILL to uav2's shard executor once 10 tokens are out; the JSON output
+//! then lists, per failure, the detection, recovery and next-token times measured from the kill.
+use crate::launch::{Launcher, NodeProcess};
+use crate::supervisor::{bin_dir, share_dir, Supervisor};
+use anyhow::Context;
+use futures::StreamExt;
+use r2r::aerokv::msg::{Assignment, TokenChunk};
+use r2r::aerokv::srv::Generate;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+pub struct SwarmArgs {
+    /// Number of UAVs (uav1..uavN).
+    #[arg(long, default_value_t = 4)]
+    pub uavs: usize,
+    /// The question (wrapped in the model's chat template).
+    #[arg(long)]
+    pub user: String,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: u32,
+    /// One JSON object on stdout instead of the streamed text.
+    #[arg(long)]
+    pub json: bool,
+    /// SIGKILL UAV's shard executor after TOKEN generated tokens (repeatable), e.g. uav2:10.
+    #[arg(long, value_name = "UAV:TOKEN")]
+    pub kill: Vec<String>,
+    /// Initial state of charge of one UAV's simulated battery (repeatable), e.g. uav3=0.6.
+    #[arg(long, value_name = "UAV=SOC")]
+    pub soc: Vec<String>,
+    /// Parameter file for every UAV's nodes (default: the package's config/uav.yaml).
+    #[arg(long)]
+    pub uav_params: Option<PathBuf>,
+    /// Parameter file for the scheduler and the watchdog (default: config/swarm.yaml).
+    #[arg(long)]
+    pub swarm_params: Option<PathBuf>,
+    /// Sampling temperature (0 = greedy), top-p and seed.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where the nodes' logs go (default: a new directory under the system's temp dir).
+    #[arg(long)]
+    pub log_dir: Option<PathBuf>,
+    /// Give up when the swarm is not ready after this many seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub ready_timeout_s: f64,
+}
+
+struct Kill {
+    uav: String,
+    after_tokens: u32,
+    at: Option<Instant>,
+}
+
+fn parse_kills(v: &[String], uavs: usize) -> anyhow::Result<Vec<Kill>> {
+    v.iter()
+        .map(|s| {
+            let (uav, tok) = s.split_once(':').with_context(|| format!("--kill {s}: expected UAV:TOKEN, e.g. uav2:10"))?;
+            let after_tokens: u32 = tok.parse().with_context(|| format!("--kill {s}: TOKEN must be a number"))?;
+            let n: usize = uav.strip_prefix("uav").and_then(|n| n.parse().ok()).with_context(|| format!("--kill {s}: UAVs are named uav1..uav{uavs}"))?;
+            anyhow::ensure!((1..=uavs).contains(&n), "--kill {s}: this swarm has uav1..uav{uavs}");
+            anyhow::ensure!(after_tokens >= 1, "--kill {s}: TOKEN must be at least 1");
+            Ok(Kill { uav: uav.into(), after_tokens, at: None })
+        })
+        .collect()
+}
+
+/// The swarm's processes: `control.launch.xml` + `uav.launch.xml` for uav1..uavN.
+fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
+    let share = share_dir();
+    let launcher = Launcher::new(&share);
+    let n = a.uavs.to_string();
+    let swarm_params = a.swarm_params.as_ref().map(|p| p.display().to_string());
+    let mut args = vec![("expected_uavs", n.as_str())];
+    if let Some(p) = &swarm_params {
+        args.push(("params_file", p.as_str()));
+    }
+    let mut nodes = launcher.load(&share.join("launch/control.launch.xml"), &args)?;
+    let socs: Vec<(String, String)> = a
+        .soc
+        .iter()
+        .map(|s| s.split_once('=').map(|(u, v)| (u.to_string(), v.to_string())).with_context(|| format!("--soc {s}: expected UAV=SOC")))
+        .collect::<anyhow::Result<_>>()?;
+    let uav_params = a.uav_params.as_ref().map(|p| p.display().to_string());
+    for i in 1..=a.uavs {
+        let id = format!("uav{i}");
+        let mut args = vec![("uav_id", id.as_str())];
+        if let Some(p) = &uav_params {
+            args.push(("params_file", p.as_str()));
+        }
+        if let Some((_, soc)) = socs.iter().find(|(u, _)| *u == id) {
+            args.push(("initial_soc", soc.as_str()));
+        }
+        nodes.extend(launcher.load(&share.join("launch/uav.launch.xml"), &args)?);
+    }
+    Ok(nodes)
+}
+
+pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(a.uavs >= 1, "--uavs must be at least 1");
+    let mut kills = parse_kills(&a.kill, a.uavs)?;
+    let nodes = nodes(&a)?;
+    let log_dir = a.log_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("aerokv-swarm-{}", std::process::id())));
+    let mut sup = Supervisor::new(bin_dir(), Some(log_dir.clone()));
+    eprintln!("[swarm] starting {} nodes for {} UAVs (ROS_DOMAIN_ID={}), logs in {}", nodes.len(), a.uavs, std::env::var("ROS_DOMAIN_ID").unwrap_or_else(|_| "0".into()), log_dir.display());
+    for n in &nodes {
+        sup.start(n)?;
+    }
+    let result = drive(&a, &mut sup, &mut kills);
+    let mut unclean = Vec::new();
+    for (fqn, code) in sup.stop_all(Duration::from_secs(5)) {
+        let killed = kills.iter().any(|k| k.at.is_some() && fqn == format!("/{}/shard_executor", k.uav));
+        if code != Some(0) && !killed {
+            unclean.push(format!("{fqn} ({code:?})"));
+        }
+    }
+    if !unclean.is_empty() {
+        eprintln!("[swarm] warning: not a clean exit: {} (see {})", unclean.join(", "), log_dir.display());
+    }
+    result
+}
+
+fn drive(a: &SwarmArgs, sup: &mut Supervisor, kills: &mut [Kill]) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let ctx = r2r::Context::create()?;
+    let node = Arc::new(Mutex::new(r2r::Node::create(ctx, "aerokv_swarm_cli", "")?));
+    let stop = Arc::new(AtomicBool::new(false));
+    let spin = {
+        let (node, stop) = (node.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                node.lock().unwrap_or_else(|e| e.into_inner()).spin_once(Duration::from_millis(5));
+            }
+        })
+    };
+    let out = rt.block_on(session(a, node.clone(), sup, kills));
+    stop.store(true, Ordering::Relaxed);
+    let _ = spin.join();
+    out
+}
+
+async fn session(a: &SwarmArgs, node: Arc<Mutex<r2r::Node>>, sup: &mut Supervisor, kills: &mut [Kill]) -> anyhow::Result<()> {
+    let lock = || node.lock().unwrap_or_else(|e| e.into_inner());
+    let mut assignments = lock().subscribe::<Assignment>(crate::ros::names::ASSIGNMENT, crate::ros::names::latched())?;
+    let mut tokens = lock().subscribe::<TokenChunk>(crate::ros::names::TOKENS, crate::ros::names::events())?;
+    let client = lock().create_client::<Generate::Service>(crate::ros::names::GENERATE, r2r::QosProfile::default())?;
+    let available = r2r::Node::is_available(&client)?;
+
+    // Ready: the scheduler serves and has planned over every UAV.
+    let started = Instant::now();
+    let deadline = tokio::time::sleep(Duration::from_secs_f64(a.ready_timeout_s));
+    tokio::pin!(deadline);
+    tokio::pin!(available);
+    let (mut served, mut planned) = (false, false);
+    while !(served && planned) {
+        tokio::select! {
+            r = &mut available, if !served => { r?; served = true; }
+            Some(asg) = assignments.next() => {
+                planned = asg.ring.len() >= a.uavs;
+                if !planned { eprintln!("[swarm] epoch {}: {} of {} UAVs planned", asg.epoch, asg.ring.len(), a.uavs); }
+            }
+            _ = &mut deadline => anyhow::bail!("the swarm was not ready after {} s (service up: {served}, all UAVs planned: {planned})", a.ready_timeout_s),
+        }
+        for (fqn, status) in sup.exited() {
+            anyhow::bail!("{fqn} exited while starting: {status}");
+        }
+    }
+    eprintln!("[swarm] ready in {:.1} s", started.elapsed().as_secs_f64());
+
+    let req = Generate::Request { user: a.user.clone(), max_tokens: a.max_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed, ..Default::default() };
+    let call = client.request(&req)?;
+    tokio::pin!(call);
+    let stdout = std::io::stdout();
+    let response = loop {
+        tokio::select! {
+            r = &mut call => break r?,
+            Some(chunk) = tokens.next() => {
+                if chunk.done {
+                    continue;
+                }
+                if !a.json {
+                    let mut out = stdout.lock();
+                    let _ = write!(out, "{}", chunk.text);
+                    let _ = out.flush();
+                }
+                for k in kills.iter_mut().filter(|k| k.at.is_none() && chunk.index + 1 >= k.after_tokens) {
+                    let fqn = format!("/{}/shard_executor", k.uav);
+                    if sup.signal(&fqn, libc::SIGKILL) {
+                        k.at = Some(Instant::now());
+                        eprintln!("[swarm] killed {fqn} after {} tokens", chunk.index + 1);
+                    }
+                }
+            }
+        }
+    };
+    if !a.json {
+        println!();
+    }
+    anyhow::ensure!(response.accepted, "the swarm refused the request: {}", response.error);
+    let stats: serde_json::Value = serde_json::from_str(&response.stats_json).unwrap_or_default();
+    let failures = failure_report(&stats, kills);
+    if a.json {
+        let out = serde_json::json!({
+            "prompt_ids": response.prompt_ids,
+            "tokens": response.token_ids,
+            "text": response.text,
+            "tokens_per_s": response.tokens_per_s,
+            "finish_reason": response.finish_reason,
+            "error": response.error,
+            "uavs": a.uavs,
+            "failures": failures,
+            "stats": stats,
+        });
+        println!("{out}");
+    } else {
+        eprintln!("[swarm] {} tokens, {:.1} tokens/s, finish: {}", response.token_ids.len(), response.tokens_per_s, response.finish_reason);
+        for f in failures.as_array().into_iter().flatten() {
+            eprintln!("[swarm] failure {f}");
+        }
+    }
+    anyhow::ensure!(response.error.is_empty(), "generation failed: {}", response.error);
+    Ok(())
+}
+
+/// Per kill: detection, recovery and next-token times, from the kill (the scheduler reports
+/// wall-clock instants of declaration, recovery and the next token).
+fn failure_report(stats: &serde_json::Value, kills: &[Kill]) -> serde_json::Value {
+    let now_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    let incidents = stats["incidents"].as_array().cloned().unwrap_or_default();
+    let out: Vec<serde_json::Value> = incidents
+        .iter()
+        .map(|inc| {
+            let uav = inc["uav"].as_str().unwrap_or_default();
+            let kill = kills.iter().find(|k| k.uav == uav).and_then(|k| k.at.map(|t| (k, now_unix - t.elapsed().as_secs_f64())));
+            let (detected, recovered, next) = (inc["detected_at"].as_f64().unwrap_or(0.0), inc["recovered_at"].as_f64().unwrap_or(0.0), inc["next_token_at"].as_f64().unwrap_or(0.0));
+            let origin = kill.map_or(detected, |(_, t)| t);
+            serde_json::json!({
+                "uav": uav,
+                "reason": inc["reason"],
+                "mode": inc["mode"],
+                "token": kill.map_or(inc["token"].as_u64().unwrap_or(0), |(k, _)| u64::from(k.after_tokens)),
+                "detection_s": detected - origin,
+                "recovery_s": recovered - detected,
+                "next_token_s": if next > 0.0 { next - origin } else { f64::NAN },
+                "resume_position": inc["resume_position"],
+            })
+        })
+        .collect();
+    serde_json::Value::Array(out)
+}

@@ -1,0 +1,321 @@
+//! The scheduler's decisions, without ROS: live telemetry -> the planning core's [`SwarmState`],
+//! the initial lifespan-aware plan, failover (recovery + P2 + P1-new), planned retirement, and the
+//! conversion of the core's layouts and protection plans into the [`SwarmPlan`]s the executors
+//! follow. UAVs are named (`uav3`) on the wire and numbered in the planning core.
+use crate::dataplane::{Stage, SwarmPlan};
+use aerokv_plan::{
+    plan_failover, plan_initial_layout, plan_protection, plan_protection_relaxed, retirement_candidates, Layout,
+    ModelSpec, PlanConfig, PlanError, ProtectionPlan, RecoveryContext, Ring, SwarmState, UavId, UavState,
+};
+use std::collections::BTreeMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no UAV is up")]
+    NoUavs,
+    #[error("{0} is not in the current plan")]
+    NotMember(String),
+    #[error("no battery health from {0} yet")]
+    NoTelemetry(String),
+    #[error("planning failed: {0}")]
+    Plan(#[from] PlanError),
+}
+
+pub type Result<T> = std::result::Result<T, ControlError>;
+
+/// Figures the scheduler's parameters give for every UAV (the messages carry energy and the
+/// measured latency; powers, link rate and memory are per-airframe configuration).
+#[derive(Debug, Clone)]
+pub struct Airframe {
+    pub flight_power_w: f64,
+    pub compute_power_w: f64,
+    pub tx_power_w: f64,
+    pub link_bps: f64,
+    pub memory_bytes: f64,
+}
+
+/// Sizes of the model, measured from the manifest.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelSize {
+    pub num_layers: u32,
+    pub weight_bytes_per_layer: f64,
+    pub kv_bytes_per_token_layer: f64,
+}
+
+/// What the scheduler knows about one UAV.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Telemetry {
+    pub energy_j: f64,
+    pub capacity_j: f64,
+    /// Decode latency of one layer at full power, seconds (measured).
+    pub layer_latency_s: f64,
+}
+
+/// A plan in both forms: the core's (for the next failover) and the executors'.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub plan: SwarmPlan,
+    pub layout: Layout,
+    pub ring: Ring,
+    pub protection: ProtectionPlan,
+    /// Expected tokens of the UAV that will run out first.
+    pub min_expected_tokens: f64,
+}
+
+pub struct Controller {
+    pub config: PlanConfig,
+    pub airframe: Airframe,
+    pub model: ModelSize,
+    ids: BTreeMap<String, UavId>,
+}
+
+impl Controller {
+    pub fn new(config: PlanConfig, airframe: Airframe, model: ModelSize) -> Self {
+        Controller { config, airframe, model, ids: BTreeMap::new() }
+    }
+
+    /// The planning id of a UAV name (stable for the life of the scheduler; a UAV that comes back
+    /// under the same name keeps its id but only joins through a new plan).
+    pub fn id(&mut self, name: &str) -> UavId {
+        let next = self.ids.len() as UavId;
+        *self.ids.entry(name.to_string()).or_insert(next)
+    }
+
+    fn name(&self, id: UavId) -> String {
+        self.ids.iter().find(|(_, &v)| v == id).map(|(k, _)| k.clone()).unwrap_or_else(|| format!("#{id}"))
+    }
+
+    fn swarm(&mut self, members: &[String], telemetry: &BTreeMap<String, Telemetry>) -> Result<SwarmState> {
+        let mut uavs = Vec::with_capacity(members.len());
+        for name in members {
+            let t = telemetry.get(name).ok_or_else(|| ControlError::NoTelemetry(name.clone()))?;
+            uavs.push(UavState {
+                id: self.id(name),
+                energy_j: t.energy_j.max(0.0),
+                capacity_j: t.capacity_j.max(t.energy_j).max(1.0),
+                memory_bytes: self.airframe.memory_bytes,
+                link_bps: self.airframe.link_bps,
+                flight_power_w: self.airframe.flight_power_w,
+                compute_power_w: self.airframe.compute_power_w,
+                layer_latency_s: t.layer_latency_s,
+                // Measured at full power; the battery model throttles it as the charge drops
+                // (this machine's CPU is not throttled by a simulated battery).
+                latency_measured: false,
+                tx_power_w: self.airframe.tx_power_w,
+            });
+        }
+        Ok(SwarmState { uavs, config: self.config.clone() })
+    }
+
+    fn spec(&self, total_tokens: u64, tokens_done: u64) -> ModelSpec {
+        ModelSpec {
+            num_layers: self.model.num_layers,
+            weight_bytes_per_layer: self.model.weight_bytes_per_layer,
+            kv_bytes_per_token_layer: self.model.kv_bytes_per_token_layer,
+            total_tokens: total_tokens.max(tokens_done).max(1),
+            tokens_done,
+        }
+    }
+
+    /// Lifespan-aware layout over `members` (ring order as given) and P1 for a request of
+    /// `total_tokens`, starting from an empty context.
+    pub fn initial(
+        &mut self,
+        members: &[String],
+        telemetry: &BTreeMap<String, Telemetry>,
+        total_tokens: u64,
+        epoch: u64,
+        request_id: u64,
+    ) -> Result<Planned> {
+        if members.is_empty() {
+            return Err(ControlError::NoUavs);
+        }
+        let swarm = self.swarm(members, telemetry)?;
+        let spec = self.spec(total_tokens, 0);
+        let layout = plan_initial_layout(&swarm, &spec)?;
+        let ring = layout.ring();
+        let protection = if ring.len() < 2 {
+            ProtectionPlan::none(&layout)
+        } else {
+            match plan_protection(&swarm, &spec, &layout, &ring) {
+                Ok(p) => p,
+                Err(PlanError::ProtectionMemory(why)) => {
+                    tracing::warn!(%why, "strict protection infeasible, best effort");
+                    plan_protection_relaxed(&swarm, &spec, &layout, &ring)?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        Ok(self.planned(layout, ring, protection, epoch, request_id, 0))
+    }
+
+    /// Recovery of `failed` (or its planned retirement when `graceful`), P2 over the survivors
+    /// and P1-new, resuming at token position `resume`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn failover(
+        &mut self,
+        current: &Planned,
+        failed: &str,
+        telemetry: &BTreeMap<String, Telemetry>,
+        total_tokens: u64,
+        resume: usize,
+        epoch: u64,
+        graceful: bool,
+    ) -> Result<Planned> {
+        if current.plan.stage(failed).is_none() {
+            return Err(ControlError::NotMember(failed.into()));
+        }
+        let failed_id = self.id(failed);
+        let survivors: Vec<String> = current.plan.stages.iter().map(|s| s.uav.clone()).filter(|u| u != failed).collect();
+        let mut swarm = self.swarm(&survivors, telemetry)?;
+        if graceful {
+            // The retiring UAV is alive: the core may use its figures for the handover.
+            if let Ok(mut s) = self.swarm(&[failed.to_string()], telemetry) {
+                swarm.uavs.append(&mut s.uavs);
+            }
+        }
+        let spec = self.spec(total_tokens, resume as u64);
+        // The executors replay from the last snapshot they actually hold; the core's estimate
+        // of it (floor(t / T) * T) is what it plans the time for.
+        let ctx = RecoveryContext { last_snapshot_token: None, graceful };
+        let f = plan_failover(&swarm, &spec, &current.layout, &current.ring, &current.protection, failed_id, ctx)?;
+        tracing::info!(
+            failed,
+            graceful,
+            replay_tokens = f.recovery.replay_tokens,
+            planned_recovery_s = f.recovery.time_s,
+            moves = f.reconfiguration.moves.len(),
+            "failover planned"
+        );
+        let request_id = current.plan.request_id;
+        Ok(self.planned(f.reconfiguration.layout, f.recovery.ring, f.protection, epoch, request_id, resume))
+    }
+
+    /// The member that will run out of energy before the request ends, if any (retire it first).
+    pub fn retirement_candidate(
+        &mut self,
+        current: &Planned,
+        telemetry: &BTreeMap<String, Telemetry>,
+        total_tokens: u64,
+        tokens_done: u64,
+    ) -> Result<Option<String>> {
+        if current.plan.stages.len() < 2 {
+            return Ok(None);
+        }
+        let members: Vec<String> = current.plan.stages.iter().map(|s| s.uav.clone()).collect();
+        let swarm = self.swarm(&members, telemetry)?;
+        let spec = self.spec(total_tokens, tokens_done);
+        let c = retirement_candidates(&swarm, &spec, &current.layout, &current.ring, &current.protection)?;
+        Ok(c.first().map(|&id| self.name(id)))
+    }
+
+    fn planned(&self, layout: Layout, ring: Ring, protection: ProtectionPlan, epoch: u64, request_id: u64, resume: usize) -> Planned {
+        let l = layout.num_layers() as usize;
+        let stages = ring
+            .order()
+            .iter()
+            .filter_map(|&id| layout.interval(id).map(|iv| (id, iv)))
+            .map(|(id, iv)| {
+                let (start, len) = (iv.start as usize % l, iv.len() as usize);
+                let p = protection.get(id);
+                // A head computed by the predecessor on this stage's input cannot run past the
+                // last layer (what follows it is the next token's embedding).
+                let k = (p.k as usize).min(len).min(l - start);
+                let t = if k < len { p.period.unwrap_or(0) as usize } else { 0 };
+                Stage { uav: self.name(id), start, len, k, t }
+            })
+            .collect();
+        let min_expected_tokens = protection.min_expected_tokens;
+        Planned {
+            plan: SwarmPlan { epoch, num_layers: l, stages, request_id, resume_position: resume },
+            layout,
+            ring,
+            protection,
+            min_expected_tokens,
+        }
+    }
+}
+
+/// `uav2` before `uav10`: names compared by their text, then by the number they end with.
+pub fn ring_order(names: &mut [String]) {
+    fn key(s: &str) -> (String, u64, String) {
+        let digits = s.len() - s.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+        let (stem, num) = s.split_at(s.len() - digits);
+        (stem.to_string(), num.parse().unwrap_or(0), s.to_string())
+    }
+    names.sort_by_key(|a| key(a));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controller() -> Controller {
+        Controller::new(
+            PlanConfig { deadline_s: 3.0, weight_load_bps: 8e9, ..PlanConfig::default() },
+            Airframe { flight_power_w: 80.0, compute_power_w: 35.0, tx_power_w: 2.5, link_bps: 20e6, memory_bytes: 2e9 },
+            ModelSize { num_layers: 30, weight_bytes_per_layer: 3.0e6, kv_bytes_per_token_layer: 1536.0 },
+        )
+    }
+
+    fn telemetry(names: &[&str], energy: &[f64]) -> BTreeMap<String, Telemetry> {
+        names
+            .iter()
+            .zip(energy)
+            .map(|(n, &e)| (n.to_string(), Telemetry { energy_j: e, capacity_j: 2.7e6, layer_latency_s: 2e-3 }))
+            .collect()
+    }
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn ring_order_is_natural() {
+        let mut v = names(&["uav10", "uav2", "uav1"]);
+        ring_order(&mut v);
+        assert_eq!(v, names(&["uav1", "uav2", "uav10"]));
+    }
+
+    #[test]
+    fn a_low_battery_gets_fewer_layers_and_the_plan_is_valid() {
+        let mut c = controller();
+        let m = names(&["uav1", "uav2", "uav3", "uav4"]);
+        let t = telemetry(&["uav1", "uav2", "uav3", "uav4"], &[2.7e6, 2.7e4, 2.7e6, 2.7e6]);
+        let p = c.initial(&m, &t, 256, 1, 7).unwrap();
+        p.plan.validate().unwrap();
+        let len = |u: &str| p.plan.stage(u).unwrap().len;
+        assert!(len("uav2") < len("uav1") && len("uav2") < len("uav3"), "{:?}", p.plan.stages);
+        assert_eq!(p.plan.first().unwrap().uav, "uav1");
+    }
+
+    #[test]
+    fn failover_keeps_every_layer_on_held_state() {
+        let mut c = controller();
+        let m = names(&["uav1", "uav2", "uav3", "uav4"]);
+        let t = telemetry(&["uav1", "uav2", "uav3", "uav4"], &[2.7e6; 4]);
+        let p = c.initial(&m, &t, 256, 1, 7).unwrap();
+        for failed in ["uav1", "uav2", "uav4"] {
+            let f = c.failover(&p, failed, &t, 256, 40, 2, false).unwrap();
+            f.plan.validate().unwrap();
+            assert!(f.plan.stage(failed).is_none());
+            assert_eq!((f.plan.epoch, f.plan.resume_position, f.plan.request_id), (2, 40, 7));
+            // the failed UAV's head went to its predecessor, its tail to its successor
+            let old = p.plan.stage(failed).unwrap();
+            let (pred, succ) = (p.plan.pred(failed).unwrap(), p.plan.succ(failed).unwrap());
+            for layer in p.plan.layers(old) {
+                let owner = &f.plan.owner(layer).unwrap().uav;
+                assert!(owner == &pred.uav || owner == &succ.uav || p.plan.stage(owner).is_some(), "{layer} -> {owner}");
+            }
+        }
+        assert!(matches!(c.failover(&p, "uav9", &t, 256, 40, 2, false), Err(ControlError::NotMember(_))));
+    }
+
+    #[test]
+    fn missing_telemetry_is_named() {
+        let mut c = controller();
+        let t = telemetry(&["uav1"], &[2.7e6]);
+        let e = c.initial(&names(&["uav1", "uav2"]), &t, 64, 1, 0).unwrap_err();
+        assert!(e.to_string().contains("uav2"), "{e}");
+    }
+}
