@@ -6,7 +6,7 @@
 use super::discovery::uavs_with_topic;
 use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telemetry};
 use crate::ros::{convert, names, NodeContext};
-use aerokv_engine::{models_root, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard};
+use aerokv_engine::{models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard};
 use aerokv_plan::{PlanConfig, PowerModel};
 use futures::StreamExt;
 use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, TokenChunk};
@@ -151,8 +151,11 @@ struct Scheduler {
     max_context: usize,
     live: Arc<Mutex<Live>>,
     watched: BTreeSet<String>,
-    /// Declared failed, with the heartbeat sequence seen then (a restarted process starts over).
+    /// Declared failed, with the heartbeat sequence seen then. It rejoins (through a new plan)
+    /// once it has been heard from for a while again, or restarted (its count starts over).
     failed: BTreeMap<String, u64>,
+    /// Retired for its battery: rejoins only as a new process (recharged).
+    retired: BTreeMap<String, u64>,
     assign_pub: r2r::Publisher<Assignment>,
     token_pub: r2r::Publisher<TokenChunk>,
     input_pubs: BTreeMap<String, r2r::Publisher<Activation>>,
@@ -215,6 +218,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         live: Arc::default(),
         watched: BTreeSet::new(),
         failed: BTreeMap::new(),
+        retired: BTreeMap::new(),
         input_pubs: BTreeMap::new(),
         outputs,
         failures,
@@ -311,12 +315,13 @@ impl Scheduler {
     fn members(&mut self) -> Vec<String> {
         let timeout = Duration::from_secs_f64(self.p.member_timeout_s);
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        // A UAV declared failed rejoins only as a new process (its heartbeat count starts over).
-        self.failed.retain(|uav, seq| live.beats.get(uav).is_none_or(|(_, hb)| hb.sequence >= *seq));
+        const REJOIN_BEATS: u64 = 20;
+        self.failed.retain(|uav, seq| live.beats.get(uav).is_none_or(|(_, hb)| hb.sequence >= *seq && hb.sequence < *seq + REJOIN_BEATS));
+        self.retired.retain(|uav, seq| live.beats.get(uav).is_none_or(|(_, hb)| hb.sequence >= *seq));
         let mut m: Vec<String> = live
             .beats
             .iter()
-            .filter(|(uav, (t, _))| t.elapsed() < timeout && live.battery.contains_key(*uav) && !self.failed.contains_key(*uav))
+            .filter(|(uav, (t, _))| t.elapsed() < timeout && live.battery.contains_key(*uav) && !self.failed.contains_key(*uav) && !self.retired.contains_key(*uav))
             .map(|(uav, _)| uav.clone())
             .collect();
         drop(live);
@@ -417,11 +422,13 @@ impl Scheduler {
             Ok(reason) => reason.to_string(),
             Err(_) => "error".into(),
         };
+        // The done chunk carries what the detokenizer still held (an incomplete character).
+        let rest = run.detok.finish(&self.gateway).ok().flatten().unwrap_or_default();
         let _ = self.token_pub.publish(&TokenChunk {
             request_id: run.request_id,
             index: run.tokens.len() as u32,
             token_id: -1,
-            text: String::new(),
+            text: rest,
             done: true,
             finish_reason: finish.clone(),
             epoch: self.epoch,
@@ -465,6 +472,7 @@ struct Run {
     prompt_ids: Vec<u32>,
     max_tokens: usize,
     sampler: Sampler,
+    detok: Detokenizer,
     tokens: Vec<u32>,
     /// The step in flight: its first position and its token ids (the prompt, then one token).
     position: usize,
@@ -484,6 +492,7 @@ impl Run {
             prompt_ids,
             max_tokens,
             sampler: Sampler::new(sampling),
+            detok: Detokenizer::new(),
             tokens: Vec::new(),
             position: 0,
             started: false,
@@ -545,7 +554,7 @@ impl Scheduler {
                     return Ok("eos");
                 }
                 run.tokens.push(id);
-                let text = self.gateway.decode(&[id]).unwrap_or_default();
+                let text = run.detok.push(&self.gateway, id).ok().flatten().unwrap_or_default();
                 let chunk = TokenChunk {
                     request_id: run.request_id,
                     index: index as u32,
@@ -755,7 +764,7 @@ impl Scheduler {
                 self.recover(run, &uav, "retirement").await?;
                 // It stays out of plans until it restarts (recharged, as a new process).
                 let seq = self.lock().beats.get(&uav).map_or(0, |(_, hb)| hb.sequence);
-                self.failed.insert(uav, seq);
+                self.retired.insert(uav, seq);
             }
             Ok(None) => {}
             Err(e) => tracing::debug!("retirement check: {e}"),

@@ -33,6 +33,9 @@ impl Default for Params {
 }
 
 enum Event {
+    /// Drop the engine state and end the worker (before the process exits: ONNX Runtime must not
+    /// be torn down under a live session).
+    Stop,
     Assignment(Assignment),
     /// Input of `owner`'s layers (this UAV's, or its successor's for the head replica).
     Input { owner: String, msg: Activation },
@@ -44,6 +47,7 @@ impl Event {
     fn epoch(&self) -> u64 {
         match self {
             Event::Assignment(a) => a.epoch,
+            Event::Stop => 0,
             Event::Input { msg, .. } | Event::Replay { msg, .. } => msg.epoch,
             Event::Kv(k) => k.epoch,
         }
@@ -67,7 +71,12 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let manifest = Manifest::load_variant(&root, &p.variant)?;
     let host = ShardHost::new(runtime, manifest, p.uav_id.clone())?;
 
-    let hb_pub = ctx.publisher::<Heartbeat>(&names::heartbeat(&p.uav_id), names::telemetry())?;
+    // Heartbeats leave through a DDS participant of their own: when a neighbour dies, pushes to
+    // its shared-memory port can stall the data plane's participant for up to a second, and the
+    // watchdog must not mistake that for this UAV's death.
+    let hb_node = r2r::Node::create(r2r::Context::create()?, &format!("shard_executor_heartbeat_{}", p.uav_id), "")?;
+    let hb_pub = { let mut n = hb_node; let publisher = n.create_publisher::<Heartbeat>(&names::heartbeat(&p.uav_id), names::telemetry())?; (n, publisher) };
+    let (_hb_node, hb_pub) = hb_pub;
     let mut assignments = ctx.subscribe::<Assignment>(names::ASSIGNMENT, names::latched())?;
     let status = Arc::new(Mutex::new(Status { hb: Heartbeat { uav_id: p.uav_id.clone(), state: "waiting".into(), ..Default::default() } }));
     let (tx, rx) = mpsc::channel::<Event>();
@@ -95,7 +104,15 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
             }
         }
     }
+    let _ = tx.send(Event::Stop);
     drop(tx);
+    // The worker may be inside a long computation; it stops after it.
+    let joined = tokio::task::spawn_blocking(move || worker.join());
+    match tokio::time::timeout(Duration::from_secs(2), joined).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(_) => tracing::warn!("the data-plane worker panicked"),
+        Err(_) => tracing::warn!("the data-plane worker did not stop within 2 s"),
+    }
     Ok(())
 }
 
@@ -123,6 +140,9 @@ struct Worker {
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Event>) {
         while let Ok(ev) = rx.recv() {
+            if matches!(ev, Event::Stop) {
+                break;
+            }
             self.handle_event(ev);
             self.update_status();
         }
@@ -144,6 +164,7 @@ impl Worker {
             }
         }
         let result = match ev {
+            Event::Stop => Ok(()),
             Event::Assignment(a) if a.epoch <= current.max(self.failed_epoch) => Ok(()),
             Event::Assignment(a) => {
                 let epoch = a.epoch;
