@@ -27,6 +27,15 @@ demo: build
 bench-engine: build
 	@$(ENV) scripts/bench-engine.sh
 
+# Benchmarks that start DDS processes run inside `unshare -n` on a ROS domain of their own.
+BENCH_NET := unshare -n -- bash -c 'ip link set lo up; export ROS_DOMAIN_ID=$$((150 + $$$$ % 50)); exec "$$@"' bench
+
+bench-swarm: build
+	@$(ENV) $(BENCH_NET) python3 scripts/bench_swarm.py swarm
+
+bench-recovery: build
+	@$(ENV) $(BENCH_NET) python3 scripts/bench_swarm.py recovery
+
 bench-planner: setup
 	@$(ENV) cargo run --release -q -p aerokv-sim --bin bench-planner
 

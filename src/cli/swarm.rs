@@ -53,6 +53,12 @@ pub struct SwarmArgs {
     /// Where the nodes' logs go (default: a new directory under the system's temp dir).
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
+    /// Generate exactly --max-tokens tokens (benchmarks).
+    #[arg(long, hide = true)]
+    pub ignore_eos: bool,
+    /// Also write the JSON object to FILE (while the answer streams to stdout).
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
     /// Give up when the swarm is not ready after this many seconds.
     #[arg(long, default_value_t = 120.0)]
     pub ready_timeout_s: f64,
@@ -179,7 +185,7 @@ async fn session(a: &SwarmArgs, node: Arc<Mutex<r2r::Node>>, sup: &mut Superviso
     }
     eprintln!("[swarm] ready in {:.1} s", started.elapsed().as_secs_f64());
 
-    let req = Generate::Request { user: a.user.clone(), max_tokens: a.max_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed, ..Default::default() };
+    let req = Generate::Request { user: a.user.clone(), max_tokens: a.max_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed, ignore_eos: a.ignore_eos, ..Default::default() };
     let call = client.request(&req)?;
     tokio::pin!(call);
     let stdout = std::io::stdout();
@@ -211,8 +217,7 @@ async fn session(a: &SwarmArgs, node: Arc<Mutex<r2r::Node>>, sup: &mut Superviso
     anyhow::ensure!(response.accepted, "the swarm refused the request: {}", response.error);
     let stats: serde_json::Value = serde_json::from_str(&response.stats_json).unwrap_or_default();
     let failures = failure_report(&stats, kills);
-    if a.json {
-        let out = serde_json::json!({
+    let out = serde_json::json!({
             "prompt_ids": response.prompt_ids,
             "tokens": response.token_ids,
             "text": response.text,
@@ -223,6 +228,10 @@ async fn session(a: &SwarmArgs, node: Arc<Mutex<r2r::Node>>, sup: &mut Superviso
             "failures": failures,
             "stats": stats,
         });
+    if let Some(path) = &a.report {
+        std::fs::write(path, out.to_string()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if a.json {
         println!("{out}");
     } else {
         eprintln!("[swarm] {} tokens, {:.1} tokens/s, finish: {}", response.token_ids.len(), response.tokens_per_s, response.finish_reason);

@@ -165,6 +165,22 @@ struct Scheduler {
     epoch: u64,
     request_id: u64,
     stale_dropped: u64,
+    /// Latency of the last hop (last stage -> gateway) of every step, ms.
+    hops: Vec<f64>,
+}
+
+/// Milliseconds since a message's stamp (same machine clock).
+pub fn hop_ms(stamp: &r2r::builtin_interfaces::msg::Time) -> f64 {
+    let sent = f64::from(stamp.sec) + f64::from(stamp.nanosec) * 1e-9;
+    (unix_now() - sent) * 1e3
+}
+
+/// `{"n", "p50", "p99"}` of a sample.
+pub fn percentiles(v: &[f64]) -> serde_json::Value {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let at = |q: f64| s.get(((s.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    serde_json::json!({"n": s.len(), "p50": at(0.5), "p99": at(0.99)})
 }
 
 fn unix_now() -> f64 {
@@ -226,6 +242,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         epoch: 0,
         request_id: 0,
         stale_dropped: 0,
+        hops: Vec::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_secs_f64(s.p.replan_period_s.min(0.25)));
     let mut last_replan = Instant::now();
@@ -417,6 +434,7 @@ impl Scheduler {
         }
         self.request_id += 1;
         let mut run = Run::new(self.request_id, prompt_ids, req.max_tokens as usize, sampling);
+        run.ignore_eos = req.ignore_eos;
         let result = self.generate(&mut run).await;
         let finish = match &result {
             Ok(reason) => reason.to_string(),
@@ -442,6 +460,7 @@ impl Scheduler {
             "incidents": run.incidents,
             "stale_dropped": self.stale_dropped,
             "prefill_s": run.prefill_s,
+            "gateway_hop_ms": percentiles(&std::mem::take(&mut self.hops)),
             "layout": self.current.as_ref().map(|c| c.plan.stages.iter().map(|s| serde_json::json!({"uav": s.uav, "start": s.start, "layers": s.len, "k": s.k, "t": s.t})).collect::<Vec<_>>()),
         });
         let (accepted, error) = match result {
@@ -472,6 +491,7 @@ struct Run {
     prompt_ids: Vec<u32>,
     max_tokens: usize,
     sampler: Sampler,
+    ignore_eos: bool,
     detok: Detokenizer,
     tokens: Vec<u32>,
     /// The step in flight: its first position and its token ids (the prompt, then one token).
@@ -492,6 +512,7 @@ impl Run {
             prompt_ids,
             max_tokens,
             sampler: Sampler::new(sampling),
+            ignore_eos: false,
             detok: Detokenizer::new(),
             tokens: Vec::new(),
             position: 0,
@@ -550,7 +571,7 @@ impl Scheduler {
                 for inc in run.incidents.iter_mut().filter(|i| i.next_token_at == 0.0) {
                     inc.next_token_at = now;
                 }
-                if self.gateway.is_stop(id) {
+                if !run.ignore_eos && self.gateway.is_stop(id) {
                     return Ok("eos");
                 }
                 run.tokens.push(id);
@@ -610,6 +631,7 @@ impl Scheduler {
                         tracing::debug!(epoch = msg.epoch, position = msg.position, "stale output dropped");
                         continue;
                     }
+                    self.hops.push(hop_ms(&msg.stamp));
                     return convert::hidden(&msg).map_err(|e| Interrupt::Fatal(format!("output of the last stage: {e}")));
                 }
                 Some(ev) = self.failures.recv() => {

@@ -83,7 +83,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let worker = {
         let (ctx, status, tx, uav) = (ctx.clone(), status.clone(), tx.clone(), p.uav_id.clone());
         let handle = tokio::runtime::Handle::current();
-        std::thread::spawn(move || Worker { ctx, uav, host, status, tx, handle, subscribed: BTreeSet::new(), publishers: Publishers::default(), early: Vec::new(), failed_epoch: 0 }.run(rx))
+        std::thread::spawn(move || Worker { ctx, uav, host, status, tx, handle, subscribed: BTreeSet::new(), publishers: Publishers::default(), early: Vec::new(), failed_epoch: 0, hops: Vec::new() }.run(rx))
     };
     let mut beat = tokio::time::interval(Duration::from_secs_f64(p.heartbeat_period_s));
     let shutdown = ctx.shutdown();
@@ -135,12 +135,18 @@ struct Worker {
     early: Vec<Event>,
     /// The epoch of an assignment that could not be applied (reported with the error).
     failed_epoch: u64,
+    /// Latency of each activation hop into this stage (sender's stamp to receipt), ms.
+    hops: Vec<f64>,
 }
 
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Event>) {
         while let Ok(ev) = rx.recv() {
             if matches!(ev, Event::Stop) {
+                if !self.hops.is_empty() {
+                    let p = super::scheduler::percentiles(&self.hops);
+                    tracing::info!(hops = self.hops.len(), p50_ms = %p["p50"], p99_ms = %p["p99"], "activation hop latency");
+                }
                 break;
             }
             self.handle_event(ev);
@@ -221,6 +227,7 @@ impl Worker {
         let h = convert::hidden(msg)?;
         let (req, boundary, pos) = (msg.request_id, msg.layer_boundary as usize, msg.position as usize);
         if owner == self.uav {
+            self.hops.push(super::scheduler::hop_ms(&msg.stamp));
             let emits = self.host.on_input(req, boundary, pos, &h)?;
             self.emit(emits)
         } else {

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Swarm benchmarks (run by `make bench-swarm` / `make bench-recovery` inside `unshare -n`).
+
+  swarm     tokens/s of a 4-UAV swarm vs `aerokv generate` (same variant, same prompt, same
+            invocation) as a ratio; per-hop activation latency p50/p99 from the executors' logs.
+  recovery  N runs with a random kill (random UAV, random token) -> completed, identical to the
+            failure-free answer, detection / recovery / failure-to-next-token p50 and p95; and the
+            time to restart the request from scratch at 256 and 1024 tokens of context, measured in
+            the same invocation, against a failover at the same context length.
+Figures are printed, never asserted: speed is not a test.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+AEROKV = os.environ.get("AEROKV_BIN", str(ROOT / "target/release/aerokv"))
+PROMPT = "Write a detailed story about a swarm of drones that explores a mountain valley."
+
+
+def generate(tokens):
+    out = subprocess.run([AEROKV, "generate", "--user", PROMPT, "--max-tokens", str(tokens), "--ignore-eos", "--json"],
+                         capture_output=True, text=True, check=True, timeout=600)
+    return json.loads(out.stdout)
+
+
+def swarm(tokens, *extra, log_dir=None):
+    log_dir = log_dir or tempfile.mkdtemp(prefix="aerokv-bench-")
+    cmd = [AEROKV, "swarm", "--uavs", "4", "--user", PROMPT, "--max-tokens", str(tokens), "--ignore-eos", "--json",
+           "--log-dir", str(log_dir), *map(str, extra)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        return {"_failed": out.stderr[-2000:] or f"exit code {out.returncode}", "log_dir": str(log_dir)}
+    d = json.loads(out.stdout)
+    d["log_dir"] = str(log_dir)
+    return d
+
+
+def pct(values, q):
+    s = sorted(values)
+    return s[min(len(s) - 1, round((len(s) - 1) * q))] if s else float("nan")
+
+
+def hop_latencies(log_dir):
+    """p50/p99 per executor from the 'activation hop latency' lines, in ms."""
+    out = {}
+    for log in sorted(Path(log_dir).glob("uav*_shard_executor.log")):
+        m = re.search(r"activation hop latency hops=(\d+) p50_ms=([\d.]+) p99_ms=([\d.]+)", log.read_text(errors="replace"))
+        if m:
+            out[log.name.split("_")[0]] = (int(m[1]), float(m[2]), float(m[3]))
+    return out
+
+
+def bench_swarm(args):
+    best_single, best_swarm, last = 0.0, 0.0, None
+    for i in range(args.repeats):
+        single = generate(args.tokens)
+        s = swarm(args.tokens)
+        if "_failed" in s:
+            sys.exit(f"swarm failed: {s['_failed']}")
+        assert s["tokens"] == single["tokens"], "the swarm's answer differs from one process"
+        best_single, best_swarm, last = max(best_single, single["tokens_per_s"]), max(best_swarm, s["tokens_per_s"]), s
+        print(f"run {i + 1}: one process {single['tokens_per_s']:.1f} tokens/s, swarm {s['tokens_per_s']:.1f} tokens/s", flush=True)
+    print(f"\n== bench-swarm: 4 UAVs, q4, {args.tokens} tokens, best of {args.repeats} (identical answers)")
+    print(f"one process (aerokv generate): {best_single:8.1f} tokens/s")
+    print(f"4-UAV swarm (aerokv swarm):    {best_swarm:8.1f} tokens/s")
+    print(f"ratio swarm / one process:     {best_swarm / best_single:8.2f}   (target >= 0.90)")
+    layout = " ".join(f"{x['uav']}:{x['layers']}" for x in last["stats"]["layout"])
+    print(f"layout (layers per UAV): {layout}")
+    print("per-hop activation latency (sender stamp -> receipt), ms:")
+    for uav, (n, p50, p99) in hop_latencies(last["log_dir"]).items():
+        print(f"  into {uav}:   p50 {p50:6.3f}  p99 {p99:6.3f}  ({n} hops)")
+    g = last["stats"].get("gateway_hop_ms", {})
+    print(f"  into gateway: p50 {g.get('p50', float('nan')):6.3f}  p99 {g.get('p99', float('nan')):6.3f}  ({g.get('n', 0)} hops)")
+
+
+def bench_recovery(args):
+    rng = random.Random(args.seed)
+    reference = generate(args.tokens)["tokens"]
+    rows = []
+    for i in range(args.runs):
+        uav, token = f"uav{rng.randint(1, 4)}", rng.randint(4, args.tokens - 8)
+        s = swarm(args.tokens, "--kill", f"{uav}:{token}")
+        ok = "_failed" not in s
+        same = ok and s["tokens"] == reference
+        f = next((x for x in s.get("failures", []) if x["uav"] == uav), None) if ok else None
+        rows.append({"uav": uav, "token": token, "completed": ok, "identical": same, "failure": f})
+        desc = f"{f['mode']}: detect {f['detection_s']:.3f} s, recover {f['recovery_s']:.3f} s, next token {f['next_token_s']:.3f} s" if f else s.get("_failed", "no failure recorded")[-200:]
+        print(f"run {i + 1:2d}: kill {uav} at token {token:3d} -> {'identical' if same else 'DIFFERENT' if ok else 'FAILED'}; {desc}", flush=True)
+    fs = [r["failure"] for r in rows if r["failure"]]
+    print(f"\n== bench-recovery: {args.runs} runs, 4 UAVs, {args.tokens} tokens, one random kill each (seed {args.seed})")
+    print(f"completed: {sum(r['completed'] for r in rows)}/{args.runs}   identical to the failure-free answer: {sum(r['identical'] for r in rows)}/{args.runs}")
+    print(f"modes: " + ", ".join(f"{m} {sum(1 for f in fs if f['mode'] == m)}" for m in sorted({f['mode'] for f in fs})))
+    for key, label in [("detection_s", "detection"), ("recovery_s", "recovery"), ("next_token_s", "failure -> next token")]:
+        v = [f[key] for f in fs if f.get(key) is not None]
+        print(f"{label:22s} p50 {pct(v, 0.5):6.3f} s   p95 {pct(v, 0.95):6.3f} s   (target next token p50 < 0.5 s)" if key == "next_token_s" else f"{label:22s} p50 {pct(v, 0.5):6.3f} s   p95 {pct(v, 0.95):6.3f} s")
+
+    print("\n== failover vs restarting the request from scratch, same swarm, same invocation")
+    for ctx in args.contexts:
+        kill_at = ctx - 4
+        s = swarm(ctx + 4, "--kill", f"uav2:{kill_at}")
+        if "_failed" in s:
+            print(f"context {ctx}: swarm failed: {s['_failed'][-300:]}")
+            continue
+        f = next((x for x in s["failures"] if x["uav"] == "uav2"), None)
+        # A restart re-runs the prompt and every generated token through the swarm: the time the
+        # failure-free part of this same run took to reach the kill.
+        prefill = s["stats"]["prefill_s"]
+        restart = prefill + (kill_at - 1) / s["tokens_per_s"] if s["tokens_per_s"] > 0 else float("nan")
+        if f:
+            print(f"context {ctx:5d}: failover (failure -> next token) {f['next_token_s']:6.3f} s [{f['mode']}]; "
+                  f"restart from scratch {restart:6.2f} s; failover is {restart / f['next_token_s']:5.1f}x faster (target >= 5x at 1024)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("swarm")
+    a.add_argument("--tokens", type=int, default=128)
+    a.add_argument("--repeats", type=int, default=3)
+    b = sub.add_parser("recovery")
+    b.add_argument("--runs", type=int, default=20)
+    b.add_argument("--tokens", type=int, default=64)
+    b.add_argument("--seed", type=int, default=7)
+    b.add_argument("--contexts", type=int, nargs="*", default=[256, 1024])
+    args = ap.parse_args()
+    {"swarm": bench_swarm, "recovery": bench_recovery}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
