@@ -465,12 +465,16 @@ impl ShardHost {
     pub fn on_kv(&mut self, source: &str, request_id: u64, rows: KvRows) -> Result<Vec<Emit>> {
         let Some(plan) = self.plan.clone() else { return Ok(Vec::new()) };
         self.new_request(request_id);
-        if plan.succ(&self.uav).is_some_and(|s| s.uav == source) && !self.pending.seed_layers.is_empty() {
+        // In a ring of two the successor is also the predecessor: its seed and its tail snapshot
+        // come from the same UAV; the layers they carry tell them apart.
+        let seed = plan.succ(&self.uav).is_some_and(|s| s.uav == source)
+            && !self.pending.seed_layers.is_empty()
+            && self.pending.seed_layers.iter().all(|&l| layer_rows(&rows, l).is_some());
+        if seed {
             for layer in std::mem::take(&mut self.pending.seed_layers) {
                 let shard = self.pieces.get_mut(&layer).ok_or_else(|| DataPlaneError::Plan(format!("seed for layer {layer}, not loaded")))?;
-                match layer_rows(&rows, layer) {
-                    Some(r) => shard.import_kv(&single_layer(&rows, r, rows.tokens))?,
-                    None => return Err(DataPlaneError::Plan(format!("seed from {source} lacks layer {layer}"))),
+                if let Some(r) = layer_rows(&rows, layer) {
+                    shard.import_kv(&single_layer(&rows, r, rows.tokens))?;
                 }
             }
             tracing::info!(%source, tokens = rows.tokens, "head replica seeded");

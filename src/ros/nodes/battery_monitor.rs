@@ -192,16 +192,8 @@ fn diagnostics(uav: &str, h: &BatteryHealth) -> DiagnosticArray {
     }
 }
 
-/// Fraction of full inference power the battery allows (DESIGN.md §3): full above 40 % energy,
-/// a smooth (cubic) decay to a 40 % floor at 20 %, the floor below.
+/// Fraction of full inference power the battery allows: the planning core's battery model
+/// (DESIGN.md §3), so that the monitor and the planner agree.
 fn inference_power_fraction(soc: f64) -> f64 {
-    const FLOOR: f64 = 0.4;
-    match soc {
-        s if s >= 0.4 => 1.0,
-        s if s <= 0.2 => FLOOR,
-        s => {
-            let x = (s - 0.2) / 0.2;
-            FLOOR + (1.0 - FLOOR) * (1.0 - (1.0 - x).powi(3))
-        }
-    }
+    aerokv_plan::power_fraction(soc, &aerokv_plan::PowerModel::default())
 }

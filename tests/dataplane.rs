@@ -1,0 +1,173 @@
+//! The data plane without ROS: ShardHosts of a 3-UAV ring exchange their `Emit`s in process
+//! (the nodes only carry them over DDS). A UAV is dropped mid-answer, the survivors apply the
+//! failover plan (replica promoted, snapshot restored, buffered activations replayed) and the
+//! answer continues exactly as one shard of all layers computes it. Uses the `tiny` variant
+//! (random weights, 4 layers, same graph) and the real ONNX Runtime.
+use aerokv::dataplane::{Emit, ShardHost, Stage, SwarmPlan};
+use aerokv_engine::{argmax, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Shard};
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+
+fn models() -> PathBuf {
+    std::env::var_os("AEROKV_MODELS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/generated"))
+}
+
+fn runtime() -> Runtime {
+    Runtime::init(RuntimeConfig::with_threads(1)).expect("ONNX Runtime (source scripts/env.sh, make setup)")
+}
+
+fn stage(uav: &str, start: usize, len: usize, k: usize, t: usize) -> Stage {
+    Stage { uav: uav.into(), start, len, k, t }
+}
+
+/// The swarm in one process: hosts plus the message queue between them.
+struct Swarm {
+    hosts: BTreeMap<String, ShardHost>,
+    queue: VecDeque<(String, Emit)>,
+}
+
+impl Swarm {
+    fn apply(&mut self, plan: &SwarmPlan) {
+        let names: Vec<String> = self.hosts.keys().cloned().collect();
+        for name in names {
+            let emits = self.hosts.get_mut(&name).unwrap().apply_plan(plan.clone()).unwrap();
+            self.queue.extend(emits.into_iter().map(|e| (name.clone(), e)));
+        }
+        assert!(self.drain().is_none(), "no activation may flow while a plan is applied");
+        assert!(self.hosts.values().all(ShardHost::ready), "every host holds its layers after the plan");
+    }
+
+    /// The stage input goes to its owner and to the holder of the owner's head replica.
+    fn input(&mut self, plan: &SwarmPlan, to: &str, boundary: usize, request: u64, position: usize, hidden: &Hidden) {
+        if let Some(pred) = plan.pred(to).map(|s| s.uav.clone()).filter(|p| p != to) {
+            if let Some(h) = self.hosts.get_mut(&pred) {
+                h.on_successor_input(request, boundary, position, hidden).unwrap();
+            }
+        }
+        let emits = self.hosts.get_mut(to).expect("input for a live host").on_input(request, boundary, position, hidden).unwrap();
+        self.queue.extend(emits.into_iter().map(|e| (to.to_string(), e)));
+    }
+
+    /// Delivers queued messages until the gateway gets an output (returned) or nothing is left.
+    fn drain(&mut self) -> Option<Hidden> {
+        let plan = self.hosts.values().next()?.plan()?.clone();
+        while let Some((from, e)) = self.queue.pop_front() {
+            match e {
+                Emit::Activation { to: None, hidden, .. } => return Some(hidden),
+                Emit::Activation { to: Some(to), boundary, request_id, position, hidden } => self.input(&plan, &to, boundary, request_id, position, &hidden),
+                Emit::Kv { holder, request_id, rows } => {
+                    if let Some(h) = self.hosts.get_mut(&holder) {
+                        let emits = h.on_kv(&from, request_id, rows).unwrap();
+                        self.queue.extend(emits.into_iter().map(|e| (holder.clone(), e)));
+                    }
+                }
+                Emit::Replay { failed, to, chunks, .. } => {
+                    let emits = self.hosts.get_mut(&to).unwrap().on_replay(&failed, chunks).unwrap();
+                    self.queue.extend(emits.into_iter().map(|e| (to.clone(), e)));
+                }
+            }
+        }
+        None
+    }
+
+    fn step(&mut self, plan: &SwarmPlan, gateway: &mut Gateway, ids: &[u32], position: usize) -> u32 {
+        let first = plan.first().unwrap().uav.clone();
+        self.input(plan, &first, 0, plan.request_id, position, &gateway.embed(ids).unwrap());
+        let out = self.drain().expect("the last stage answers");
+        argmax(&gateway.logits(&out).unwrap()).unwrap()
+    }
+}
+
+/// Greedy tokens of one shard holding every layer.
+fn reference(rt: &Runtime, m: &Manifest, gateway: &mut Gateway, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut all = Shard::load(rt, m, 0..m.architecture.layers).unwrap();
+    let (mut ids, mut position, mut out) = (prompt.to_vec(), 0, Vec::new());
+    for _ in 0..n {
+        let h = all.forward(&gateway.embed(&ids).unwrap(), position).unwrap();
+        let next = argmax(&gateway.logits(&h).unwrap()).unwrap();
+        position += ids.len();
+        ids = vec![next];
+        out.push(next);
+    }
+    out
+}
+
+fn run_with_failure(plan: SwarmPlan, failed: &str, fail_after: usize, recovery: SwarmPlan, n: usize) -> (Vec<u32>, Vec<u32>) {
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let mut gateway = Gateway::load(&rt, &m).unwrap();
+    let prompt = gateway.encode_chat("Where do drones fly?").unwrap();
+    let want = reference(&rt, &m, &mut gateway, &prompt, n);
+
+    let hosts = plan.stages.iter().map(|s| (s.uav.clone(), ShardHost::new(rt.clone(), m.clone(), &s.uav).unwrap())).collect();
+    let mut swarm = Swarm { hosts, queue: VecDeque::new() };
+    swarm.apply(&plan);
+    let (mut ids, mut position, mut got) = (prompt.clone(), 0, Vec::new());
+    let mut current = plan;
+    while got.len() < n {
+        if got.len() == fail_after {
+            swarm.hosts.remove(failed);
+            let mut next = recovery.clone();
+            next.resume_position = position;
+            swarm.apply(&next);
+            current = next;
+        }
+        let token = swarm.step(&current, &mut gateway, &ids, position);
+        position += ids.len();
+        ids = vec![token];
+        got.push(token);
+    }
+    (got, want)
+}
+
+#[test]
+fn a_middle_stage_dies_and_the_answer_is_unchanged() {
+    // uav2's head (layer 1) lives on uav1, its tail (layer 2) is snapshotted to uav3 every 2 tokens.
+    let plan = SwarmPlan {
+        epoch: 1,
+        num_layers: 4,
+        stages: vec![stage("uav1", 0, 1, 1, 0), stage("uav2", 1, 2, 1, 2), stage("uav3", 3, 1, 0, 1)],
+        request_id: 1,
+        resume_position: 0,
+    };
+    // uav1 promotes layer 1, uav3 restores layer 2 and replays what uav1 buffered since the snapshot.
+    let recovery = SwarmPlan {
+        epoch: 2,
+        num_layers: 4,
+        stages: vec![stage("uav1", 0, 2, 1, 1), stage("uav3", 2, 2, 1, 1)],
+        request_id: 1,
+        resume_position: 0,
+    };
+    let (got, want) = run_with_failure(plan, "uav2", 7, recovery, 14);
+    assert_eq!(got, want);
+}
+
+#[test]
+fn the_last_stage_dies_and_the_first_takes_layers_across_the_gateway() {
+    // No snapshot was due yet (T = 64): the whole context is replayed through the restored tail.
+    let plan = SwarmPlan {
+        epoch: 1,
+        num_layers: 4,
+        stages: vec![stage("uav1", 0, 2, 0, 64), stage("uav2", 2, 2, 0, 64)],
+        request_id: 3,
+        resume_position: 0,
+    };
+    let recovery = SwarmPlan { epoch: 2, num_layers: 4, stages: vec![stage("uav1", 2, 4, 0, 0)], request_id: 3, resume_position: 0 };
+    let (got, want) = run_with_failure(plan, "uav2", 5, recovery, 10);
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_plan_that_needs_state_nobody_holds_is_refused_with_the_layer() {
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let mut host = ShardHost::new(rt, m, "uav3").unwrap();
+    let plan = SwarmPlan { epoch: 1, num_layers: 4, stages: vec![stage("uav1", 0, 2, 0, 0), stage("uav3", 2, 2, 0, 0)], request_id: 1, resume_position: 0 };
+    host.apply_plan(plan).unwrap();
+    // resuming at token 5 on layers 0..4 that uav3 never computed
+    let bad = SwarmPlan { epoch: 2, num_layers: 4, stages: vec![stage("uav3", 0, 4, 0, 0)], request_id: 1, resume_position: 5 };
+    let e = host.apply_plan(bad).unwrap_err().to_string();
+    assert!(e.contains("layer 2 is assigned to uav3 but uav3 holds no state for it at token 5"), "{e}");
+    let overlap = SwarmPlan { epoch: 3, num_layers: 4, stages: vec![stage("uav1", 0, 3, 0, 0), stage("uav3", 2, 2, 0, 0)], request_id: 1, resume_position: 0 };
+    assert!(host.apply_plan(overlap).unwrap_err().to_string().contains("assigned twice"));
+}
