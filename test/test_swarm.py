@@ -6,6 +6,7 @@ the whole model); the engine itself is checked against an independent float64 nu
 test_engine_reference.py.
 """
 import json
+import os
 import signal
 import subprocess
 import time
@@ -201,3 +202,37 @@ def test_a_drone_that_will_not_last_is_retired_without_a_failure(ros_domain, ref
     assert all(m == "retirement" for _, m in modes), a["failures"]
     assert "uav3" not in layer_counts(a)
     assert "declared failed" not in (tmp_path / "nodes" / "aerokv_watchdog.log").read_text()
+
+
+def test_a_drone_that_comes_back_joins_through_a_new_plan(rclpy_node, procs, reference, tmp_path):
+    import re
+
+    from aerokv.msg import FailureEvent
+    from aerokv.srv import Generate
+
+    procs([BIN / "aerokv", "launch", ROOT / "launch/control.launch.xml", "--log-dir", tmp_path / "control"], "control")
+    uavs = {u: procs([BIN / "aerokv", "launch", ROOT / "launch/uav.launch.xml", f"uav_id:={u}", "--log-dir", tmp_path / u], u)
+            for u in ["uav1", "uav2", "uav3", "uav4"]}
+    latest = wait_for_plan(rclpy_node, 4)
+    before = latest["a"].epoch
+    failures = []
+    rclpy_node.create_subscription(FailureEvent, "/aerokv/failures", failures.append, EVENTS)
+    spin_until(rclpy_node, lambda: re.search(r"shard_executor \(pid (\d+)\)", uavs["uav2"].output()), 10)
+    pid = int(re.search(r"/uav2/shard_executor \(pid (\d+)\)", uavs["uav2"].output())[1])
+    os.kill(pid, signal.SIGKILL)  # a process this test started (through its launcher)
+    assert spin_until(rclpy_node, lambda: any(f.uav_id == "uav2" for f in failures), 10)
+    assert spin_until(rclpy_node, lambda: latest["a"].epoch > before and "uav2" not in latest["a"].ring, 10), latest["a"]
+    left = latest["a"].epoch
+
+    # uav2 comes back: a new executor process with the same parameters.
+    procs([BIN / "shard_executor", "--ros-args", "-r", "__node:=shard_executor", "-r", "__ns:=/uav2",
+           "--params-file", ROOT / "config/uav.yaml"], "uav2-again")
+    assert spin_until(rclpy_node, lambda: latest["a"].epoch > left and "uav2" in latest["a"].ring, 30), latest["a"]
+    assert "membership" in latest["a"].reason
+    client = rclpy_node.create_client(Generate, "/aerokv/generate")
+    assert client.wait_for_service(timeout_sec=30)
+    future = client.call_async(Generate.Request(user=PROMPTS[0], max_tokens=MAX_TOKENS))
+    assert spin_until(rclpy_node, future.done, timeout=120)
+    r = future.result()
+    assert list(r.token_ids) == reference[PROMPTS[0]]["tokens"]
+    assert "uav2" in {s["uav"] for s in json.loads(r.stats_json)["layout"]}
