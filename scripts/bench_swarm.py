@@ -104,8 +104,9 @@ def bench_recovery(args):
 
     print("\n== failover vs restarting the request from scratch, same swarm, same invocation")
     for ctx in args.contexts:
-        kill_at = ctx - 4
-        s = swarm(ctx + 4, "--kill", f"uav2:{kill_at}")
+        # the prompt is ~25 tokens: kill once about `ctx` tokens of context are in the caches
+        kill_at = ctx - 25
+        s = swarm(min(ctx, 1024), "--kill", f"uav2:{kill_at}")
         if "_failed" in s:
             print(f"context {ctx}: swarm failed: {s['_failed'][-300:]}")
             continue

@@ -257,7 +257,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
                     tracing::error!("responding to a generate request: {e}");
                 }
             }
-            Some(ev) = s.failures.recv() => s.note_failure(&ev),
+            Some(ev) = s.failures.recv() => { s.note_failure(&ev); }
             Some(msg) = s.outputs.recv() => { s.stale_dropped += 1; tracing::debug!(epoch = msg.epoch, "activation outside a request dropped"); }
             _ = tick.tick() => {
                 s.discover()?;
@@ -359,10 +359,18 @@ impl Scheduler {
             .collect()
     }
 
-    fn note_failure(&mut self, ev: &FailureEvent) {
-        let seq = self.lock().beats.get(&ev.uav_id).map_or(0, |(_, hb)| hb.sequence);
+    /// Takes a failure event; false when this scheduler heard from the UAV so recently that the
+    /// declaration cannot be right (the watchdog's view was stale: a stalled process, not a dead
+    /// drone). A dead executor has been silent for the whole timeout when it is declared.
+    fn note_failure(&mut self, ev: &FailureEvent) -> bool {
+        let (seq, age) = self.lock().beats.get(&ev.uav_id).map_or((0, f64::INFINITY), |(t, hb)| (hb.sequence, t.elapsed().as_secs_f64()));
+        if ev.reason == "heartbeat_timeout" && ev.silence_s.is_finite() && age < ev.silence_s / 2.0 {
+            tracing::warn!(uav = %ev.uav_id, silence_s = ev.silence_s, heard_s_ago = age, "failure declaration ignored: the UAV is alive");
+            return false;
+        }
         self.failed.insert(ev.uav_id.clone(), seq);
         tracing::warn!(uav = %ev.uav_id, reason = %ev.reason, "failure noted");
+        true
     }
 
     fn publish(&mut self, planned: Planned, reason: &str) -> anyhow::Result<()> {
@@ -635,8 +643,7 @@ impl Scheduler {
                     return convert::hidden(&msg).map_err(|e| Interrupt::Fatal(format!("output of the last stage: {e}")));
                 }
                 Some(ev) = self.failures.recv() => {
-                    self.note_failure(&ev);
-                    if self.in_plan(&ev.uav_id) {
+                    if self.note_failure(&ev) && self.in_plan(&ev.uav_id) {
                         return Err(Interrupt::Failed(ev.uav_id));
                     }
                 }
@@ -745,8 +752,7 @@ impl Scheduler {
         loop {
             tokio::select! {
                 Some(ev) = self.failures.recv() => {
-                    self.note_failure(&ev);
-                    if plan.stage(&ev.uav_id).is_some() {
+                    if self.note_failure(&ev) && plan.stage(&ev.uav_id).is_some() {
                         return Err(Interrupt::Failed(ev.uav_id));
                     }
                 }

@@ -42,6 +42,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     let mut check = tokio::time::interval(Duration::from_secs_f64(p.check_period_s));
     let mut discover = tokio::time::interval(Duration::from_secs_f64(p.discovery_period_s));
     let timeout = Duration::from_secs_f64(p.heartbeat_timeout_s);
+    let mut last_check = Instant::now();
     let shutdown = ctx.shutdown();
     tokio::pin!(shutdown);
     tracing::info!(timeout_s = p.heartbeat_timeout_s, "watchdog up");
@@ -69,6 +70,23 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
                 Seen::Battery(_) => {}
             },
             _ = check.tick() => {
+                // Judge only on what has arrived: take every queued heartbeat first.
+                while let Ok(seen) = seen_rx.try_recv() {
+                    if let Seen::Heartbeat(hb) = seen {
+                        last_beat.insert(hb.uav_id, Instant::now());
+                    }
+                }
+                // If this loop itself was held up (a stalled process, a starved CPU), the time it
+                // was not listening is nobody's silence.
+                let lag = last_check.elapsed().saturating_sub(Duration::from_secs_f64(p.check_period_s));
+                last_check = Instant::now();
+                if lag > timeout / 4 {
+                    tracing::warn!(lag_s = lag.as_secs_f64(), "watchdog was not listening; not counting that time as silence");
+                    for t in last_beat.values_mut() {
+                        *t += lag;
+                    }
+                    continue;
+                }
                 for (uav, t) in &last_beat {
                     // Only members of the current plan can fail; others are not serving.
                     let member = ring.as_ref().map_or(true, |r| r.contains(uav));
