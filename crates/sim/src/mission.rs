@@ -316,8 +316,11 @@ fn protect(swarm: &SwarmState, model: &ModelSpec, layout: &Layout, ring: &Ring, 
 
 impl Run<'_> {
     fn live_swarm(&self, include: Option<UavId>) -> SwarmState {
+        // A battery that ran out during the step just taken is empty, not negative: the planner
+        // sees 0 J, and the next event check declares that UAV dead.
+        let view = |u: &UavState| UavState { energy_j: u.energy_j.max(0.0), ..u.clone() };
         SwarmState {
-            uavs: self.all.iter().filter(|u| self.alive[u.id as usize] || Some(u.id) == include).cloned().collect(),
+            uavs: self.all.iter().filter(|u| self.alive[u.id as usize] || Some(u.id) == include).map(view).collect(),
             config: self.scn.config(),
         }
     }
