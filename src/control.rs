@@ -4,7 +4,7 @@
 //! follow. UAVs are named (`uav3`) on the wire and numbered in the planning core.
 use crate::dataplane::{Stage, SwarmPlan};
 use aerokv_plan::{
-    plan_failover, plan_initial_layout, plan_protection, plan_protection_relaxed, retirement_candidates, Layout,
+    plan_failover, plan_initial_layout, plan_protection, plan_protection_relaxed, retirements_due, Layout,
     ModelSpec, PlanConfig, PlanError, ProtectionPlan, RecoveryContext, Ring, SwarmState, UavId, UavState,
 };
 use std::collections::BTreeMap;
@@ -191,13 +191,15 @@ impl Controller {
         Ok(self.planned(f.reconfiguration.layout, f.recovery.ring, f.protection, epoch, request_id, resume))
     }
 
-    /// The member that will run out of energy before the request ends, if any (retire it first).
+    /// The member that will run out of energy before the request ends and within
+    /// `horizon_tokens`, if any: retire it now, at the last safe moment.
     pub fn retirement_candidate(
         &mut self,
         current: &Planned,
         telemetry: &BTreeMap<String, Telemetry>,
         total_tokens: u64,
         tokens_done: u64,
+        horizon_tokens: u64,
     ) -> Result<Option<String>> {
         if current.plan.stages.len() < 2 {
             return Ok(None);
@@ -205,7 +207,7 @@ impl Controller {
         let members: Vec<String> = current.plan.stages.iter().map(|s| s.uav.clone()).collect();
         let swarm = self.swarm(&members, telemetry)?;
         let spec = self.spec(total_tokens, tokens_done);
-        let c = retirement_candidates(&swarm, &spec, &current.layout, &current.ring, &current.protection)?;
+        let c = retirements_due(&swarm, &spec, &current.layout, &current.ring, &current.protection, horizon_tokens)?;
         Ok(c.first().map(|&id| self.name(id)))
     }
 

@@ -19,6 +19,7 @@
 //! reconfigure(&SwarmState, &ModelSpec, &Layout, &Ring, held) -> Result<Reconfiguration> // P2
 //! plan_failover(..., failed, RecoveryContext) -> Result<Failover>            // recovery + P2 + P1-new in one call
 //! retirement_candidates(&SwarmState, &ModelSpec, &Layout, &Ring, &ProtectionPlan) -> Result<Vec<UavId>>
+//! retirements_due(.., horizon_tokens) -> Result<Vec<UavId>>               // the candidates to retire now
 //! evaluate(&SwarmState, &ModelSpec, &Layout, &Ring, &ProtectionPlan, kv_tokens) -> Result<SwarmCost> // cost model
 //! ```
 //!
@@ -49,7 +50,7 @@ pub use error::{PlanError, Result};
 pub use initial::{plan_initial_layout, plan_initial_layout_with, uniform_layout, LayoutObjective};
 pub use protection::{plan_fixed, plan_protection, plan_protection_beam, plan_protection_relaxed, FixedPolicy};
 pub use recovery::{
-    held_state, plan_failover, plan_recovery, reconfigure, retirement_candidates, Failover, Reconfiguration,
+    held_state, plan_failover, plan_recovery, reconfigure, retirement_candidates, retirements_due, Failover, Reconfiguration,
     RecoveryContext, RecoveryPlan, TailSource,
 };
 pub use types::{

@@ -463,7 +463,7 @@ pub fn plan_failover(
 }
 
 /// UAVs whose expected remaining tokens (under the current plan) fall below the request's
-/// remaining tokens, lowest first: retire them (graceful `plan_failover`) before they die.
+/// remaining tokens, lowest first: they will not last the request.
 pub fn retirement_candidates(
     swarm: &SwarmState,
     model: &ModelSpec,
@@ -471,8 +471,23 @@ pub fn retirement_candidates(
     ring: &Ring,
     plan: &ProtectionPlan,
 ) -> Result<Vec<UavId>> {
+    retirements_due(swarm, model, layout, ring, plan, u64::MAX)
+}
+
+/// The candidates that are also within `horizon_tokens` of their end: retire them now (graceful
+/// `plan_failover`), not earlier. A UAV that will not last the request still serves until
+/// shortly before it would die; retiring it at the start would pile its layers (and the memory
+/// they need) on the others for the whole request.
+pub fn retirements_due(
+    swarm: &SwarmState,
+    model: &ModelSpec,
+    layout: &Layout,
+    ring: &Ring,
+    plan: &ProtectionPlan,
+    horizon_tokens: u64,
+) -> Result<Vec<UavId>> {
     let cost = evaluate(swarm, model, layout, ring, plan, model.total_tokens)?;
-    let need = model.remaining_tokens() as f64;
+    let need = (model.remaining_tokens() as f64).min(horizon_tokens as f64);
     let mut v: Vec<(f64, UavId)> =
         cost.per_uav.iter().filter(|c| c.expected_tokens < need).map(|c| (c.expected_tokens, c.uav)).collect();
     v.sort_by(|a, b| a.0.total_cmp(&b.0));

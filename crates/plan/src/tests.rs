@@ -394,3 +394,22 @@ fn invalid_input_is_an_error_not_a_panic() {
     let swarm2 = SwarmState { uavs: vec![], config: cfg(3.0, vec![1]) };
     assert!(plan_initial_layout(&swarm2, &md).is_err());
 }
+
+#[test]
+fn retirement_waits_for_the_last_safe_moment() {
+    // uav 1 cannot last the request; it is due for retirement only within the horizon of its end
+    let swarm = SwarmState {
+        uavs: vec![uav(0, 2.0e6, 1e12, 1e-3), uav(1, 2.0e3, 1e12, 1e-3), uav(2, 2.0e6, 1e12, 1e-3)],
+        config: cfg(3.0, vec![1, 2, 4]),
+    };
+    let m = model(12, 1_000_000);
+    let ring = Ring::new(vec![0, 1, 2]).unwrap();
+    let layout = Layout::from_counts(12, &ring, &[4, 4, 4]).unwrap();
+    let plan = ProtectionPlan::none(&layout);
+    assert_eq!(retirement_candidates(&swarm, &m, &layout, &ring, &plan).unwrap(), vec![1]);
+    let cost = evaluate(&swarm, &m, &layout, &ring, &plan, m.total_tokens).unwrap();
+    let left = cost.per_uav.iter().find(|c| c.uav == 1).unwrap().expected_tokens;
+    assert!(left > 10.0 && left < 1e6, "{left}");
+    assert!(retirements_due(&swarm, &m, &layout, &ring, &plan, (left * 0.5) as u64).unwrap().is_empty());
+    assert_eq!(retirements_due(&swarm, &m, &layout, &ring, &plan, (left * 1.5) as u64).unwrap(), vec![1]);
+}

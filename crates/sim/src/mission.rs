@@ -16,7 +16,7 @@ use tracing::debug;
 
 use aerokv_plan::{
     evaluate, plan_failover, plan_fixed, plan_initial_layout, plan_protection, plan_protection_beam, plan_protection_relaxed,
-    plan_recovery, retirement_candidates, uniform_layout, FixedPolicy, Layout, ModelSpec, PlanError, Protection,
+    plan_recovery, retirements_due, uniform_layout, FixedPolicy, Layout, ModelSpec, PlanError, Protection,
     ProtectionPlan, RecoveryContext, RecoveryPlan, Ring, SwarmState, UavId, UavState,
 };
 
@@ -417,7 +417,9 @@ impl Run<'_> {
             if self.method.is_aerokv() && self.method != Method::AeroKvNoRetire && (dirty || t % UAV_TRACE_EVERY == 0) && self.ring.len() > 2 {
                 let swarm = self.live_swarm(None);
                 self.model.tokens_done = t;
-                if let Ok(c) = retirement_candidates(&swarm, &self.model, &self.layout, &self.ring, &self.plan) {
+                // the last check before it would die (checks run every UAV_TRACE_EVERY tokens)
+                let horizon = 2 * UAV_TRACE_EVERY;
+                if let Ok(c) = retirements_due(&swarm, &self.model, &self.layout, &self.ring, &self.plan, horizon) {
                     if let Some(&u) = c.first() {
                         event_label = format!("retire:{u}");
                         if !self.handle(u, Kind::Retire, t) {

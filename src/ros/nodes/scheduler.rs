@@ -50,8 +50,10 @@ pub struct Params {
     pub step_timeout_s: f64,
     /// How often an idle swarm re-plans from fresh battery health.
     pub replan_period_s: f64,
-    /// Move the layers of a UAV whose battery will not last the request before it dies.
+    /// Move the layers of a UAV whose battery will not last the request before it dies ...
     pub retirement: bool,
+    /// ... once it has fewer than this many tokens left (it serves until then).
+    pub retirement_horizon_tokens: u64,
 }
 
 impl Default for Params {
@@ -77,6 +79,7 @@ impl Default for Params {
             step_timeout_s: 30.0,
             replan_period_s: 1.0,
             retirement: true,
+            retirement_horizon_tokens: 32,
         }
     }
 }
@@ -786,7 +789,7 @@ impl Scheduler {
         let Some(current) = self.current.clone() else { return Ok(()) };
         let telemetry = self.telemetry();
         let done = run.position as u64;
-        match self.controller.retirement_candidate(&current, &telemetry, run.total_tokens(), done) {
+        match self.controller.retirement_candidate(&current, &telemetry, run.total_tokens(), done, self.p.retirement_horizon_tokens) {
             Ok(Some(uav)) => {
                 tracing::warn!(%uav, "battery will not last the request: retiring it");
                 self.recover(run, &uav, "retirement").await?;
