@@ -52,9 +52,9 @@ def hop_latencies(log_dir):
     """p50/p99 per executor from the 'activation hop latency' lines, in ms."""
     out = {}
     for log in sorted(Path(log_dir).glob("uav*_shard_executor.log")):
-        m = re.search(r"activation hop latency hops=(\d+) p50_ms=([\d.]+) p99_ms=([\d.]+)", log.read_text(errors="replace"))
+        m = re.search(r"activation hop latency hops=(\d+) p50_ms=([\d.]+) p99_ms=([\d.]+) ms_per_layer_token=([\d.]+)", log.read_text(errors="replace"))
         if m:
-            out[log.name.split("_")[0]] = (int(m[1]), float(m[2]), float(m[3]))
+            out[log.name.split("_")[0]] = (int(m[1]), float(m[2]), float(m[3]), float(m[4]))
     return out
 
 
@@ -75,10 +75,15 @@ def bench_swarm(args):
     layout = " ".join(f"{x['uav']}:{x['layers']}" for x in last["stats"]["layout"])
     print(f"layout (layers per UAV): {layout}")
     print("per-hop activation latency (sender stamp -> receipt), ms:")
-    for uav, (n, p50, p99) in hop_latencies(last["log_dir"]).items():
+    hops = hop_latencies(last["log_dir"])
+    for uav, (n, p50, p99, _) in hops.items():
         print(f"  into {uav}:   p50 {p50:6.3f}  p99 {p99:6.3f}  ({n} hops)")
     g = last["stats"].get("gateway_hop_ms", {})
     print(f"  into gateway: p50 {g.get('p50', float('nan')):6.3f}  p99 {g.get('p99', float('nan')):6.3f}  ({g.get('n', 0)} hops)")
+    per_layer = [x[3] for x in hops.values()]
+    if per_layer:
+        print(f"compute per layer per token in the swarm (incl. prefill and replicas): {min(per_layer):.3f}-{max(per_layer):.3f} ms "
+              f"(one process: {single['ms_per_token_per_layer']:.3f} ms)")
 
 
 def bench_recovery(args):

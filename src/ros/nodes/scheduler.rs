@@ -143,6 +143,8 @@ struct Incident {
     recovered_at: f64,
     next_token_at: f64,
     planned_recovery_s: f64,
+    /// Why a restart replaced the failover (empty for a failover).
+    why: String,
 }
 
 struct Scheduler {
@@ -220,10 +222,8 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     };
     tracing::info!(variant = %p.variant, layers = arch.layers, layer_ms = own_layer_latency_s * 1e3, "gateway loaded");
 
-    let (out_tx, outputs) = mpsc::unbounded_channel();
-    forward(ctx.subscribe::<Activation>(names::GATEWAY_INPUT, names::data_plane())?, out_tx);
-    let (fail_tx, failures) = mpsc::unbounded_channel();
-    forward(ctx.subscribe::<FailureEvent>(names::FAILURES, names::events())?, fail_tx);
+    let outputs = ctx.subscribe::<Activation>(names::GATEWAY_INPUT, names::data_plane())?;
+    let failures = ctx.subscribe::<FailureEvent>(names::FAILURES, names::events())?;
     let mut service = ctx.lock().create_service::<Generate::Service>(names::GENERATE, r2r::QosProfile::default())?;
     let mut s = Scheduler {
         assign_pub: ctx.publisher::<Assignment>(names::ASSIGNMENT, names::latched())?,
@@ -288,16 +288,6 @@ fn measure_layer_latency(runtime: &Runtime, manifest: &Manifest) -> anyhow::Resu
         shard.forward(&one, 8 + i)?;
     }
     Ok(started.elapsed().as_secs_f64() / 16.0)
-}
-
-fn forward<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>, tx: mpsc::UnboundedSender<T>) {
-    tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            if tx.send(m).is_err() {
-                break;
-            }
-        }
-    });
 }
 
 impl Scheduler {
@@ -366,10 +356,17 @@ impl Scheduler {
     /// declaration cannot be right (the watchdog's view was stale: a stalled process, not a dead
     /// drone). A dead executor has been silent for the whole timeout when it is declared.
     fn note_failure(&mut self, ev: &FailureEvent) -> bool {
-        let (seq, age) = self.lock().beats.get(&ev.uav_id).map_or((0, f64::INFINITY), |(t, hb)| (hb.sequence, t.elapsed().as_secs_f64()));
-        if ev.reason == "heartbeat_timeout" && ev.silence_s.is_finite() && age < ev.silence_s / 2.0 {
-            tracing::warn!(uav = %ev.uav_id, silence_s = ev.silence_s, heard_s_ago = age, "failure declaration ignored: the UAV is alive");
-            return false;
+        let (seq, age, sent) = self.lock().beats.get(&ev.uav_id).map_or((0, f64::INFINITY, f64::NEG_INFINITY), |(t, hb)| {
+            (hb.sequence, t.elapsed().as_secs_f64(), f64::from(hb.stamp.sec) + f64::from(hb.stamp.nanosec) * 1e-9)
+        });
+        if ev.reason == "heartbeat_timeout" && ev.silence_s.is_finite() {
+            // The watchdog last heard from it at `declared - silence`; a heartbeat sent after that
+            // (same machine clock) or received just now means the watchdog's view was stale.
+            let declared = f64::from(ev.stamp.sec) + f64::from(ev.stamp.nanosec) * 1e-9;
+            if age < ev.silence_s / 2.0 || sent > declared - ev.silence_s / 2.0 {
+                tracing::warn!(uav = %ev.uav_id, silence_s = ev.silence_s, heard_s_ago = age, sent_after_declaration_s = sent - declared, "failure declaration ignored: the UAV is alive");
+                return false;
+            }
         }
         self.failed.insert(ev.uav_id.clone(), seq);
         tracing::warn!(uav = %ev.uav_id, reason = %ev.reason, "failure noted");
@@ -686,32 +683,26 @@ impl Scheduler {
             recovered_at: 0.0,
             next_token_at: 0.0,
             planned_recovery_s: 0.0,
+            why: String::new(),
         };
-        let ok = match planned {
+        let why = match planned {
             Ok(planned) if planned.plan.resume_position > 0 => {
                 incident.planned_recovery_s = planned.protection.worst_recovery_s;
                 self.epoch += 1;
                 self.publish(planned, &format!("{reason} of {failed}")).map_err(|e| Interrupt::Fatal(e.to_string()))?;
                 run.epochs.push(self.epoch);
                 match self.wait_ready().await {
-                    Ok(()) => true,
-                    Err(Interrupt::Failed(other)) => {
-                        tracing::warn!(%other, "another failure during recovery: restarting exactly");
-                        false
-                    }
-                    Err(Interrupt::Fatal(why)) => {
-                        tracing::warn!(%why, "failover did not complete: restarting exactly");
-                        false
-                    }
+                    Ok(()) => None,
+                    Err(Interrupt::Failed(other)) => Some(format!("another failure during recovery: {other}")),
+                    Err(Interrupt::Fatal(why)) => Some(format!("failover did not complete: {why}")),
                 }
             }
-            Ok(_) => false,
-            Err(why) => {
-                tracing::warn!(failed, %why, "no failover plan: restarting exactly");
-                false
-            }
+            Ok(_) => Some("the failure came during the prompt: nothing to recover".to_string()),
+            Err(why) => Some(format!("no failover plan: {why}")),
         };
-        if !ok {
+        if let Some(why) = why {
+            tracing::warn!(failed, %why, "restarting exactly");
+            incident.why = why;
             incident.mode = "restart".into();
             run.rewind();
             self.plan_restart(run, &format!("restart after {reason} of {failed}")).await?;

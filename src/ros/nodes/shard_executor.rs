@@ -145,7 +145,9 @@ impl Worker {
             if matches!(ev, Event::Stop) {
                 if !self.hops.is_empty() {
                     let p = super::scheduler::percentiles(&self.hops);
-                    tracing::info!(hops = self.hops.len(), p50_ms = %p["p50"], p99_ms = %p["p99"], "activation hop latency");
+                    let u = &self.host.usage;
+                    let ms_per_layer_token = if u.computed_layer_tokens > 0 { u.compute.as_secs_f64() * 1e3 / u.computed_layer_tokens as f64 } else { f64::NAN };
+                    tracing::info!(hops = self.hops.len(), p50_ms = %p["p50"], p99_ms = %p["p99"], ms_per_layer_token, "activation hop latency");
                 }
                 break;
             }
@@ -288,11 +290,13 @@ impl Worker {
         if !self.subscribed.insert(topic.clone()) {
             return Ok(());
         }
-        let _guard = self.handle.enter();
-        let mut rx = self.ctx.subscribe::<T>(&topic, qos)?;
+        // Straight from r2r's stream to the worker's channel: one hand-off per message on the
+        // hot path, and r2r's small queue is emptied as fast as the stream is polled.
+        use futures::StreamExt;
+        let mut stream = self.ctx.lock().subscribe::<T>(&topic, qos)?;
         let tx = self.tx.clone();
         self.handle.spawn(async move {
-            while let Some(m) = rx.recv().await {
+            while let Some(m) = stream.next().await {
                 if tx.send(wrap(m)).is_err() {
                     break;
                 }
