@@ -159,7 +159,8 @@ impl Worker {
     fn handle_event(&mut self, ev: Event) {
         let current = self.host.epoch();
         let epoch = ev.epoch();
-        if !matches!(ev, Event::Assignment(_)) {
+        let is_assignment = matches!(ev, Event::Assignment(_));
+        if !is_assignment {
             if epoch < current {
                 let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
                 st.hb.stale_messages += 1;
@@ -194,8 +195,13 @@ impl Worker {
                 .and_then(|emits| self.emit(emits)),
         };
         if let Err(e) = result {
-            tracing::error!("{e:#}");
-            self.status.lock().unwrap_or_else(|e| e.into_inner()).hb.state = format!("error: {e:#}");
+            if is_assignment || !self.host.ready() {
+                // This epoch cannot be served: say so, the scheduler re-plans.
+                tracing::error!("{e:#}");
+                self.status.lock().unwrap_or_else(|e| e.into_inner()).hb.state = format!("error: {e:#}");
+            } else {
+                tracing::warn!("message ignored: {e:#}");
+            }
         }
     }
 
