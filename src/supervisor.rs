@@ -38,6 +38,17 @@ impl Supervisor {
         }
         let mut cmd = Command::new(&exe);
         cmd.args(node.ros_args()).stdin(Stdio::null());
+        // A node must not outlive its launcher, even one that was SIGKILLed.
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; it only marks the child.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         if let Some(dir) = &self.log_dir {
             let _ = std::fs::create_dir_all(dir);
             let file = dir.join(format!("{}.log", node.fqn().trim_start_matches('/').replace('/', "_")));
@@ -150,9 +161,20 @@ pub fn bin_dir() -> PathBuf {
 /// on `<file>_el`, so only orphans are removed. Returns how many files went.
 pub fn clean_orphaned_shm() -> usize {
     let Ok(dir) = std::fs::read_dir("/dev/shm") else { return 0 };
+    let mapped = mapped_shm_files();
     let mut removed = 0;
     for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
+        // Listening ports (one per participant and domain) and their mutexes: orphaned when no
+        // process maps them; every ROS domain used leaves its own otherwise.
+        if let Some(port) = name.strip_prefix("fastrtps_port").filter(|p| p.bytes().all(|b| b.is_ascii_digit())) {
+            let sem = format!("sem.fastrtps_port{port}_mutex");
+            if !mapped.contains(&name) && !mapped.contains(&sem) {
+                removed += usize::from(std::fs::remove_file(entry.path()).is_ok());
+                removed += usize::from(std::fs::remove_file(entry.path().with_file_name(sem)).is_ok());
+            }
+            continue;
+        }
         let Some(base) = name.strip_prefix("fastrtps_").and_then(|n| n.strip_suffix("_el")) else { continue };
         let lock_path = entry.path();
         let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(&lock_path) else { continue };
@@ -165,4 +187,24 @@ pub fn clean_orphaned_shm() -> usize {
         }
     }
     removed
+}
+
+/// Names of the /dev/shm files some process has mapped (from /proc/<pid>/maps).
+fn mapped_shm_files() -> std::collections::HashSet<String> {
+    let mut out = std::collections::HashSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else { return out };
+    for p in procs.flatten() {
+        if !p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(maps) = std::fs::read_to_string(p.path().join("maps")) {
+            for line in maps.lines() {
+                if let Some(i) = line.find("/dev/shm/") {
+                    let name = line[i + 9..].trim_end_matches(" (deleted)");
+                    out.insert(name.to_string());
+                }
+            }
+        }
+    }
+    out
 }

@@ -61,7 +61,8 @@ class Proc:
 
 @pytest.fixture
 def procs(tmp_path):
-    """Start processes; every one still running at the end is stopped (by its own pid)."""
+    """Start processes; every one still running at the end is stopped (by its own pid): SIGTERM,
+    SIGKILL after 10 s."""
     started = []
 
     def start(args, name="proc", env=None):
@@ -70,8 +71,9 @@ def procs(tmp_path):
         return p
 
     yield start
+    # SIGTERM first: a launcher stops its nodes (and removes what they leave in /dev/shm).
     for p in started:
-        p.stop(signal.SIGKILL, timeout=5)
+        p.stop(signal.SIGTERM, timeout=10)
 
 
 @pytest.fixture
