@@ -555,8 +555,14 @@ impl Scheduler {
         // A fresh plan for this request from current battery health and membership.
         self.plan_restart(run, "request").await?;
         run.started = true;
+        // The next step leaves as soon as its token is sampled; streaming the token and the
+        // retirement check happen while the swarm computes it.
+        let mut in_flight = false;
         loop {
-            self.send_step(run)?;
+            if !in_flight {
+                self.send_step(run)?;
+            }
+            in_flight = false;
             let hidden = match self.await_output(run).await {
                 Ok(h) => h,
                 Err(Interrupt::Failed(uav)) => {
@@ -566,49 +572,60 @@ impl Scheduler {
                 Err(e) => return Err(e),
             };
             let index = run.yields();
-            let next = if index < run.tokens.len() {
-                run.tokens[index] // replaying known tokens after a restart
-            } else {
-                let logits = self.gateway.logits(&hidden).map_err(|e| Interrupt::Fatal(format!("LM head: {e}")))?;
-                let id = run.sampler.sample(&logits).map_err(|e| Interrupt::Fatal(format!("sampling: {e}")))?;
-                if run.first_token_at.is_none() {
-                    run.first_token_at = Some(Instant::now());
-                    run.prefill_s = started.elapsed().as_secs_f64();
-                }
-                let now = unix_now();
-                for inc in run.incidents.iter_mut().filter(|i| i.next_token_at == 0.0) {
-                    inc.next_token_at = now;
-                }
-                if !run.ignore_eos && self.gateway.is_stop(id) {
-                    return Ok("eos");
-                }
-                run.tokens.push(id);
-                let text = run.detok.push(&self.gateway, id).ok().flatten().unwrap_or_default();
-                let chunk = TokenChunk {
-                    request_id: run.request_id,
-                    index: index as u32,
-                    token_id: id as i32,
-                    text,
-                    done: false,
-                    finish_reason: String::new(),
-                    epoch: self.epoch,
-                };
-                if let Err(e) = self.token_pub.publish(&chunk) {
-                    tracing::warn!("publish token: {e}");
-                }
-                if run.tokens.len() >= run.max_tokens {
-                    return Ok("length");
-                }
-                id
-            };
+            if index < run.tokens.len() {
+                // replaying known tokens after a restart
+                run.position += run.chunk.len();
+                run.chunk = vec![run.tokens[index]];
+                continue;
+            }
+            let logits = self.gateway.logits(&hidden).map_err(|e| Interrupt::Fatal(format!("LM head: {e}")))?;
+            let id = run.sampler.sample(&logits).map_err(|e| Interrupt::Fatal(format!("sampling: {e}")))?;
+            if run.first_token_at.is_none() {
+                run.first_token_at = Some(Instant::now());
+                run.prefill_s = started.elapsed().as_secs_f64();
+            }
+            let now = unix_now();
+            for inc in run.incidents.iter_mut().filter(|i| i.next_token_at == 0.0) {
+                inc.next_token_at = now;
+            }
+            if !run.ignore_eos && self.gateway.is_stop(id) {
+                return Ok("eos");
+            }
+            run.tokens.push(id);
             run.position += run.chunk.len();
-            run.chunk = vec![next];
-            if run.position + 1 > self.max_context {
-                return Ok("context");
+            run.chunk = vec![id];
+            let finish = if run.tokens.len() >= run.max_tokens {
+                Some("length")
+            } else if run.position + 1 > self.max_context {
+                Some("context")
+            } else {
+                self.send_step(run)?;
+                in_flight = true;
+                None
+            };
+            self.stream_token(run, index, id);
+            if let Some(reason) = finish {
+                return Ok(reason);
             }
-            if index + 1 >= run.tokens.len() && self.p.retirement {
-                self.maybe_retire(run).await?;
+            if self.p.retirement && self.maybe_retire(run).await? {
+                in_flight = false; // the step went out in the previous epoch: send it again
             }
+        }
+    }
+
+    fn stream_token(&mut self, run: &mut Run, index: usize, id: u32) {
+        let text = run.detok.push(&self.gateway, id).ok().flatten().unwrap_or_default();
+        let chunk = TokenChunk {
+            request_id: run.request_id,
+            index: index as u32,
+            token_id: id as i32,
+            text,
+            done: false,
+            finish_reason: String::new(),
+            epoch: self.epoch,
+        };
+        if let Err(e) = self.token_pub.publish(&chunk) {
+            tracing::warn!("publish token: {e}");
         }
     }
 
@@ -776,8 +793,8 @@ impl Scheduler {
 
     /// Planned retirement: a member whose battery will not last the rest of the request hands
     /// its layers over now, between two tokens, with no failure.
-    async fn maybe_retire(&mut self, run: &mut Run) -> Result<(), Interrupt> {
-        let Some(current) = self.current.clone() else { return Ok(()) };
+    async fn maybe_retire(&mut self, run: &mut Run) -> Result<bool, Interrupt> {
+        let Some(current) = self.current.clone() else { return Ok(false) };
         let telemetry = self.telemetry();
         let done = run.position as u64;
         match self.controller.retirement_candidate(&current, &telemetry, run.total_tokens(), done, self.p.retirement_horizon_tokens) {
@@ -787,10 +804,11 @@ impl Scheduler {
                 // It stays out of plans until it restarts (recharged, as a new process).
                 let seq = self.lock().beats.get(&uav).map_or(0, |(_, hb)| hb.sequence);
                 self.retired.insert(uav, seq);
+                return Ok(true);
             }
             Ok(None) => {}
             Err(e) => tracing::debug!("retirement check: {e}"),
         }
-        Ok(())
+        Ok(false)
     }
 }
