@@ -58,8 +58,6 @@ pub struct Planned {
     pub layout: Layout,
     pub ring: Ring,
     pub protection: ProtectionPlan,
-    /// Expected tokens of the UAV that will run out first.
-    pub min_expected_tokens: f64,
 }
 
 pub struct Controller {
@@ -227,14 +225,7 @@ impl Controller {
                 Stage { uav: self.name(id), start, len, k, t }
             })
             .collect();
-        let min_expected_tokens = protection.min_expected_tokens;
-        Planned {
-            plan: SwarmPlan { epoch, num_layers: l, stages, request_id, resume_position: resume },
-            layout,
-            ring,
-            protection,
-            min_expected_tokens,
-        }
+        Planned { plan: SwarmPlan { epoch, num_layers: l, stages, request_id, resume_position: resume }, layout, ring, protection }
     }
 }
 

@@ -246,7 +246,7 @@ async fn session(a: &SwarmArgs, node: Arc<Mutex<r2r::Node>>, sup: &mut Superviso
 /// Per kill: detection, recovery and next-token times, from the kill (the scheduler reports
 /// wall-clock instants of declaration, recovery and the next token).
 fn failure_report(stats: &serde_json::Value, kills: &[Kill]) -> serde_json::Value {
-    let now_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+    let now_unix = crate::ros::unix_now();
     let incidents = stats["incidents"].as_array().cloned().unwrap_or_default();
     let out: Vec<serde_json::Value> = incidents
         .iter()

@@ -65,6 +65,29 @@ fn drain<T: Send + 'static>(mut stream: impl Stream<Item = T> + Unpin + Send + '
     rx
 }
 
+/// Milliseconds since a message's stamp (same machine clock).
+pub fn hop_ms(stamp: &r2r::builtin_interfaces::msg::Time) -> f64 {
+    (unix_now() - stamp_secs(stamp)) * 1e3
+}
+
+/// A `builtin_interfaces/Time` in seconds.
+pub fn stamp_secs(stamp: &r2r::builtin_interfaces::msg::Time) -> f64 {
+    f64::from(stamp.sec) + f64::from(stamp.nanosec) * 1e-9
+}
+
+/// `{"n", "p50", "p99"}` of a sample.
+pub fn percentiles(v: &[f64]) -> serde_json::Value {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let at = |q: f64| s.get(((s.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    serde_json::json!({"n": s.len(), "p50": at(0.5), "p99": at(0.99)})
+}
+
+/// Wall-clock seconds since the UNIX epoch.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
 /// `builtin_interfaces/Time` of the wall clock.
 pub fn now_stamp() -> r2r::builtin_interfaces::msg::Time {
     let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();

@@ -89,6 +89,11 @@ fn greedy_fallback(swarm: &SwarmState, model: &ModelSpec, layout: &Layout, ring:
         let period = if tail > 0 && used + f64::from(tail) * kv <= d.mem_budget[s] { periods.first().copied() } else { None };
         per_uav.insert(d.ids[i], Protection { k: k[i], period });
     }
+    measured(swarm, model, layout, ring, per_uav)
+}
+
+/// A plan from per-UAV choices, with its summary figures from the cost model.
+fn measured(swarm: &SwarmState, model: &ModelSpec, layout: &Layout, ring: &Ring, per_uav: BTreeMap<crate::types::UavId, Protection>) -> ProtectionPlan {
     let mut plan = ProtectionPlan {
         per_uav,
         min_expected_tokens: 0.0,
@@ -138,15 +143,7 @@ pub fn plan_fixed(
         };
         per_uav.insert(d.ids[i], prot);
     }
-    let mut plan = ProtectionPlan {
-        per_uav,
-        min_expected_tokens: 0.0,
-        pipeline_latency_s: 0.0,
-        worst_recovery_s: f64::INFINITY,
-        meets_deadline: false,
-    };
-    fill_metrics(swarm, model, layout, ring, &mut plan);
-    Ok(plan)
+    Ok(measured(swarm, model, layout, ring, per_uav))
 }
 
 /// Baseline protection policies.

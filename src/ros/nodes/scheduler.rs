@@ -5,7 +5,7 @@
 //! restart when the state to fail over is not there) and retires UAVs before their batteries die.
 use super::discovery::uavs_with_topic;
 use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telemetry};
-use crate::ros::{convert, names, NodeContext};
+use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext};
 use aerokv_engine::{models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard};
 use aerokv_plan::{PlanConfig, PowerModel};
 use futures::StreamExt;
@@ -14,7 +14,7 @@ use r2r::aerokv::srv::Generate;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -174,23 +174,6 @@ struct Scheduler {
     hops: Vec<f64>,
 }
 
-/// Milliseconds since a message's stamp (same machine clock).
-pub fn hop_ms(stamp: &r2r::builtin_interfaces::msg::Time) -> f64 {
-    let sent = f64::from(stamp.sec) + f64::from(stamp.nanosec) * 1e-9;
-    (unix_now() - sent) * 1e3
-}
-
-/// `{"n", "p50", "p99"}` of a sample.
-pub fn percentiles(v: &[f64]) -> serde_json::Value {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let at = |q: f64| s.get(((s.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
-    serde_json::json!({"n": s.len(), "p50": at(0.5), "p99": at(0.99)})
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
-}
 
 pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     p.validate()?;
@@ -357,12 +340,12 @@ impl Scheduler {
     /// drone). A dead executor has been silent for the whole timeout when it is declared.
     fn note_failure(&mut self, ev: &FailureEvent) -> bool {
         let (seq, age, sent) = self.lock().beats.get(&ev.uav_id).map_or((0, f64::INFINITY, f64::NEG_INFINITY), |(t, hb)| {
-            (hb.sequence, t.elapsed().as_secs_f64(), f64::from(hb.stamp.sec) + f64::from(hb.stamp.nanosec) * 1e-9)
+            (hb.sequence, t.elapsed().as_secs_f64(), stamp_secs(&hb.stamp))
         });
         if ev.reason == "heartbeat_timeout" && ev.silence_s.is_finite() {
             // The watchdog last heard from it at `declared - silence`; a heartbeat sent after that
             // (same machine clock) or received just now means the watchdog's view was stale.
-            let declared = f64::from(ev.stamp.sec) + f64::from(ev.stamp.nanosec) * 1e-9;
+            let declared = stamp_secs(&ev.stamp);
             if age < ev.silence_s / 2.0 || sent > declared - ev.silence_s / 2.0 {
                 tracing::warn!(uav = %ev.uav_id, silence_s = ev.silence_s, heard_s_ago = age, sent_after_declaration_s = sent - declared, "failure declaration ignored: the UAV is alive");
                 return false;
@@ -376,7 +359,7 @@ impl Scheduler {
     fn publish(&mut self, planned: Planned, reason: &str) -> anyhow::Result<()> {
         let msg = convert::assignment(&planned.plan, &self.p.variant, reason);
         let layout: Vec<String> = planned.plan.stages.iter().map(|s| format!("{}[{}+{} K{} T{}]", s.uav, s.start, s.len, s.k, s.t)).collect();
-        tracing::info!(epoch = planned.plan.epoch, reason, resume = planned.plan.resume_position, layout = %layout.join(" "), min_expected_tokens = planned.min_expected_tokens, "assignment published");
+        tracing::info!(epoch = planned.plan.epoch, reason, resume = planned.plan.resume_position, layout = %layout.join(" "), min_expected_tokens = planned.protection.min_expected_tokens, "assignment published");
         self.assign_pub.publish(&msg)?;
         self.current = Some(planned);
         Ok(())

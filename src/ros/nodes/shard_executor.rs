@@ -144,7 +144,7 @@ impl Worker {
         while let Ok(ev) = rx.recv() {
             if matches!(ev, Event::Stop) {
                 if !self.hops.is_empty() {
-                    let p = super::scheduler::percentiles(&self.hops);
+                    let p = crate::ros::percentiles(&self.hops);
                     let u = &self.host.usage;
                     let ms_per_layer_token = if u.computed_layer_tokens > 0 { u.compute.as_secs_f64() * 1e3 / u.computed_layer_tokens as f64 } else { f64::NAN };
                     tracing::info!(hops = self.hops.len(), p50_ms = %p["p50"], p99_ms = %p["p99"], ms_per_layer_token, "activation hop latency");
@@ -235,7 +235,7 @@ impl Worker {
         let h = convert::hidden(msg)?;
         let (req, boundary, pos) = (msg.request_id, msg.layer_boundary as usize, msg.position as usize);
         if owner == self.uav {
-            self.hops.push(super::scheduler::hop_ms(&msg.stamp));
+            self.hops.push(crate::ros::hop_ms(&msg.stamp));
             let emits = self.host.on_input(req, boundary, pos, &h)?;
             self.emit(emits)
         } else {
