@@ -82,7 +82,7 @@ def bench_swarm(args):
     print(f"  into gateway: p50 {g.get('p50', float('nan')):6.3f}  p99 {g.get('p99', float('nan')):6.3f}  ({g.get('n', 0)} hops)")
     per_layer = [x[3] for x in hops.values()]
     if per_layer:
-        print(f"compute per layer per token in the swarm (incl. prefill and replicas): {min(per_layer):.3f}-{max(per_layer):.3f} ms "
+        print(f"compute per layer per token in the swarm (decode steps, as one process): {min(per_layer):.3f}-{max(per_layer):.3f} ms "
               f"(one process: {single['ms_per_token_per_layer']:.3f} ms)")
 
 

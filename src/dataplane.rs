@@ -149,6 +149,9 @@ struct PendingReplay {
 pub struct Usage {
     pub compute: Duration,
     pub computed_layer_tokens: u64,
+    /// Single-token steps only (prefill and replays batch tokens and are cheaper per token).
+    pub decode_compute: Duration,
+    pub decode_layer_tokens: u64,
     pub last_ms_per_layer: f64,
 }
 
@@ -527,6 +530,8 @@ impl ShardHost {
         self.usage.compute += took;
         self.usage.computed_layer_tokens += (layers * tokens) as u64;
         if layers > 0 && tokens == 1 {
+            self.usage.decode_compute += took;
+            self.usage.decode_layer_tokens += layers as u64;
             self.usage.last_ms_per_layer = took.as_secs_f64() * 1e3 / layers as f64;
         }
     }

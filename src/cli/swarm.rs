@@ -147,7 +147,7 @@ fn drive(a: &SwarmArgs, sup: &mut Supervisor, kills: &mut [Kill]) -> anyhow::Res
         let (node, stop) = (node.clone(), stop.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                node.lock().unwrap_or_else(|e| e.into_inner()).spin_once(Duration::from_millis(5));
+                node.lock().unwrap_or_else(|e| e.into_inner()).spin_once(crate::ros::SPIN_TIMEOUT);
             }
         })
     };

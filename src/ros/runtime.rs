@@ -10,6 +10,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
+/// The longest a spinning thread waits in DDS when nothing arrives. Every timeout is a wakeup:
+/// at 5 ms the swarm's ten processes woke 2,400 times a second and preempted the data plane on a
+/// 2-core machine. A longer wait only delays other tasks that need the node lock to create a
+/// publisher or subscription, which happens at discovery and planning, never per token.
+pub const SPIN_TIMEOUT: Duration = Duration::from_millis(50);
+
 /// What a node body gets: the r2r node, its identity, and the shutdown signal.
 #[derive(Clone)]
 pub struct NodeContext {
@@ -17,6 +23,27 @@ pub struct NodeContext {
     /// Namespace leaf, e.g. "uav3" ("" in the root namespace).
     pub namespace: String,
     shutdown: broadcast::Sender<()>,
+    /// Set while a [`Spinner`] spins the node from its own thread.
+    spun_elsewhere: Arc<AtomicBool>,
+}
+
+/// The node spun from the thread that holds this (see [`NodeContext::spin_here`]); the runtime's
+/// spin thread takes over again when it is dropped.
+pub struct Spinner {
+    ctx: NodeContext,
+}
+
+impl Spinner {
+    /// Waits up to `timeout` for work and hands what arrived to the subscription streams.
+    pub fn spin_once(&self, timeout: Duration) {
+        self.ctx.lock().spin_once(timeout);
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.ctx.spun_elsewhere.store(false, Ordering::Relaxed);
+    }
 }
 
 impl NodeContext {
@@ -26,6 +53,14 @@ impl NodeContext {
         async move {
             let _ = rx.recv().await;
         }
+    }
+
+    /// Spin the node from the calling thread from now on. A data-plane thread waiting in
+    /// `spin_once` itself is woken by DDS directly: two thread hand-offs per message fewer than a
+    /// subscription stream polled by a task, on a path every token crosses once per drone.
+    pub fn spin_here(&self) -> Spinner {
+        self.spun_elsewhere.store(true, Ordering::Relaxed);
+        Spinner { ctx: self.clone() }
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, r2r::Node> {
@@ -129,15 +164,19 @@ where
         let node = r2r::Node::create(ctx, args.node_name.as_deref().unwrap_or(default_name), "")?;
         let node = Arc::new(Mutex::new(node));
         let (shutdown, _) = broadcast::channel(1);
-        let nc = NodeContext { node: node.clone(), namespace: args.namespace_leaf(), shutdown: shutdown.clone() };
+        let spun_elsewhere = Arc::new(AtomicBool::new(false));
+        let nc = NodeContext { node: node.clone(), namespace: args.namespace_leaf(), shutdown: shutdown.clone(), spun_elsewhere: spun_elsewhere.clone() };
 
         let stop_spin = Arc::new(AtomicBool::new(false));
         let spin = {
             let stop = stop_spin.clone();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    node.lock().unwrap_or_else(|e| e.into_inner()).spin_once(Duration::from_millis(5));
-                    std::thread::yield_now();
+                    if spun_elsewhere.load(Ordering::Relaxed) {
+                        std::thread::sleep(SPIN_TIMEOUT);
+                        continue;
+                    }
+                    node.lock().unwrap_or_else(|e| e.into_inner()).spin_once(SPIN_TIMEOUT);
                 }
             })
         };

@@ -164,7 +164,10 @@ struct Scheduler {
     assign_pub: r2r::Publisher<Assignment>,
     token_pub: r2r::Publisher<TokenChunk>,
     input_pubs: BTreeMap<String, r2r::Publisher<Activation>>,
-    outputs: mpsc::UnboundedReceiver<Activation>,
+    /// The last stage's outputs, read straight from the subscription (not through a draining
+    /// task like the other topics): one step is in flight at a time, so r2r's queue of 10 never
+    /// fills, and every token saves a thread hand-off.
+    outputs: futures::stream::BoxStream<'static, Activation>,
     failures: mpsc::UnboundedReceiver<FailureEvent>,
     current: Option<Planned>,
     epoch: u64,
@@ -205,7 +208,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     };
     tracing::info!(variant = %p.variant, layers = arch.layers, layer_ms = own_layer_latency_s * 1e3, "gateway loaded");
 
-    let outputs = ctx.subscribe::<Activation>(names::GATEWAY_INPUT, names::data_plane())?;
+    let outputs = ctx.lock().subscribe::<Activation>(names::GATEWAY_INPUT, names::data_plane())?.boxed();
     let failures = ctx.subscribe::<FailureEvent>(names::FAILURES, names::events())?;
     let mut service = ctx.lock().create_service::<Generate::Service>(names::GENERATE, r2r::QosProfile::default())?;
     let mut s = Scheduler {
@@ -244,7 +247,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
                 }
             }
             Some(ev) = s.failures.recv() => { s.note_failure(&ev); }
-            Some(msg) = s.outputs.recv() => { s.stale_dropped += 1; tracing::debug!(epoch = msg.epoch, "activation outside a request dropped"); }
+            Some(msg) = s.outputs.next() => { s.stale_dropped += 1; tracing::debug!(epoch = msg.epoch, "activation outside a request dropped"); }
             _ = tick.tick() => {
                 s.discover()?;
                 if last_replan.elapsed().as_secs_f64() >= s.p.replan_period_s {
@@ -285,6 +288,10 @@ impl Scheduler {
                 continue;
             }
             tracing::info!(%uav, "UAV discovered");
+            // Its input publisher now, not when a failover first makes it the first stage.
+            let topic = names::stage_input(&uav);
+            let publisher = self.ctx.publisher::<Activation>(&topic, names::data_plane())?;
+            self.input_pubs.insert(topic, publisher);
             let mut beats = self.ctx.subscribe::<Heartbeat>(&names::heartbeat(&uav), names::telemetry())?;
             let mut battery = self.ctx.subscribe::<BatteryHealth>(&names::battery(&uav), names::telemetry())?;
             let live = self.live.clone();
@@ -633,7 +640,7 @@ impl Scheduler {
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                Some(msg) = self.outputs.recv() => {
+                Some(msg) = self.outputs.next() => {
                     if msg.epoch != self.epoch || msg.request_id != run.request_id || msg.position as usize != run.position {
                         self.stale_dropped += 1;
                         tracing::debug!(epoch = msg.epoch, position = msg.position, "stale output dropped");

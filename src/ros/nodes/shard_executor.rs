@@ -1,14 +1,17 @@
 //! `shard_executor`: one per UAV, the data plane. Follows the scheduler's assignments (epochs),
 //! runs its native layers and the live replica of its successor's head, streams boundary
 //! snapshots, replays after a failure, heartbeats. All engine work happens on one worker thread
-//! that owns the [`ShardHost`]; subscriptions only forward messages to it.
+//! that owns the [`ShardHost`] and spins the node itself: DDS wakes it directly when an
+//! activation arrives. The async side only heartbeats and handles shutdown.
 use crate::dataplane::{Emit, ShardHost};
-use crate::ros::{convert, names, now_stamp, NodeContext};
+use crate::ros::{convert, names, now_stamp, NodeContext, SPIN_TIMEOUT};
 use aerokv_engine::{models_root, Manifest, Runtime, RuntimeConfig};
+use futures::stream::{BoxStream, SelectAll};
+use futures::{FutureExt, StreamExt};
 use r2r::aerokv::msg::{Activation, Assignment, Heartbeat, KvSnapshot};
 use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,9 +36,6 @@ impl Default for Params {
 }
 
 enum Event {
-    /// Drop the engine state and end the worker (before the process exits: ONNX Runtime must not
-    /// be torn down under a live session).
-    Stop,
     Assignment(Assignment),
     /// Input of `owner`'s layers (this UAV's, or its successor's for the head replica).
     Input { owner: String, msg: Activation },
@@ -47,7 +47,6 @@ impl Event {
     fn epoch(&self) -> u64 {
         match self {
             Event::Assignment(a) => a.epoch,
-            Event::Stop => 0,
             Event::Input { msg, .. } | Event::Replay { msg, .. } => msg.epoch,
             Event::Kv(k) => k.epoch,
         }
@@ -74,16 +73,27 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     // Heartbeats leave through a DDS participant of their own: when a neighbour dies, pushes to
     // its shared-memory port can stall the data plane's participant for up to a second, and the
     // watchdog must not mistake that for this UAV's death.
-    let hb_node = r2r::Node::create(r2r::Context::create()?, &format!("shard_executor_heartbeat_{}", p.uav_id), "")?;
-    let hb_pub = { let mut n = hb_node; let publisher = n.create_publisher::<Heartbeat>(&names::heartbeat(&p.uav_id), names::telemetry())?; (n, publisher) };
-    let (_hb_node, hb_pub) = hb_pub;
-    let mut assignments = ctx.subscribe::<Assignment>(names::ASSIGNMENT, names::latched())?;
+    let mut hb_node = r2r::Node::create(r2r::Context::create()?, &format!("shard_executor_heartbeat_{}", p.uav_id), "")?;
+    let hb_pub = hb_node.create_publisher::<Heartbeat>(&names::heartbeat(&p.uav_id), names::telemetry())?;
     let status = Arc::new(Mutex::new(Status { hb: Heartbeat { uav_id: p.uav_id.clone(), state: "waiting".into(), ..Default::default() } }));
-    let (tx, rx) = mpsc::channel::<Event>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut worker = Worker {
+        ctx: ctx.clone(),
+        uav: p.uav_id.clone(),
+        host,
+        status: status.clone(),
+        inbox: SelectAll::new(),
+        subscribed: BTreeSet::new(),
+        publishers: Publishers::default(),
+        feeds_successor: false,
+        early: Vec::new(),
+        failed_epoch: 0,
+        hops: Vec::new(),
+    };
+    worker.subscribe(names::ASSIGNMENT.to_string(), names::latched(), Event::Assignment)?;
     let worker = {
-        let (ctx, status, tx, uav) = (ctx.clone(), status.clone(), tx.clone(), p.uav_id.clone());
-        let handle = tokio::runtime::Handle::current();
-        std::thread::spawn(move || Worker { ctx, uav, host, status, tx, handle, subscribed: BTreeSet::new(), publishers: Publishers::default(), early: Vec::new(), failed_epoch: 0, hops: Vec::new() }.run(rx))
+        let stop = stop.clone();
+        std::thread::Builder::new().name("data-plane".into()).spawn(move || worker.run(&stop))?
     };
     let mut beat = tokio::time::interval(Duration::from_secs_f64(p.heartbeat_period_s));
     let shutdown = ctx.shutdown();
@@ -93,7 +103,6 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(a) = assignments.recv() => { let _ = tx.send(Event::Assignment(a)); }
             _ = beat.tick() => {
                 sequence += 1;
                 let mut hb = status.lock().unwrap_or_else(|e| e.into_inner()).hb.clone();
@@ -104,9 +113,9 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
             }
         }
     }
-    let _ = tx.send(Event::Stop);
-    drop(tx);
-    // The worker may be inside a long computation; it stops after it.
+    // The worker drops the engine state before the process exits (ONNX Runtime must not be torn
+    // down under a live session); it may be inside a long computation and stops after it.
+    stop.store(true, Ordering::Relaxed);
     let joined = tokio::task::spawn_blocking(move || worker.join());
     match tokio::time::timeout(Duration::from_secs(2), joined).await {
         Ok(Ok(Ok(()))) => {}
@@ -127,10 +136,13 @@ struct Worker {
     uav: String,
     host: ShardHost,
     status: Arc<Mutex<Status>>,
-    tx: mpsc::Sender<Event>,
-    handle: tokio::runtime::Handle,
+    /// Every subscription's messages, drained after each spin.
+    inbox: SelectAll<BoxStream<'static, Event>>,
     subscribed: BTreeSet<String>,
     publishers: Publishers,
+    /// This stage's output is its successor's input: the head replica is computed from it
+    /// directly instead of subscribing to it.
+    feeds_successor: bool,
     /// Messages of an epoch whose assignment has not arrived yet.
     early: Vec<Event>,
     /// The epoch of an assignment that could not be applied (reported with the error).
@@ -140,19 +152,20 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, rx: mpsc::Receiver<Event>) {
-        while let Ok(ev) = rx.recv() {
-            if matches!(ev, Event::Stop) {
-                if !self.hops.is_empty() {
-                    let p = crate::ros::percentiles(&self.hops);
-                    let u = &self.host.usage;
-                    let ms_per_layer_token = if u.computed_layer_tokens > 0 { u.compute.as_secs_f64() * 1e3 / u.computed_layer_tokens as f64 } else { f64::NAN };
-                    tracing::info!(hops = self.hops.len(), p50_ms = %p["p50"], p99_ms = %p["p99"], ms_per_layer_token, "activation hop latency");
-                }
-                break;
+    fn run(mut self, stop: &AtomicBool) {
+        let spinner = self.ctx.spin_here();
+        while !stop.load(Ordering::Relaxed) {
+            spinner.spin_once(SPIN_TIMEOUT);
+            while let Some(Some(ev)) = self.inbox.next().now_or_never() {
+                self.handle_event(ev);
+                self.update_status();
             }
-            self.handle_event(ev);
-            self.update_status();
+        }
+        if !self.hops.is_empty() {
+            let p = crate::ros::percentiles(&self.hops);
+            let u = &self.host.usage;
+            let ms_per_layer_token = if u.decode_layer_tokens > 0 { u.decode_compute.as_secs_f64() * 1e3 / u.decode_layer_tokens as f64 } else { f64::NAN };
+            tracing::info!(hops = self.hops.len(), p50_ms = %p["p50"], p99_ms = %p["p99"], ms_per_layer_token, "activation hop latency");
         }
     }
 
@@ -173,7 +186,6 @@ impl Worker {
             }
         }
         let result = match ev {
-            Event::Stop => Ok(()),
             Event::Assignment(a) if a.epoch <= current.max(self.failed_epoch) => Ok(()),
             Event::Assignment(a) => {
                 let epoch = a.epoch;
@@ -210,11 +222,16 @@ impl Worker {
         tracing::info!(epoch = a.epoch, reason = %a.reason, resume = a.resume_position, stage = ?plan.stage(&self.uav), "new assignment");
         self.status.lock().unwrap_or_else(|e| e.into_inner()).hb.state = "loading".into();
         // Subscribe before anything is sent in this epoch (publishers keep a transient-local history).
-        if let Some(me) = plan.stage(&self.uav) {
-            self.ensure_input(&me.uav.clone())?;
-            if let Some(succ) = plan.succ(&self.uav).map(|s| s.uav.clone()).filter(|s| *s != self.uav) {
-                self.ensure_input(&succ)?;
-                self.ensure_kv(&succ)?;
+        self.feeds_successor = false;
+        if let Some(me) = plan.stage(&self.uav).cloned() {
+            self.ensure_input(&me.uav)?;
+            if let Some(succ) = plan.succ(&self.uav).cloned().filter(|s| s.uav != self.uav) {
+                // The last stage's output goes to the gateway; its successor's input comes from there.
+                self.feeds_successor = me.start + me.len < plan.num_layers && succ.start == me.start + me.len;
+                if !self.feeds_successor {
+                    self.ensure_input(&succ.uav)?;
+                }
+                self.ensure_kv(&succ.uav)?;
             }
             if let Some(pred) = plan.pred(&self.uav).map(|s| s.uav.clone()).filter(|s| *s != self.uav) {
                 self.ensure_kv(&pred)?;
@@ -252,6 +269,9 @@ impl Worker {
                     let msg = convert::activation(epoch, request_id, 0, position, boundary, &self.uav, &hidden);
                     self.count_tx(msg.payload.len());
                     self.activation_pub(&topic)?.publish(&msg)?;
+                    if self.feeds_successor && to.is_some() {
+                        self.host.on_successor_input(request_id, boundary, position, &hidden)?;
+                    }
                 }
                 Emit::Kv { holder, request_id, rows } => {
                     let msg = convert::kv_snapshot(epoch, request_id, &self.uav, &holder, &rows);
@@ -288,7 +308,8 @@ impl Worker {
         self.status.lock().unwrap_or_else(|e| e.into_inner()).hb.tx_bytes_total += bytes as u64;
     }
 
-    fn forward<T, F>(&mut self, topic: String, qos: r2r::QosProfile, wrap: F) -> anyhow::Result<()>
+    /// Adds a subscription's messages to the inbox (once per topic).
+    fn subscribe<T, F>(&mut self, topic: String, qos: r2r::QosProfile, wrap: F) -> anyhow::Result<()>
     where
         T: r2r::WrappedTypesupport + Send + 'static,
         F: Fn(T) -> Event + Send + 'static,
@@ -296,31 +317,21 @@ impl Worker {
         if !self.subscribed.insert(topic.clone()) {
             return Ok(());
         }
-        // Straight from r2r's stream to the worker's channel: one hand-off per message on the
-        // hot path, and r2r's small queue is emptied as fast as the stream is polled.
-        use futures::StreamExt;
-        let mut stream = self.ctx.lock().subscribe::<T>(&topic, qos)?;
-        let tx = self.tx.clone();
-        self.handle.spawn(async move {
-            while let Some(m) = stream.next().await {
-                if tx.send(wrap(m)).is_err() {
-                    break;
-                }
-            }
-        });
+        let stream = self.ctx.lock().subscribe::<T>(&topic, qos)?;
+        self.inbox.push(stream.map(wrap).boxed());
         Ok(())
     }
 
     fn ensure_input(&mut self, owner: &str) -> anyhow::Result<()> {
         let o = owner.to_string();
-        self.forward::<Activation, _>(names::stage_input(owner), names::data_plane(), move |msg| Event::Input { owner: o.clone(), msg })
+        self.subscribe(names::stage_input(owner), names::data_plane(), move |msg| Event::Input { owner: o.clone(), msg })
     }
     fn ensure_kv(&mut self, source: &str) -> anyhow::Result<()> {
-        self.forward::<KvSnapshot, _>(names::snapshots(source), names::data_plane(), Event::Kv)
+        self.subscribe(names::snapshots(source), names::data_plane(), Event::Kv)
     }
     fn ensure_replay(&mut self, failed: &str) -> anyhow::Result<()> {
         let f = failed.to_string();
-        self.forward::<Activation, _>(names::replay(failed), names::replay_qos(), move |msg| Event::Replay { failed: f.clone(), msg })
+        self.subscribe(names::replay(failed), names::replay_qos(), move |msg| Event::Replay { failed: f.clone(), msg })
     }
 
     fn update_status(&self) {
