@@ -59,7 +59,7 @@ def hop_latencies(log_dir):
 
 
 def bench_swarm(args):
-    best_single, best_swarm, last = 0.0, 0.0, None
+    best_single, best_swarm, last, paired = 0.0, 0.0, None, []
     for i in range(args.repeats):
         single = generate(args.tokens)
         s = swarm(args.tokens)
@@ -67,11 +67,15 @@ def bench_swarm(args):
             sys.exit(f"swarm failed: {s['_failed']}")
         assert s["tokens"] == single["tokens"], "the swarm's answer differs from one process"
         best_single, best_swarm, last = max(best_single, single["tokens_per_s"]), max(best_swarm, s["tokens_per_s"]), s
-        print(f"run {i + 1}: one process {single['tokens_per_s']:.1f} tokens/s, swarm {s['tokens_per_s']:.1f} tokens/s", flush=True)
+        paired.append(s["tokens_per_s"] / single["tokens_per_s"])
+        print(f"run {i + 1}: one process {single['tokens_per_s']:.1f} tokens/s, swarm {s['tokens_per_s']:.1f} tokens/s, "
+              f"ratio {paired[-1]:.2f}", flush=True)
     print(f"\n== bench-swarm: 4 UAVs, q4, {args.tokens} tokens, best of {args.repeats} (identical answers)")
     print(f"one process (aerokv generate): {best_single:8.1f} tokens/s")
     print(f"4-UAV swarm (aerokv swarm):    {best_swarm:8.1f} tokens/s")
-    print(f"ratio swarm / one process:     {best_swarm / best_single:8.2f}   (target >= 0.90)")
+    print(f"ratio swarm / one process:     {best_swarm / best_single:8.2f}   (best against best; target >= 0.90)")
+    # This machine's speed drifts by +-10 % within a minute; a pair run back to back shares it.
+    print(f"median of the paired ratios:   {statistics.median(paired):8.2f}   (each run against the one just before it)")
     layout = " ".join(f"{x['uav']}:{x['layers']}" for x in last["stats"]["layout"])
     print(f"layout (layers per UAV): {layout}")
     print("per-hop activation latency (sender stamp -> receipt), ms:")
@@ -130,7 +134,7 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("swarm")
     a.add_argument("--tokens", type=int, default=128)
-    a.add_argument("--repeats", type=int, default=3)
+    a.add_argument("--repeats", type=int, default=5)
     b = sub.add_parser("recovery")
     b.add_argument("--runs", type=int, default=20)
     b.add_argument("--tokens", type=int, default=64)
