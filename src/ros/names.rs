@@ -18,7 +18,8 @@ pub fn heartbeat(uav: &str) -> String {
 pub fn battery(uav: &str) -> String {
     format!("/{uav}/battery")
 }
-/// Input hidden states of `uav`'s shard; the stage and the holder of its head replica subscribe.
+/// Input hidden states of `uav`'s shard. The stage subscribes; its predecessor too when the gateway
+/// feeds it (any other predecessor produced this input itself and uses it directly).
 pub fn stage_input(uav: &str) -> String {
     format!("/{uav}/input")
 }
