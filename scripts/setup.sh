@@ -95,7 +95,7 @@ export ROS_LOG_DIR="$ROOT/build/ros-log"
 # ROS_AUTOMATIC_DISCOVERY_RANGE to LOCALHOST: it re-opens UDP sockets (ENVIRONMENT.md).
 export FASTDDS_BUILTIN_TRANSPORTS=SHM
 # The same, as a profile: SHM only, segments large enough for KV snapshots, dead peers' ports
-# reclaimed after 100 ms (a killed drone must not stall the others' traffic for a second).
+# reclaimed after 50 ms (a killed drone must not stall the others' traffic for a second).
 export FASTRTPS_DEFAULT_PROFILES_FILE="$ROOT/config/fastdds_shm.xml"
 export FASTDDS_DEFAULT_PROFILES_FILE="$ROOT/config/fastdds_shm.xml"
 unset ROS_AUTOMATIC_DISCOVERY_RANGE

@@ -724,9 +724,17 @@ impl Scheduler {
 
     /// A fresh plan over the members, from position 0 (the start of a request, or a restart).
     async fn plan_restart(&mut self, run: &mut Run, reason: &str) -> Result<(), Interrupt> {
+        // A DDS stall after a drone is killed can silence live drones for a second (false failure
+        // declarations); they count as members again once their heartbeats resume. Give them that
+        // long before the request fails for want of drones.
+        let grace = Instant::now() + Duration::from_secs_f64(2.0 * self.p.member_timeout_s);
         loop {
             let members = self.members();
             if members.is_empty() {
+                if Instant::now() < grace {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
                 return Err(Interrupt::Fatal("no UAV left to serve the request".into()));
             }
             let telemetry = self.telemetry();

@@ -34,13 +34,14 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     let failures = ctx.publisher::<FailureEvent>(names::FAILURES, names::events())?;
     let mut assignments = ctx.subscribe::<Assignment>(names::ASSIGNMENT, names::latched())?;
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
-    let mut watched: BTreeSet<String> = BTreeSet::new();
+    // Discovery waits for the node lock (up to one spin timeout): it runs beside the checks, never
+    // in their loop, where a held-up check would postpone every declaration.
+    tokio::spawn(watch_new_uavs(ctx.clone(), seen_tx.clone(), Duration::from_secs_f64(p.discovery_period_s)));
     let mut last_beat: BTreeMap<String, Instant> = BTreeMap::new();
     let mut declared: HashSet<(u64, String)> = HashSet::new();
     let mut epoch = 0u64;
     let mut ring: Option<BTreeSet<String>> = None;
     let mut check = tokio::time::interval(Duration::from_secs_f64(p.check_period_s));
-    let mut discover = tokio::time::interval(Duration::from_secs_f64(p.discovery_period_s));
     let timeout = Duration::from_secs_f64(p.heartbeat_timeout_s);
     let mut last_check = Instant::now();
     let shutdown = ctx.shutdown();
@@ -49,15 +50,6 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            _ = discover.tick() => {
-                for uav in uavs_with_topic(&ctx, "heartbeat").union(&uavs_with_topic(&ctx, "battery")) {
-                    if watched.insert(uav.clone()) {
-                        tracing::info!(%uav, "watching");
-                        forward(&ctx, &names::heartbeat(uav), &seen_tx, Seen::Heartbeat)?;
-                        forward(&ctx, &names::battery(uav), &seen_tx, Seen::Battery)?;
-                    }
-                }
-            }
             Some(a) = assignments.recv() => {
                 epoch = epoch.max(a.epoch);
                 ring = Some(a.ring.iter().cloned().collect());
@@ -96,6 +88,40 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+}
+
+/// Subscribes to the heartbeats and battery health of every UAV that appears.
+async fn watch_new_uavs(ctx: NodeContext, seen: mpsc::UnboundedSender<Seen>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    let mut watched = BTreeSet::new();
+    while !seen.is_closed() {
+        tick.tick().await;
+        let (c, s, mut w) = (ctx.clone(), seen.clone(), std::mem::take(&mut watched));
+        watched = match tokio::task::spawn_blocking(move || {
+            for uav in uavs_with_topic(&c, "heartbeat").union(&uavs_with_topic(&c, "battery")) {
+                if w.contains(uav) {
+                    continue;
+                }
+                let subscribed = forward(&c, &names::heartbeat(uav), &s, Seen::Heartbeat).and_then(|()| forward(&c, &names::battery(uav), &s, Seen::Battery));
+                match subscribed {
+                    Ok(()) => {
+                        tracing::info!(%uav, "watching");
+                        w.insert(uav.clone());
+                    }
+                    Err(e) => tracing::error!(%uav, "cannot watch: {e:#}"),
+                }
+            }
+            w
+        })
+        .await
+        {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!("UAV discovery stopped: {e}");
+                return;
+            }
+        };
     }
 }
 
