@@ -20,6 +20,11 @@ fn stage(uav: &str, start: usize, len: usize, k: usize, t: usize) -> Stage {
     Stage { uav: uav.into(), start, len, k, t }
 }
 
+/// A plan over the tiny model's 4 layers.
+fn plan(epoch: u64, request_id: u64, resume_position: usize, stages: Vec<Stage>) -> SwarmPlan {
+    SwarmPlan { epoch, num_layers: 4, stages, request_id, resume_position }
+}
+
 /// The swarm in one process: hosts plus the message queue between them.
 struct Swarm {
     hosts: BTreeMap<String, ShardHost>,
@@ -123,37 +128,19 @@ fn run_with_failure(plan: SwarmPlan, failed: &str, fail_after: usize, recovery: 
 #[test]
 fn a_middle_stage_dies_and_the_answer_is_unchanged() {
     // uav2's head (layer 1) lives on uav1, its tail (layer 2) is snapshotted to uav3 every 2 tokens.
-    let plan = SwarmPlan {
-        epoch: 1,
-        num_layers: 4,
-        stages: vec![stage("uav1", 0, 1, 1, 0), stage("uav2", 1, 2, 1, 2), stage("uav3", 3, 1, 0, 1)],
-        request_id: 1,
-        resume_position: 0,
-    };
+    let before = plan(1, 1, 0, vec![stage("uav1", 0, 1, 1, 0), stage("uav2", 1, 2, 1, 2), stage("uav3", 3, 1, 0, 1)]);
     // uav1 promotes layer 1, uav3 restores layer 2 and replays what uav1 buffered since the snapshot.
-    let recovery = SwarmPlan {
-        epoch: 2,
-        num_layers: 4,
-        stages: vec![stage("uav1", 0, 2, 1, 1), stage("uav3", 2, 2, 1, 1)],
-        request_id: 1,
-        resume_position: 0,
-    };
-    let (got, want) = run_with_failure(plan, "uav2", 7, recovery, 14);
+    let recovery = plan(2, 1, 0, vec![stage("uav1", 0, 2, 1, 1), stage("uav3", 2, 2, 1, 1)]);
+    let (got, want) = run_with_failure(before, "uav2", 7, recovery, 14);
     assert_eq!(got, want);
 }
 
 #[test]
 fn the_last_stage_dies_and_the_first_takes_layers_across_the_gateway() {
     // No snapshot was due yet (T = 64): the whole context is replayed through the restored tail.
-    let plan = SwarmPlan {
-        epoch: 1,
-        num_layers: 4,
-        stages: vec![stage("uav1", 0, 2, 0, 64), stage("uav2", 2, 2, 0, 64)],
-        request_id: 3,
-        resume_position: 0,
-    };
-    let recovery = SwarmPlan { epoch: 2, num_layers: 4, stages: vec![stage("uav1", 2, 4, 0, 0)], request_id: 3, resume_position: 0 };
-    let (got, want) = run_with_failure(plan, "uav2", 5, recovery, 10);
+    let before = plan(1, 3, 0, vec![stage("uav1", 0, 2, 0, 64), stage("uav2", 2, 2, 0, 64)]);
+    let recovery = plan(2, 3, 0, vec![stage("uav1", 2, 4, 0, 0)]);
+    let (got, want) = run_with_failure(before, "uav2", 5, recovery, 10);
     assert_eq!(got, want);
 }
 
@@ -162,12 +149,11 @@ fn a_plan_that_needs_state_nobody_holds_is_refused_with_the_layer() {
     let rt = runtime();
     let m = Manifest::load_variant(models(), "tiny").unwrap();
     let mut host = ShardHost::new(rt, m, "uav3").unwrap();
-    let plan = SwarmPlan { epoch: 1, num_layers: 4, stages: vec![stage("uav1", 0, 2, 0, 0), stage("uav3", 2, 2, 0, 0)], request_id: 1, resume_position: 0 };
-    host.apply_plan(plan).unwrap();
+    host.apply_plan(plan(1, 1, 0, vec![stage("uav1", 0, 2, 0, 0), stage("uav3", 2, 2, 0, 0)])).unwrap();
     // resuming at token 5 on layers 0..4 that uav3 never computed
-    let bad = SwarmPlan { epoch: 2, num_layers: 4, stages: vec![stage("uav3", 0, 4, 0, 0)], request_id: 1, resume_position: 5 };
+    let bad = plan(2, 1, 5, vec![stage("uav3", 0, 4, 0, 0)]);
     let e = host.apply_plan(bad).unwrap_err().to_string();
     assert!(e.contains("layer 2 is assigned to uav3 but uav3 holds no state for it at token 5"), "{e}");
-    let overlap = SwarmPlan { epoch: 3, num_layers: 4, stages: vec![stage("uav1", 0, 3, 0, 0), stage("uav3", 2, 2, 0, 0)], request_id: 1, resume_position: 0 };
+    let overlap = plan(3, 1, 0, vec![stage("uav1", 0, 3, 0, 0), stage("uav3", 2, 2, 0, 0)]);
     assert!(host.apply_plan(overlap).unwrap_err().to_string().contains("assigned twice"));
 }

@@ -179,7 +179,7 @@ async fn session(a: &SwarmArgs, node: Arc<Mutex<r2r::Node>>, sup: &mut Superviso
             }
             _ = &mut deadline => anyhow::bail!("the swarm was not ready after {} s (service up: {served}, all UAVs planned: {planned})", a.ready_timeout_s),
         }
-        for (fqn, status) in sup.exited() {
+        if let Some((fqn, status)) = sup.exited().into_iter().next() {
             anyhow::bail!("{fqn} exited while starting: {status}");
         }
     }
@@ -218,16 +218,16 @@ async fn session(a: &SwarmArgs, node: Arc<Mutex<r2r::Node>>, sup: &mut Superviso
     let stats: serde_json::Value = serde_json::from_str(&response.stats_json).unwrap_or_default();
     let failures = failure_report(&stats, kills);
     let out = serde_json::json!({
-            "prompt_ids": response.prompt_ids,
-            "tokens": response.token_ids,
-            "text": response.text,
-            "tokens_per_s": response.tokens_per_s,
-            "finish_reason": response.finish_reason,
-            "error": response.error,
-            "uavs": a.uavs,
-            "failures": failures,
-            "stats": stats,
-        });
+        "prompt_ids": response.prompt_ids,
+        "tokens": response.token_ids,
+        "text": response.text,
+        "tokens_per_s": response.tokens_per_s,
+        "finish_reason": response.finish_reason,
+        "error": response.error,
+        "uavs": a.uavs,
+        "failures": failures,
+        "stats": stats,
+    });
     if let Some(path) = &a.report {
         std::fs::write(path, out.to_string()).with_context(|| format!("writing {}", path.display()))?;
     }

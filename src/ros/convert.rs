@@ -54,17 +54,16 @@ pub fn activation(epoch: u64, request_id: u64, step: u32, position: usize, bound
 }
 
 /// Several chunks (in position order) as one message; `chunk_tokens` keeps their sizes.
-pub fn packed_activation(epoch: u64, request_id: u64, boundary: usize, source: &str, chunks: &[(usize, Hidden)]) -> Activation {
-    let width = chunks.first().map_or(0, |(_, h)| h.width());
+pub fn packed_activation(epoch: u64, request_id: u64, boundary: usize, source: &str, chunks: &[(usize, Hidden)]) -> Result<Activation, ConvertError> {
+    let width = chunks.first().map_or(1, |(_, h)| h.width());
     let mut data = Vec::with_capacity(chunks.iter().map(|(_, h)| h.as_slice().len()).sum());
     for (_, h) in chunks {
         data.extend_from_slice(h.as_slice());
     }
     let position = chunks.first().map_or(0, |(p, _)| *p);
-    let packed = Hidden::new(data, width.max(1)).unwrap_or_else(|_| Hidden::new(Vec::new(), 1).expect("empty hidden"));
-    let mut msg = activation(epoch, request_id, 0, position, boundary, source, &packed);
+    let mut msg = activation(epoch, request_id, 0, position, boundary, source, &Hidden::new(data, width)?);
     msg.chunk_tokens = chunks.iter().map(|(_, h)| h.tokens() as u32).collect();
-    msg
+    Ok(msg)
 }
 
 /// The chunks of a packed message, with their positions (consecutive from `position`).

@@ -177,7 +177,6 @@ struct Scheduler {
     hops: Vec<f64>,
 }
 
-
 pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     p.validate()?;
     let root = if p.models_dir.is_empty() { models_root() } else { p.models_dir.clone().into() };
@@ -289,9 +288,7 @@ impl Scheduler {
             }
             tracing::info!(%uav, "UAV discovered");
             // Its input publisher now, not when a failover first makes it the first stage.
-            let topic = names::stage_input(&uav);
-            let publisher = self.ctx.publisher::<Activation>(&topic, names::data_plane())?;
-            self.input_pubs.insert(topic, publisher);
+            self.input_pub(&uav)?;
             let mut beats = self.ctx.subscribe::<Heartbeat>(&names::heartbeat(&uav), names::telemetry())?;
             let mut battery = self.ctx.subscribe::<BatteryHealth>(&names::battery(&uav), names::telemetry())?;
             let live = self.live.clone();
@@ -480,7 +477,6 @@ impl Scheduler {
             stats_json: stats.to_string(),
         }
     }
-
 }
 
 /// The state of one request.
@@ -626,12 +622,18 @@ impl Scheduler {
         let epoch = plan.epoch;
         let hidden = self.gateway.embed(&run.chunk).map_err(|e| Interrupt::Fatal(format!("embedding: {e}")))?;
         let msg = convert::activation(epoch, run.request_id, 0, run.position, 0, "gateway", &hidden);
-        let topic = names::stage_input(&first);
+        let publisher = self.input_pub(&first).map_err(|e| Interrupt::Fatal(e.to_string()))?;
+        publisher.publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {}: {e}", names::stage_input(&first))))
+    }
+
+    /// The publisher of `uav`'s stage input (created once).
+    fn input_pub(&mut self, uav: &str) -> anyhow::Result<&r2r::Publisher<Activation>> {
+        let topic = names::stage_input(uav);
         if !self.input_pubs.contains_key(&topic) {
-            let publisher = self.ctx.publisher::<Activation>(&topic, names::data_plane()).map_err(|e| Interrupt::Fatal(e.to_string()))?;
+            let publisher = self.ctx.publisher::<Activation>(&topic, names::data_plane())?;
             self.input_pubs.insert(topic.clone(), publisher);
         }
-        self.input_pubs[&topic].publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {topic}: {e}")))
+        Ok(&self.input_pubs[&topic])
     }
 
     /// Waits for the last stage's output of the step in flight.
@@ -792,10 +794,11 @@ impl Scheduler {
     /// Planned retirement: a member whose battery will not last the rest of the request hands
     /// its layers over now, between two tokens, with no failure.
     async fn maybe_retire(&mut self, run: &mut Run) -> Result<bool, Interrupt> {
-        let Some(current) = self.current.clone() else { return Ok(false) };
         let telemetry = self.telemetry();
+        // Runs every token: borrow the plan, do not copy it.
+        let Some(current) = self.current.as_ref() else { return Ok(false) };
         let done = run.position as u64;
-        match self.controller.retirement_candidate(&current, &telemetry, run.total_tokens(), done, self.p.retirement_horizon_tokens) {
+        match self.controller.retirement_candidate(current, &telemetry, run.total_tokens(), done, self.p.retirement_horizon_tokens) {
             Ok(Some(uav)) => {
                 tracing::warn!(%uav, "battery will not last the request: retiring it");
                 self.recover(run, &uav, "retirement").await?;

@@ -285,7 +285,7 @@ impl Worker {
                     self.publishers.kv[&topic].publish(&msg)?;
                 }
                 Emit::Replay { failed, to, boundary, request_id, chunks } => {
-                    let msg = convert::packed_activation(epoch, request_id, boundary, &self.uav, &chunks);
+                    let msg = convert::packed_activation(epoch, request_id, boundary, &self.uav, &chunks)?;
                     tracing::debug!(%failed, %to, chunks = chunks.len(), tokens = msg.token_count, "replay sent");
                     self.count_tx(msg.payload.len());
                     self.activation_pub(&names::replay(&failed))?.publish(&msg)?;

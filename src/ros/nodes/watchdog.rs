@@ -81,7 +81,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
                 }
                 for (uav, t) in &last_beat {
                     // Only members of the current plan can fail; others are not serving.
-                    let member = ring.as_ref().map_or(true, |r| r.contains(uav));
+                    let member = ring.as_ref().is_none_or(|r| r.contains(uav));
                     if member && t.elapsed() > timeout {
                         declare(&failures, &mut declared, epoch, uav, "heartbeat_timeout", Some(t));
                     }
