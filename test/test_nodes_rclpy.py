@@ -8,6 +8,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profi
 
 NODES = ["battery_monitor", "shard_executor", "scheduler", "watchdog"]
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
+EVENTS = QoSProfile(depth=100, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
 
 
 def test_rclpy_sees_all_four_nodes_and_decodes_their_messages(rclpy_node, procs):
@@ -50,6 +51,46 @@ def test_rclpy_sees_all_four_nodes_and_decodes_their_messages(rclpy_node, procs)
     assert launch.stop(signal.SIGINT) == 0, launch.output()
     out = launch.output()
     assert out.count("exit code Some(0)") == 10, out
+
+
+def test_watchdog_declares_a_silent_uav_and_an_empty_battery_once(rclpy_node, procs):
+    """rclpy plays two UAVs for the watchdog alone: uav7 beats, then falls silent; uav8 keeps
+    reporting an empty battery. Each is declared failed once, with its reason."""
+    import time
+
+    from aerokv.msg import BatteryHealth, FailureEvent, Heartbeat
+
+    watchdog = procs([BIN / "watchdog", "--ros-args", "-r", "__ns:=/aerokv", "--params-file", ROOT / "config/swarm.yaml"], "watchdog")
+    events = []
+    rclpy_node.create_subscription(FailureEvent, "/aerokv/failures", events.append, EVENTS)
+    beat = rclpy_node.create_publisher(Heartbeat, "/uav7/heartbeat", qos_profile_sensor_data)
+    battery = rclpy_node.create_publisher(BatteryHealth, "/uav8/battery", qos_profile_sensor_data)
+    sequence = 0
+
+    def beating(until):
+        nonlocal sequence
+        sequence += 1
+        beat.publish(Heartbeat(uav_id="uav7", sequence=sequence, state="ready"))
+        return until()
+
+    assert spin_until(rclpy_node, lambda: beating(lambda: "watching uav=uav7" in watchdog.output()), 20), watchdog.output()
+    heard_until = time.time() + 0.5
+    spin_until(rclpy_node, lambda: beating(lambda: time.time() > heard_until), 2)
+    assert not [e for e in events if e.uav_id == "uav7"], "declared while it was beating"
+    # now silent: declared after the 0.15 s timeout
+    assert spin_until(rclpy_node, lambda: any(e.uav_id == "uav7" for e in events), 5), watchdog.output()
+    silent = [e for e in events if e.uav_id == "uav7"]
+    assert [e.reason for e in silent] == ["heartbeat_timeout"] and silent[0].silence_s >= 0.15, silent
+
+    def empty():
+        battery.publish(BatteryHealth(uav_id="uav8", energy_j=0.0, capacity_j=2.7e6, source="simulation"))
+        return any(e.uav_id == "uav8" for e in events)
+
+    assert spin_until(rclpy_node, empty, 20), watchdog.output()
+    more = time.time() + 0.5
+    spin_until(rclpy_node, lambda: empty() and time.time() > more, 2)
+    assert [e.reason for e in events if e.uav_id == "uav8"] == ["battery_empty"], events
+    assert [e.reason for e in events if e.uav_id == "uav7"] == ["heartbeat_timeout"], events
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

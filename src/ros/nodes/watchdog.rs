@@ -34,9 +34,13 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     let failures = ctx.publisher::<FailureEvent>(names::FAILURES, names::events())?;
     let mut assignments = ctx.subscribe::<Assignment>(names::ASSIGNMENT, names::latched())?;
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
-    // Discovery waits for the node lock (up to one spin timeout): it runs beside the checks, never
-    // in their loop, where a held-up check would postpone every declaration.
-    tokio::spawn(watch_new_uavs(ctx.clone(), seen_tx.clone(), Duration::from_secs_f64(p.discovery_period_s)));
+    // Dropping `stop_discovery` ends the discovery thread; it is joined before the node returns
+    // (it must not be inside the node when ROS shuts down).
+    let (stop_discovery, stopped) = std::sync::mpsc::channel::<()>();
+    let discovery = {
+        let (ctx, seen, period) = (ctx.clone(), seen_tx.clone(), Duration::from_secs_f64(p.discovery_period_s));
+        tokio::task::spawn_blocking(move || watch_new_uavs(&ctx, &seen, period, &stopped))
+    };
     let mut last_beat: BTreeMap<String, Instant> = BTreeMap::new();
     let mut declared: HashSet<(u64, String)> = HashSet::new();
     let mut epoch = 0u64;
@@ -49,24 +53,16 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     tracing::info!(timeout_s = p.heartbeat_timeout_s, "watchdog up");
     loop {
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => break,
             Some(a) = assignments.recv() => {
                 epoch = epoch.max(a.epoch);
                 ring = Some(a.ring.iter().cloned().collect());
             }
-            Some(seen) = seen_rx.recv() => match seen {
-                Seen::Heartbeat(hb) => { last_beat.insert(hb.uav_id, Instant::now()); }
-                Seen::Battery(b) if b.energy_j <= 0.0 => {
-                    declare(&failures, &mut declared, epoch, &b.uav_id, "battery_empty", last_beat.get(&b.uav_id));
-                }
-                Seen::Battery(_) => {}
-            },
+            Some(seen) = seen_rx.recv() => take(seen, &mut last_beat, &failures, &mut declared, epoch),
             _ = check.tick() => {
-                // Judge only on what has arrived: take every queued heartbeat first.
+                // Judge only on what has arrived: take everything queued first.
                 while let Ok(seen) = seen_rx.try_recv() {
-                    if let Seen::Heartbeat(hb) = seen {
-                        last_beat.insert(hb.uav_id, Instant::now());
-                    }
+                    take(seen, &mut last_beat, &failures, &mut declared, epoch);
                 }
                 // If this loop itself was held up (a stalled process, a starved CPU), the time it
                 // was not listening is nobody's silence.
@@ -89,39 +85,43 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
             }
         }
     }
+    drop(stop_discovery);
+    let _ = discovery.await;
+    Ok(())
 }
 
-/// Subscribes to the heartbeats and battery health of every UAV that appears.
-async fn watch_new_uavs(ctx: NodeContext, seen: mpsc::UnboundedSender<Seen>, period: Duration) {
-    let mut tick = tokio::time::interval(period);
+/// A heartbeat or battery report: note when the UAV was heard; an empty battery is a failure.
+fn take(seen: Seen, last_beat: &mut BTreeMap<String, Instant>, failures: &r2r::Publisher<FailureEvent>, declared: &mut HashSet<(u64, String)>, epoch: u64) {
+    match seen {
+        Seen::Heartbeat(hb) => {
+            last_beat.insert(hb.uav_id, Instant::now());
+        }
+        Seen::Battery(b) if b.energy_j <= 0.0 => declare(failures, declared, epoch, &b.uav_id, "battery_empty", last_beat.get(&b.uav_id)),
+        Seen::Battery(_) => {}
+    }
+}
+
+/// Subscribes to the heartbeats and battery health of every UAV that appears. Runs on a blocking
+/// thread of its own: discovery waits for the node lock (up to one spin timeout), and in the
+/// check loop that wait postponed declarations.
+fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period: Duration, stop: &std::sync::mpsc::Receiver<()>) {
     let mut watched = BTreeSet::new();
-    while !seen.is_closed() {
-        tick.tick().await;
-        let (c, s, mut w) = (ctx.clone(), seen.clone(), std::mem::take(&mut watched));
-        watched = match tokio::task::spawn_blocking(move || {
-            for uav in uavs_with_topic(&c, "heartbeat").union(&uavs_with_topic(&c, "battery")) {
-                if w.contains(uav) {
-                    continue;
-                }
-                let subscribed = forward(&c, &names::heartbeat(uav), &s, Seen::Heartbeat).and_then(|()| forward(&c, &names::battery(uav), &s, Seen::Battery));
-                match subscribed {
-                    Ok(()) => {
-                        tracing::info!(%uav, "watching");
-                        w.insert(uav.clone());
-                    }
-                    Err(e) => tracing::error!(%uav, "cannot watch: {e:#}"),
-                }
+    loop {
+        for uav in uavs_with_topic(ctx, "heartbeat").union(&uavs_with_topic(ctx, "battery")) {
+            if watched.contains(uav) {
+                continue;
             }
-            w
-        })
-        .await
-        {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!("UAV discovery stopped: {e}");
-                return;
+            match forward(ctx, &names::heartbeat(uav), seen, Seen::Heartbeat).and_then(|()| forward(ctx, &names::battery(uav), seen, Seen::Battery)) {
+                Ok(()) => {
+                    tracing::info!(%uav, "watching");
+                    watched.insert(uav.clone());
+                }
+                Err(e) => tracing::error!(%uav, "cannot watch: {e:#}"),
             }
-        };
+        }
+        if !matches!(stop.recv_timeout(period), Err(std::sync::mpsc::RecvTimeoutError::Timeout)) {
+            return;
+        }
     }
 }
 
