@@ -13,6 +13,47 @@ pub enum SupervisorError {
     Spawn { exe: PathBuf, source: std::io::Error },
 }
 
+/// How a stopped process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    Exited(i32),
+    /// Ended by a signal it did not handle (e.g. SIGSEGV, SIGABRT).
+    Signal(i32),
+    /// Still running after the grace period: SIGKILLed.
+    KilledAfter(Duration),
+}
+
+impl Stopped {
+    pub fn is_clean(self) -> bool {
+        self == Stopped::Exited(0)
+    }
+}
+
+impl From<std::process::ExitStatus> for Stopped {
+    fn from(s: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (s.code(), s.signal()) {
+            (Some(code), _) => Stopped::Exited(code),
+            (None, Some(sig)) => Stopped::Signal(sig),
+            (None, None) => Stopped::Exited(-1),
+        }
+    }
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stopped::Exited(code) => write!(f, "exit code {code}"),
+            Stopped::Signal(sig) => {
+                // SAFETY: strsignal returns a valid C string for any signal number.
+                let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(*sig)) };
+                write!(f, "killed by signal {sig} ({})", name.to_string_lossy())
+            }
+            Stopped::KilledAfter(grace) => write!(f, "still running {:.0} s after SIGTERM, SIGKILLed", grace.as_secs_f64()),
+        }
+    }
+}
+
 pub struct Running {
     pub node: NodeProcess,
     pub child: Child,
@@ -91,9 +132,9 @@ impl Supervisor {
         out
     }
 
-    /// SIGTERM to every process still running, then SIGKILL after `grace`. Returns the exit
-    /// statuses (None: had to be killed).
-    pub fn stop_all(&mut self, grace: Duration) -> Vec<(String, Option<i32>)> {
+    /// SIGTERM to every process still running, then SIGKILL after `grace`. Returns how each
+    /// one ended.
+    pub fn stop_all(&mut self, grace: Duration) -> Vec<(String, Stopped)> {
         for r in &mut self.running {
             if matches!(r.child.try_wait(), Ok(None)) {
                 // SAFETY: kill(2) on our own, not yet reaped child.
@@ -103,18 +144,18 @@ impl Supervisor {
         let deadline = Instant::now() + grace;
         let mut out = Vec::new();
         for r in &mut self.running {
-            let code = loop {
+            let stopped = loop {
                 match r.child.try_wait() {
-                    Ok(Some(s)) => break s.code(),
+                    Ok(Some(s)) => break Stopped::from(s),
                     Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
                     _ => {
                         let _ = r.child.kill();
                         let _ = r.child.wait();
-                        break None;
+                        break Stopped::KilledAfter(grace);
                     }
                 }
             };
-            out.push((r.node.fqn(), code));
+            out.push((r.node.fqn(), stopped));
         }
         self.running.clear();
         let orphans = clean_orphaned_shm();

@@ -39,6 +39,7 @@ class Proc:
         self.args = [str(a) for a in args]
         self.log = log
         self.fh = open(log, "w")
+        self.node_logs: Path | None = None  # a launcher's --log-dir, shown by output()
         self.p = subprocess.Popen(self.args, stdout=self.fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
     def stop(self, sig=signal.SIGTERM, timeout=10.0):
@@ -56,7 +57,11 @@ class Proc:
     def output(self) -> str:
         if not self.fh.closed:
             self.fh.flush()
-        return self.log.read_text(errors="replace")
+        out = self.log.read_text(errors="replace")
+        for node_log in sorted(self.node_logs.glob("*.log")) if self.node_logs else []:
+            tail = node_log.read_text(errors="replace").splitlines()[-8:]
+            out += f"\n--- {node_log.name} (last lines)\n" + "\n".join(tail)
+        return out
 
 
 @pytest.fixture

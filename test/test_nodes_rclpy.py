@@ -50,7 +50,7 @@ def test_rclpy_sees_all_four_nodes_and_decodes_their_messages(rclpy_node, procs)
 
     assert launch.stop(signal.SIGINT) == 0, launch.output()
     out = launch.output()
-    assert out.count("exit code Some(0)") == 10, out
+    assert out.count("stopped: exit code 0") == 10, out
 
 
 def test_watchdog_declares_a_silent_uav_and_an_empty_battery_once(rclpy_node, procs):

@@ -88,7 +88,9 @@ def test_killed_drones_do_not_change_the_answer(ros_domain, reference, tmp_path,
 
 
 def launch_swarm(procs, tmp_path, *args):
-    return procs([BIN / "aerokv", "launch", ROOT / "launch/swarm.launch.xml", *args, "--log-dir", tmp_path / "nodes"], "launch")
+    launch = procs([BIN / "aerokv", "launch", ROOT / "launch/swarm.launch.xml", *args, "--log-dir", tmp_path / "nodes"], "launch")
+    launch.node_logs = tmp_path / "nodes"
+    return launch
 
 
 def wait_for_plan(node, uavs, timeout=60):
@@ -139,7 +141,13 @@ def test_rclpy_client_gets_the_answer_and_the_token_stream(rclpy_node, procs, re
     assert not empty.accepted and "empty request" in empty.error
     again = call(user=prompt, max_tokens=MAX_TOKENS)
     assert list(again.token_ids) == reference[prompt]["tokens"]
-    assert launch.stop(signal.SIGINT) == 0, launch.output()
+
+    # Stopped in the middle of a request: the caller is told, every node exits cleanly and soon.
+    long = client.call_async(Generate.Request(user=prompt, max_tokens=1000, ignore_eos=True))
+    assert spin_until(rclpy_node, lambda: sum(c.request_id == again.request_id + 1 for c in chunks) >= 5, timeout=60)
+    assert launch.stop(signal.SIGINT, timeout=8) == 0, launch.output()
+    assert spin_until(rclpy_node, long.done, timeout=5)
+    assert "shutting down" in long.result().error and not long.result().accepted
 
 
 def test_a_low_battery_reported_by_battery_state_gets_fewer_layers(rclpy_node, procs, tmp_path):

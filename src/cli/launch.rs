@@ -50,9 +50,9 @@ pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     let mut failed = 0;
-    for (fqn, code) in sup.stop_all(Duration::from_secs(5)) {
-        eprintln!("[launch] {fqn} stopped, exit code {code:?}");
-        if code != Some(0) {
+    for (fqn, stopped) in sup.stop_all(Duration::from_secs(5)) {
+        eprintln!("[launch] {fqn} stopped: {stopped}");
+        if !stopped.is_clean() {
             failed += 1;
         }
     }

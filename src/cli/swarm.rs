@@ -126,10 +126,10 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
     }
     let result = drive(&a, &mut sup, &mut kills);
     let mut unclean = Vec::new();
-    for (fqn, code) in sup.stop_all(Duration::from_secs(5)) {
+    for (fqn, stopped) in sup.stop_all(Duration::from_secs(5)) {
         let killed = kills.iter().any(|k| k.at.is_some() && fqn == format!("/{}/shard_executor", k.uav));
-        if code != Some(0) && !killed {
-            unclean.push(format!("{fqn} ({code:?})"));
+        if !stopped.is_clean() && !killed {
+            unclean.push(format!("{fqn} ({stopped})"));
         }
     }
     if !unclean.is_empty() {

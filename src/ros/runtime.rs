@@ -1,14 +1,15 @@
 //! The node runtime: typed parameters, one r2r node spun on its own thread, tracing, and graceful
-//! shutdown on SIGINT/SIGTERM (a broadcast channel tells every task; exit code 0, no panic).
+//! shutdown on SIGINT/SIGTERM (a watch channel tells every task, also one that asks late; exit code 0,
+//! no panic; a teardown that hangs is cut off at [`SHUTDOWN_DEADLINE`]).
 use crate::params::RosArgs;
 use futures::Stream;
 use serde::de::DeserializeOwned;
 use std::future::Future;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::broadcast;
+use tokio::sync::watch;
 
 /// The longest a spinning thread waits in DDS when nothing arrives. Every timeout is a wakeup:
 /// at 5 ms the swarm's ten processes woke 2,400 times a second and preempted the data plane on a
@@ -16,13 +17,54 @@ use tokio::sync::broadcast;
 /// publisher or subscription, which happens at discovery and planning, never per token.
 pub const SPIN_TIMEOUT: Duration = Duration::from_millis(50);
 
+/// From the signal to the end of the process, a node's shutdown must fit in this: its launcher
+/// SIGKILLs after 5 s. Fast DDS can deadlock while deleting a participant's entities (an open
+/// upstream bug for processes with two participants, eProsima/Fast-DDS#6193; a shard executor,
+/// which has two, once never finished its shutdown in CI). Past the deadline the process ends
+/// without the rest of its teardown, saying which phase hung.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
+
+/// Where a node's shutdown is, for the deadline's message and exit code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ShutdownPhase {
+    /// The node body is stopping its own work (an unfinished step here is our bug: exit code 1).
+    StoppingWork = 1,
+    /// The work is done and its state released; DDS entities and participants are being deleted.
+    ClosingDds = 2,
+}
+
+static SHUTDOWN_PHASE: AtomicU8 = AtomicU8::new(0);
+
+/// Records that this process's shutdown has reached `phase`.
+pub fn shutdown_phase(phase: ShutdownPhase) {
+    SHUTDOWN_PHASE.store(phase as u8, Ordering::Relaxed);
+}
+
+/// Ends the process `SHUTDOWN_DEADLINE` from now unless it has ended by itself.
+fn arm_shutdown_deadline(node: String) {
+    let spawned = std::thread::Builder::new().name("shutdown-deadline".into()).spawn(move || {
+        std::thread::sleep(SHUTDOWN_DEADLINE);
+        let closing_dds = SHUTDOWN_PHASE.load(Ordering::Relaxed) == ShutdownPhase::ClosingDds as u8;
+        let phase = if closing_dds { "deleting its DDS entities" } else { "stopping its work" };
+        tracing::warn!(%node, "shutdown still {phase} {} s after the signal: ending the process without the rest", SHUTDOWN_DEADLINE.as_secs());
+        // SAFETY: _exit(2) ends the process without running destructors, which is the point:
+        // the hung teardown holds locks those destructors would wait for.
+        unsafe { libc::_exit(if closing_dds { 0 } else { 1 }) }
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot arm the shutdown deadline: {e}");
+    }
+}
+
 /// What a node body gets: the r2r node, its identity, and the shutdown signal.
 #[derive(Clone)]
 pub struct NodeContext {
     pub node: Arc<Mutex<r2r::Node>>,
     /// Namespace leaf, e.g. "uav3" ("" in the root namespace).
     pub namespace: String,
-    shutdown: broadcast::Sender<()>,
+    /// Becomes true once; a body that asks after that still sees it (a broadcast would not).
+    shutdown: watch::Sender<bool>,
     /// Set while a [`Spinner`] spins the node from its own thread.
     spun_elsewhere: Arc<AtomicBool>,
 }
@@ -51,7 +93,7 @@ impl NodeContext {
     pub fn shutdown(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut rx = self.shutdown.subscribe();
         async move {
-            let _ = rx.recv().await;
+            let _ = rx.wait_for(|&stop| stop).await;
         }
     }
 
@@ -163,7 +205,7 @@ where
         let ctx = r2r::Context::create()?;
         let node = r2r::Node::create(ctx, args.node_name.as_deref().unwrap_or(default_name), "")?;
         let node = Arc::new(Mutex::new(node));
-        let (shutdown, _) = broadcast::channel(1);
+        let (shutdown, _) = watch::channel(false);
         let spun_elsewhere = Arc::new(AtomicBool::new(false));
         let nc = NodeContext { node: node.clone(), namespace: args.namespace_leaf(), shutdown: shutdown.clone(), spun_elsewhere: spun_elsewhere.clone() };
 
@@ -192,16 +234,15 @@ where
             Some(joined) => joined.map_err(anyhow::Error::from).and_then(|r| r),
             None => {
                 tracing::info!("signal received, shutting down");
-                let _ = shutdown.send(());
-                match tokio::time::timeout(Duration::from_secs(3), &mut task).await {
-                    Ok(joined) => joined.map_err(anyhow::Error::from).and_then(|r| r),
-                    Err(_) => {
-                        task.abort();
-                        Ok(())
-                    }
-                }
+                shutdown_phase(ShutdownPhase::StoppingWork);
+                arm_shutdown_deadline(args.fqn(default_name));
+                shutdown.send_replace(true);
+                // No timeout of our own: a body stuck in blocking code cannot be aborted, and
+                // exiting under it crashes (ONNX Runtime, DDS); the deadline ends the process.
+                task.await.map_err(anyhow::Error::from).and_then(|r| r)
             }
         };
+        shutdown_phase(ShutdownPhase::ClosingDds);
         stop_spin.store(true, Ordering::Relaxed);
         let _ = spin.join();
         result

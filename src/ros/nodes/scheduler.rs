@@ -240,7 +240,14 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             Some(req) = service.next() => {
-                let response = s.serve(req.message.clone()).await;
+                let response = tokio::select! {
+                    r = s.serve(req.message.clone()) => r,
+                    _ = &mut shutdown => {
+                        let error = "the scheduler is shutting down".to_string();
+                        let _ = req.respond(Generate::Response { error, finish_reason: "error".into(), ..Default::default() });
+                        return Ok(());
+                    }
+                };
                 if let Err(e) = req.respond(response) {
                     tracing::error!("responding to a generate request: {e}");
                 }

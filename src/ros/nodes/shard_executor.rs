@@ -4,7 +4,7 @@
 //! that owns the [`ShardHost`] and spins the node itself: DDS wakes it directly when an
 //! activation arrives. The async side only heartbeats and handles shutdown.
 use crate::dataplane::{Emit, ShardHost};
-use crate::ros::{convert, names, now_stamp, NodeContext, SPIN_TIMEOUT};
+use crate::ros::{convert, names, now_stamp, shutdown_phase, NodeContext, ShutdownPhase, SPIN_TIMEOUT};
 use aerokv_engine::{models_root, Manifest, Runtime, RuntimeConfig};
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
@@ -114,14 +114,13 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
         }
     }
     // The worker drops the engine state before the process exits (ONNX Runtime must not be torn
-    // down under a live session); it may be inside a long computation and stops after it.
+    // down under a live session); inside a long computation it stops after it. Waiting has no
+    // timeout of its own: the runtime's shutdown deadline covers a worker that never stops.
     stop.store(true, Ordering::Relaxed);
-    let joined = tokio::task::spawn_blocking(move || worker.join());
-    match tokio::time::timeout(Duration::from_secs(2), joined).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(_) => tracing::warn!("the data-plane worker panicked"),
-        Err(_) => tracing::warn!("the data-plane worker did not stop within 2 s"),
+    if !matches!(tokio::task::spawn_blocking(move || worker.join()).await, Ok(Ok(()))) {
+        tracing::warn!("the data-plane worker panicked");
     }
+    shutdown_phase(ShutdownPhase::ClosingDds);
     Ok(())
 }
 
