@@ -23,9 +23,11 @@ pub fn battery(uav: &str) -> String {
 pub fn stage_input(uav: &str) -> String {
     format!("/{uav}/input")
 }
-/// KV snapshots of `uav`'s tail, streamed to its ring successor.
-pub fn snapshots(uav: &str) -> String {
-    format!("/{uav}/snapshots")
+/// KV rows for `holder` to keep: its predecessor's tail snapshots and its successor's head seeds.
+/// Named by the receiver, so that each one crosses the link once (a topic per sender reached both
+/// of its neighbours, and one of them dropped it).
+pub fn kv_inbox(holder: &str) -> String {
+    format!("/{holder}/kv")
 }
 /// Buffered tail inputs sent to the recovering successor of a failed `uav`.
 pub fn replay(uav: &str) -> String {

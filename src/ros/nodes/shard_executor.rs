@@ -91,6 +91,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
         hops: Vec::new(),
     };
     worker.subscribe(names::ASSIGNMENT.to_string(), names::latched(), Event::Assignment)?;
+    worker.subscribe(names::kv_inbox(&p.uav_id), names::data_plane(), Event::Kv)?;
     let worker = {
         let stop = stop.clone();
         std::thread::Builder::new().name("data-plane".into()).spawn(move || worker.run(&stop))?
@@ -199,7 +200,7 @@ impl Worker {
                 .map_err(anyhow::Error::from)
                 .and_then(|rows| Ok(self.host.on_kv(&m.source, m.request_id, rows)?))
                 .and_then(|emits| self.emit(emits)),
-            Event::Kv(_) => Ok(()),
+            Event::Kv(m) => Err(anyhow::anyhow!("KV rows for {} arrived in {}'s inbox", m.holder, self.uav)),
             Event::Replay { failed, msg } => convert::unpack(&msg)
                 .map_err(anyhow::Error::from)
                 .and_then(|chunks| Ok(self.host.on_replay(&failed, chunks)?))
@@ -230,10 +231,8 @@ impl Worker {
                 if !self.feeds_successor {
                     self.ensure_input(&succ.uav)?;
                 }
-                self.ensure_kv(&succ.uav)?;
             }
             if let Some(pred) = plan.pred(&self.uav).map(|s| s.uav.clone()).filter(|s| *s != self.uav) {
-                self.ensure_kv(&pred)?;
                 self.ensure_replay(&pred)?;
             }
         }
@@ -276,7 +275,7 @@ impl Worker {
                     let msg = convert::kv_snapshot(epoch, request_id, &self.uav, &holder, &rows);
                     tracing::debug!(%holder, layers = ?(msg.layer_start, msg.layer_end), tokens = ?(msg.token_start, msg.token_end), "kv rows sent");
                     self.count_tx(msg.payload.len());
-                    let topic = names::snapshots(&self.uav);
+                    let topic = names::kv_inbox(&holder);
                     if !self.publishers.kv.contains_key(&topic) {
                         let p = self.ctx.publisher::<KvSnapshot>(&topic, names::data_plane())?;
                         self.publishers.kv.insert(topic.clone(), p);
@@ -324,9 +323,6 @@ impl Worker {
     fn ensure_input(&mut self, owner: &str) -> anyhow::Result<()> {
         let o = owner.to_string();
         self.subscribe(names::stage_input(owner), names::data_plane(), move |msg| Event::Input { owner: o.clone(), msg })
-    }
-    fn ensure_kv(&mut self, source: &str) -> anyhow::Result<()> {
-        self.subscribe(names::snapshots(source), names::data_plane(), Event::Kv)
     }
     fn ensure_replay(&mut self, failed: &str) -> anyhow::Result<()> {
         let f = failed.to_string();
