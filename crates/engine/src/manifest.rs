@@ -166,7 +166,7 @@ impl Manifest {
         if a.layers == 0 || a.hidden == 0 || a.heads == 0 || a.kv_heads == 0 || a.head_dim == 0 || a.vocab == 0 {
             return Err(invalid("architecture has a zero dimension".into()));
         }
-        if a.heads % a.kv_heads != 0 {
+        if !a.heads.is_multiple_of(a.kv_heads) {
             return Err(invalid(format!("heads {} not a multiple of kv_heads {}", a.heads, a.kv_heads)));
         }
         if a.max_context == 0 {

@@ -143,6 +143,8 @@ impl Runtime {
 
     /// Opens an ONNX file with the process-wide session options. A file ONNX Runtime cannot load
     /// is reported as corrupt (its size was already checked against the manifest).
+    // ort's builder errors carry the builder back (large); they are mapped at once.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn open_session(&self, path: &Path) -> Result<Session> {
         if !path.is_file() {
             return Err(EngineError::MissingFile { path: path.to_path_buf() });

@@ -23,7 +23,7 @@ pub struct Hidden {
 impl Hidden {
     /// Wraps `data` (`tokens * width` floats). Fails if the length is not a positive multiple of `width`.
     pub fn new(data: Vec<f32>, width: usize) -> Result<Hidden> {
-        if width == 0 || data.is_empty() || data.len() % width != 0 {
+        if width == 0 || data.is_empty() || !data.len().is_multiple_of(width) {
             return Err(EngineError::InvalidInput(format!(
                 "hidden states of {} floats are not a positive multiple of width {width}",
                 data.len()

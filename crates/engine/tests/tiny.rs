@@ -206,7 +206,7 @@ fn misaligned_interval_names_the_files() {
     // A manifest whose layers come in groups of two: only even boundaries are loadable.
     let m = manifest("tiny");
     let layers = m.architecture.layers;
-    assert!(layers % 2 == 0);
+    assert!(layers.is_multiple_of(2));
     let dir = temp_dir("grouped");
     std::fs::create_dir_all(&dir).unwrap();
     let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.dir.join("manifest.json")).unwrap()).unwrap();

@@ -154,7 +154,7 @@ pub(crate) fn layer_counts(swarm: &SwarmState, model: &ModelSpec, ring: &Ring, o
     let mut best: Option<((f64, f64), Vec<u32>)> = None;
     for &cap in &caps {
         let cap_n: Vec<u32> = (0..m).map(|i| (((cap / p.lat[i]) * (1.0 + 1e-12)).floor() as u32).min(p.mem_cap[i])).collect();
-        if cap_n.iter().any(|&c| c == 0) || cap_n.iter().map(|&c| u64::from(c)).sum::<u64>() < u64::from(l) {
+        if cap_n.contains(&0) || cap_n.iter().map(|&c| u64::from(c)).sum::<u64>() < u64::from(l) {
             continue;
         }
         if let Some(((bt, _), _)) = &best {

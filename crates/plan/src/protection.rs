@@ -73,11 +73,11 @@ fn greedy_fallback(swarm: &SwarmState, model: &ModelSpec, layout: &Layout, ring:
     let kv = model.total_tokens as f64 * model.kv_bytes_per_token_layer;
     let per_layer = model.weight_bytes_per_layer + kv;
     let mut k = vec![0u32; m];
-    for i in 0..m {
+    for (i, k_i) in k.iter_mut().enumerate() {
         let pi = (i + m - 1) % m;
         let free = d.mem_budget[pi] - f64::from(d.n[pi]) * per_layer;
         let fit = if per_layer > 0.0 { (free / per_layer).floor().max(0.0) } else { f64::from(d.n[i]) };
-        k[i] = (fit as u32).min(d.n[i]);
+        *k_i = (fit as u32).min(d.n[i]);
     }
     let mut per_uav = BTreeMap::new();
     let mut periods = swarm.config.snapshot_periods.clone();

@@ -97,7 +97,7 @@ pub fn failure_events(scn: &Scenario, seed: u64) -> Vec<FailureEvent> {
     let mut ev: Vec<FailureEvent> = (0..count)
         .map(|_| FailureEvent { token: rng.gen_range(1..scn.tokens.max(2)), pick: rng.gen::<f64>() })
         .collect();
-    ev.sort_by(|a, b| a.token.cmp(&b.token));
+    ev.sort_by_key(|e| e.token);
     ev
 }
 

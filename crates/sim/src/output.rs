@@ -122,7 +122,7 @@ const COLS: [Col; 12] = [
 ];
 
 /// Group rows by method in first-seen order.
-fn groups<'a>(rows: &'a [Summary]) -> Vec<(String, Vec<&'a Summary>)> {
+fn groups(rows: &[Summary]) -> Vec<(String, Vec<&Summary>)> {
     let mut order: Vec<String> = Vec::new();
     let mut map: BTreeMap<String, Vec<&Summary>> = BTreeMap::new();
     for r in rows {
