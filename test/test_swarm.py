@@ -106,10 +106,15 @@ def test_rclpy_client_gets_the_answer_and_the_token_stream(rclpy_node, procs, re
     from aerokv.msg import TokenChunk
     from aerokv.srv import Generate
 
+    from aerokv.msg import KvSnapshot
+
     launch = launch_swarm(procs, tmp_path)
-    wait_for_plan(rclpy_node, 4)
+    plan = wait_for_plan(rclpy_node, 4)["a"]
     chunks = []
     rclpy_node.create_subscription(TokenChunk, "/aerokv/tokens", chunks.append, EVENTS)
+    kv = []  # (inbox owner, message): KV rows travel on their holder's topic only
+    for uav in plan.ring:
+        rclpy_node.create_subscription(KvSnapshot, f"/{uav}/kv", lambda m, uav=uav: kv.append((uav, m)), EVENTS)
     client = rclpy_node.create_client(Generate, "/aerokv/generate")
     assert client.wait_for_service(timeout_sec=30)
 
@@ -144,7 +149,14 @@ def test_rclpy_client_gets_the_answer_and_the_token_stream(rclpy_node, procs, re
 
     # Stopped in the middle of a request: the caller is told, every node exits cleanly and soon.
     long = client.call_async(Generate.Request(user=prompt, max_tokens=1000, ignore_eos=True))
-    assert spin_until(rclpy_node, lambda: sum(c.request_id == again.request_id + 1 for c in chunks) >= 5, timeout=60)
+    assert spin_until(rclpy_node, lambda: sum(c.request_id == again.request_id + 1 for c in chunks) >= 64, timeout=60)
+    # Past position 64 every stage has sent its tail snapshot (T <= 64) to its successor, and only to it.
+    ring = list(plan.ring)
+    successor = {u: ring[(i + 1) % len(ring)] for i, u in enumerate(ring)}
+    sent = lambda: [(owner, m.source, m.holder) for owner, m in kv]
+    assert all(s["t"] <= 64 for s in json.loads(again.stats_json)["layout"])
+    assert spin_until(rclpy_node, lambda: {source for _, source, _ in sent()} == set(ring), timeout=10), sent()
+    assert all(owner == holder == successor[source] for owner, source, holder in sent()), sent()
     assert launch.stop(signal.SIGINT, timeout=8) == 0, launch.output()
     assert spin_until(rclpy_node, long.done, timeout=5)
     assert "shutting down" in long.result().error and not long.result().accepted
