@@ -150,13 +150,15 @@ def test_rclpy_client_gets_the_answer_and_the_token_stream(rclpy_node, procs, re
     # Stopped in the middle of a request: the caller is told, every node exits cleanly and soon.
     long = client.call_async(Generate.Request(user=prompt, max_tokens=1000, ignore_eos=True))
     assert spin_until(rclpy_node, lambda: sum(c.request_id == again.request_id + 1 for c in chunks) >= 64, timeout=60)
-    # Past position 64 every stage has sent its tail snapshot (T <= 64) to its successor, and only to it.
+    # Past position 64 every stage has sent its tail snapshot (T <= 64), on its successor's topic only.
     ring = list(plan.ring)
     successor = {u: ring[(i + 1) % len(ring)] for i, u in enumerate(ring)}
+    predecessor = {v: u for u, v in successor.items()}
     sent = lambda: [(owner, m.source, m.holder) for owner, m in kv]
     assert all(s["t"] <= 64 for s in json.loads(again.stats_json)["layout"])
     assert spin_until(rclpy_node, lambda: {source for _, source, _ in sent()} == set(ring), timeout=10), sent()
-    assert all(owner == holder == successor[source] for owner, source, holder in sent()), sent()
+    # (a head seed, after a re-plan in the middle of a request, comes from the holder's successor)
+    assert all(owner == holder and owner in (successor[source], predecessor[source]) for owner, source, holder in sent()), sent()
     assert launch.stop(signal.SIGINT, timeout=8) == 0, launch.output()
     assert spin_until(rclpy_node, long.done, timeout=5)
     assert "shutting down" in long.result().error and not long.result().accepted
