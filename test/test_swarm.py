@@ -109,11 +109,11 @@ def test_rclpy_client_gets_the_answer_and_the_token_stream(rclpy_node, procs, re
     from aerokv.msg import KvSnapshot
 
     launch = launch_swarm(procs, tmp_path)
-    plan = wait_for_plan(rclpy_node, 4)["a"]
+    latest = wait_for_plan(rclpy_node, 4)
     chunks = []
     rclpy_node.create_subscription(TokenChunk, "/aerokv/tokens", chunks.append, EVENTS)
     kv = []  # (inbox owner, message): KV rows travel on their holder's topic only
-    for uav in plan.ring:
+    for uav in latest["a"].ring:
         rclpy_node.create_subscription(KvSnapshot, f"/{uav}/kv", lambda m, uav=uav: kv.append((uav, m)), EVENTS)
     client = rclpy_node.create_client(Generate, "/aerokv/generate")
     assert client.wait_for_service(timeout_sec=30)
@@ -150,13 +150,16 @@ def test_rclpy_client_gets_the_answer_and_the_token_stream(rclpy_node, procs, re
     # Stopped in the middle of a request: the caller is told, every node exits cleanly and soon.
     long = client.call_async(Generate.Request(user=prompt, max_tokens=1000, ignore_eos=True))
     assert spin_until(rclpy_node, lambda: sum(c.request_id == again.request_id + 1 for c in chunks) >= 64, timeout=60)
-    # Past position 64 every stage has sent its tail snapshot (T <= 64), on its successor's topic only.
+    # Past position 64 every stage with a tail (K < its layers) has sent a snapshot of it (T <= 64),
+    # on its successor's topic only.
+    plan = latest["a"]
     ring = list(plan.ring)
     successor = {u: ring[(i + 1) % len(ring)] for i, u in enumerate(ring)}
     predecessor = {v: u for u, v in successor.items()}
+    with_tail = {u.uav_id for u in plan.uavs if u.overlap_layers < u.layer_end - u.layer_start}
+    assert with_tail and all(u.snapshot_period <= 64 for u in plan.uavs if u.uav_id in with_tail), plan
     sent = lambda: [(owner, m.source, m.holder) for owner, m in kv]
-    assert all(s["t"] <= 64 for s in json.loads(again.stats_json)["layout"])
-    assert spin_until(rclpy_node, lambda: {source for _, source, _ in sent()} == set(ring), timeout=10), sent()
+    assert spin_until(rclpy_node, lambda: {source for _, source, _ in sent()} >= with_tail, timeout=10), (sent(), plan)
     # (a head seed, after a re-plan in the middle of a request, comes from the holder's successor)
     assert all(owner == holder and owner in (successor[source], predecessor[source]) for owner, source, holder in sent()), sent()
     assert launch.stop(signal.SIGINT, timeout=8) == 0, launch.output()
@@ -189,7 +192,7 @@ def test_an_old_epoch_activation_changes_nothing_and_is_counted(rclpy_node, proc
     from aerokv.srv import Generate
 
     launch = launch_swarm(procs, tmp_path)
-    plan = wait_for_plan(rclpy_node, 4)["a"]
+    latest = wait_for_plan(rclpy_node, 4)
     beats = {}
     rclpy_node.create_subscription(Heartbeat, "/uav2/heartbeat", lambda m: beats.update(hb=m), qos_profile_sensor_data)
     assert spin_until(rclpy_node, lambda: "hb" in beats and beats["hb"].state == "ready", 30)
