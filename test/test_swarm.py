@@ -192,7 +192,7 @@ def test_an_old_epoch_activation_changes_nothing_and_is_counted(rclpy_node, proc
     from aerokv.srv import Generate
 
     launch = launch_swarm(procs, tmp_path)
-    latest = wait_for_plan(rclpy_node, 4)
+    plan = wait_for_plan(rclpy_node, 4)["a"]
     beats = {}
     rclpy_node.create_subscription(Heartbeat, "/uav2/heartbeat", lambda m: beats.update(hb=m), qos_profile_sensor_data)
     assert spin_until(rclpy_node, lambda: "hb" in beats and beats["hb"].state == "ready", 30)
