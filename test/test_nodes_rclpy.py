@@ -26,15 +26,15 @@ def test_rclpy_sees_all_four_nodes_and_decodes_their_messages(rclpy_node, procs)
     rclpy_node.create_subscription(Assignment, "/aerokv/assignment", keep("assignment"), LATCHED)
     rclpy_node.create_subscription(DiagnosticArray, "/diagnostics", keep("diagnostics"), 10)
 
+    expected = {"/aerokv/scheduler", "/aerokv/watchdog"}
+    expected |= {f"/{uav}/{node}" for uav in ["uav1", "uav2", "uav3", "uav4"] for node in ["battery_monitor", "shard_executor"]}
+
     def all_seen():
-        names = {n for n, ns in rclpy_node.get_node_names_and_namespaces()}
-        return len(got) == 4 and set(NODES) <= names
+        # Graph discovery of each node can trail its first messages: wait for every name.
+        full = {f"{ns.rstrip('/')}/{n}" for n, ns in rclpy_node.get_node_names_and_namespaces()}
+        return len(got) == 4 and expected <= full
 
     assert spin_until(rclpy_node, all_seen, timeout=20), (got.keys(), rclpy_node.get_node_names_and_namespaces(), launch.output())
-    full = {f"{ns.rstrip('/')}/{n}" for n, ns in rclpy_node.get_node_names_and_namespaces()}
-    for uav in ["uav1", "uav2", "uav3", "uav4"]:
-        assert {f"/{uav}/battery_monitor", f"/{uav}/shard_executor"} <= full
-    assert {"/aerokv/scheduler", "/aerokv/watchdog"} <= full
     topics = dict(rclpy_node.get_topic_names_and_types())
     assert topics["/uav1/heartbeat"] == ["aerokv/msg/Heartbeat"]
     assert topics["/aerokv/assignment"] == ["aerokv/msg/Assignment"]
