@@ -17,8 +17,8 @@ use tokio::sync::watch;
 /// publisher or subscription, which happens at discovery and planning, never per token.
 pub const SPIN_TIMEOUT: Duration = Duration::from_millis(50);
 
-/// From the signal to the end of the process, a node's shutdown must fit in this: its launcher
-/// SIGKILLs after 5 s. Fast DDS can deadlock while deleting a participant's entities (an open
+/// From the signal (or the end of the node's body) to the end of the process, a node's shutdown
+/// must fit in this: its launcher SIGKILLs after 5 s. Fast DDS can deadlock while deleting a participant's entities (an open
 /// upstream bug for processes with two participants, eProsima/Fast-DDS#6193; a shard executor,
 /// which has two, once never finished its shutdown in CI). Past the deadline the process ends
 /// without the rest of its teardown, saying which phase hung.
@@ -35,6 +35,8 @@ pub enum ShutdownPhase {
 }
 
 static SHUTDOWN_PHASE: AtomicU8 = AtomicU8::new(0);
+/// The node body ended with an error: a cut-off teardown still exits with failure.
+static BODY_FAILED: AtomicBool = AtomicBool::new(false);
 
 /// Records that this process's shutdown has reached `phase`.
 pub fn shutdown_phase(phase: ShutdownPhase) {
@@ -47,10 +49,11 @@ fn arm_shutdown_deadline(node: String) {
         std::thread::sleep(SHUTDOWN_DEADLINE);
         let closing_dds = SHUTDOWN_PHASE.load(Ordering::Relaxed) == ShutdownPhase::ClosingDds as u8;
         let phase = if closing_dds { "deleting its DDS entities" } else { "stopping its work" };
-        tracing::warn!(%node, "shutdown still {phase} {} s after the signal: ending the process without the rest", SHUTDOWN_DEADLINE.as_secs());
+        tracing::warn!(%node, "shutdown still {phase} {} s after it began: ending the process without the rest", SHUTDOWN_DEADLINE.as_secs());
+        let clean = closing_dds && !BODY_FAILED.load(Ordering::Relaxed);
         // SAFETY: _exit(2) ends the process without running destructors, which is the point:
         // the hung teardown holds locks those destructors would wait for.
-        unsafe { libc::_exit(if closing_dds { 0 } else { 1 }) }
+        unsafe { libc::_exit(if clean { 0 } else { 1 }) }
     });
     if let Err(e) = spawned {
         tracing::warn!("cannot arm the shutdown deadline: {e}");
@@ -231,7 +234,12 @@ where
             _ = sigterm.recv() => None,
         };
         let result = match outcome {
-            Some(joined) => joined.map_err(anyhow::Error::from).and_then(|r| r),
+            Some(joined) => {
+                // The body ended by itself (an error, or its work is done): its teardown gets
+                // the same deadline.
+                arm_shutdown_deadline(args.fqn(default_name));
+                joined.map_err(anyhow::Error::from).and_then(|r| r)
+            }
             None => {
                 tracing::info!("signal received, shutting down");
                 shutdown_phase(ShutdownPhase::StoppingWork);
@@ -242,6 +250,11 @@ where
                 task.await.map_err(anyhow::Error::from).and_then(|r| r)
             }
         };
+        if let Err(e) = &result {
+            // Said before the teardown, which the deadline may cut short.
+            eprintln!("error: {default_name}: {e:#}");
+            BODY_FAILED.store(true, Ordering::Relaxed);
+        }
         shutdown_phase(ShutdownPhase::ClosingDds);
         stop_spin.store(true, Ordering::Relaxed);
         let _ = spin.join();
@@ -254,7 +267,10 @@ where
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {default_name}: {e:#}");
+            // A body's error was said before its teardown; this is one from setting the node up.
+            if !BODY_FAILED.load(Ordering::Relaxed) {
+                eprintln!("error: {default_name}: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
