@@ -18,10 +18,11 @@ use tokio::sync::watch;
 pub const SPIN_TIMEOUT: Duration = Duration::from_millis(50);
 
 /// From the signal (or the end of the node's body) to the end of the process, a node's shutdown
-/// must fit in this: its launcher SIGKILLs after 5 s. Fast DDS can deadlock while deleting a participant's entities (an open
-/// upstream bug for processes with two participants, eProsima/Fast-DDS#6193; a shard executor,
-/// which has two, once never finished its shutdown in CI). Past the deadline the process ends
-/// without the rest of its teardown, saying which phase hung.
+/// must fit in this: its launcher SIGKILLs after 5 s. Fast DDS can deadlock while deleting a
+/// participant's entities (an open upstream bug for processes with two participants,
+/// eProsima/Fast-DDS#6193; a shard executor, which has two, once never finished its shutdown in
+/// CI). Past the deadline the process ends without the rest of its teardown, saying which phase
+/// hung.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(4);
 
 /// Where a node's shutdown is, for the deadline's message and exit code.
@@ -32,11 +33,11 @@ pub enum ShutdownPhase {
     StoppingWork = 1,
     /// The work is done and its state released; DDS entities and participants are being deleted.
     ClosingDds = 2,
+    /// As `ClosingDds`, after the body failed (a cut-off teardown still exits with failure).
+    ClosingDdsAfterError = 3,
 }
 
 static SHUTDOWN_PHASE: AtomicU8 = AtomicU8::new(0);
-/// The node body ended with an error: a cut-off teardown still exits with failure.
-static BODY_FAILED: AtomicBool = AtomicBool::new(false);
 
 /// Records that this process's shutdown has reached `phase`.
 pub fn shutdown_phase(phase: ShutdownPhase) {
@@ -47,10 +48,11 @@ pub fn shutdown_phase(phase: ShutdownPhase) {
 fn arm_shutdown_deadline(node: String) {
     let spawned = std::thread::Builder::new().name("shutdown-deadline".into()).spawn(move || {
         std::thread::sleep(SHUTDOWN_DEADLINE);
-        let closing_dds = SHUTDOWN_PHASE.load(Ordering::Relaxed) == ShutdownPhase::ClosingDds as u8;
-        let phase = if closing_dds { "deleting its DDS entities" } else { "stopping its work" };
-        tracing::warn!(%node, "shutdown still {phase} {} s after it began: ending the process without the rest", SHUTDOWN_DEADLINE.as_secs());
-        let clean = closing_dds && !BODY_FAILED.load(Ordering::Relaxed);
+        let phase = SHUTDOWN_PHASE.load(Ordering::Relaxed);
+        let closing_dds = phase >= ShutdownPhase::ClosingDds as u8;
+        let doing = if closing_dds { "deleting its DDS entities" } else { "stopping its work" };
+        tracing::warn!(%node, "shutdown still {doing} {} s after it began: ending the process without the rest", SHUTDOWN_DEADLINE.as_secs());
+        let clean = phase == ShutdownPhase::ClosingDds as u8;
         // SAFETY: _exit(2) ends the process without running destructors, which is the point:
         // the hung teardown holds locks those destructors would wait for.
         unsafe { libc::_exit(if clean { 0 } else { 1 }) }
@@ -98,6 +100,11 @@ impl NodeContext {
         async move {
             let _ = rx.wait_for(|&stop| stop).await;
         }
+    }
+
+    /// True once the node is asked to stop: for threads that cannot await [`Self::shutdown`].
+    pub fn stop_requested(&self) -> bool {
+        *self.shutdown.borrow()
     }
 
     /// Spin the node from the calling thread from now on. A data-plane thread waiting in
@@ -233,17 +240,13 @@ where
             _ = tokio::signal::ctrl_c() => None,
             _ = sigterm.recv() => None,
         };
+        // Whether the body ended by itself or was asked to, the rest gets the same deadline.
+        arm_shutdown_deadline(args.fqn(default_name));
         let result = match outcome {
-            Some(joined) => {
-                // The body ended by itself (an error, or its work is done): its teardown gets
-                // the same deadline.
-                arm_shutdown_deadline(args.fqn(default_name));
-                joined.map_err(anyhow::Error::from).and_then(|r| r)
-            }
+            Some(joined) => joined.map_err(anyhow::Error::from).and_then(|r| r),
             None => {
                 tracing::info!("signal received, shutting down");
                 shutdown_phase(ShutdownPhase::StoppingWork);
-                arm_shutdown_deadline(args.fqn(default_name));
                 shutdown.send_replace(true);
                 // No timeout of our own: a body stuck in blocking code cannot be aborted, and
                 // exiting under it crashes (ONNX Runtime, DDS); the deadline ends the process.
@@ -253,24 +256,22 @@ where
         if let Err(e) = &result {
             // Said before the teardown, which the deadline may cut short.
             eprintln!("error: {default_name}: {e:#}");
-            BODY_FAILED.store(true, Ordering::Relaxed);
         }
-        shutdown_phase(ShutdownPhase::ClosingDds);
+        shutdown_phase(if result.is_ok() { ShutdownPhase::ClosingDds } else { ShutdownPhase::ClosingDdsAfterError });
         stop_spin.store(true, Ordering::Relaxed);
         let _ = spin.join();
-        result
+        // Outer: setting the node up failed; inner: the body's result, already reported.
+        anyhow::Ok(result)
     });
     runtime.shutdown_timeout(Duration::from_millis(200));
     match result {
-        Ok(()) => {
+        Ok(Ok(())) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
         }
+        Ok(Err(_)) => ExitCode::FAILURE,
         Err(e) => {
-            // A body's error was said before its teardown; this is one from setting the node up.
-            if !BODY_FAILED.load(Ordering::Relaxed) {
-                eprintln!("error: {default_name}: {e:#}");
-            }
+            eprintln!("error: {default_name}: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -11,7 +11,6 @@ use futures::{FutureExt, StreamExt};
 use r2r::aerokv::msg::{Activation, Assignment, Heartbeat, KvSnapshot};
 use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,7 +75,6 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let mut hb_node = r2r::Node::create(r2r::Context::create()?, &format!("shard_executor_heartbeat_{}", p.uav_id), "")?;
     let hb_pub = hb_node.create_publisher::<Heartbeat>(&names::heartbeat(&p.uav_id), names::telemetry())?;
     let status = Arc::new(Mutex::new(Status { hb: Heartbeat { uav_id: p.uav_id.clone(), state: "waiting".into(), ..Default::default() } }));
-    let stop = Arc::new(AtomicBool::new(false));
     let mut worker = Worker {
         ctx: ctx.clone(),
         uav: p.uav_id.clone(),
@@ -92,10 +90,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     };
     worker.subscribe(names::ASSIGNMENT.to_string(), names::latched(), Event::Assignment)?;
     worker.subscribe(names::kv_inbox(&p.uav_id), names::data_plane(), Event::Kv)?;
-    let worker = {
-        let stop = stop.clone();
-        std::thread::Builder::new().name("data-plane".into()).spawn(move || worker.run(&stop))?
-    };
+    let worker = std::thread::Builder::new().name("data-plane".into()).spawn(move || worker.run())?;
     let mut beat = tokio::time::interval(Duration::from_secs_f64(p.heartbeat_period_s));
     let shutdown = ctx.shutdown();
     tokio::pin!(shutdown);
@@ -117,7 +112,6 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     // The worker drops the engine state before the process exits (ONNX Runtime must not be torn
     // down under a live session); inside a long computation it stops after it. Waiting has no
     // timeout of its own: the runtime's shutdown deadline covers a worker that never stops.
-    stop.store(true, Ordering::Relaxed);
     if !matches!(tokio::task::spawn_blocking(move || worker.join()).await, Ok(Ok(()))) {
         tracing::warn!("the data-plane worker panicked");
     }
@@ -152,9 +146,9 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, stop: &AtomicBool) {
+    fn run(mut self) {
         let spinner = self.ctx.spin_here();
-        while !stop.load(Ordering::Relaxed) {
+        while !self.ctx.stop_requested() {
             spinner.spin_once(SPIN_TIMEOUT);
             while let Some(Some(ev)) = self.inbox.next().now_or_never() {
                 self.handle_event(ev);
@@ -200,7 +194,10 @@ impl Worker {
                 .map_err(anyhow::Error::from)
                 .and_then(|rows| Ok(self.host.on_kv(&m.source, m.request_id, rows)?))
                 .and_then(|emits| self.emit(emits)),
-            Event::Kv(m) => Err(anyhow::anyhow!("KV rows for {} arrived in {}'s inbox", m.holder, self.uav)),
+            Event::Kv(m) => {
+                tracing::warn!(holder = %m.holder, source = %m.source, "KV rows for another UAV in this UAV's inbox: ignored");
+                Ok(())
+            }
             Event::Replay { failed, msg } => convert::unpack(&msg)
                 .map_err(anyhow::Error::from)
                 .and_then(|chunks| Ok(self.host.on_replay(&failed, chunks)?))

@@ -34,12 +34,11 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     let failures = ctx.publisher::<FailureEvent>(names::FAILURES, names::events())?;
     let mut assignments = ctx.subscribe::<Assignment>(names::ASSIGNMENT, names::latched())?;
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
-    // Dropping `stop_discovery` ends the discovery thread; it is joined before the node returns
-    // (it must not be inside the node when ROS shuts down).
-    let (stop_discovery, stopped) = std::sync::mpsc::channel::<()>();
+    // The discovery thread ends at the node's shutdown and is joined before the node returns (it
+    // must not be inside the node when ROS shuts down).
     let discovery = {
         let (ctx, seen, period) = (ctx.clone(), seen_tx.clone(), Duration::from_secs_f64(p.discovery_period_s));
-        tokio::task::spawn_blocking(move || watch_new_uavs(&ctx, &seen, period, &stopped))
+        tokio::task::spawn_blocking(move || watch_new_uavs(&ctx, &seen, period))
     };
     let mut last_beat: BTreeMap<String, Instant> = BTreeMap::new();
     let mut declared: HashSet<(u64, String)> = HashSet::new();
@@ -85,7 +84,6 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
             }
         }
     }
-    drop(stop_discovery);
     let _ = discovery.await;
     Ok(())
 }
@@ -104,7 +102,8 @@ fn take(seen: Seen, last_beat: &mut BTreeMap<String, Instant>, failures: &r2r::P
 /// Subscribes to the heartbeats and battery health of every UAV that appears. Runs on a blocking
 /// thread of its own: discovery waits for the node lock (up to one spin timeout), and in the
 /// check loop that wait postponed declarations.
-fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period: Duration, stop: &std::sync::mpsc::Receiver<()>) {
+fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period: Duration) {
+    let runtime = tokio::runtime::Handle::current();
     let mut watched = BTreeSet::new();
     loop {
         for uav in uavs_with_topic(ctx, "heartbeat").union(&uavs_with_topic(ctx, "battery")) {
@@ -119,7 +118,7 @@ fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period:
                 Err(e) => tracing::error!(%uav, "cannot watch: {e:#}"),
             }
         }
-        if !matches!(stop.recv_timeout(period), Err(std::sync::mpsc::RecvTimeoutError::Timeout)) {
+        if runtime.block_on(tokio::time::timeout(period, ctx.shutdown())).is_ok() {
             return;
         }
     }
