@@ -103,10 +103,8 @@ def wait_for_plan(node, uavs, timeout=60):
 
 
 def test_rclpy_client_gets_the_answer_and_the_token_stream(rclpy_node, procs, reference, tmp_path):
-    from aerokv.msg import TokenChunk
+    from aerokv.msg import KvSnapshot, TokenChunk
     from aerokv.srv import Generate
-
-    from aerokv.msg import KvSnapshot
 
     launch = launch_swarm(procs, tmp_path)
     latest = wait_for_plan(rclpy_node, 4)
