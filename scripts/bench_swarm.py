@@ -84,6 +84,13 @@ def bench_swarm(args):
         print(f"  into {uav}:   p50 {p50:6.3f}  p99 {p99:6.3f}  ({n} hops)")
     g = last["stats"].get("gateway_hop_ms", {})
     print(f"  into gateway: p50 {g.get('p50', float('nan')):6.3f}  p99 {g.get('p99', float('nan')):6.3f}  ({g.get('n', 0)} hops)")
+    st = last["stats"].get("steps")
+    if st:
+        slowest = ", ".join(f"{x['round_trip_ms']:.1f} ms at {x['position']}" for x in st["slowest"])
+        print(f"per decode step: swarm round trip (every stage and hop) p50 {st['round_trip_ms']['p50']:.2f} ms, "
+              f"mean {st['round_trip_mean_ms']:.2f} ms; gateway (LM head, sampling, embedding) mean {st['gateway_mean_ms']:.2f} ms")
+        print(f"slowest round trips: {slowest}  (boundary snapshots are due every t = "
+              f"{'/'.join(sorted({str(x['t']) for x in last['stats']['layout']}))} tokens)")
     per_layer = [x[3] for x in hops.values()]
     if per_layer:
         print(f"compute per layer per token in the swarm (decode steps, as one process): {min(per_layer):.3f}-{max(per_layer):.3f} ms "

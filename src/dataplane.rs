@@ -415,7 +415,8 @@ impl ShardHost {
         out.ok_or_else(|| DataPlaneError::Plan("export of no layers".into()))
     }
 
-    /// Hidden states for this UAV's native layers starting at `boundary`.
+    /// Hidden states for this UAV's native layers starting at `boundary`: returns the output for
+    /// the next stage (or the gateway). Call [`ShardHost::snapshot_due`] once it is on its way.
     pub fn on_input(&mut self, request_id: u64, boundary: usize, position: usize, hidden: &Hidden) -> Result<Vec<Emit>> {
         let plan = self.plan.clone().ok_or_else(|| DataPlaneError::Plan("input before any plan".into()))?;
         let me = plan.stage(&self.uav).cloned().ok_or_else(|| DataPlaneError::Plan(format!("{} has no layers in epoch {}", self.uav, plan.epoch)))?;
@@ -436,9 +437,7 @@ impl ShardHost {
         }
         self.account(started.elapsed(), computed, hidden.tokens());
         let to = if layer == plan.num_layers { None } else { plan.owner(layer).map(|s| s.uav.clone()) };
-        let mut emits = vec![Emit::Activation { to, boundary: layer % plan.num_layers, request_id, position, hidden: x }];
-        emits.extend(self.snapshot_if_due(&plan, &me)?);
-        Ok(emits)
+        Ok(vec![Emit::Activation { to, boundary: layer % plan.num_layers, request_id, position, hidden: x }])
     }
 
     /// The successor's input: compute its head replica and buffer the output (its tail's input).
@@ -511,8 +510,14 @@ impl ShardHost {
         }
     }
 
-    fn snapshot_if_due(&mut self, plan: &SwarmPlan, me: &Stage) -> Result<Vec<Emit>> {
-        let tail = plan.tail(me);
+    /// The boundary snapshot owed to the successor after the last step, if `t` tokens have
+    /// accumulated since the previous one. Separate from [`ShardHost::on_input`] so that the
+    /// step's output leaves first: exporting and sending ~1 MB of KV rows then overlaps the next
+    /// stage's compute instead of delaying it. Call it before the next input.
+    pub fn snapshot_due(&mut self) -> Result<Vec<Emit>> {
+        let Some(plan) = self.plan.clone() else { return Ok(Vec::new()) };
+        let Some(me) = plan.stage(&self.uav).cloned() else { return Ok(Vec::new()) };
+        let tail = plan.tail(&me);
         let Some(succ) = plan.succ(&self.uav).filter(|s| s.uav != self.uav) else { return Ok(Vec::new()) };
         if me.t == 0 || tail.is_empty() {
             return Ok(Vec::new());

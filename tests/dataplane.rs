@@ -49,8 +49,10 @@ impl Swarm {
                 h.on_successor_input(request, boundary, position, hidden).unwrap();
             }
         }
-        let emits = self.hosts.get_mut(to).expect("input for a live host").on_input(request, boundary, position, hidden).unwrap();
-        self.queue.extend(emits.into_iter().map(|e| (to.to_string(), e)));
+        let host = self.hosts.get_mut(to).expect("input for a live host");
+        let output = host.on_input(request, boundary, position, hidden).unwrap();
+        let snapshot = host.snapshot_due().unwrap();
+        self.queue.extend(output.into_iter().chain(snapshot).map(|e| (to.to_string(), e)));
     }
 
     /// Delivers queued messages until the gateway gets an output (returned) or nothing is left.

@@ -463,6 +463,7 @@ impl Scheduler {
             "stale_dropped": self.stale_dropped,
             "prefill_s": run.prefill_s,
             "gateway_hop_ms": percentiles(&std::mem::take(&mut self.hops)),
+            "steps": step_stats(&run.steps),
             "layout": self.current.as_ref().map(|c| c.plan.stages.iter().map(|s| serde_json::json!({"uav": s.uav, "start": s.start, "layers": s.len, "k": s.k, "t": s.t})).collect::<Vec<_>>()),
         });
         let (accepted, error) = match result {
@@ -486,6 +487,24 @@ impl Scheduler {
     }
 }
 
+/// Where a decode step's time went: the swarm's round trip (every stage and hop) and the gateway
+/// (LM head, sampling, embedding the next token); the slowest round trips with their positions.
+fn step_stats(steps: &[(usize, f64, f64)]) -> serde_json::Value {
+    let round_trips: Vec<f64> = steps.iter().map(|s| s.1).collect();
+    let gateway: Vec<f64> = steps.iter().map(|s| s.2).collect();
+    let mut slowest = steps.to_vec();
+    slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let slowest: Vec<_> = slowest.iter().take(3).map(|s| serde_json::json!({"position": s.0, "round_trip_ms": s.1})).collect();
+    let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
+    serde_json::json!({
+        "round_trip_ms": percentiles(&round_trips),
+        "round_trip_mean_ms": mean(&round_trips),
+        "gateway_ms": percentiles(&gateway),
+        "gateway_mean_ms": mean(&gateway),
+        "slowest": slowest,
+    })
+}
+
 /// The state of one request.
 struct Run {
     request_id: u64,
@@ -503,6 +522,10 @@ struct Run {
     prefill_s: f64,
     epochs: Vec<u64>,
     incidents: Vec<Incident>,
+    /// When the step in flight left the gateway.
+    sent_at: Option<Instant>,
+    /// Decode steps: (position, ms from sending the step to its output, ms in the gateway).
+    steps: Vec<(usize, f64, f64)>,
 }
 
 impl Run {
@@ -522,6 +545,8 @@ impl Run {
             prefill_s: 0.0,
             epochs: Vec::new(),
             incidents: Vec::new(),
+            sent_at: None,
+            steps: Vec::new(),
         }
     }
 
@@ -571,6 +596,9 @@ impl Scheduler {
                 run.chunk = vec![run.tokens[index]];
                 continue;
             }
+            let received_at = Instant::now();
+            // Decode steps only: a prefill or a replay step carries more than one token.
+            let round_trip_ms = run.sent_at.filter(|_| run.chunk.len() == 1).map(|t| (received_at - t).as_secs_f64() * 1e3);
             let logits = self.gateway.logits(&hidden).map_err(|e| Interrupt::Fatal(format!("LM head: {e}")))?;
             let id = run.sampler.sample(&logits).map_err(|e| Interrupt::Fatal(format!("sampling: {e}")))?;
             if run.first_token_at.is_none() {
@@ -596,6 +624,9 @@ impl Scheduler {
                 in_flight = true;
                 None
             };
+            if let Some(swarm_ms) = round_trip_ms {
+                run.steps.push((run.position, swarm_ms, received_at.elapsed().as_secs_f64() * 1e3));
+            }
             self.stream_token(run, index, id);
             if let Some(reason) = finish {
                 return Ok(reason);
@@ -623,14 +654,16 @@ impl Scheduler {
     }
 
     /// Embeds the step's tokens and sends them to the owner of layer 0.
-    fn send_step(&mut self, run: &Run) -> Result<(), Interrupt> {
+    fn send_step(&mut self, run: &mut Run) -> Result<(), Interrupt> {
         let plan = &self.current.as_ref().ok_or_else(|| Interrupt::Fatal("no plan".into()))?.plan;
         let first = plan.first().ok_or_else(|| Interrupt::Fatal("the plan has no first stage".into()))?.uav.clone();
         let epoch = plan.epoch;
         let hidden = self.gateway.embed(&run.chunk).map_err(|e| Interrupt::Fatal(format!("embedding: {e}")))?;
         let msg = convert::activation(epoch, run.request_id, 0, run.position, 0, "gateway", &hidden);
         let publisher = self.input_pub(&first).map_err(|e| Interrupt::Fatal(e.to_string()))?;
-        publisher.publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {}: {e}", names::stage_input(&first))))
+        publisher.publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {}: {e}", names::stage_input(&first))))?;
+        run.sent_at = Some(Instant::now());
+        Ok(())
     }
 
     /// The publisher of `uav`'s stage input (created once).

@@ -248,8 +248,10 @@ impl Worker {
         let (req, boundary, pos) = (msg.request_id, msg.layer_boundary as usize, msg.position as usize);
         if owner == self.uav {
             self.hops.push(crate::ros::hop_ms(&msg.stamp));
-            let emits = self.host.on_input(req, boundary, pos, &h)?;
-            self.emit(emits)
+            let output = self.host.on_input(req, boundary, pos, &h)?;
+            self.emit(output)?;
+            let snapshot = self.host.snapshot_due()?;
+            self.emit(snapshot)
         } else {
             Ok(self.host.on_successor_input(req, boundary, pos, &h)?)
         }
