@@ -512,8 +512,8 @@ impl ShardHost {
 
     /// The boundary snapshot owed to the successor after the last step, if `t` tokens have
     /// accumulated since the previous one. Separate from [`ShardHost::on_input`] so that the
-    /// step's output leaves first: exporting and sending ~1 MB of KV rows then overlaps the next
-    /// stage's compute instead of delaying it. Call it before the next input.
+    /// step's output leaves first and the next drone computes while this one exports and sends
+    /// ~1 MB of KV rows. Call it before the next input.
     pub fn snapshot_due(&mut self) -> Result<Vec<Emit>> {
         let Some(plan) = self.plan.clone() else { return Ok(Vec::new()) };
         let Some(me) = plan.stage(&self.uav).cloned() else { return Ok(Vec::new()) };

@@ -93,6 +93,36 @@ impl Drop for Spinner {
     }
 }
 
+/// A thread that spins a node (hands DDS's messages to the subscription streams) until stopped;
+/// it pauses while `paused` is set, when another thread spins the node (see [`Spinner`]).
+pub struct SpinThread {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl SpinThread {
+    pub fn start(node: Arc<Mutex<r2r::Node>>, paused: Arc<AtomicBool>) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("ros-spin".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                if paused.load(Ordering::Relaxed) {
+                    std::thread::sleep(SPIN_TIMEOUT);
+                    continue;
+                }
+                node.lock().unwrap_or_else(|e| e.into_inner()).spin_once(SPIN_TIMEOUT);
+            }
+        })?;
+        Ok(SpinThread { stop, thread })
+    }
+
+    /// Stops spinning within one spin timeout and waits for the thread.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
+
 impl NodeContext {
     /// Resolves when the node is asked to stop.
     pub fn shutdown(&self) -> impl Future<Output = ()> + Send + 'static {
@@ -219,19 +249,7 @@ where
         let spun_elsewhere = Arc::new(AtomicBool::new(false));
         let nc = NodeContext { node: node.clone(), namespace: args.namespace_leaf(), shutdown: shutdown.clone(), spun_elsewhere: spun_elsewhere.clone() };
 
-        let stop_spin = Arc::new(AtomicBool::new(false));
-        let spin = {
-            let stop = stop_spin.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if spun_elsewhere.load(Ordering::Relaxed) {
-                        std::thread::sleep(SPIN_TIMEOUT);
-                        continue;
-                    }
-                    node.lock().unwrap_or_else(|e| e.into_inner()).spin_once(SPIN_TIMEOUT);
-                }
-            })
-        };
+        let spin = SpinThread::start(node, spun_elsewhere)?;
         tracing::info!(node = %args.fqn(default_name), "started");
         let mut task = tokio::spawn(body(nc, params));
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -258,8 +276,7 @@ where
             eprintln!("error: {default_name}: {e:#}");
         }
         shutdown_phase(if result.is_ok() { ShutdownPhase::ClosingDds } else { ShutdownPhase::ClosingDdsAfterError });
-        stop_spin.store(true, Ordering::Relaxed);
-        let _ = spin.join();
+        spin.stop();
         // Outer: setting the node up failed; inner: the body's result, already reported.
         anyhow::Ok(result)
     });
