@@ -31,6 +31,7 @@ bench-engine: build
 BENCH_NET := unshare -n -- bash -c 'ip link set lo up; export ROS_DOMAIN_ID=$$((150 + $$$$ % 50)); exec "$$@"' bench
 
 bench-swarm: build
+	@$(ENV) cargo build --release -q -p aerokv-engine --example pipeline_rhythm
 	@$(ENV) $(BENCH_NET) python3 scripts/bench_swarm.py swarm
 
 bench-recovery: build

@@ -2,7 +2,9 @@
 """Swarm benchmarks (run by `make bench-swarm` / `make bench-recovery` inside `unshare -n`).
 
   swarm     tokens/s of a 4-UAV swarm vs `aerokv generate` (same variant, same prompt, same
-            invocation) as a ratio; per-hop activation latency p50/p99 from the executors' logs.
+            invocation) as a ratio; per-hop activation latency p50/p99 from the executors' logs;
+            what the pipeline's rhythm alone costs (one process idling like a 4-stage pipeline,
+            examples/pipeline_rhythm.rs), to tell it from what the data plane costs.
   recovery  N runs with a random kill (random UAV, random token) -> completed, identical to the
             failure-free answer, detection / recovery / failure-to-next-token p50 and p95; and the
             time to restart the request from scratch at 256 and 1024 tokens of context, measured in
@@ -22,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 AEROKV = os.environ.get("AEROKV_BIN", str(ROOT / "target/release/aerokv"))
+RHYTHM = ROOT / "target/release/examples/pipeline_rhythm"
 PROMPT = "Write a detailed story about a swarm of drones that explores a mountain valley."
 
 
@@ -95,6 +98,20 @@ def bench_swarm(args):
     if per_layer:
         print(f"compute per layer per token in the swarm (decode steps, as one process): {min(per_layer):.3f}-{max(per_layer):.3f} ms "
               f"(one process: {single['ms_per_token_per_layer']:.3f} ms)")
+    # A pipeline's units each idle while the others compute; on a shared machine that alone makes
+    # the compute slower. One process with the same rhythm and no messages measures it.
+    out = subprocess.run([str(RHYTHM), "q4", str(args.tokens), "4", "3"], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        print(f"pipeline rhythm: not measured ({out.stderr.strip()[-300:]})")
+        return
+    r = json.loads(out.stdout)
+    assert r["identical"], "the paced process's answer differs from the one run back to back"
+    rhythm = r["ratio"]
+    print(f"\none process with a {r['stages']}-stage pipeline's rhythm (each unit idle {min(r['idle_ms']):.1f}-{max(r['idle_ms']):.1f} ms "
+          f"before its turn, not counted), median of {len(r['rhythm_tokens_per_s'])}: "
+          f"{statistics.median(r['rhythm_tokens_per_s']):.1f} tokens/s against {statistics.median(r['back_to_back_tokens_per_s']):.1f} back to back")
+    print(f"what the rhythm alone costs on this machine:  {rhythm:8.2f}x")
+    print(f"what the data plane costs (median paired ratio / rhythm): {statistics.median(paired) / rhythm:8.2f}x")
 
 
 def bench_recovery(args):
