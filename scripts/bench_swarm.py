@@ -94,7 +94,7 @@ def bench_swarm(args):
     if st:
         slowest = ", ".join(f"{x['round_trip_ms']:.1f} ms at {x['position']}" for x in st["slowest"])
         print(f"per decode step: swarm round trip (every stage and hop) p50 {st['round_trip_ms']['p50']:.2f} ms, "
-              f"mean {st['round_trip_mean_ms']:.2f} ms; gateway (LM head, sampling, embedding) mean {st['gateway_mean_ms']:.2f} ms")
+              f"mean {st['round_trip_ms']['mean']:.2f} ms; gateway (LM head, sampling, embedding) mean {st['gateway_ms']['mean']:.2f} ms")
         print(f"slowest round trips: {slowest}  (boundary snapshots are due every t = "
               f"{'/'.join(sorted({str(x['t']) for x in last['stats']['layout']}))} tokens)")
     per_layer = [x[3] for x in hops.values()]

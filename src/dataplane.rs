@@ -515,10 +515,11 @@ impl ShardHost {
     /// step's output leaves first and the next drone computes while this one exports and sends
     /// ~1 MB of KV rows. Call it before the next input.
     pub fn snapshot_due(&mut self) -> Result<Vec<Emit>> {
-        let Some(plan) = self.plan.clone() else { return Ok(Vec::new()) };
-        let Some(me) = plan.stage(&self.uav).cloned() else { return Ok(Vec::new()) };
-        let tail = plan.tail(&me);
+        // Called after every step: borrows the plan, copies only when a snapshot is due.
+        let Some(plan) = &self.plan else { return Ok(Vec::new()) };
+        let Some(me) = plan.stage(&self.uav) else { return Ok(Vec::new()) };
         let Some(succ) = plan.succ(&self.uav).filter(|s| s.uav != self.uav) else { return Ok(Vec::new()) };
+        let tail = plan.tail(me);
         if me.t == 0 || tail.is_empty() {
             return Ok(Vec::new());
         }
@@ -526,9 +527,10 @@ impl ShardHost {
         if upto < self.snapshot_sent_until + me.t {
             return Ok(Vec::new());
         }
+        let holder = succ.uav.clone();
         let rows = self.export(&tail, self.snapshot_sent_until..upto)?;
         self.snapshot_sent_until = upto;
-        Ok(vec![Emit::Kv { holder: succ.uav.clone(), request_id: self.request_id, rows }])
+        Ok(vec![Emit::Kv { holder, request_id: self.request_id, rows }])
     }
 
     fn account(&mut self, took: Duration, layers: usize, tokens: usize) {

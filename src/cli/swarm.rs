@@ -14,7 +14,6 @@ use r2r::aerokv::msg::{Assignment, TokenChunk};
 use r2r::aerokv::srv::Generate;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -142,7 +141,7 @@ fn drive(a: &SwarmArgs, sup: &mut Supervisor, kills: &mut [Kill]) -> anyhow::Res
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let ctx = r2r::Context::create()?;
     let node = Arc::new(Mutex::new(r2r::Node::create(ctx, "aerokv_swarm_cli", "")?));
-    let spin = crate::ros::SpinThread::start(node.clone(), Arc::new(AtomicBool::new(false)))?;
+    let spin = crate::ros::SpinThread::start(node.clone())?;
     let out = rt.block_on(session(a, node, sup, kills));
     spin.stop();
     out

@@ -97,23 +97,24 @@ impl Drop for Spinner {
 /// it pauses while `paused` is set, when another thread spins the node (see [`Spinner`]).
 pub struct SpinThread {
     stop: Arc<AtomicBool>,
+    pub paused: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl SpinThread {
-    pub fn start(node: Arc<Mutex<r2r::Node>>, paused: Arc<AtomicBool>) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+    pub fn start(node: Arc<Mutex<r2r::Node>>) -> std::io::Result<Self> {
+        let (stop, paused) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (flag, pause) = (stop.clone(), paused.clone());
         let thread = std::thread::Builder::new().name("ros-spin".into()).spawn(move || {
             while !flag.load(Ordering::Relaxed) {
-                if paused.load(Ordering::Relaxed) {
+                if pause.load(Ordering::Relaxed) {
                     std::thread::sleep(SPIN_TIMEOUT);
                     continue;
                 }
                 node.lock().unwrap_or_else(|e| e.into_inner()).spin_once(SPIN_TIMEOUT);
             }
         })?;
-        Ok(SpinThread { stop, thread })
+        Ok(SpinThread { stop, paused, thread })
     }
 
     /// Stops spinning within one spin timeout and waits for the thread.
@@ -197,7 +198,8 @@ pub fn percentiles(v: &[f64]) -> serde_json::Value {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let at = |q: f64| s.get(((s.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
-    serde_json::json!({"n": s.len(), "p50": at(0.5), "p99": at(0.99)})
+    let mean = if s.is_empty() { f64::NAN } else { s.iter().sum::<f64>() / s.len() as f64 };
+    serde_json::json!({"n": s.len(), "p50": at(0.5), "p99": at(0.99), "mean": mean})
 }
 
 /// Wall-clock seconds since the UNIX epoch.
@@ -246,10 +248,8 @@ where
         let node = r2r::Node::create(ctx, args.node_name.as_deref().unwrap_or(default_name), "")?;
         let node = Arc::new(Mutex::new(node));
         let (shutdown, _) = watch::channel(false);
-        let spun_elsewhere = Arc::new(AtomicBool::new(false));
-        let nc = NodeContext { node: node.clone(), namespace: args.namespace_leaf(), shutdown: shutdown.clone(), spun_elsewhere: spun_elsewhere.clone() };
-
-        let spin = SpinThread::start(node, spun_elsewhere)?;
+        let spin = SpinThread::start(node.clone())?;
+        let nc = NodeContext { node, namespace: args.namespace_leaf(), shutdown: shutdown.clone(), spun_elsewhere: spin.paused.clone() };
         tracing::info!(node = %args.fqn(default_name), "started");
         let mut task = tokio::spawn(body(nc, params));
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

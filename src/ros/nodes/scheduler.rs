@@ -487,22 +487,24 @@ impl Scheduler {
     }
 }
 
-/// Where a decode step's time went: the swarm's round trip (every stage and hop) and the gateway
-/// (LM head, sampling, embedding the next token); the slowest round trips with their positions.
-fn step_stats(steps: &[(usize, f64, f64)]) -> serde_json::Value {
-    let round_trips: Vec<f64> = steps.iter().map(|s| s.1).collect();
-    let gateway: Vec<f64> = steps.iter().map(|s| s.2).collect();
+/// Where one decode step's time went.
+#[derive(Clone, Copy)]
+struct Step {
+    position: usize,
+    /// From sending the step to its output: every stage and hop.
+    round_trip_ms: f64,
+    /// LM head, sampling, embedding and sending the next token.
+    gateway_ms: f64,
+}
+
+/// The steps' round trips and gateway times, and the slowest round trips with their positions.
+fn step_stats(steps: &[Step]) -> serde_json::Value {
+    let round_trips: Vec<f64> = steps.iter().map(|s| s.round_trip_ms).collect();
+    let gateway: Vec<f64> = steps.iter().map(|s| s.gateway_ms).collect();
     let mut slowest = steps.to_vec();
-    slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let slowest: Vec<_> = slowest.iter().take(3).map(|s| serde_json::json!({"position": s.0, "round_trip_ms": s.1})).collect();
-    let mean = |v: &[f64]| if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 };
-    serde_json::json!({
-        "round_trip_ms": percentiles(&round_trips),
-        "round_trip_mean_ms": mean(&round_trips),
-        "gateway_ms": percentiles(&gateway),
-        "gateway_mean_ms": mean(&gateway),
-        "slowest": slowest,
-    })
+    slowest.sort_by(|a, b| b.round_trip_ms.total_cmp(&a.round_trip_ms));
+    let slowest: Vec<_> = slowest.iter().take(3).map(|s| serde_json::json!({"position": s.position, "round_trip_ms": s.round_trip_ms})).collect();
+    serde_json::json!({"round_trip_ms": percentiles(&round_trips), "gateway_ms": percentiles(&gateway), "slowest": slowest})
 }
 
 /// The state of one request.
@@ -524,8 +526,8 @@ struct Run {
     incidents: Vec<Incident>,
     /// When the step in flight left the gateway.
     sent_at: Option<Instant>,
-    /// Decode steps: (position, ms from sending the step to its output, ms in the gateway).
-    steps: Vec<(usize, f64, f64)>,
+    /// The decode steps so far.
+    steps: Vec<Step>,
 }
 
 impl Run {
@@ -624,8 +626,8 @@ impl Scheduler {
                 in_flight = true;
                 None
             };
-            if let Some(swarm_ms) = round_trip_ms {
-                run.steps.push((run.position, swarm_ms, received_at.elapsed().as_secs_f64() * 1e3));
+            if let Some(round_trip_ms) = round_trip_ms {
+                run.steps.push(Step { position: run.position, round_trip_ms, gateway_ms: received_at.elapsed().as_secs_f64() * 1e3 });
             }
             self.stream_token(run, index, id);
             if let Some(reason) = finish {

@@ -115,6 +115,8 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     if !matches!(tokio::task::spawn_blocking(move || worker.join()).await, Ok(Ok(()))) {
         tracing::warn!("the data-plane worker panicked");
     }
+    // From here on only DDS is torn down, starting with the heartbeat participant when this
+    // function returns: a teardown cut off by the deadline is then still a clean exit.
     shutdown_phase(ShutdownPhase::ClosingDds);
     Ok(())
 }
