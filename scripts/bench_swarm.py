@@ -52,12 +52,14 @@ def pct(values, q):
 
 
 def hop_latencies(log_dir):
-    """p50/p99 per executor from the 'activation hop latency' lines, in ms."""
+    """Per executor, from its "activation hop latency" line: hops, p50 and p99 ms, ms per layer per
+    decode step, preemptions per decode step."""
     out = {}
     for log in sorted(Path(log_dir).glob("uav*_shard_executor.log")):
-        m = re.search(r"activation hop latency hops=(\d+) p50_ms=([\d.]+) p99_ms=([\d.]+) ms_per_layer_token=([\d.]+)", log.read_text(errors="replace"))
+        m = re.search(r"activation hop latency hops=(\d+) p50_ms=([\d.]+) p99_ms=([\d.]+) ms_per_layer_token=([\d.]+)"
+                      r"(?: preempted_per_step=([\d.]+))?", log.read_text(errors="replace"))
         if m:
-            out[log.name.split("_")[0]] = (int(m[1]), float(m[2]), float(m[3]), float(m[4]))
+            out[log.name.split("_")[0]] = (int(m[1]), float(m[2]), float(m[3]), float(m[4]), float(m[5] or "nan"))
     return out
 
 
@@ -86,7 +88,7 @@ def bench_swarm(args):
     print(f"layout (layers per UAV): {layout}")
     print("per-hop activation latency (sender stamp -> receipt), ms:")
     hops = hop_latencies(last["log_dir"])
-    for uav, (n, p50, p99, _) in hops.items():
+    for uav, (n, p50, p99, *_) in hops.items():
         print(f"  into {uav}:   p50 {p50:6.3f}  p99 {p99:6.3f}  ({n} hops)")
     g = last["stats"].get("gateway_hop_ms", {})
     print(f"  into gateway: p50 {g.get('p50', float('nan')):6.3f}  p99 {g.get('p99', float('nan')):6.3f}  ({g.get('n', 0)} hops)")
@@ -101,6 +103,10 @@ def bench_swarm(args):
     if per_layer:
         print(f"compute per layer per token in the swarm (decode steps, as one process): {min(per_layer):.3f}-{max(per_layer):.3f} ms "
               f"(one process: {single['ms_per_token_per_layer']:.3f} ms)")
+        # Compute that loses its core to other threads (DDS listeners and events, heartbeats) runs slower.
+        preempted = " ".join(f"{uav}:{x[4]:.1f}" for uav, x in hops.items())
+        print(f"times a stage's compute lost its core, per decode step: {preempted} "
+              f"(one process, per token: {single.get('preempted_per_token', float('nan')):.2f})")
     # A pipeline's units each idle while the others compute; on a shared machine that alone makes
     # the compute slower. One process with the same rhythm and no messages measures it.
     out = subprocess.run([str(RHYTHM), "q4", str(args.tokens), "4", "3"], capture_output=True, text=True, timeout=600)

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod control;
 pub mod dataplane;
 pub mod launch;
+pub mod os;
 pub mod params;
 pub mod supervisor;
 #[cfg(feature = "ros")]

@@ -66,6 +66,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ignore_stop: args.ignore_eos,
     };
     let stream = !args.json;
+    let preempted_before = crate::os::thread_preemptions();
     let stdout = std::io::stdout();
     let generation = model.generate(&args.user, &options, |event| {
         if stream && !event.text.is_empty() {
@@ -75,6 +76,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             let _ = out.flush();
         }
     })?;
+    let preempted = crate::os::thread_preemptions().saturating_sub(preempted_before);
     if let (Some(path), Some(logits)) = (&args.dump_first_logits, &generation.first_logits) {
         write_npy_f32(path, logits).with_context(|| format!("writing {}", path.display()))?;
     }
@@ -104,7 +106,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "load_s": model.load_time().as_secs_f64(),
             "weight_bytes": memory.weight_bytes + model.gateway.weight_bytes(),
             "kv_bytes_per_token": memory.kv_bytes_per_token,
-            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_bytes": crate::os::peak_rss_bytes(),
+            "preempted_per_token": preempted as f64 / generation.tokens.len().max(1) as f64,
         });
         println!("{json}");
     } else {
@@ -114,18 +117,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 /// Peak resident set of this process (`VmHWM`), 0 where unavailable.
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
-
 /// A 1-D float32 .npy file (format 1.0), readable with `numpy.load`.
 fn write_npy_f32(path: &std::path::Path, data: &[f32]) -> std::io::Result<()> {
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}", data.len());

@@ -87,6 +87,8 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
         early: Vec::new(),
         failed_epoch: 0,
         hops: Vec::new(),
+        decode_steps: 0,
+        preempted_in_decode: 0,
     };
     worker.subscribe(names::ASSIGNMENT.to_string(), names::latched(), Event::Assignment)?;
     worker.subscribe(names::kv_inbox(&p.uav_id), names::data_plane(), Event::Kv)?;
@@ -145,6 +147,10 @@ struct Worker {
     failed_epoch: u64,
     /// Latency of each activation hop into this stage (sender's stamp to receipt), ms.
     hops: Vec<f64>,
+    /// Decode steps computed, and how often this thread lost its core during them (other threads'
+    /// wakeups taking the core: zero on a drone with a core to spare).
+    decode_steps: u64,
+    preempted_in_decode: u64,
 }
 
 impl Worker {
@@ -161,7 +167,8 @@ impl Worker {
             let p = crate::ros::percentiles(&self.hops);
             let u = &self.host.usage;
             let ms_per_layer_token = if u.decode_layer_tokens > 0 { u.decode_compute.as_secs_f64() * 1e3 / u.decode_layer_tokens as f64 } else { f64::NAN };
-            tracing::info!(hops = self.hops.len(), p50_ms = %p["p50"], p99_ms = %p["p99"], ms_per_layer_token, "activation hop latency");
+            let preempted_per_step = self.preempted_in_decode as f64 / self.decode_steps.max(1) as f64;
+            tracing::info!(hops = self.hops.len(), p50_ms = %p["p50"], p99_ms = %p["p99"], ms_per_layer_token, preempted_per_step, "activation hop latency");
         }
     }
 
@@ -250,7 +257,12 @@ impl Worker {
         let (req, boundary, pos) = (msg.request_id, msg.layer_boundary as usize, msg.position as usize);
         if owner == self.uav {
             self.hops.push(crate::ros::hop_ms(&msg.stamp));
+            let before = crate::os::thread_preemptions();
             let output = self.host.on_input(req, boundary, pos, &h)?;
+            if h.tokens() == 1 {
+                self.decode_steps += 1;
+                self.preempted_in_decode += crate::os::thread_preemptions().saturating_sub(before);
+            }
             self.emit(output)?;
             let snapshot = self.host.snapshot_due()?;
             self.emit(snapshot)
