@@ -116,7 +116,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Peak resident set of this process (`VmHWM`), 0 where unavailable.
 /// A 1-D float32 .npy file (format 1.0), readable with `numpy.load`.
 fn write_npy_f32(path: &std::path::Path, data: &[f32]) -> std::io::Result<()> {
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}", data.len());
