@@ -418,36 +418,37 @@ impl ShardHost {
     /// Hidden states for this UAV's native layers starting at `boundary`: returns the output for
     /// the next stage (or the gateway). Call [`ShardHost::snapshot_due`] once it is on its way.
     pub fn on_input(&mut self, request_id: u64, boundary: usize, position: usize, hidden: &Hidden) -> Result<Vec<Emit>> {
-        let plan = self.plan.clone().ok_or_else(|| DataPlaneError::Plan("input before any plan".into()))?;
-        let me = plan.stage(&self.uav).cloned().ok_or_else(|| DataPlaneError::Plan(format!("{} has no layers in epoch {}", self.uav, plan.epoch)))?;
+        // Runs once per token: the route comes from a borrow of the plan, not a copy of it.
+        let (native, end, to, num_layers) = {
+            let plan = self.plan.as_ref().ok_or_else(|| DataPlaneError::Plan("input before any plan".into()))?;
+            let me = plan.stage(&self.uav).ok_or_else(|| DataPlaneError::Plan(format!("{} has no layers in epoch {}", self.uav, plan.epoch)))?;
+            let native = plan.layers(me);
+            // From `boundary` to this stage's last layer or the model's last, whichever comes first.
+            let end = (boundary..plan.num_layers).find(|l| !native.contains(l)).unwrap_or(plan.num_layers);
+            let to = if end == plan.num_layers { None } else { plan.owner(end).map(|s| s.uav.clone()) };
+            (native, end, to, plan.num_layers)
+        };
         self.new_request(request_id);
-        let native = plan.layers(&me);
         if !native.contains(&boundary) {
             return Err(DataPlaneError::Plan(format!("input at layer {boundary}, but {} holds {:?}", self.uav, native)));
         }
         let mut x = hidden.clone();
-        let mut layer = boundary;
         let started = std::time::Instant::now();
-        let mut computed = 0;
-        while layer < plan.num_layers && native.contains(&layer) {
+        for layer in boundary..end {
             let shard = self.pieces.get_mut(&layer).ok_or_else(|| DataPlaneError::Plan(format!("layer {layer} not loaded")))?;
             x = shard.forward(&x, position)?;
-            layer += 1;
-            computed += 1;
         }
-        self.account(started.elapsed(), computed, hidden.tokens());
-        let to = if layer == plan.num_layers { None } else { plan.owner(layer).map(|s| s.uav.clone()) };
-        Ok(vec![Emit::Activation { to, boundary: layer % plan.num_layers, request_id, position, hidden: x }])
+        self.account(started.elapsed(), end - boundary, hidden.tokens());
+        Ok(vec![Emit::Activation { to, boundary: end % num_layers, request_id, position, hidden: x }])
     }
 
     /// The successor's input: compute its head replica and buffer the output (its tail's input).
     pub fn on_successor_input(&mut self, request_id: u64, boundary: usize, position: usize, hidden: &Hidden) -> Result<()> {
-        let Some(plan) = self.plan.clone() else { return Ok(()) };
-        let Some(succ) = plan.succ(&self.uav).cloned() else { return Ok(()) };
+        let succ_has_tail = match self.plan.as_ref().and_then(|p| p.succ(&self.uav)) {
+            Some(succ) if succ.uav != self.uav && boundary == succ.start && self.pending.seed_layers.is_empty() => succ.k < succ.len,
+            _ => return Ok(()),
+        };
         let head = self.replica_layers();
-        if succ.uav == self.uav || boundary != succ.start || !self.pending.seed_layers.is_empty() {
-            return Ok(());
-        }
         self.new_request(request_id);
         let started = std::time::Instant::now();
         let mut x = hidden.clone();
@@ -457,7 +458,7 @@ impl ShardHost {
         }
         self.account(started.elapsed(), head.len(), hidden.tokens());
         // With no head (K = 0) the tail's input is the stage input itself.
-        if succ.k < succ.len {
+        if succ_has_tail {
             self.buffer.insert(position, x);
         }
         Ok(())
