@@ -8,6 +8,13 @@ cd "$ROOT"
 # shellcheck disable=SC1091
 source scripts/env.sh
 
+echo "== cargo fmt --check (style: rustfmt.toml)"
+if cargo fmt --version >/dev/null 2>&1; then
+    cargo fmt --all --check
+else
+    echo "rustfmt is not part of this machine's Rust toolchain: style not checked"
+fi
+
 echo "== cargo test (workspace, release)"
 cargo test --release --workspace -q 2>&1 | grep -v '^$'
 

@@ -4,8 +4,8 @@
 //! follow. UAVs are named (`uav3`) on the wire and numbered in the planning core.
 use crate::dataplane::{Stage, SwarmPlan};
 use aerokv_plan::{
-    plan_failover, plan_initial_layout, plan_protection, plan_protection_relaxed, retirements_due, Layout,
-    ModelSpec, PlanConfig, PlanError, ProtectionPlan, RecoveryContext, Ring, SwarmState, UavId, UavState,
+    plan_failover, plan_initial_layout, plan_protection, plan_protection_relaxed, retirements_due, Layout, ModelSpec,
+    PlanConfig, PlanError, ProtectionPlan, RecoveryContext, Ring, SwarmState, UavId, UavState,
 };
 use std::collections::BTreeMap;
 
@@ -164,7 +164,8 @@ impl Controller {
             return Err(ControlError::NotMember(failed.into()));
         }
         let failed_id = self.id(failed);
-        let survivors: Vec<String> = current.plan.stages.iter().map(|s| s.uav.clone()).filter(|u| u != failed).collect();
+        let survivors: Vec<String> =
+            current.plan.stages.iter().map(|s| s.uav.clone()).filter(|u| u != failed).collect();
         let mut swarm = self.swarm(&survivors, telemetry)?;
         if graceful {
             // The retiring UAV is alive: the core may use its figures for the handover.
@@ -209,7 +210,15 @@ impl Controller {
         Ok(c.first().map(|&id| self.name(id)))
     }
 
-    fn planned(&self, layout: Layout, ring: Ring, protection: ProtectionPlan, epoch: u64, request_id: u64, resume: usize) -> Planned {
+    fn planned(
+        &self,
+        layout: Layout,
+        ring: Ring,
+        protection: ProtectionPlan,
+        epoch: u64,
+        request_id: u64,
+        resume: usize,
+    ) -> Planned {
         let l = layout.num_layers() as usize;
         let stages = ring
             .order()
@@ -225,7 +234,12 @@ impl Controller {
                 Stage { uav: self.name(id), start, len, k, t }
             })
             .collect();
-        Planned { plan: SwarmPlan { epoch, num_layers: l, stages, request_id, resume_position: resume }, layout, ring, protection }
+        Planned {
+            plan: SwarmPlan { epoch, num_layers: l, stages, request_id, resume_position: resume },
+            layout,
+            ring,
+            protection,
+        }
     }
 }
 
@@ -246,7 +260,13 @@ mod tests {
     fn controller() -> Controller {
         Controller::new(
             PlanConfig { deadline_s: 3.0, weight_load_bps: 8e9, ..PlanConfig::default() },
-            Airframe { flight_power_w: 80.0, compute_power_w: 35.0, tx_power_w: 2.5, link_bps: 20e6, memory_bytes: 2e9 },
+            Airframe {
+                flight_power_w: 80.0,
+                compute_power_w: 35.0,
+                tx_power_w: 2.5,
+                link_bps: 20e6,
+                memory_bytes: 2e9,
+            },
             ModelSize { num_layers: 30, weight_bytes_per_layer: 3.0e6, kv_bytes_per_token_layer: 1536.0 },
         )
     }
@@ -298,7 +318,10 @@ mod tests {
             let (pred, succ) = (p.plan.pred(failed).unwrap(), p.plan.succ(failed).unwrap());
             for layer in p.plan.layers(old) {
                 let owner = &f.plan.owner(layer).unwrap().uav;
-                assert!(owner == &pred.uav || owner == &succ.uav || p.plan.stage(owner).is_some(), "{layer} -> {owner}");
+                assert!(
+                    owner == &pred.uav || owner == &succ.uav || p.plan.stage(owner).is_some(),
+                    "{layer} -> {owner}"
+                );
             }
         }
         assert!(matches!(c.failover(&p, "uav9", &t, 256, 40, 2, false), Err(ControlError::NotMember(_))));

@@ -173,7 +173,9 @@ pub struct ShardHost {
 
 impl ShardHost {
     pub fn new(runtime: Runtime, manifest: Manifest, uav: impl Into<String>) -> Result<Self> {
-        if let Some(f) = manifest.layer_files_for(0, manifest.architecture.layers)?.iter().find(|f| f.end - f.start != 1) {
+        if let Some(f) =
+            manifest.layer_files_for(0, manifest.architecture.layers)?.iter().find(|f| f.end - f.start != 1)
+        {
             return Err(DataPlaneError::GroupedFiles(f.name.clone()));
         }
         Ok(ShardHost {
@@ -199,7 +201,9 @@ impl ShardHost {
     }
     /// True when every layer this UAV must hold for the current plan is complete.
     pub fn ready(&self) -> bool {
-        self.plan.as_ref().is_some_and(|p| p.stage(&self.uav).is_none() || (self.pending.replay.is_none() && self.pending.seed_layers.is_empty()))
+        self.plan.as_ref().is_some_and(|p| {
+            p.stage(&self.uav).is_none() || (self.pending.replay.is_none() && self.pending.seed_layers.is_empty())
+        })
     }
     pub fn my_stage(&self) -> Option<Stage> {
         self.plan.as_ref()?.stage(&self.uav).cloned()
@@ -224,10 +228,14 @@ impl ShardHost {
             .unwrap_or(0)
     }
     pub fn memory_bytes(&self) -> u64 {
-        self.pieces.values().map(|s| {
-            let m = s.memory_bytes();
-            m.weight_bytes + m.kv_bytes
-        }).sum::<u64>() + self.buffer.values().map(|h| (h.as_slice().len() * 4) as u64).sum::<u64>()
+        self.pieces
+            .values()
+            .map(|s| {
+                let m = s.memory_bytes();
+                m.weight_bytes + m.kv_bytes
+            })
+            .sum::<u64>()
+            + self.buffer.values().map(|h| (h.as_slice().len() * 4) as u64).sum::<u64>()
     }
 
     fn load(&self, layer: usize) -> Result<Shard> {
@@ -264,13 +272,21 @@ impl ShardHost {
         if let (Some(old), true) = (&old, p > 0) {
             if let Some(failed) = old.succ(&self.uav).filter(|s| s.uav != self.uav && new.stage(&s.uav).is_none()) {
                 if let Some(to) = old.succ(&failed.uav) {
-                    let boundary = old.tail(failed).first().copied().unwrap_or((failed.start + failed.len) % old.num_layers);
-                    let chunks: Vec<(usize, Hidden)> = self.buffer.range(..p).map(|(&pos, h)| (pos, h.clone())).collect();
+                    let boundary =
+                        old.tail(failed).first().copied().unwrap_or((failed.start + failed.len) % old.num_layers);
+                    let chunks: Vec<(usize, Hidden)> =
+                        self.buffer.range(..p).map(|(&pos, h)| (pos, h.clone())).collect();
                     if to.uav == self.uav {
                         // A ring of two: the recovering successor is this UAV.
                         local_replay = chunks;
                     } else if !chunks.is_empty() {
-                        emits.push(Emit::Replay { failed: failed.uav.clone(), to: to.uav.clone(), boundary, request_id: self.request_id, chunks });
+                        emits.push(Emit::Replay {
+                            failed: failed.uav.clone(),
+                            to: to.uav.clone(),
+                            boundary,
+                            request_id: self.request_id,
+                            chunks,
+                        });
                     }
                 }
             }
@@ -311,7 +327,8 @@ impl ShardHost {
                 // The failed predecessor's tail: its last snapshot, or nothing when none was due
                 // yet; the replay of its buffered inputs brings it to the resume position.
                 let tail_of_pred = old.as_ref().is_some_and(|o| {
-                    o.pred(&self.uav).is_some_and(|f| f.uav != self.uav && new.stage(&f.uav).is_none() && o.tail(f).contains(&layer))
+                    o.pred(&self.uav)
+                        .is_some_and(|f| f.uav != self.uav && new.stage(&f.uav).is_none() && o.tail(f).contains(&layer))
                 });
                 if !tail_of_pred {
                     return Err(DataPlaneError::LostLayer { uav: self.uav.clone(), layer, position: p });
@@ -339,7 +356,12 @@ impl ShardHost {
                 }
             }
             let failed = old.as_ref().and_then(|o| o.pred(&self.uav)).map(|s| s.uav.clone()).unwrap_or_default();
-            pending.replay = Some(PendingReplay { failed, layers: restored.iter().map(|r| r.0).collect(), from, chunks: BTreeMap::new() });
+            pending.replay = Some(PendingReplay {
+                failed,
+                layers: restored.iter().map(|r| r.0).collect(),
+                from,
+                chunks: BTreeMap::new(),
+            });
         }
         self.plan = Some(new);
         self.pending = pending;
@@ -372,7 +394,10 @@ impl ShardHost {
                 // One chunk at a time, as the failed UAV computed them (exactness).
                 let mut x = h.clone();
                 for layer in &r.layers {
-                    let shard = self.pieces.get_mut(layer).ok_or_else(|| DataPlaneError::Plan(format!("restored layer {layer} vanished")))?;
+                    let shard = self
+                        .pieces
+                        .get_mut(layer)
+                        .ok_or_else(|| DataPlaneError::Plan(format!("restored layer {layer} vanished")))?;
                     x = shard.forward(&x, pos)?;
                 }
             }
@@ -386,13 +411,21 @@ impl ShardHost {
                 if let Some(pred) = pred.filter(|s| s.uav != self.uav) {
                     let head = plan.head(&me);
                     if !head.is_empty() {
-                        emits.push(Emit::Kv { holder: pred.uav, request_id: self.request_id, rows: self.export(&head, 0..p)? });
+                        emits.push(Emit::Kv {
+                            holder: pred.uav,
+                            request_id: self.request_id,
+                            rows: self.export(&head, 0..p)?,
+                        });
                     }
                 }
                 if let Some(succ) = succ.filter(|s| s.uav != self.uav) {
                     let tail = plan.tail(&me);
                     if me.t > 0 && !tail.is_empty() {
-                        emits.push(Emit::Kv { holder: succ.uav, request_id: self.request_id, rows: self.export(&tail, 0..p)? });
+                        emits.push(Emit::Kv {
+                            holder: succ.uav,
+                            request_id: self.request_id,
+                            rows: self.export(&tail, 0..p)?,
+                        });
                     }
                 }
                 self.snapshot_sent_until = p;
@@ -405,7 +438,10 @@ impl ShardHost {
         // In pipeline order: a wrapped interval (29, 0, 1) travels as one contiguous range mod L.
         let mut out: Option<KvRows> = None;
         for &layer in layers {
-            let shard = self.pieces.get(&layer).ok_or_else(|| DataPlaneError::Plan(format!("export of layer {layer}, not held")))?;
+            let shard = self
+                .pieces
+                .get(&layer)
+                .ok_or_else(|| DataPlaneError::Plan(format!("export of layer {layer}, not held")))?;
             let rows = shard.export_kv(layer..layer + 1, tokens.clone())?;
             match &mut out {
                 None => out = Some(rows),
@@ -417,11 +453,19 @@ impl ShardHost {
 
     /// Hidden states for this UAV's native layers starting at `boundary`: returns the output for
     /// the next stage (or the gateway). Call [`ShardHost::snapshot_due`] once it is on its way.
-    pub fn on_input(&mut self, request_id: u64, boundary: usize, position: usize, hidden: &Hidden) -> Result<Vec<Emit>> {
+    pub fn on_input(
+        &mut self,
+        request_id: u64,
+        boundary: usize,
+        position: usize,
+        hidden: &Hidden,
+    ) -> Result<Vec<Emit>> {
         // Runs once per token: the route comes from a borrow of the plan, not a copy of it.
         let (native, end, to, num_layers) = {
             let plan = self.plan.as_ref().ok_or_else(|| DataPlaneError::Plan("input before any plan".into()))?;
-            let me = plan.stage(&self.uav).ok_or_else(|| DataPlaneError::Plan(format!("{} has no layers in epoch {}", self.uav, plan.epoch)))?;
+            let me = plan
+                .stage(&self.uav)
+                .ok_or_else(|| DataPlaneError::Plan(format!("{} has no layers in epoch {}", self.uav, plan.epoch)))?;
             let native = plan.layers(me);
             // From `boundary` to this stage's last layer or the model's last, whichever comes first.
             let end = (boundary..plan.num_layers).find(|l| !native.contains(l)).unwrap_or(plan.num_layers);
@@ -430,12 +474,16 @@ impl ShardHost {
         };
         self.new_request(request_id);
         if !native.contains(&boundary) {
-            return Err(DataPlaneError::Plan(format!("input at layer {boundary}, but {} holds {:?}", self.uav, native)));
+            return Err(DataPlaneError::Plan(format!(
+                "input at layer {boundary}, but {} holds {:?}",
+                self.uav, native
+            )));
         }
         let mut x = hidden.clone();
         let started = std::time::Instant::now();
         for layer in boundary..end {
-            let shard = self.pieces.get_mut(&layer).ok_or_else(|| DataPlaneError::Plan(format!("layer {layer} not loaded")))?;
+            let shard =
+                self.pieces.get_mut(&layer).ok_or_else(|| DataPlaneError::Plan(format!("layer {layer} not loaded")))?;
             x = shard.forward(&x, position)?;
         }
         self.account(started.elapsed(), end - boundary, hidden.tokens());
@@ -443,9 +491,17 @@ impl ShardHost {
     }
 
     /// The successor's input: compute its head replica and buffer the output (its tail's input).
-    pub fn on_successor_input(&mut self, request_id: u64, boundary: usize, position: usize, hidden: &Hidden) -> Result<()> {
+    pub fn on_successor_input(
+        &mut self,
+        request_id: u64,
+        boundary: usize,
+        position: usize,
+        hidden: &Hidden,
+    ) -> Result<()> {
         let succ_has_tail = match self.plan.as_ref().and_then(|p| p.succ(&self.uav)) {
-            Some(succ) if succ.uav != self.uav && boundary == succ.start && self.pending.seed_layers.is_empty() => succ.k < succ.len,
+            Some(succ) if succ.uav != self.uav && boundary == succ.start && self.pending.seed_layers.is_empty() => {
+                succ.k < succ.len
+            }
             _ => return Ok(()),
         };
         let head = self.replica_layers();
@@ -453,7 +509,10 @@ impl ShardHost {
         let started = std::time::Instant::now();
         let mut x = hidden.clone();
         for layer in &head {
-            let shard = self.pieces.get_mut(layer).ok_or_else(|| DataPlaneError::Plan(format!("replica layer {layer} not loaded")))?;
+            let shard = self
+                .pieces
+                .get_mut(layer)
+                .ok_or_else(|| DataPlaneError::Plan(format!("replica layer {layer} not loaded")))?;
             x = shard.forward(&x, position)?;
         }
         self.account(started.elapsed(), head.len(), hidden.tokens());
@@ -475,7 +534,10 @@ impl ShardHost {
             && self.pending.seed_layers.iter().all(|&l| layer_rows(&rows, l).is_some());
         if seed {
             for layer in std::mem::take(&mut self.pending.seed_layers) {
-                let shard = self.pieces.get_mut(&layer).ok_or_else(|| DataPlaneError::Plan(format!("seed for layer {layer}, not loaded")))?;
+                let shard = self
+                    .pieces
+                    .get_mut(&layer)
+                    .ok_or_else(|| DataPlaneError::Plan(format!("seed for layer {layer}, not loaded")))?;
                 if let Some(r) = layer_rows(&rows, layer) {
                     shard.import_kv(&single_layer(&rows, r, rows.tokens))?;
                 }
@@ -492,7 +554,9 @@ impl ShardHost {
                 match (&mut self.pred_snapshot, rows.token_start) {
                     (_, 0) => self.pred_snapshot = Some(rows),
                     (Some(s), _) if s.token_start + s.tokens == rows.token_start => s.append(&rows)?,
-                    (s, start) => tracing::warn!(start, held = ?s.as_ref().map(|s| s.tokens), "snapshot out of order, ignored"),
+                    (s, start) => {
+                        tracing::warn!(start, held = ?s.as_ref().map(|s| s.tokens), "snapshot out of order, ignored")
+                    }
                 }
             }
         }

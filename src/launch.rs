@@ -80,7 +80,13 @@ impl Launcher {
         Ok(out)
     }
 
-    fn load_file(&self, file: &Path, given: HashMap<String, String>, ns: &str, out: &mut Vec<NodeProcess>) -> Result<(), LaunchError> {
+    fn load_file(
+        &self,
+        file: &Path,
+        given: HashMap<String, String>,
+        ns: &str,
+        out: &mut Vec<NodeProcess>,
+    ) -> Result<(), LaunchError> {
         let text = std::fs::read_to_string(file).map_err(|source| LaunchError::Read { file: file.into(), source })?;
         let doc = roxmltree::Document::parse(&text).map_err(|source| LaunchError::Xml { file: file.into(), source })?;
         let root = doc.root_element();
@@ -88,7 +94,11 @@ impl Launcher {
             return Err(LaunchError::Unsupported { file: file.into(), tag: root.tag_name().name().into() });
         }
         // Arguments given by the includer must be declared by the included file.
-        let declared: Vec<String> = root.children().filter(|n| n.has_tag_name("arg")).filter_map(|n| n.attribute("name").map(String::from)).collect();
+        let declared: Vec<String> = root
+            .children()
+            .filter(|n| n.has_tag_name("arg"))
+            .filter_map(|n| n.attribute("name").map(String::from))
+            .collect();
         if let Some(name) = given.keys().find(|k| !declared.contains(k)) {
             return Err(LaunchError::UnknownArg { file: file.into(), name: name.clone() });
         }
@@ -184,10 +194,19 @@ impl Launcher {
             let j = after.find(')').ok_or_else(|| scope.bad(text, "missing `)`"))?;
             let mut words = after[..j].split_whitespace();
             let value = match (words.next(), words.next(), words.next()) {
-                (Some("var"), Some(name), None) => scope.vars.get(name).cloned().ok_or_else(|| scope.bad(text, &format!("no argument `{name}`")))?,
-                (Some("find-pkg-share"), Some(pkg), None) if pkg == self.package => self.share_dir.display().to_string(),
-                (Some("find-pkg-share"), Some(pkg), None) => return Err(scope.bad(text, &format!("unknown package `{pkg}`"))),
-                (Some("env"), Some(name), default) => std::env::var(name).ok().or(default.map(String::from)).ok_or_else(|| scope.bad(text, &format!("environment variable `{name}` is not set")))?,
+                (Some("var"), Some(name), None) => {
+                    scope.vars.get(name).cloned().ok_or_else(|| scope.bad(text, &format!("no argument `{name}`")))?
+                }
+                (Some("find-pkg-share"), Some(pkg), None) if pkg == self.package => {
+                    self.share_dir.display().to_string()
+                }
+                (Some("find-pkg-share"), Some(pkg), None) => {
+                    return Err(scope.bad(text, &format!("unknown package `{pkg}`")))
+                }
+                (Some("env"), Some(name), default) => std::env::var(name)
+                    .ok()
+                    .or(default.map(String::from))
+                    .ok_or_else(|| scope.bad(text, &format!("environment variable `{name}` is not set")))?,
                 _ => return Err(scope.bad(text, "unsupported substitution")),
             };
             out.push_str(&value);

@@ -14,6 +14,6 @@ pub mod dataplane;
 pub mod launch;
 pub mod os;
 pub mod params;
-pub mod supervisor;
 #[cfg(feature = "ros")]
 pub mod ros;
+pub mod supervisor;

@@ -49,7 +49,9 @@ impl std::fmt::Display for Stopped {
                 let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(*sig)) };
                 write!(f, "killed by signal {sig} ({})", name.to_string_lossy())
             }
-            Stopped::KilledAfter(grace) => write!(f, "still running {:.0} s after SIGTERM, SIGKILLed", grace.as_secs_f64()),
+            Stopped::KilledAfter(grace) => {
+                write!(f, "still running {:.0} s after SIGTERM, SIGKILLed", grace.as_secs_f64())
+            }
         }
     }
 }

@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 
 fn models() -> PathBuf {
-    std::env::var_os("AEROKV_MODELS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/generated"))
+    std::env::var_os("AEROKV_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/generated"))
 }
 
 fn runtime() -> Runtime {
@@ -61,7 +63,9 @@ impl Swarm {
         while let Some((from, e)) = self.queue.pop_front() {
             match e {
                 Emit::Activation { to: None, hidden, .. } => return Some(hidden),
-                Emit::Activation { to: Some(to), boundary, request_id, position, hidden } => self.input(&plan, &to, boundary, request_id, position, &hidden),
+                Emit::Activation { to: Some(to), boundary, request_id, position, hidden } => {
+                    self.input(&plan, &to, boundary, request_id, position, &hidden)
+                }
                 Emit::Kv { holder, request_id, rows } => {
                     if let Some(h) = self.hosts.get_mut(&holder) {
                         let emits = h.on_kv(&from, request_id, rows).unwrap();
@@ -99,14 +103,21 @@ fn reference(rt: &Runtime, m: &Manifest, gateway: &mut Gateway, prompt: &[u32], 
     out
 }
 
-fn run_with_failure(plan: SwarmPlan, failed: &str, fail_after: usize, recovery: SwarmPlan, n: usize) -> (Vec<u32>, Vec<u32>) {
+fn run_with_failure(
+    plan: SwarmPlan,
+    failed: &str,
+    fail_after: usize,
+    recovery: SwarmPlan,
+    n: usize,
+) -> (Vec<u32>, Vec<u32>) {
     let rt = runtime();
     let m = Manifest::load_variant(models(), "tiny").unwrap();
     let mut gateway = Gateway::load(&rt, &m).unwrap();
     let prompt = gateway.encode_chat("Where do drones fly?").unwrap();
     let want = reference(&rt, &m, &mut gateway, &prompt, n);
 
-    let hosts = plan.stages.iter().map(|s| (s.uav.clone(), ShardHost::new(rt.clone(), m.clone(), &s.uav).unwrap())).collect();
+    let hosts =
+        plan.stages.iter().map(|s| (s.uav.clone(), ShardHost::new(rt.clone(), m.clone(), &s.uav).unwrap())).collect();
     let mut swarm = Swarm { hosts, queue: VecDeque::new() };
     swarm.apply(&plan);
     let (mut ids, mut position, mut got) = (prompt.clone(), 0, Vec::new());

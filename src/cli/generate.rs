@@ -5,8 +5,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use aerokv_engine::{models_root, GenerateOptions, Model, Runtime, RuntimeConfig, Sampling, DEFAULT_VARIANT};
+use anyhow::Context;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {

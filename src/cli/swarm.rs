@@ -72,9 +72,13 @@ struct Kill {
 fn parse_kills(v: &[String], uavs: usize) -> anyhow::Result<Vec<Kill>> {
     v.iter()
         .map(|s| {
-            let (uav, tok) = s.split_once(':').with_context(|| format!("--kill {s}: expected UAV:TOKEN, e.g. uav2:10"))?;
+            let (uav, tok) =
+                s.split_once(':').with_context(|| format!("--kill {s}: expected UAV:TOKEN, e.g. uav2:10"))?;
             let after_tokens: u32 = tok.parse().with_context(|| format!("--kill {s}: TOKEN must be a number"))?;
-            let n: usize = uav.strip_prefix("uav").and_then(|n| n.parse().ok()).with_context(|| format!("--kill {s}: UAVs are named uav1..uav{uavs}"))?;
+            let n: usize = uav
+                .strip_prefix("uav")
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("--kill {s}: UAVs are named uav1..uav{uavs}"))?;
             anyhow::ensure!((1..=uavs).contains(&n), "--kill {s}: this swarm has uav1..uav{uavs}");
             anyhow::ensure!(after_tokens >= 1, "--kill {s}: TOKEN must be at least 1");
             Ok(Kill { uav: uav.into(), after_tokens, at: None })
@@ -96,7 +100,11 @@ fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
     let socs: Vec<(String, String)> = a
         .soc
         .iter()
-        .map(|s| s.split_once('=').map(|(u, v)| (u.to_string(), v.to_string())).with_context(|| format!("--soc {s}: expected UAV=SOC")))
+        .map(|s| {
+            s.split_once('=')
+                .map(|(u, v)| (u.to_string(), v.to_string()))
+                .with_context(|| format!("--soc {s}: expected UAV=SOC"))
+        })
         .collect::<anyhow::Result<_>>()?;
     let uav_params = a.uav_params.as_ref().map(|p| p.display().to_string());
     for i in 1..=a.uavs {
@@ -117,9 +125,16 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.uavs >= 1, "--uavs must be at least 1");
     let mut kills = parse_kills(&a.kill, a.uavs)?;
     let nodes = nodes(&a)?;
-    let log_dir = a.log_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("aerokv-swarm-{}", std::process::id())));
+    let log_dir =
+        a.log_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("aerokv-swarm-{}", std::process::id())));
     let mut sup = Supervisor::new(bin_dir(), Some(log_dir.clone()));
-    eprintln!("[swarm] starting {} nodes for {} UAVs (ROS_DOMAIN_ID={}), logs in {}", nodes.len(), a.uavs, std::env::var("ROS_DOMAIN_ID").unwrap_or_else(|_| "0".into()), log_dir.display());
+    eprintln!(
+        "[swarm] starting {} nodes for {} UAVs (ROS_DOMAIN_ID={}), logs in {}",
+        nodes.len(),
+        a.uavs,
+        std::env::var("ROS_DOMAIN_ID").unwrap_or_else(|_| "0".into()),
+        log_dir.display()
+    );
     for n in &nodes {
         sup.start(n)?;
     }
@@ -147,9 +162,15 @@ fn drive(a: &SwarmArgs, sup: &mut Supervisor, kills: &mut [Kill]) -> anyhow::Res
     out
 }
 
-async fn session(a: &SwarmArgs, node: Arc<Mutex<r2r::Node>>, sup: &mut Supervisor, kills: &mut [Kill]) -> anyhow::Result<()> {
+async fn session(
+    a: &SwarmArgs,
+    node: Arc<Mutex<r2r::Node>>,
+    sup: &mut Supervisor,
+    kills: &mut [Kill],
+) -> anyhow::Result<()> {
     let lock = || node.lock().unwrap_or_else(|e| e.into_inner());
-    let mut assignments = lock().subscribe::<Assignment>(crate::ros::names::ASSIGNMENT, crate::ros::names::latched())?;
+    let mut assignments =
+        lock().subscribe::<Assignment>(crate::ros::names::ASSIGNMENT, crate::ros::names::latched())?;
     let mut tokens = lock().subscribe::<TokenChunk>(crate::ros::names::TOKENS, crate::ros::names::events())?;
     let client = lock().create_client::<Generate::Service>(crate::ros::names::GENERATE, r2r::QosProfile::default())?;
     let available = r2r::Node::is_available(&client)?;
@@ -175,7 +196,15 @@ async fn session(a: &SwarmArgs, node: Arc<Mutex<r2r::Node>>, sup: &mut Superviso
     }
     eprintln!("[swarm] ready in {:.1} s", started.elapsed().as_secs_f64());
 
-    let req = Generate::Request { user: a.user.clone(), max_tokens: a.max_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed, ignore_eos: a.ignore_eos, ..Default::default() };
+    let req = Generate::Request {
+        user: a.user.clone(),
+        max_tokens: a.max_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        ignore_eos: a.ignore_eos,
+        ..Default::default()
+    };
     let call = client.request(&req)?;
     tokio::pin!(call);
     let stdout = std::io::stdout();
@@ -224,7 +253,12 @@ async fn session(a: &SwarmArgs, node: Arc<Mutex<r2r::Node>>, sup: &mut Superviso
     if a.json {
         println!("{out}");
     } else {
-        eprintln!("[swarm] {} tokens, {:.1} tokens/s, finish: {}", response.token_ids.len(), response.tokens_per_s, response.finish_reason);
+        eprintln!(
+            "[swarm] {} tokens, {:.1} tokens/s, finish: {}",
+            response.token_ids.len(),
+            response.tokens_per_s,
+            response.finish_reason
+        );
         for f in failures.as_array().into_iter().flatten() {
             eprintln!("[swarm] failure {f}");
         }
@@ -242,8 +276,15 @@ fn failure_report(stats: &serde_json::Value, kills: &[Kill]) -> serde_json::Valu
         .iter()
         .map(|inc| {
             let uav = inc["uav"].as_str().unwrap_or_default();
-            let kill = kills.iter().find(|k| k.uav == uav).and_then(|k| k.at.map(|t| (k, now_unix - t.elapsed().as_secs_f64())));
-            let (detected, recovered, next) = (inc["detected_at"].as_f64().unwrap_or(0.0), inc["recovered_at"].as_f64().unwrap_or(0.0), inc["next_token_at"].as_f64().unwrap_or(0.0));
+            let kill = kills
+                .iter()
+                .find(|k| k.uav == uav)
+                .and_then(|k| k.at.map(|t| (k, now_unix - t.elapsed().as_secs_f64())));
+            let (detected, recovered, next) = (
+                inc["detected_at"].as_f64().unwrap_or(0.0),
+                inc["recovered_at"].as_f64().unwrap_or(0.0),
+                inc["next_token_at"].as_f64().unwrap_or(0.0),
+            );
             let origin = kill.map_or(detected, |(_, t)| t);
             serde_json::json!({
                 "uav": uav,

@@ -35,7 +35,15 @@ fn check_codec(codec: &str, dtype: &str) -> Result<(), ConvertError> {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn activation(epoch: u64, request_id: u64, step: u32, position: usize, boundary: usize, source: &str, h: &Hidden) -> Activation {
+pub fn activation(
+    epoch: u64,
+    request_id: u64,
+    step: u32,
+    position: usize,
+    boundary: usize,
+    source: &str,
+    h: &Hidden,
+) -> Activation {
     Activation {
         epoch,
         request_id,
@@ -54,7 +62,13 @@ pub fn activation(epoch: u64, request_id: u64, step: u32, position: usize, bound
 }
 
 /// Several chunks (in position order) as one message; `chunk_tokens` keeps their sizes.
-pub fn packed_activation(epoch: u64, request_id: u64, boundary: usize, source: &str, chunks: &[(usize, Hidden)]) -> Result<Activation, ConvertError> {
+pub fn packed_activation(
+    epoch: u64,
+    request_id: u64,
+    boundary: usize,
+    source: &str,
+    chunks: &[(usize, Hidden)],
+) -> Result<Activation, ConvertError> {
     let width = chunks.first().map_or(1, |(_, h)| h.width());
     let mut data = Vec::with_capacity(chunks.iter().map(|(_, h)| h.as_slice().len()).sum());
     for (_, h) in chunks {
@@ -129,7 +143,10 @@ pub fn kv_rows(m: &KvSnapshot, num_layers: usize) -> Result<KvRows, ConvertError
     let per = m.kv_heads as usize * tokens * m.head_dim as usize;
     let layers = m.layer_end.saturating_sub(m.layer_start) as usize;
     if m.payload.len() != layers * 2 * per * 4 {
-        return Err(ConvertError::Shape { bytes: m.payload.len(), shape: vec![m.layer_start, m.layer_end, m.token_start, m.token_end] });
+        return Err(ConvertError::Shape {
+            bytes: m.payload.len(),
+            shape: vec![m.layer_start, m.layer_end, m.token_start, m.token_end],
+        });
     }
     let all = bytes_to_f32s(&m.payload);
     let rows = (0..layers)
@@ -139,7 +156,13 @@ pub fn kv_rows(m: &KvSnapshot, num_layers: usize) -> Result<KvRows, ConvertError
             value: all[(2 * i + 1) * per..(2 * i + 2) * per].to_vec(),
         })
         .collect();
-    Ok(KvRows { token_start: m.token_start as usize, tokens, kv_heads: m.kv_heads as usize, head_dim: m.head_dim as usize, layers: rows })
+    Ok(KvRows {
+        token_start: m.token_start as usize,
+        tokens,
+        kv_heads: m.kv_heads as usize,
+        head_dim: m.head_dim as usize,
+        layers: rows,
+    })
 }
 
 pub fn plan(a: &Assignment) -> SwarmPlan {

@@ -5,4 +5,7 @@ pub mod names;
 pub mod nodes;
 pub mod runtime;
 
-pub use runtime::{hop_ms, now_stamp, percentiles, shutdown_phase, stamp_secs, unix_now, NodeContext, ShutdownPhase, SpinThread, Spinner, SPIN_TIMEOUT};
+pub use runtime::{
+    hop_ms, now_stamp, percentiles, shutdown_phase, stamp_secs, unix_now, NodeContext, ShutdownPhase, SpinThread,
+    Spinner, SPIN_TIMEOUT,
+};

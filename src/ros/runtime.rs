@@ -161,7 +161,11 @@ impl NodeContext {
 
     /// A subscription drained into an unbounded channel by its own task: r2r drops messages when
     /// its small internal queue is full, which the data plane must never do.
-    pub fn subscribe<T>(&self, topic: &str, qos: r2r::QosProfile) -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<T>>
+    pub fn subscribe<T>(
+        &self,
+        topic: &str,
+        qos: r2r::QosProfile,
+    ) -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<T>>
     where
         T: r2r::WrappedTypesupport + Send + 'static,
     {
@@ -170,7 +174,9 @@ impl NodeContext {
     }
 }
 
-fn drain<T: Send + 'static>(mut stream: impl Stream<Item = T> + Unpin + Send + 'static) -> tokio::sync::mpsc::UnboundedReceiver<T> {
+fn drain<T: Send + 'static>(
+    mut stream: impl Stream<Item = T> + Unpin + Send + 'static,
+) -> tokio::sync::mpsc::UnboundedReceiver<T> {
     use futures::StreamExt;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -249,7 +255,12 @@ where
         let node = Arc::new(Mutex::new(node));
         let (shutdown, _) = watch::channel(false);
         let spin = SpinThread::start(node.clone())?;
-        let nc = NodeContext { node, namespace: args.namespace_leaf(), shutdown: shutdown.clone(), spun_elsewhere: spin.paused.clone() };
+        let nc = NodeContext {
+            node,
+            namespace: args.namespace_leaf(),
+            shutdown: shutdown.clone(),
+            spun_elsewhere: spin.paused.clone(),
+        };
         tracing::info!(node = %args.fqn(default_name), "started");
         let mut task = tokio::spawn(body(nc, params));
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

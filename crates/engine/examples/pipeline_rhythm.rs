@@ -26,7 +26,13 @@ impl Run {
 }
 
 /// Greedy decoding of `steps` tokens; before each unit's work, sleeps `idle[unit]` if given.
-fn decode(gateway: &mut Gateway, stages: &mut [Shard], prompt: &[u32], steps: usize, idle: Option<&[Duration]>) -> Result<Run, Box<dyn std::error::Error>> {
+fn decode(
+    gateway: &mut Gateway,
+    stages: &mut [Shard],
+    prompt: &[u32],
+    steps: usize,
+    idle: Option<&[Duration]>,
+) -> Result<Run, Box<dyn std::error::Error>> {
     let mut sampler = Sampler::new(Sampling::Greedy);
     stages.iter_mut().for_each(Shard::reset);
     let mut h = gateway.embed(prompt)?;

@@ -12,13 +12,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let threads: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
     let rt = Runtime::init(RuntimeConfig::with_threads(threads))?;
     let mut model = Model::load(&rt, models_root().join(variant))?;
-    let prompt = model.gateway.encode_chat("Write a detailed story about a swarm of drones that explores a mountain valley.")?;
+    let prompt =
+        model.gateway.encode_chat("Write a detailed story about a swarm of drones that explores a mountain valley.")?;
     let mut sampler = Sampler::new(Sampling::Greedy);
     let mut detok = Detokenizer::new();
     let h = model.gateway.embed(&prompt)?;
     let h = model.shard.forward(&h, 0)?;
     let mut next = sampler.sample(&model.gateway.logits(&h)?)?;
-    let (mut t_embed, mut t_layers, mut t_head, mut t_sample, mut t_detok) = (Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let (mut t_embed, mut t_layers, mut t_head, mut t_sample, mut t_detok) =
+        (Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let started = Instant::now();
     for step in 0..steps {
         let t = Instant::now();

@@ -105,7 +105,10 @@ impl Gateway {
             return Err(EngineError::InvalidInput("embedding of zero tokens".into()));
         }
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.arch.vocab) {
-            return Err(EngineError::InvalidInput(format!("token id {bad} outside the vocabulary of {}", self.arch.vocab)));
+            return Err(EngineError::InvalidInput(format!(
+                "token id {bad} outside the vocabulary of {}",
+                self.arch.vocab
+            )));
         }
         let ids64: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
         let input = TensorRef::from_array_view(([1usize, ids.len()], ids64.as_slice()))

@@ -187,7 +187,11 @@ impl Model {
         }
         if let Some(rest) = detok.finish(&self.gateway)? {
             text.push_str(&rest);
-            on_token(&TokenEvent { index: tokens.len().saturating_sub(1), id: *tokens.last().unwrap_or(&next), text: &rest });
+            on_token(&TokenEvent {
+                index: tokens.len().saturating_sub(1),
+                id: *tokens.last().unwrap_or(&next),
+                text: &rest,
+            });
         }
         let decode = decode_started.elapsed();
         let steps = tokens.len().saturating_sub(1);

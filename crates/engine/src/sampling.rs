@@ -124,8 +124,7 @@ pub fn argmax(logits: &[f32]) -> Result<u32> {
             best = Some((i, l));
         }
     }
-    best.map(|(i, _)| i as u32)
-        .ok_or_else(|| EngineError::InvalidInput("logits are empty or all NaN".into()))
+    best.map(|(i, _)| i as u32).ok_or_else(|| EngineError::InvalidInput("logits are empty or all NaN".into()))
 }
 
 #[cfg(test)]

@@ -56,10 +56,7 @@ impl Hidden {
     /// only the last token for the LM head).
     pub fn rows(&self, range: Range<usize>) -> Result<Hidden> {
         if range.start >= range.end || range.end > self.tokens {
-            return Err(EngineError::InvalidInput(format!(
-                "rows {range:?} of a chunk of {} tokens",
-                self.tokens
-            )));
+            return Err(EngineError::InvalidInput(format!("rows {range:?} of a chunk of {} tokens", self.tokens)));
         }
         Ok(Hidden {
             tokens: range.len(),
@@ -237,7 +234,12 @@ impl Shard {
             let session = runtime.open_session(&path)?;
             let names: Vec<[String; 4]> = (f.start..f.end)
                 .map(|i| {
-                    [format!("past_key_{i}"), format!("past_value_{i}"), format!("present_key_{i}"), format!("present_value_{i}")]
+                    [
+                        format!("past_key_{i}"),
+                        format!("past_value_{i}"),
+                        format!("present_key_{i}"),
+                        format!("present_value_{i}"),
+                    ]
                 })
                 .collect();
             check_io(&session, &path, &names)?;
@@ -334,7 +336,11 @@ impl Shard {
         }
         let limit = self.arch.max_context;
         if position + s > limit {
-            return Err(EngineError::ContextOverflow { what: format!("position {position} + {s} new tokens"), tokens: position + s, limit });
+            return Err(EngineError::ContextOverflow {
+                what: format!("position {position} + {s} new tokens"),
+                tokens: position + s,
+                limit,
+            });
         }
         let started = Instant::now();
         let positions: Vec<i64> = (position..position + s).map(|p| p as i64).collect();
@@ -384,9 +390,7 @@ impl Shard {
             carried = Some(out);
         }
         let out = carried.ok_or_else(|| EngineError::InvalidInput("shard has no layers".into()))?;
-        let (shape, data) = out
-            .try_extract_tensor::<f32>()
-            .map_err(|e| EngineError::ort("reading hidden_out", e))?;
+        let (shape, data) = out.try_extract_tensor::<f32>().map_err(|e| EngineError::ort("reading hidden_out", e))?;
         if shape.len() != 3 || shape[0] != 1 || shape[1] != s as i64 || shape[2] != width as i64 {
             return Err(EngineError::CorruptFile {
                 path: self.parts.last().map(|p| p.file.clone()).unwrap_or_default(),
@@ -558,12 +562,18 @@ fn check_io(session: &Session, path: &std::path::Path, names: &[[String; 4]]) ->
     }
     for w in &want_in {
         if !inputs.contains(w) {
-            return Err(EngineError::CorruptFile { path: path.to_path_buf(), reason: format!("graph has no input `{w}`") });
+            return Err(EngineError::CorruptFile {
+                path: path.to_path_buf(),
+                reason: format!("graph has no input `{w}`"),
+            });
         }
     }
     for w in &want_out {
         if !outputs.contains(w) {
-            return Err(EngineError::CorruptFile { path: path.to_path_buf(), reason: format!("graph has no output `{w}`") });
+            return Err(EngineError::CorruptFile {
+                path: path.to_path_buf(),
+                reason: format!("graph has no output `{w}`"),
+            });
         }
     }
     Ok(())
@@ -574,10 +584,7 @@ fn missing_output(file: &std::path::Path, name: &str) -> EngineError {
 }
 
 fn check_shape(value: &DynValue, expected: &[i64; 4], file: &std::path::Path, name: &str) -> Result<()> {
-    let shape = value
-        .try_extract_tensor::<f32>()
-        .map_err(|e| EngineError::ort(format!("reading {name}"), e))?
-        .0;
+    let shape = value.try_extract_tensor::<f32>().map_err(|e| EngineError::ort(format!("reading {name}"), e))?.0;
     if shape.len() != 4 || shape.iter().zip(expected).any(|(a, b)| a != b) {
         return Err(EngineError::CorruptFile {
             path: file.to_path_buf(),

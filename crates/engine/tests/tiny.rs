@@ -3,9 +3,7 @@ mod common;
 
 use std::path::Path;
 
-use aerokv_engine::{
-    EngineError, GenerateOptions, Hidden, KvRows, Manifest, Model, Sampling, Shard,
-};
+use aerokv_engine::{EngineError, GenerateOptions, Hidden, KvRows, Manifest, Model, Sampling, Shard};
 use common::*;
 
 const PROMPT: &str = "Where do drones fly?";
@@ -138,15 +136,21 @@ fn model_generate_streams_the_same_text_and_is_deterministic() {
     let opts = GenerateOptions { max_tokens: 12, ..Default::default() };
     let mut streamed = String::new();
     let mut count = 0;
-    let g = model.generate(PROMPT, &opts, |e| {
-        streamed.push_str(e.text);
-        count += 1;
-    }).unwrap();
+    let g = model
+        .generate(PROMPT, &opts, |e| {
+            streamed.push_str(e.text);
+            count += 1;
+        })
+        .unwrap();
     assert_eq!(streamed, g.text);
     assert_eq!(g.text, model.gateway.decode(&g.tokens).unwrap());
     assert!(count >= g.tokens.len());
     assert_eq!(model.generate(PROMPT, &opts, |_| {}).unwrap().tokens, g.tokens);
-    let sampled = GenerateOptions { max_tokens: 12, sampling: Sampling::TopP { temperature: 1.0, top_p: 0.9, seed: 42 }, ..Default::default() };
+    let sampled = GenerateOptions {
+        max_tokens: 12,
+        sampling: Sampling::TopP { temperature: 1.0, top_p: 0.9, seed: 42 },
+        ..Default::default()
+    };
     let a = model.generate(PROMPT, &sampled, |_| {}).unwrap();
     let b = model.generate(PROMPT, &sampled, |_| {}).unwrap();
     assert_eq!(a.tokens, b.tokens);
@@ -166,8 +170,13 @@ fn too_long_prompt_is_refused_with_the_limit() {
     let mut shard = Shard::load(&rt, &model.manifest, 0..1).unwrap();
     let (heads, dim) = (model.manifest.architecture.kv_heads, model.manifest.architecture.head_dim);
     let zeros = vec![0.0; heads * (limit - 1) * dim];
-    let rows = KvRows { token_start: 0, tokens: limit - 1, kv_heads: heads, head_dim: dim,
-        layers: vec![aerokv_engine::LayerRows { layer: 0, key: zeros.clone(), value: zeros }] };
+    let rows = KvRows {
+        token_start: 0,
+        tokens: limit - 1,
+        kv_heads: heads,
+        head_dim: dim,
+        layers: vec![aerokv_engine::LayerRows { layer: 0, key: zeros.clone(), value: zeros }],
+    };
     shard.import_kv(&rows).unwrap();
     let err = shard.forward(&h, limit - 1).unwrap_err();
     assert!(matches!(err, EngineError::ContextOverflow { .. }), "{err}");
@@ -209,7 +218,8 @@ fn misaligned_interval_names_the_files() {
     assert!(layers.is_multiple_of(2));
     let dir = temp_dir("grouped");
     std::fs::create_dir_all(&dir).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(m.dir.join("manifest.json")).unwrap()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.dir.join("manifest.json")).unwrap()).unwrap();
     let files = json["files"].as_array().unwrap().clone();
     let mut grouped: Vec<serde_json::Value> = files.iter().filter(|f| f["kind"] != "layers").cloned().collect();
     for start in (0..layers).step_by(2) {

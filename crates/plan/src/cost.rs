@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PlanError, Result};
-use crate::types::{Layout, ModelSpec, PlanConfig, PowerModel, Protection, ProtectionPlan, Ring, SwarmState, UavId, UavState};
+use crate::types::{
+    Layout, ModelSpec, PlanConfig, PowerModel, Protection, ProtectionPlan, Ring, SwarmState, UavId, UavState,
+};
 
 /// Fraction of full inference power available at state of charge `soc` (0..=1).
 pub fn power_fraction(soc: f64, p: &PowerModel) -> f64 {
@@ -62,14 +64,22 @@ pub fn weight_load_s(model: &ModelSpec, cfg: &PlanConfig, layers: u32) -> f64 {
 
 /// Worst-case recovery time of a shard protected by `(k, period)`: tail weight load +
 /// (T-1) x tail layers x per-layer latency on the successor. Infinite for an unprotected tail.
-pub fn worst_recovery_s(model: &ModelSpec, cfg: &PlanConfig, layers: u32, prot: Protection, succ_layer_latency_s: f64) -> f64 {
+pub fn worst_recovery_s(
+    model: &ModelSpec,
+    cfg: &PlanConfig,
+    layers: u32,
+    prot: Protection,
+    succ_layer_latency_s: f64,
+) -> f64 {
     let tail = layers.saturating_sub(prot.k);
     if tail == 0 {
         return 0.0;
     }
     match prot.period {
         None => f64::INFINITY,
-        Some(t) => weight_load_s(model, cfg, tail) + f64::from(t.saturating_sub(1)) * f64::from(tail) * succ_layer_latency_s,
+        Some(t) => {
+            weight_load_s(model, cfg, tail) + f64::from(t.saturating_sub(1)) * f64::from(tail) * succ_layer_latency_s
+        }
     }
 }
 

@@ -48,7 +48,11 @@ pub(crate) fn params(swarm: &SwarmState, model: &ModelSpec, ring: &Ring) -> Resu
         p.flight.push(u.flight_power_w);
         p.lat.push(e.layer_latency_s);
         p.per_layer_j.push(e.layer_energy_j + e.tx_layer_token_j);
-        let cap = if per_layer_bytes > 0.0 { (u.memory_bytes / per_layer_bytes).floor() } else { f64::from(model.num_layers) };
+        let cap = if per_layer_bytes > 0.0 {
+            (u.memory_bytes / per_layer_bytes).floor()
+        } else {
+            f64::from(model.num_layers)
+        };
         p.mem_cap.push(cap.clamp(0.0, f64::from(model.num_layers)) as u32);
     }
     Ok(p)
@@ -118,7 +122,12 @@ pub fn uniform_layout(model: &ModelSpec, ring: &Ring) -> Result<Layout> {
     Layout::from_counts(model.num_layers, ring, &counts)
 }
 
-pub(crate) fn layer_counts(swarm: &SwarmState, model: &ModelSpec, ring: &Ring, obj: LayoutObjective) -> Result<Vec<u32>> {
+pub(crate) fn layer_counts(
+    swarm: &SwarmState,
+    model: &ModelSpec,
+    ring: &Ring,
+    obj: LayoutObjective,
+) -> Result<Vec<u32>> {
     let m = ring.len();
     let l = model.num_layers;
     if (l as usize) < m {
@@ -130,12 +139,11 @@ pub(crate) fn layer_counts(swarm: &SwarmState, model: &ModelSpec, ring: &Ring, o
     }
     let mem_total: u64 = p.mem_cap.iter().map(|&c| u64::from(c)).sum();
     if mem_total < u64::from(l) {
-        return Err(PlanError::LayoutInfeasible(format!(
-            "the swarm holds at most {mem_total} of {l} layers"
-        )));
+        return Err(PlanError::LayoutInfeasible(format!("the swarm holds at most {mem_total} of {l} layers")));
     }
     // candidate caps: every stage latency n x lat_u that memory allows
-    let mut caps: Vec<f64> = (0..m).flat_map(|i| (1..=p.mem_cap[i]).map(move |n| (i, n))).map(|(i, n)| f64::from(n) * p.lat[i]).collect();
+    let mut caps: Vec<f64> =
+        (0..m).flat_map(|i| (1..=p.mem_cap[i]).map(move |n| (i, n))).map(|(i, n)| f64::from(n) * p.lat[i]).collect();
     caps.sort_by(f64::total_cmp);
     caps.dedup();
     let sat = obj.saturate_tokens.unwrap_or(f64::INFINITY);
@@ -153,7 +161,8 @@ pub(crate) fn layer_counts(swarm: &SwarmState, model: &ModelSpec, ring: &Ring, o
     };
     let mut best: Option<((f64, f64), Vec<u32>)> = None;
     for &cap in &caps {
-        let cap_n: Vec<u32> = (0..m).map(|i| (((cap / p.lat[i]) * (1.0 + 1e-12)).floor() as u32).min(p.mem_cap[i])).collect();
+        let cap_n: Vec<u32> =
+            (0..m).map(|i| (((cap / p.lat[i]) * (1.0 + 1e-12)).floor() as u32).min(p.mem_cap[i])).collect();
         if cap_n.contains(&0) || cap_n.iter().map(|&c| u64::from(c)).sum::<u64>() < u64::from(l) {
             continue;
         }

@@ -50,8 +50,8 @@ pub use error::{PlanError, Result};
 pub use initial::{plan_initial_layout, plan_initial_layout_with, uniform_layout, LayoutObjective};
 pub use protection::{plan_fixed, plan_protection, plan_protection_beam, plan_protection_relaxed, FixedPolicy};
 pub use recovery::{
-    held_state, plan_failover, plan_recovery, reconfigure, retirement_candidates, retirements_due, Failover, Reconfiguration,
-    RecoveryContext, RecoveryPlan, TailSource,
+    held_state, plan_failover, plan_recovery, reconfigure, retirement_candidates, retirements_due, Failover,
+    Reconfiguration, RecoveryContext, RecoveryPlan, TailSource,
 };
 pub use types::{
     LayerInterval, Layout, ModelSpec, PlanConfig, PowerModel, Protection, ProtectionPlan, Ring, SwarmState, UavId,

@@ -54,7 +54,9 @@ impl Problem<'_> {
         if mem > d.mem_budget[i] * (1.0 + 1e-12) {
             return None;
         }
-        if self.recoverable_memory && f64::from(n + ks + pred_tail) * self.per_layer_bytes > d.mem_budget[i] * (1.0 + 1e-12) {
+        if self.recoverable_memory
+            && f64::from(n + ks + pred_tail) * self.per_layer_bytes > d.mem_budget[i] * (1.0 + 1e-12)
+        {
             return None;
         }
         let e = d.flight[i] * cap + d.layer_energy[i] * f64::from(n + ks) + d.tx_layer[i] * f64::from(n - ki);
@@ -118,7 +120,11 @@ pub(crate) fn choices(d: &RingData, model: &ModelSpec, swarm: &SwarmState, deadl
 
 /// Exact optimum over the cycle of `combine` of per-UAV scores; `score(i, k_pred, k_i, k_succ)`
 /// is None when a constraint fails. Returns the best combination and the choice index per position.
-pub(crate) fn solve_cycle(ch: &[Vec<Choice>], score: &dyn Fn(usize, u32, u32, u32) -> Option<f64>, comb: Combine) -> Option<(f64, Vec<usize>)> {
+pub(crate) fn solve_cycle(
+    ch: &[Vec<Choice>],
+    score: &dyn Fn(usize, u32, u32, u32) -> Option<f64>,
+    comb: Combine,
+) -> Option<(f64, Vec<usize>)> {
     let m = ch.len();
     let mut best: Option<(f64, Vec<usize>)> = None;
     if m == 2 {
@@ -353,7 +359,10 @@ pub(crate) fn diagnose(d: &RingData, model: &ModelSpec, swarm: &SwarmState) -> P
         }
     }
     if msgs.is_empty() {
-        msgs.push("each UAV fits on its own, but no combination of neighbouring replicas and snapshots fits around the ring".into());
+        msgs.push(
+            "each UAV fits on its own, but no combination of neighbouring replicas and snapshots fits around the ring"
+                .into(),
+        );
     }
     PlanError::ProtectionMemory(msgs.join("; "))
 }

@@ -27,7 +27,12 @@ pub fn plan_protection(swarm: &SwarmState, model: &ModelSpec, layout: &Layout, r
 /// recovery time (exact, by bisection over candidate deadlines), then the best lifetime under
 /// it; if even that does not fit memory, the largest replicas and snapshots that fit
 /// (some tails unprotected). Never fails on a valid input with at least two UAVs.
-pub fn plan_protection_relaxed(swarm: &SwarmState, model: &ModelSpec, layout: &Layout, ring: &Ring) -> Result<ProtectionPlan> {
+pub fn plan_protection_relaxed(
+    swarm: &SwarmState,
+    model: &ModelSpec,
+    layout: &Layout,
+    ring: &Ring,
+) -> Result<ProtectionPlan> {
     let d = RingData::new(swarm, model, layout, ring)?;
     if let Some(plan) = p1::solve(swarm, model, layout, ring, &d, swarm.config.deadline_s)? {
         return Ok(plan);
@@ -68,7 +73,13 @@ pub fn plan_protection_relaxed(swarm: &SwarmState, model: &ModelSpec, layout: &L
 }
 
 /// Replicas as large as pred's memory allows, then snapshots where succ's memory allows.
-fn greedy_fallback(swarm: &SwarmState, model: &ModelSpec, layout: &Layout, ring: &Ring, d: &RingData) -> ProtectionPlan {
+fn greedy_fallback(
+    swarm: &SwarmState,
+    model: &ModelSpec,
+    layout: &Layout,
+    ring: &Ring,
+    d: &RingData,
+) -> ProtectionPlan {
     let m = d.len();
     let kv = model.total_tokens as f64 * model.kv_bytes_per_token_layer;
     let per_layer = model.weight_bytes_per_layer + kv;
@@ -86,14 +97,21 @@ fn greedy_fallback(swarm: &SwarmState, model: &ModelSpec, layout: &Layout, ring:
         let s = (i + 1) % m;
         let tail = d.n[i] - k[i];
         let used = f64::from(d.n[s] + k[(s + 1) % m]) * per_layer;
-        let period = if tail > 0 && used + f64::from(tail) * kv <= d.mem_budget[s] { periods.first().copied() } else { None };
+        let period =
+            if tail > 0 && used + f64::from(tail) * kv <= d.mem_budget[s] { periods.first().copied() } else { None };
         per_uav.insert(d.ids[i], Protection { k: k[i], period });
     }
     measured(swarm, model, layout, ring, per_uav)
 }
 
 /// A plan from per-UAV choices, with its summary figures from the cost model.
-fn measured(swarm: &SwarmState, model: &ModelSpec, layout: &Layout, ring: &Ring, per_uav: BTreeMap<crate::types::UavId, Protection>) -> ProtectionPlan {
+fn measured(
+    swarm: &SwarmState,
+    model: &ModelSpec,
+    layout: &Layout,
+    ring: &Ring,
+    per_uav: BTreeMap<crate::types::UavId, Protection>,
+) -> ProtectionPlan {
     let mut plan = ProtectionPlan {
         per_uav,
         min_expected_tokens: 0.0,
@@ -215,5 +233,11 @@ pub fn plan_protection_beam(
         per_uav.insert(d.ids[i], Protection { k: c.k, period: c.period });
         worst = worst.max(c.rec_s);
     }
-    Ok(ProtectionPlan { per_uav, min_expected_tokens: val, pipeline_latency_s: lat, worst_recovery_s: worst, meets_deadline: true })
+    Ok(ProtectionPlan {
+        per_uav,
+        min_expected_tokens: val,
+        pipeline_latency_s: lat,
+        worst_recovery_s: worst,
+        meets_deadline: true,
+    })
 }

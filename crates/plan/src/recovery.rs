@@ -240,7 +240,10 @@ pub fn reconfigure(
     }
     if m == 1 {
         if h[0].len() < l {
-            return Err(PlanError::NoReconfiguration(format!("uav {} is the only survivor and does not hold every layer", order[0])));
+            return Err(PlanError::NoReconfiguration(format!(
+                "uav {} is the only survivor and does not hold every layer",
+                order[0]
+            )));
         }
         let iv = LayerInterval::new(h[0].start, h[0].start + l);
         let lay = Layout::new(l, vec![(order[0], iv)])?;
@@ -274,7 +277,9 @@ pub fn reconfigure(
     // pass 1: minimise the slowest stage
     let pass1 = cycle_dp(l, &idx, &cands, &h, &|i, _, len| Some(-stage(i, len)), Combine::Min);
     let Some((neg_b, _)) = pass1 else {
-        return Err(PlanError::NoReconfiguration("no set of boundaries gives every survivor a held, non-empty interval".into()));
+        return Err(PlanError::NoReconfiguration(
+            "no set of boundaries gives every survivor a held, non-empty interval".into(),
+        ));
     };
     let bottleneck = -neg_b;
     // pass 2: under that bottleneck, maximise the minimum expected tokens
@@ -288,12 +293,15 @@ pub fn reconfigure(
     let (min_tokens, _) = cycle_dp(l, &idx, &cands, &h, &tokens, Combine::Min)
         .ok_or_else(|| PlanError::NoReconfiguration("internal: second pass infeasible".into()))?;
     // pass 3: among those, move the fewest layers (each move is a switch-over to coordinate)
-    let natives: Vec<LayerInterval> = order.iter().map(|&u| layout.interval(u).unwrap_or(LayerInterval::new(0, 0))).collect();
+    let natives: Vec<LayerInterval> =
+        order.iter().map(|&u| layout.interval(u).unwrap_or(LayerInterval::new(0, 0))).collect();
     let floor = min_tokens * (1.0 - 1e-9);
     let moved = |i: usize, start: u32, len: u32| -> Option<f64> {
         match tokens(i, start, len) {
             Some(t) if t >= floor => {
-                let kept = LayerInterval::new(start, start + len).layers(l).filter(|&x| natives[i].contains(x, l)).count() as u32;
+                let kept =
+                    LayerInterval::new(start, start + len).layers(l).filter(|&x| natives[i].contains(x, l)).count()
+                        as u32;
                 Some(-f64::from(len - kept))
             }
             _ => None,

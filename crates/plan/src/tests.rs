@@ -20,12 +20,25 @@ fn uav(id: UavId, energy: f64, mem: f64, lat: f64) -> UavState {
 }
 
 fn cfg(deadline: f64, periods: Vec<u32>) -> PlanConfig {
-    PlanConfig { deadline_s: deadline, weight_load_bps: 16.0, snapshot_periods: periods, power: PowerModel::default(), recoverable_memory: true, lifetime_target_factor: None }
+    PlanConfig {
+        deadline_s: deadline,
+        weight_load_bps: 16.0,
+        snapshot_periods: periods,
+        power: PowerModel::default(),
+        recoverable_memory: true,
+        lifetime_target_factor: None,
+    }
 }
 
 fn model(l: u32, tokens: u64) -> ModelSpec {
     // one layer of weights = 1 byte x 8 bits / 16 bit/s = 0.5 s to load
-    ModelSpec { num_layers: l, weight_bytes_per_layer: 1.0, kv_bytes_per_token_layer: 0.001, total_tokens: tokens, tokens_done: 0 }
+    ModelSpec {
+        num_layers: l,
+        weight_bytes_per_layer: 1.0,
+        kv_bytes_per_token_layer: 0.001,
+        total_tokens: tokens,
+        tokens_done: 0,
+    }
 }
 
 #[test]
@@ -35,7 +48,13 @@ fn layout_validation_names_the_offender() {
     let gap = Layout::new(8, vec![(1, LayerInterval::new(0, 3)), (2, LayerInterval::new(4, 8))]);
     assert!(matches!(gap, Err(PlanError::NotContiguous { uav: 1, .. })), "{gap:?}");
     let empty = Layout::new(8, vec![(1, LayerInterval::new(0, 8)), (2, LayerInterval::new(8, 8))]);
-    assert!(matches!(empty, Err(PlanError::EmptyInterval { uav: 2, .. }) | Err(PlanError::IntervalOutOfRange { uav: 2, .. })), "{empty:?}");
+    assert!(
+        matches!(
+            empty,
+            Err(PlanError::EmptyInterval { uav: 2, .. }) | Err(PlanError::IntervalOutOfRange { uav: 2, .. })
+        ),
+        "{empty:?}"
+    );
     let dup = Layout::new(8, vec![(1, LayerInterval::new(0, 4)), (1, LayerInterval::new(4, 8))]);
     assert!(matches!(dup, Err(PlanError::DuplicateUav { uav: 1 })));
     let short = Layout::new(8, vec![(1, LayerInterval::new(0, 4)), (2, LayerInterval::new(4, 7))]);
@@ -97,7 +116,8 @@ fn brute_p1(swarm: &SwarmState, m: &ModelSpec, layout: &Layout, floor: f64, max_
         let ok = c.per_uav.iter().all(|u| {
             u.worst_recovery_s <= swarm.config.deadline_s * (1.0 + 1e-12)
                 && u.memory.total() <= u.memory_budget_bytes * (1.0 + 1e-12)
-                && (!swarm.config.recoverable_memory || u.recovery_memory_bytes <= u.memory_budget_bytes * (1.0 + 1e-12))
+                && (!swarm.config.recoverable_memory
+                    || u.recovery_memory_bytes <= u.memory_budget_bytes * (1.0 + 1e-12))
         });
         let v = c.expected_remaining_tokens.min(sat);
         if ok && best.is_none_or(|b| v > b) {
@@ -123,31 +143,32 @@ fn brute_p1(swarm: &SwarmState, m: &ModelSpec, layout: &Layout, floor: f64, max_
 }
 
 fn small_case() -> impl Strategy<Value = (SwarmState, ModelSpec, Layout)> {
-    (2usize..=5).prop_flat_map(|m| {
-        (
-            prop::collection::vec((1u32..=3, 1e3f64..1e4, 0.0f64..4.0, 0.01f64..0.1), m),
-            0.6f64..3.0,
-            prop::sample::subsequence(vec![1u32, 2, 3, 4, 8], 1..=3),
-            any::<bool>(),
-            prop::option::of(1.0f64..100.0),
-        )
-    })
-    .prop_map(|(spec, deadline, periods, recoverable, target)| {
-        let l: u32 = spec.iter().map(|s| s.0).sum();
-        let uavs: Vec<UavState> = spec
-            .iter()
-            .enumerate()
-            .map(|(i, &(n, e, extra, lat))| uav(i as u32, e, f64::from(n) * 1.01 + extra + 0.05, lat))
-            .collect();
-        let counts: Vec<u32> = spec.iter().map(|s| s.0).collect();
-        let mut config = cfg(deadline, periods);
-        config.recoverable_memory = recoverable;
-        config.lifetime_target_factor = target;
-        let swarm = SwarmState { uavs, config };
-        let ring = Ring::new((0..spec.len() as u32).collect()).unwrap();
-        let layout = Layout::from_counts(l, &ring, &counts).unwrap();
-        (swarm, model(l, 10), layout)
-    })
+    (2usize..=5)
+        .prop_flat_map(|m| {
+            (
+                prop::collection::vec((1u32..=3, 1e3f64..1e4, 0.0f64..4.0, 0.01f64..0.1), m),
+                0.6f64..3.0,
+                prop::sample::subsequence(vec![1u32, 2, 3, 4, 8], 1..=3),
+                any::<bool>(),
+                prop::option::of(1.0f64..100.0),
+            )
+        })
+        .prop_map(|(spec, deadline, periods, recoverable, target)| {
+            let l: u32 = spec.iter().map(|s| s.0).sum();
+            let uavs: Vec<UavState> = spec
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, e, extra, lat))| uav(i as u32, e, f64::from(n) * 1.01 + extra + 0.05, lat))
+                .collect();
+            let counts: Vec<u32> = spec.iter().map(|s| s.0).collect();
+            let mut config = cfg(deadline, periods);
+            config.recoverable_memory = recoverable;
+            config.lifetime_target_factor = target;
+            let swarm = SwarmState { uavs, config };
+            let ring = Ring::new((0..spec.len() as u32).collect()).unwrap();
+            let layout = Layout::from_counts(l, &ring, &counts).unwrap();
+            (swarm, model(l, 10), layout)
+        })
 }
 
 proptest! {
@@ -366,7 +387,9 @@ fn unprotected_tail_replays_whole_context() {
     assert_eq!(rec.tail_source, TailSource::FullReplay);
     assert_eq!(rec.replay_tokens, 50);
     assert!(!rec.meets_deadline);
-    let g = plan_recovery(&swarm, &md, &layout, &ring, &plan, 1, RecoveryContext { graceful: true, ..Default::default() }).unwrap();
+    let g =
+        plan_recovery(&swarm, &md, &layout, &ring, &plan, 1, RecoveryContext { graceful: true, ..Default::default() })
+            .unwrap();
     assert_eq!(g.replay_tokens, 0);
     assert!(g.tx_energy_j > 0.0);
 }

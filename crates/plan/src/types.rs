@@ -324,11 +324,7 @@ impl Layout {
         for (i, &(u, iv)) in entries.iter().enumerate() {
             let (_, next) = entries[(i + 1) % entries.len()];
             if entries.len() > 1 && iv.end % num_layers != next.start {
-                return Err(PlanError::NotContiguous {
-                    uav: u,
-                    interval: iv,
-                    next_start: next.start,
-                });
+                return Err(PlanError::NotContiguous { uav: u, interval: iv, next_start: next.start });
             }
         }
         if total != u64::from(num_layers) {
@@ -340,11 +336,7 @@ impl Layout {
     /// Contiguous layout from layer counts along the ring, the first UAV starting at layer 0.
     pub fn from_counts(num_layers: u32, ring: &Ring, counts: &[u32]) -> Result<Self, PlanError> {
         if counts.len() != ring.len() {
-            return Err(PlanError::InvalidModel(format!(
-                "{} layer counts for a ring of {}",
-                counts.len(),
-                ring.len()
-            )));
+            return Err(PlanError::InvalidModel(format!("{} layer counts for a ring of {}", counts.len(), ring.len())));
         }
         let mut start = 0u32;
         let mut entries = Vec::with_capacity(counts.len());
@@ -392,9 +384,7 @@ impl Layout {
         for (i, (u, _)) in self.entries.iter().enumerate() {
             let r = ring.order()[(p + i) % ring.len()];
             if r != *u {
-                return Err(PlanError::RingMismatch(format!(
-                    "layout order has uav {u} where the ring has uav {r}"
-                )));
+                return Err(PlanError::RingMismatch(format!("layout order has uav {u} where the ring has uav {r}")));
             }
         }
         Ok(())

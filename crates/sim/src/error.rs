@@ -7,7 +7,9 @@ pub enum SimError {
     Yaml(String),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
-    #[error("unknown method `{0}` (known: np, oo, so, aerokv, aerokv-nop2, aerokv-uniform, aerokv-beam, aerokv-noretire)")]
+    #[error(
+        "unknown method `{0}` (known: np, oo, so, aerokv, aerokv-nop2, aerokv-uniform, aerokv-beam, aerokv-noretire)"
+    )]
     UnknownMethod(String),
     #[error("bad seed range `{0}` (expected A..B with A < B)")]
     SeedRange(String),

@@ -94,4 +94,3 @@ pub fn run(opts: &SimOptions) -> Result<(Vec<Summary>, String), SimError> {
     let table = output::table(&summaries);
     Ok((summaries, table))
 }
-

@@ -15,9 +15,9 @@ use serde::Serialize;
 use tracing::debug;
 
 use aerokv_plan::{
-    evaluate, plan_failover, plan_fixed, plan_initial_layout, plan_protection, plan_protection_beam, plan_protection_relaxed,
-    plan_recovery, retirements_due, uniform_layout, FixedPolicy, Layout, ModelSpec, PlanError, Protection,
-    ProtectionPlan, RecoveryContext, RecoveryPlan, Ring, SwarmState, UavId, UavState,
+    evaluate, plan_failover, plan_fixed, plan_initial_layout, plan_protection, plan_protection_beam,
+    plan_protection_relaxed, plan_recovery, retirements_due, uniform_layout, FixedPolicy, Layout, ModelSpec, PlanError,
+    Protection, ProtectionPlan, RecoveryContext, RecoveryPlan, Ring, SwarmState, UavId, UavState,
 };
 
 use crate::error::SimError;
@@ -68,7 +68,10 @@ impl Method {
         s.split(',').filter(|x| !x.trim().is_empty()).map(Method::parse).collect()
     }
     fn is_aerokv(&self) -> bool {
-        matches!(self, Method::AeroKv | Method::AeroKvNoP2 | Method::AeroKvUniform | Method::AeroKvBeam | Method::AeroKvNoRetire)
+        matches!(
+            self,
+            Method::AeroKv | Method::AeroKvNoP2 | Method::AeroKvUniform | Method::AeroKvBeam | Method::AeroKvNoRetire
+        )
     }
 }
 
@@ -221,7 +224,13 @@ pub fn run_mission(scn: &Scenario, method: Method, seed: u64, traces: bool) -> M
 }
 
 /// Same, with given failure events (tests, what-if studies). The swarm still comes from `seed`.
-pub fn run_mission_with(scn: &Scenario, method: Method, seed: u64, events: &[FailureEvent], traces: bool) -> MissionOutput {
+pub fn run_mission_with(
+    scn: &Scenario,
+    method: Method,
+    seed: u64,
+    events: &[FailureEvent],
+    traces: bool,
+) -> MissionOutput {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let swarm = scn.swarm(&mut rng);
     let model = scn.model();
@@ -280,7 +289,12 @@ pub fn run_mission_with(scn: &Scenario, method: Method, seed: u64, events: &[Fai
     out
 }
 
-fn initial_state(swarm: &SwarmState, model: &ModelSpec, method: Method, scn: &Scenario) -> Result<(Layout, ProtectionPlan), PlanError> {
+fn initial_state(
+    swarm: &SwarmState,
+    model: &ModelSpec,
+    method: Method,
+    scn: &Scenario,
+) -> Result<(Layout, ProtectionPlan), PlanError> {
     let ring = Ring::new(swarm.uavs.iter().map(|u| u.id).collect())?;
     let layout = match method {
         Method::Np | Method::Oo | Method::So | Method::AeroKvUniform => uniform_layout(model, &ring)?,
@@ -291,7 +305,14 @@ fn initial_state(swarm: &SwarmState, model: &ModelSpec, method: Method, scn: &Sc
 }
 
 /// The protection policy of each method.
-fn protect(swarm: &SwarmState, model: &ModelSpec, layout: &Layout, ring: &Ring, method: Method, scn: &Scenario) -> Result<ProtectionPlan, PlanError> {
+fn protect(
+    swarm: &SwarmState,
+    model: &ModelSpec,
+    layout: &Layout,
+    ring: &Ring,
+    method: Method,
+    scn: &Scenario,
+) -> Result<ProtectionPlan, PlanError> {
     if ring.len() < 2 {
         return Ok(ProtectionPlan::none(layout));
     }
@@ -351,10 +372,21 @@ impl Run<'_> {
             let frac = if c.memory_budget_bytes > 0.0 { mem / c.memory_budget_bytes } else { f64::INFINITY };
             self.s.peak_memory_fraction = self.s.peak_memory_fraction.max(frac);
             if mem > c.memory_budget_bytes * (1.0 + 1e-9) {
-                self.fail(format!("memory_exceeded: uav {} needs {:.2} GiB of {:.2} GiB at token {t}", c.uav, mem / 1024f64.powi(3), c.memory_budget_bytes / 1024f64.powi(3)));
+                self.fail(format!(
+                    "memory_exceeded: uav {} needs {:.2} GiB of {:.2} GiB at token {t}",
+                    c.uav,
+                    mem / 1024f64.powi(3),
+                    c.memory_budget_bytes / 1024f64.powi(3)
+                ));
                 return None;
             }
-            per_uav.insert(c.uav, (c.energy.flight_j + c.energy.native_compute_j + c.energy.replica_compute_j, c.energy.replica_compute_j));
+            per_uav.insert(
+                c.uav,
+                (
+                    c.energy.flight_j + c.energy.native_compute_j + c.energy.replica_compute_j,
+                    c.energy.replica_compute_j,
+                ),
+            );
         }
         Some(Rates { latency: cost.pipeline_latency_s, per_uav })
     }
@@ -405,7 +437,8 @@ impl Run<'_> {
                 }
             }
             // empty batteries
-            let dead: Vec<UavId> = self.ring.order().iter().copied().filter(|&u| self.all[u as usize].energy_j <= 0.0).collect();
+            let dead: Vec<UavId> =
+                self.ring.order().iter().copied().filter(|&u| self.all[u as usize].energy_j <= 0.0).collect();
             for u in dead {
                 event_label = format!("battery:{u}");
                 if !self.handle(u, Kind::Battery, t) {
@@ -414,7 +447,11 @@ impl Run<'_> {
                 dirty = true;
             }
             // planned retirement
-            if self.method.is_aerokv() && self.method != Method::AeroKvNoRetire && (dirty || t % UAV_TRACE_EVERY == 0) && self.ring.len() > 2 {
+            if self.method.is_aerokv()
+                && self.method != Method::AeroKvNoRetire
+                && (dirty || t % UAV_TRACE_EVERY == 0)
+                && self.ring.len() > 2
+            {
                 let swarm = self.live_swarm(None);
                 self.model.tokens_done = t;
                 // the last check before it would die (checks run every UAV_TRACE_EVERY tokens)
@@ -461,7 +498,8 @@ impl Run<'_> {
             }
             self.time += r.latency;
             if self.traces {
-                let min_e = self.ring.order().iter().map(|&u| self.all[u as usize].energy_j).fold(f64::INFINITY, f64::min);
+                let min_e =
+                    self.ring.order().iter().map(|&u| self.all[u as usize].energy_j).fold(f64::INFINITY, f64::min);
                 self.out.tokens.push(TokenRow {
                     method: self.method.name().into(),
                     token: done,
@@ -487,7 +525,8 @@ impl Run<'_> {
         }
         let alive: Vec<f64> = self.ring.order().iter().map(|&u| self.all[u as usize].energy_j).collect();
         self.s.min_remaining_energy_j = alive.iter().copied().fold(f64::INFINITY, f64::min);
-        self.s.avg_remaining_energy_j = if alive.is_empty() { 0.0 } else { alive.iter().sum::<f64>() / alive.len() as f64 };
+        self.s.avg_remaining_energy_j =
+            if alive.is_empty() { 0.0 } else { alive.iter().sum::<f64>() / alive.len() as f64 };
         let swarm = self.live_swarm(None);
         self.model.tokens_done = t.min(self.scn.tokens);
         if let Ok(c) = evaluate(&swarm, &self.model, &self.layout, &self.ring, &self.plan, t) {
@@ -516,31 +555,29 @@ impl Run<'_> {
         let ctx = RecoveryContext { last_snapshot_token: last_snap, graceful };
         let old_layout = self.layout.clone();
         let old_plan = self.plan.clone();
-        let result: Result<(RecoveryPlan, Layout, ProtectionPlan, u32), PlanError> = (|| {
-            match self.method {
-                Method::Np => {
-                    let rec = np_recovery(&swarm, &self.model, &self.layout, &self.ring, u, t)?;
-                    let lay = rec.layout.clone();
-                    let p = protect(&surv_swarm, &self.model, &lay, &rec.ring, self.method, self.scn)?;
-                    Ok((rec, lay, p, 0))
-                }
-                Method::Oo | Method::So | Method::AeroKvNoP2 => {
-                    let rec = plan_recovery(&swarm, &self.model, &self.layout, &self.ring, &self.plan, u, ctx)?;
-                    let lay = rec.layout.clone();
-                    let p = protect(&surv_swarm, &self.model, &lay, &rec.ring, self.method, self.scn)?;
-                    Ok((rec, lay, p, 0))
-                }
-                _ => {
-                    let f = plan_failover(&swarm, &self.model, &self.layout, &self.ring, &self.plan, u, ctx)?;
-                    let moved: u32 = f.reconfiguration.moves.iter().map(|m| m.0.len()).sum();
-                    let lay = f.reconfiguration.layout.clone();
-                    let p = if self.method == Method::AeroKvBeam {
-                        protect(&surv_swarm, &self.model, &lay, &f.recovery.ring, self.method, self.scn)?
-                    } else {
-                        f.protection
-                    };
-                    Ok((f.recovery, lay, p, moved))
-                }
+        let result: Result<(RecoveryPlan, Layout, ProtectionPlan, u32), PlanError> = (|| match self.method {
+            Method::Np => {
+                let rec = np_recovery(&swarm, &self.model, &self.layout, &self.ring, u, t)?;
+                let lay = rec.layout.clone();
+                let p = protect(&surv_swarm, &self.model, &lay, &rec.ring, self.method, self.scn)?;
+                Ok((rec, lay, p, 0))
+            }
+            Method::Oo | Method::So | Method::AeroKvNoP2 => {
+                let rec = plan_recovery(&swarm, &self.model, &self.layout, &self.ring, &self.plan, u, ctx)?;
+                let lay = rec.layout.clone();
+                let p = protect(&surv_swarm, &self.model, &lay, &rec.ring, self.method, self.scn)?;
+                Ok((rec, lay, p, 0))
+            }
+            _ => {
+                let f = plan_failover(&swarm, &self.model, &self.layout, &self.ring, &self.plan, u, ctx)?;
+                let moved: u32 = f.reconfiguration.moves.iter().map(|m| m.0.len()).sum();
+                let lay = f.reconfiguration.layout.clone();
+                let p = if self.method == Method::AeroKvBeam {
+                    protect(&surv_swarm, &self.model, &lay, &f.recovery.ring, self.method, self.scn)?
+                } else {
+                    f.protection
+                };
+                Ok((f.recovery, lay, p, moved))
             }
         })();
         let (rec, new_layout, new_plan, moved) = match result {
@@ -573,7 +610,8 @@ impl Run<'_> {
         }
         self.alive[u as usize] = false;
         // rebuild protection for the new plan (background, costs radio energy)
-        let (rebuild_s, rebuild_tx, changed) = self.rebuild(&old_layout, &old_plan, &new_layout, &new_plan, &rec.ring, t);
+        let (rebuild_s, rebuild_tx, changed) =
+            self.rebuild(&old_layout, &old_plan, &new_layout, &new_plan, &rec.ring, t);
         for &x in &changed {
             self.all[x as usize].energy_j -= self.scn.reconfiguration_energy_j;
             self.s.reconfiguration_energy_j += self.scn.reconfiguration_energy_j;
@@ -606,7 +644,15 @@ impl Run<'_> {
 
     /// Radio energy and time to build the new replicas and first snapshots; UAVs whose
     /// assignment changed.
-    fn rebuild(&mut self, old_l: &Layout, old_p: &ProtectionPlan, new_l: &Layout, new_p: &ProtectionPlan, new_ring: &Ring, t: u64) -> (f64, f64, Vec<UavId>) {
+    fn rebuild(
+        &mut self,
+        old_l: &Layout,
+        old_p: &ProtectionPlan,
+        new_l: &Layout,
+        new_p: &ProtectionPlan,
+        new_ring: &Ring,
+        t: u64,
+    ) -> (f64, f64, Vec<UavId>) {
         let l = new_l.num_layers();
         let old_ring = old_l.ring();
         let sets = |lay: &Layout, plan: &ProtectionPlan, ring: &Ring, h: UavId| -> (Vec<bool>, Vec<bool>, Vec<bool>) {
@@ -688,7 +734,14 @@ impl Run<'_> {
 
 /// NP: the failed shard is split between pred (first half) and succ (rest); both load weights
 /// and replay the whole context, token by token, through their new layers.
-fn np_recovery(swarm: &SwarmState, model: &ModelSpec, layout: &Layout, ring: &Ring, u: UavId, t: u64) -> Result<RecoveryPlan, PlanError> {
+fn np_recovery(
+    swarm: &SwarmState,
+    model: &ModelSpec,
+    layout: &Layout,
+    ring: &Ring,
+    u: UavId,
+    t: u64,
+) -> Result<RecoveryPlan, PlanError> {
     let n = layout.layers_of(u);
     let a = n.div_ceil(2);
     let mut fake = ProtectionPlan::none(layout);

@@ -62,7 +62,17 @@ pub fn write_tokens(path: &Path, rows: &[TokenRow]) -> Result<(), SimError> {
         path,
         "method,token,time_s,latency_s,epoch,alive,min_energy_j,event",
         rows.iter().map(|r| {
-            format!("{},{},{:.6},{:.6},{},{},{:.3},{}", r.method, r.token, r.time_s, r.latency_s, r.epoch, r.alive, r.min_energy_j, esc(&r.event))
+            format!(
+                "{},{},{:.6},{:.6},{},{},{:.3},{}",
+                r.method,
+                r.token,
+                r.time_s,
+                r.latency_s,
+                r.epoch,
+                r.alive,
+                r.min_energy_j,
+                esc(&r.event)
+            )
         }),
     )
 }
@@ -131,10 +141,13 @@ fn groups(rows: &[Summary]) -> Vec<(String, Vec<&Summary>)> {
         }
         map.entry(r.method.clone()).or_default().push(r);
     }
-    order.into_iter().map(|m| {
-        let v = map.remove(&m).unwrap_or_default();
-        (m, v)
-    }).collect()
+    order
+        .into_iter()
+        .map(|m| {
+            let v = map.remove(&m).unwrap_or_default();
+            (m, v)
+        })
+        .collect()
 }
 
 pub fn write_aggregate(path: &Path, rows: &[Summary]) -> Result<(), SimError> {
@@ -167,7 +180,18 @@ pub fn table(rows: &[Summary]) -> String {
     let _ = writeln!(
         out,
         "{:<16} {:>8} {:>9} {:>9} {:>16} {:>14} {:>15} {:>13} {:>13} {:>12} {:>15} {:>14}",
-        "method", "success", "deadline", "failures", "recovery_sum_s", "recovery_max_s", "completion_s", "tx_kJ", "prot_comp_kJ", "peak_mem_GiB", "min_energy_kJ", "exp_tokens"
+        "method",
+        "success",
+        "deadline",
+        "failures",
+        "recovery_sum_s",
+        "recovery_max_s",
+        "completion_s",
+        "tx_kJ",
+        "prot_comp_kJ",
+        "peak_mem_GiB",
+        "min_energy_kJ",
+        "exp_tokens"
     );
     for (m, g) in groups(rows) {
         let n = g.len();

@@ -10,7 +10,8 @@ use plotters::prelude::*;
 use crate::error::SimError;
 use crate::mission::{RecoveryRecord, UavRow};
 
-const FONT_PATHS: [&str; 2] = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
+const FONT_PATHS: [&str; 2] =
+    ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
 
 /// Register a font once; false if none could be loaded.
 fn font_ok() -> bool {
@@ -72,7 +73,9 @@ fn lines(
     }
     for (i, (id, pts)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let s = chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2))).map_err(|e| perr(path, e))?;
+        let s = chart
+            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| perr(path, e))?;
         if text && legend {
             s.label(format!("uav {id}")).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color));
         }
@@ -107,13 +110,34 @@ pub fn method_plots(dir: &Path, method: &str, rows: &[UavRow], recs: &[RecoveryR
             .collect()
     };
     let legend = energy.len() <= 20;
-    lines(&dir.join(format!("energy_{method}.png")), &format!("{method}: energy per UAV (failures in red)"), "time [s]", "energy [kJ]", &energy, &fail_times, legend)?;
-    lines(&dir.join(format!("layers_{method}.png")), &format!("{method}: native layers per UAV (failures in red)"), "token", "layers", &layers, &fail_tokens, legend)?;
+    lines(
+        &dir.join(format!("energy_{method}.png")),
+        &format!("{method}: energy per UAV (failures in red)"),
+        "time [s]",
+        "energy [kJ]",
+        &energy,
+        &fail_times,
+        legend,
+    )?;
+    lines(
+        &dir.join(format!("layers_{method}.png")),
+        &format!("{method}: native layers per UAV (failures in red)"),
+        "token",
+        "layers",
+        &layers,
+        &fail_tokens,
+        legend,
+    )?;
     Ok(())
 }
 
 /// recovery.png: each recovery's latency per method (log scale), with the deadline.
-pub fn recovery_plot(path: &Path, recs: &[RecoveryRecord], methods: &[String], deadline_s: f64) -> Result<(), SimError> {
+pub fn recovery_plot(
+    path: &Path,
+    recs: &[RecoveryRecord],
+    methods: &[String],
+    deadline_s: f64,
+) -> Result<(), SimError> {
     let text = font_ok();
     let n = recs.iter().map(|r| r.method.clone()).fold(BTreeMap::<String, usize>::new(), |mut m, k| {
         *m.entry(k).or_default() += 1;
@@ -127,7 +151,9 @@ pub fn recovery_plot(path: &Path, recs: &[RecoveryRecord], methods: &[String], d
     let mut b = ChartBuilder::on(&root);
     b.margin(15);
     if text {
-        b.caption("recovery latency per failure (deadline dashed)", ("sans-serif", 22)).x_label_area_size(40).y_label_area_size(70);
+        b.caption("recovery latency per failure (deadline dashed)", ("sans-serif", 22))
+            .x_label_area_size(40)
+            .y_label_area_size(70);
     }
     let mut chart = b.build_cartesian_2d(0.5..xmax, (ymin..ymax).log_scale()).map_err(|e| perr(path, e))?;
     let mut mesh = chart.configure_mesh();
@@ -148,15 +174,18 @@ pub fn recovery_plot(path: &Path, recs: &[RecoveryRecord], methods: &[String], d
             .enumerate()
             .map(|(j, r)| (j as f64 + 1.0 + (i as f64 - methods.len() as f64 / 2.0) * 0.05, r.recovery_s.max(ymin)))
             .collect();
-        let s = chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 6, color.filled())))
-            .map_err(|e| perr(path, e))?;
+        let s = chart.draw_series(pts.iter().map(|&p| Circle::new(p, 6, color.filled()))).map_err(|e| perr(path, e))?;
         if text {
             s.label(m.clone()).legend(move |(x, y)| Circle::new((x + 7, y), 5, color.filled()));
         }
     }
     if text {
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| perr(path, e))?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| perr(path, e))?;
     }
     root.present().map_err(|e| perr(path, e))?;
     Ok(())

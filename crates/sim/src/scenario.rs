@@ -38,7 +38,10 @@ impl Value {
         if good {
             Ok(())
         } else {
-            Err(SimError::Scenario { field, reason: format!("{self:?} must be {} (and min <= max)", if positive { "> 0" } else { ">= 0" }) })
+            Err(SimError::Scenario {
+                field,
+                reason: format!("{self:?} must be {} (and min <= max)", if positive { "> 0" } else { ">= 0" }),
+            })
         }
     }
 }
@@ -96,7 +99,8 @@ fn default_lifetime_target() -> Option<f64> {
 
 impl Scenario {
     pub fn load(path: &std::path::Path) -> Result<Self, SimError> {
-        let text = std::fs::read_to_string(path).map_err(|e| SimError::Io { path: path.display().to_string(), source: e })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| SimError::Io { path: path.display().to_string(), source: e })?;
         Self::parse(&text)
     }
 

@@ -49,7 +49,8 @@ fn last_stage_failures_wrap_around_the_gateway() {
     // the last stage fails (pick ~1), then the new last stage, then again: the first stage
     // ends up holding layers at both ends of the model
     let scn = Scenario::parse(PAPER).unwrap();
-    let ev: Vec<FailureEvent> = [1000, 2000, 3000, 5000].iter().map(|&t| FailureEvent { token: t, pick: 0.999 }).collect();
+    let ev: Vec<FailureEvent> =
+        [1000, 2000, 3000, 5000].iter().map(|&t| FailureEvent { token: t, pick: 0.999 }).collect();
     for m in [Method::AeroKv, Method::AeroKvNoP2] {
         let s = run_mission_with(&scn, m, 2, &ev, true).summary.unwrap();
         assert!(s.mission_success, "{}: {}", s.method, s.failure_reason);
@@ -72,7 +73,12 @@ fn two_uavs_left_still_finish() {
     let s = run_mission_with(&scn, Method::AeroKv, 0, &ev, false).summary.unwrap();
     assert!(s.mission_success, "{}", s.failure_reason);
     // the last survivor cannot be recovered
-    let ev3 = [FailureEvent { token: 100, pick: 0.1 }, FailureEvent { token: 200, pick: 0.6 }, FailureEvent { token: 300, pick: 0.2 }, FailureEvent { token: 400, pick: 0.2 }];
+    let ev3 = [
+        FailureEvent { token: 100, pick: 0.1 },
+        FailureEvent { token: 200, pick: 0.6 },
+        FailureEvent { token: 300, pick: 0.2 },
+        FailureEvent { token: 400, pick: 0.2 },
+    ];
     let s = run_mission_with(&scn, Method::AeroKv, 0, &ev3, false).summary.unwrap();
     assert!(!s.mission_success);
     assert!(s.failure_reason.contains("all_uavs_lost") || s.failure_reason.contains("lost"), "{}", s.failure_reason);
@@ -81,7 +87,16 @@ fn two_uavs_left_still_finish() {
 #[test]
 fn harsh_scenario_runs_every_method() {
     let scn = Scenario::parse(HARSH).unwrap();
-    for m in [Method::Np, Method::Oo, Method::So, Method::AeroKv, Method::AeroKvUniform, Method::AeroKvBeam, Method::AeroKvNoRetire, Method::AeroKvNoP2] {
+    for m in [
+        Method::Np,
+        Method::Oo,
+        Method::So,
+        Method::AeroKv,
+        Method::AeroKvUniform,
+        Method::AeroKvBeam,
+        Method::AeroKvNoRetire,
+        Method::AeroKvNoP2,
+    ] {
         let s = summary(&scn, m, 0);
         assert!(s.tokens_done > 0 || !s.failure_reason.is_empty(), "{s:?}");
     }

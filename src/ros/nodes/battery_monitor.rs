@@ -55,11 +55,21 @@ impl Default for Params {
 
 impl Params {
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(matches!(self.source.as_str(), "auto" | "simulation" | "battery_state"), "parameter `source` must be auto, simulation or battery_state, not {:?}", self.source);
-        anyhow::ensure!(matches!(self.battery_state_qos.as_str(), "best_effort" | "reliable"), "parameter `battery_state_qos` must be best_effort or reliable");
+        anyhow::ensure!(
+            matches!(self.source.as_str(), "auto" | "simulation" | "battery_state"),
+            "parameter `source` must be auto, simulation or battery_state, not {:?}",
+            self.source
+        );
+        anyhow::ensure!(
+            matches!(self.battery_state_qos.as_str(), "best_effort" | "reliable"),
+            "parameter `battery_state_qos` must be best_effort or reliable"
+        );
         anyhow::ensure!(self.capacity_j > 0.0, "parameter `capacity_j` must be positive");
         anyhow::ensure!((0.0..=1.0).contains(&self.initial_soc), "parameter `initial_soc` must be within 0..1");
-        anyhow::ensure!(self.link_rate_bps > 0.0 && self.time_scale > 0.0 && self.publish_period_s > 0.0, "parameters `link_rate_bps`, `time_scale` and `publish_period_s` must be positive");
+        anyhow::ensure!(
+            self.link_rate_bps > 0.0 && self.time_scale > 0.0 && self.publish_period_s > 0.0,
+            "parameters `link_rate_bps`, `time_scale` and `publish_period_s` must be positive"
+        );
         Ok(())
     }
 }
@@ -82,8 +92,13 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let health_pub = ctx.publisher::<BatteryHealth>(&names::battery(&p.uav_id), names::telemetry())?;
     let diag_pub = ctx.publisher::<DiagnosticArray>(names::DIAGNOSTICS, r2r::QosProfile::default())?;
     let mut heartbeats = ctx.subscribe::<Heartbeat>(&names::heartbeat(&p.uav_id), names::telemetry())?;
-    let bs_qos = if p.battery_state_qos == "reliable" { r2r::QosProfile::default() } else { r2r::QosProfile::sensor_data() };
-    let bs_topic = if p.battery_state_topic.starts_with('/') { p.battery_state_topic.clone() } else { format!("/{}/{}", p.uav_id, p.battery_state_topic) };
+    let bs_qos =
+        if p.battery_state_qos == "reliable" { r2r::QosProfile::default() } else { r2r::QosProfile::sensor_data() };
+    let bs_topic = if p.battery_state_topic.starts_with('/') {
+        p.battery_state_topic.clone()
+    } else {
+        format!("/{}/{}", p.uav_id, p.battery_state_topic)
+    };
     let mut battery_states = ctx.subscribe::<BatteryState>(&bs_topic, bs_qos)?;
     tracing::info!(uav = %p.uav_id, source = %p.source, battery_state_topic = %bs_topic, "battery monitor up");
 

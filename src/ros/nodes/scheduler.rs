@@ -6,7 +6,9 @@
 use super::discovery::uavs_with_topic;
 use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telemetry};
 use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext};
-use aerokv_engine::{models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard};
+use aerokv_engine::{
+    models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
+};
 use aerokv_plan::{PlanConfig, PowerModel};
 use futures::StreamExt;
 use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, TokenChunk};
@@ -320,12 +322,19 @@ impl Scheduler {
         let timeout = Duration::from_secs_f64(self.p.member_timeout_s);
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         const REJOIN_BEATS: u64 = 20;
-        self.failed.retain(|uav, seq| live.beats.get(uav).is_none_or(|(_, hb)| hb.sequence >= *seq && hb.sequence < *seq + REJOIN_BEATS));
+        self.failed.retain(|uav, seq| {
+            live.beats.get(uav).is_none_or(|(_, hb)| hb.sequence >= *seq && hb.sequence < *seq + REJOIN_BEATS)
+        });
         self.retired.retain(|uav, seq| live.beats.get(uav).is_none_or(|(_, hb)| hb.sequence >= *seq));
         let mut m: Vec<String> = live
             .beats
             .iter()
-            .filter(|(uav, (t, _))| t.elapsed() < timeout && live.battery.contains_key(*uav) && !self.failed.contains_key(*uav) && !self.retired.contains_key(*uav))
+            .filter(|(uav, (t, _))| {
+                t.elapsed() < timeout
+                    && live.battery.contains_key(*uav)
+                    && !self.failed.contains_key(*uav)
+                    && !self.retired.contains_key(*uav)
+            })
             .map(|(uav, _)| uav.clone())
             .collect();
         drop(live);
@@ -340,7 +349,11 @@ impl Scheduler {
             .map(|(uav, b)| {
                 // One figure measured at start-up for every UAV of this (homogeneous) swarm: the
                 // executors' per-token figures are too noisy to plan on without churning layouts.
-                let t = Telemetry { energy_j: b.energy_j, capacity_j: b.capacity_j, layer_latency_s: self.own_layer_latency_s };
+                let t = Telemetry {
+                    energy_j: b.energy_j,
+                    capacity_j: b.capacity_j,
+                    layer_latency_s: self.own_layer_latency_s,
+                };
                 (uav.clone(), t)
             })
             .collect()
@@ -350,9 +363,10 @@ impl Scheduler {
     /// declaration cannot be right (the watchdog's view was stale: a stalled process, not a dead
     /// drone). A dead executor has been silent for the whole timeout when it is declared.
     fn note_failure(&mut self, ev: &FailureEvent) -> bool {
-        let (seq, age, sent) = self.lock().beats.get(&ev.uav_id).map_or((0, f64::INFINITY, f64::NEG_INFINITY), |(t, hb)| {
-            (hb.sequence, t.elapsed().as_secs_f64(), stamp_secs(&hb.stamp))
-        });
+        let (seq, age, sent) =
+            self.lock().beats.get(&ev.uav_id).map_or((0, f64::INFINITY, f64::NEG_INFINITY), |(t, hb)| {
+                (hb.sequence, t.elapsed().as_secs_f64(), stamp_secs(&hb.stamp))
+            });
         if ev.reason == "heartbeat_timeout" && ev.silence_s.is_finite() {
             // The watchdog last heard from it at `declared - silence`; a heartbeat sent after that
             // (same machine clock) or received just now means the watchdog's view was stale.
@@ -369,7 +383,8 @@ impl Scheduler {
 
     fn publish(&mut self, planned: Planned, reason: &str) -> anyhow::Result<()> {
         let msg = convert::assignment(&planned.plan, &self.p.variant, reason);
-        let layout: Vec<String> = planned.plan.stages.iter().map(|s| format!("{}[{}+{} K{} T{}]", s.uav, s.start, s.len, s.k, s.t)).collect();
+        let layout: Vec<String> =
+            planned.plan.stages.iter().map(|s| format!("{}[{}+{} K{} T{}]", s.uav, s.start, s.len, s.k, s.t)).collect();
         tracing::info!(epoch = planned.plan.epoch, reason, resume = planned.plan.resume_position, layout = %layout.join(" "), min_expected_tokens = planned.protection.min_expected_tokens, "assignment published");
         self.assign_pub.publish(&msg)?;
         self.current = Some(planned);
@@ -415,7 +430,8 @@ impl Scheduler {
             Err(e) => return self.refuse(format!("cannot tokenize the prompt: {e}")),
         };
         if req.max_tokens == 0 || req.max_tokens > self.p.max_tokens_limit {
-            return self.refuse(format!("max_tokens must be within 1..={}, not {}", self.p.max_tokens_limit, req.max_tokens));
+            return self
+                .refuse(format!("max_tokens must be within 1..={}, not {}", self.p.max_tokens_limit, req.max_tokens));
         }
         let limit = self.max_context;
         if prompt_ids.len() + req.max_tokens as usize > limit {
@@ -455,7 +471,8 @@ impl Scheduler {
         });
         let text = self.gateway.decode(&run.tokens).unwrap_or_default();
         let decode_s = run.first_token_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        let tokens_per_s = if run.tokens.len() > 1 && decode_s > 0.0 { (run.tokens.len() - 1) as f64 / decode_s } else { 0.0 };
+        let tokens_per_s =
+            if run.tokens.len() > 1 && decode_s > 0.0 { (run.tokens.len() - 1) as f64 / decode_s } else { 0.0 };
         let stats = serde_json::json!({
             "request_id": run.request_id,
             "epochs": run.epochs,
@@ -503,7 +520,11 @@ fn step_stats(steps: &[Step]) -> serde_json::Value {
     let gateway: Vec<f64> = steps.iter().map(|s| s.gateway_ms).collect();
     let mut slowest = steps.to_vec();
     slowest.sort_by(|a, b| b.round_trip_ms.total_cmp(&a.round_trip_ms));
-    let slowest: Vec<_> = slowest.iter().take(3).map(|s| serde_json::json!({"position": s.position, "round_trip_ms": s.round_trip_ms})).collect();
+    let slowest: Vec<_> = slowest
+        .iter()
+        .take(3)
+        .map(|s| serde_json::json!({"position": s.position, "round_trip_ms": s.round_trip_ms}))
+        .collect();
     serde_json::json!({"round_trip_ms": percentiles(&round_trips), "gateway_ms": percentiles(&gateway), "slowest": slowest})
 }
 
@@ -600,7 +621,8 @@ impl Scheduler {
             }
             let received_at = Instant::now();
             // Decode steps only: a prefill or a replay step carries more than one token.
-            let round_trip_ms = run.sent_at.filter(|_| run.chunk.len() == 1).map(|t| (received_at - t).as_secs_f64() * 1e3);
+            let round_trip_ms =
+                run.sent_at.filter(|_| run.chunk.len() == 1).map(|t| (received_at - t).as_secs_f64() * 1e3);
             let logits = self.gateway.logits(&hidden).map_err(|e| Interrupt::Fatal(format!("LM head: {e}")))?;
             let id = run.sampler.sample(&logits).map_err(|e| Interrupt::Fatal(format!("sampling: {e}")))?;
             if run.first_token_at.is_none() {
@@ -627,7 +649,11 @@ impl Scheduler {
                 None
             };
             if let Some(round_trip_ms) = round_trip_ms {
-                run.steps.push(Step { position: run.position, round_trip_ms, gateway_ms: received_at.elapsed().as_secs_f64() * 1e3 });
+                run.steps.push(Step {
+                    position: run.position,
+                    round_trip_ms,
+                    gateway_ms: received_at.elapsed().as_secs_f64() * 1e3,
+                });
             }
             self.stream_token(run, index, id);
             if let Some(reason) = finish {
@@ -663,7 +689,9 @@ impl Scheduler {
         let hidden = self.gateway.embed(&run.chunk).map_err(|e| Interrupt::Fatal(format!("embedding: {e}")))?;
         let msg = convert::activation(epoch, run.request_id, 0, run.position, 0, "gateway", &hidden);
         let publisher = self.input_pub(&first).map_err(|e| Interrupt::Fatal(e.to_string()))?;
-        publisher.publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {}: {e}", names::stage_input(&first))))?;
+        publisher
+            .publish(&msg)
+            .map_err(|e| Interrupt::Fatal(format!("publish to {}: {e}", names::stage_input(&first))))?;
         run.sent_at = Some(Instant::now());
         Ok(())
     }
@@ -791,7 +819,9 @@ impl Scheduler {
             run.epochs.push(self.epoch);
             match self.wait_ready().await {
                 Ok(()) => return Ok(()),
-                Err(Interrupt::Failed(uav)) => tracing::warn!(%uav, "failed while the plan was applied: planning again"),
+                Err(Interrupt::Failed(uav)) => {
+                    tracing::warn!(%uav, "failed while the plan was applied: planning again")
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -840,7 +870,13 @@ impl Scheduler {
         // Runs every token: borrow the plan, do not copy it.
         let Some(current) = self.current.as_ref() else { return Ok(false) };
         let done = run.position as u64;
-        match self.controller.retirement_candidate(current, &telemetry, run.total_tokens(), done, self.p.retirement_horizon_tokens) {
+        match self.controller.retirement_candidate(
+            current,
+            &telemetry,
+            run.total_tokens(),
+            done,
+            self.p.retirement_horizon_tokens,
+        ) {
             Ok(Some(uav)) => {
                 tracing::warn!(%uav, "battery will not last the request: retiring it");
                 self.recover(run, &uav, "retirement").await?;

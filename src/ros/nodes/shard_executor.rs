@@ -30,16 +30,28 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Params { uav_id: String::new(), heartbeat_period_s: 0.1, models_dir: String::new(), variant: "q4".into(), threads: 1 }
+        Params {
+            uav_id: String::new(),
+            heartbeat_period_s: 0.1,
+            models_dir: String::new(),
+            variant: "q4".into(),
+            threads: 1,
+        }
     }
 }
 
 enum Event {
     Assignment(Assignment),
     /// Input of `owner`'s layers (this UAV's, or its successor's for the head replica).
-    Input { owner: String, msg: Activation },
+    Input {
+        owner: String,
+        msg: Activation,
+    },
     Kv(KvSnapshot),
-    Replay { failed: String, msg: Activation },
+    Replay {
+        failed: String,
+        msg: Activation,
+    },
 }
 
 impl Event {
@@ -72,9 +84,12 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     // Heartbeats leave through a DDS participant of their own: when a neighbour dies, pushes to
     // its shared-memory port can stall the data plane's participant for up to a second, and the
     // watchdog must not mistake that for this UAV's death.
-    let mut hb_node = r2r::Node::create(r2r::Context::create()?, &format!("shard_executor_heartbeat_{}", p.uav_id), "")?;
+    let mut hb_node =
+        r2r::Node::create(r2r::Context::create()?, &format!("shard_executor_heartbeat_{}", p.uav_id), "")?;
     let hb_pub = hb_node.create_publisher::<Heartbeat>(&names::heartbeat(&p.uav_id), names::telemetry())?;
-    let status = Arc::new(Mutex::new(Status { hb: Heartbeat { uav_id: p.uav_id.clone(), state: "waiting".into(), ..Default::default() } }));
+    let status = Arc::new(Mutex::new(Status {
+        hb: Heartbeat { uav_id: p.uav_id.clone(), state: "waiting".into(), ..Default::default() },
+    }));
     let mut worker = Worker {
         ctx: ctx.clone(),
         uav: p.uav_id.clone(),
@@ -166,7 +181,11 @@ impl Worker {
         if !self.hops.is_empty() {
             let p = crate::ros::percentiles(&self.hops);
             let u = &self.host.usage;
-            let ms_per_layer_token = if u.decode_layer_tokens > 0 { u.decode_compute.as_secs_f64() * 1e3 / u.decode_layer_tokens as f64 } else { f64::NAN };
+            let ms_per_layer_token = if u.decode_layer_tokens > 0 {
+                u.decode_compute.as_secs_f64() * 1e3 / u.decode_layer_tokens as f64
+            } else {
+                f64::NAN
+            };
             let preempted_per_step = self.preempted_in_decode as f64 / self.decode_steps.max(1) as f64;
             tracing::info!(hops = self.hops.len(), p50_ms = %p["p50"], p99_ms = %p["p99"], ms_per_layer_token, preempted_per_step, "activation hop latency");
         }
@@ -335,7 +354,10 @@ impl Worker {
 
     fn ensure_input(&mut self, owner: &str) -> anyhow::Result<()> {
         let o = owner.to_string();
-        self.subscribe(names::stage_input(owner), names::data_plane(), move |msg| Event::Input { owner: o.clone(), msg })
+        self.subscribe(names::stage_input(owner), names::data_plane(), move |msg| Event::Input {
+            owner: o.clone(),
+            msg,
+        })
     }
     fn ensure_replay(&mut self, failed: &str) -> anyhow::Result<()> {
         let f = failed.to_string();
@@ -361,7 +383,14 @@ impl Worker {
         hb.compute_s_total = self.host.usage.compute.as_secs_f64();
         hb.memory_bytes = self.host.memory_bytes();
         if !hb.state.starts_with("error") {
-            hb.state = if self.host.plan().is_none() { "waiting" } else if self.host.ready() { "ready" } else { "recovering" }.into();
+            hb.state = if self.host.plan().is_none() {
+                "waiting"
+            } else if self.host.ready() {
+                "ready"
+            } else {
+                "recovering"
+            }
+            .into();
         }
     }
 }

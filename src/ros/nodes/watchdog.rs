@@ -30,7 +30,10 @@ enum Seen {
 }
 
 pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
-    anyhow::ensure!(p.heartbeat_timeout_s > 0.0 && p.check_period_s > 0.0 && p.discovery_period_s > 0.0, "watchdog periods must be positive");
+    anyhow::ensure!(
+        p.heartbeat_timeout_s > 0.0 && p.check_period_s > 0.0 && p.discovery_period_s > 0.0,
+        "watchdog periods must be positive"
+    );
     let failures = ctx.publisher::<FailureEvent>(names::FAILURES, names::events())?;
     let mut assignments = ctx.subscribe::<Assignment>(names::ASSIGNMENT, names::latched())?;
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
@@ -89,12 +92,20 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
 }
 
 /// A heartbeat or battery report: note when the UAV was heard; an empty battery is a failure.
-fn take(seen: Seen, last_beat: &mut BTreeMap<String, Instant>, failures: &r2r::Publisher<FailureEvent>, declared: &mut HashSet<(u64, String)>, epoch: u64) {
+fn take(
+    seen: Seen,
+    last_beat: &mut BTreeMap<String, Instant>,
+    failures: &r2r::Publisher<FailureEvent>,
+    declared: &mut HashSet<(u64, String)>,
+    epoch: u64,
+) {
     match seen {
         Seen::Heartbeat(hb) => {
             last_beat.insert(hb.uav_id, Instant::now());
         }
-        Seen::Battery(b) if b.energy_j <= 0.0 => declare(failures, declared, epoch, &b.uav_id, "battery_empty", last_beat.get(&b.uav_id)),
+        Seen::Battery(b) if b.energy_j <= 0.0 => {
+            declare(failures, declared, epoch, &b.uav_id, "battery_empty", last_beat.get(&b.uav_id))
+        }
         Seen::Battery(_) => {}
     }
 }
@@ -110,7 +121,9 @@ fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period:
             if watched.contains(uav) {
                 continue;
             }
-            match forward(ctx, &names::heartbeat(uav), seen, Seen::Heartbeat).and_then(|()| forward(ctx, &names::battery(uav), seen, Seen::Battery)) {
+            match forward(ctx, &names::heartbeat(uav), seen, Seen::Heartbeat)
+                .and_then(|()| forward(ctx, &names::battery(uav), seen, Seen::Battery))
+            {
                 Ok(()) => {
                     tracing::info!(%uav, "watching");
                     watched.insert(uav.clone());

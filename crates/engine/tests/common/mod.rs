@@ -17,7 +17,10 @@ pub fn manifest(variant: &str) -> Manifest {
     let dir = models_root().join(variant);
     match Manifest::load(&dir) {
         Ok(m) => m,
-        Err(e) => panic!("model variant `{variant}` not usable in {}: {e}\n=> run `make setup` to generate the model parts", dir.display()),
+        Err(e) => panic!(
+            "model variant `{variant}` not usable in {}: {e}\n=> run `make setup` to generate the model parts",
+            dir.display()
+        ),
     }
 }
 
@@ -28,7 +31,10 @@ pub fn runtime() -> Runtime {
             .join("../../.venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1")
     });
     if !path.is_file() {
-        panic!("ONNX Runtime not found at {}: set ORT_DYLIB_PATH (`source scripts/env.sh`) or run `make setup`", path.display());
+        panic!(
+            "ONNX Runtime not found at {}: set ORT_DYLIB_PATH (`source scripts/env.sh`) or run `make setup`",
+            path.display()
+        );
     }
     Runtime::init(RuntimeConfig { dylib_path: Some(path), ..RuntimeConfig::with_threads(1) })
         .unwrap_or_else(|e| panic!("{e}"))

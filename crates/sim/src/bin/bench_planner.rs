@@ -4,8 +4,8 @@
 use std::time::Instant;
 
 use aerokv_plan::{
-    held_state, plan_initial_layout, plan_protection, plan_protection_relaxed, plan_recovery, reconfigure, RecoveryContext,
-    SwarmState,
+    held_state, plan_initial_layout, plan_protection, plan_protection_relaxed, plan_recovery, reconfigure,
+    RecoveryContext, SwarmState,
 };
 use aerokv_sim::{run_mission, Method, Scenario};
 use rand::SeedableRng;
@@ -47,12 +47,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let layout = plan_initial_layout(&swarm, &model)?;
         let ring = layout.ring();
         let p1 = time(reps, || plan_protection(&swarm, &model, &layout, &ring));
-        let plan = plan_protection(&swarm, &model, &layout, &ring).or_else(|_| plan_protection_relaxed(&swarm, &model, &layout, &ring))?;
+        let plan = plan_protection(&swarm, &model, &layout, &ring)
+            .or_else(|_| plan_protection_relaxed(&swarm, &model, &layout, &ring))?;
         // P2 after the failure of a middle UAV at mid-mission
         let failed = ring.order()[ring.len() / 2];
         let mut mid = model.clone();
         mid.tokens_done = model.total_tokens / 2;
-        let survivors = SwarmState { uavs: swarm.uavs.iter().filter(|u| u.id != failed).cloned().collect(), config: swarm.config.clone() };
+        let survivors = SwarmState {
+            uavs: swarm.uavs.iter().filter(|u| u.id != failed).cloned().collect(),
+            config: swarm.config.clone(),
+        };
         let rec = plan_recovery(&survivors, &mid, &layout, &ring, &plan, failed, RecoveryContext::default())?;
         let held = held_state(&layout, &plan, &rec.layout);
         let p2 = time(reps, || reconfigure(&survivors, &mid, &rec.layout, &rec.ring, &held));
