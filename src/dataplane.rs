@@ -101,8 +101,12 @@ impl SwarmPlan {
     pub fn tail(&self, s: &Stage) -> Vec<usize> {
         self.layers(s)[s.k..].to_vec()
     }
+    /// Whether `layer` is one of the stage's layers (without listing them: per-token paths ask).
+    pub fn holds(&self, s: &Stage, layer: usize) -> bool {
+        layer < self.num_layers && (layer + self.num_layers - s.start % self.num_layers) % self.num_layers < s.len
+    }
     pub fn owner(&self, layer: usize) -> Option<&Stage> {
-        self.stages.iter().find(|s| self.layers(s).contains(&layer))
+        self.stages.iter().find(|s| self.holds(s, layer))
     }
     /// The stage whose input the gateway sends (the owner of layer 0).
     pub fn first(&self) -> Option<&Stage> {
@@ -461,23 +465,21 @@ impl ShardHost {
         hidden: &Hidden,
     ) -> Result<Vec<Emit>> {
         // Runs once per token: the route comes from a borrow of the plan, not a copy of it.
-        let (native, end, to, num_layers) = {
+        let (misrouted, end, to, num_layers) = {
             let plan = self.plan.as_ref().ok_or_else(|| DataPlaneError::Plan("input before any plan".into()))?;
             let me = plan
                 .stage(&self.uav)
                 .ok_or_else(|| DataPlaneError::Plan(format!("{} has no layers in epoch {}", self.uav, plan.epoch)))?;
-            let native = plan.layers(me);
+            let misrouted = (!plan.holds(me, boundary))
+                .then(|| format!("input at layer {boundary}, but {} holds {:?}", self.uav, plan.layers(me)));
             // From `boundary` to this stage's last layer or the model's last, whichever comes first.
-            let end = (boundary..plan.num_layers).find(|l| !native.contains(l)).unwrap_or(plan.num_layers);
+            let end = (boundary..plan.num_layers).find(|&l| !plan.holds(me, l)).unwrap_or(plan.num_layers);
             let to = if end == plan.num_layers { None } else { plan.owner(end).map(|s| s.uav.clone()) };
-            (native, end, to, plan.num_layers)
+            (misrouted, end, to, plan.num_layers)
         };
         self.new_request(request_id);
-        if !native.contains(&boundary) {
-            return Err(DataPlaneError::Plan(format!(
-                "input at layer {boundary}, but {} holds {:?}",
-                self.uav, native
-            )));
+        if let Some(why) = misrouted {
+            return Err(DataPlaneError::Plan(why));
         }
         let mut x = hidden.clone();
         let started = std::time::Instant::now();

@@ -170,3 +170,19 @@ fn a_plan_that_needs_state_nobody_holds_is_refused_with_the_layer() {
     let overlap = plan(3, 1, 0, vec![stage("uav1", 0, 3, 0, 0), stage("uav3", 2, 2, 0, 0)]);
     assert!(host.apply_plan(overlap).unwrap_err().to_string().contains("assigned twice"));
 }
+
+#[test]
+fn holds_agrees_with_the_listed_layers_for_every_stage_shape() {
+    // Including stages that wrap around the gateway and layers past the model's last.
+    for num_layers in 1..=6 {
+        for start in 0..num_layers {
+            for len in 1..=num_layers {
+                let s = stage("uav1", start, len, 0, 0);
+                let p = SwarmPlan { epoch: 1, num_layers, stages: vec![s.clone()], request_id: 1, resume_position: 0 };
+                for layer in 0..num_layers + 2 {
+                    assert_eq!(p.holds(&s, layer), p.layers(&s).contains(&layer), "L={num_layers} {s:?} layer {layer}");
+                }
+            }
+        }
+    }
+}
