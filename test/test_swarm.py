@@ -62,8 +62,16 @@ def test_swarm_answers_exactly_like_one_process(ros_domain, reference, tmp_path,
         assert counts["uav1"] < counts["uav2"], counts
 
 
-# First, middle and last stage, and two kills in one answer (UAV:TOKEN).
-KILLS = {"first": ["uav1:5"], "middle": ["uav2:9"], "last": ["uav4:14"], "two": ["uav2:6", "uav4:22"]}
+# First, middle and last stage, two kills in one answer, and three, down to one drone (UAV:TOKEN).
+# After the second of three, balancing alone would hand uav4 layer 0 from its replica of uav1's
+# head: a stage around the gateway, which cannot fail over; the planner keeps the cut at layer 0.
+KILLS = {
+    "first": ["uav1:5"],
+    "middle": ["uav2:9"],
+    "last": ["uav4:14"],
+    "two": ["uav2:6", "uav4:22"],
+    "three": ["uav2:6", "uav3:14", "uav4:22"],
+}
 
 
 @pytest.mark.parametrize("case", list(KILLS))

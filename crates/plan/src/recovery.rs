@@ -195,7 +195,14 @@ pub struct Reconfiguration {
 
 /// P2: a new contiguous layout over the survivors in ring order where each survivor takes at
 /// least one layer and only layers in its `held` interval. Minimises the slowest stage, then
-/// maximises the minimum expected tokens. Errors say which layers no survivor holds.
+/// maximises the minimum expected tokens, then moves the fewest layers; among layouts with no
+/// stage wrapping around the gateway if there is one. Errors say which layers no survivor holds.
+///
+/// Why wrapping goes first: a stage that holds both the last and the first layers is entered
+/// twice per token (the embedding comes in, leaves for the next stage and comes back), one hop
+/// more than the same layers unwrapped, and a stage that wraps cannot fail over (the runtime
+/// restarts the request). It is needed only when the survivors' state leaves no cut at layer 0:
+/// after the last stage fails, its tail goes to its successor, the first stage.
 pub fn reconfigure(
     swarm: &SwarmState,
     model: &ModelSpec,
@@ -245,7 +252,8 @@ pub fn reconfigure(
                 order[0]
             )));
         }
-        let iv = LayerInterval::new(h[0].start, h[0].start + l);
+        // It holds every layer, so it runs them from the gateway's side: [0, L), never wrapped.
+        let iv = LayerInterval::new(0, l);
         let lay = Layout::new(l, vec![(order[0], iv)])?;
         return Ok(Reconfiguration {
             layout: lay,
@@ -273,42 +281,15 @@ pub fn reconfigure(
     // rotate so position 0 has the fewest candidates
     let r0 = (0..m).min_by_key(|&i| cands[i].len()).unwrap_or(0);
     let idx: Vec<usize> = (0..m).map(|j| (r0 + j) % m).collect();
-    let stage = |i: usize, len: u32| f64::from(len) * lat[i];
-    // pass 1: minimise the slowest stage
-    let pass1 = cycle_dp(l, &idx, &cands, &h, &|i, _, len| Some(-stage(i, len)), Combine::Min);
-    let Some((neg_b, _)) = pass1 else {
+    let natives: Vec<LayerInterval> =
+        order.iter().map(|&u| layout.interval(u).unwrap_or(LayerInterval::new(0, 0))).collect();
+    let survivors =
+        Survivors { l, idx: &idx, cands: &cands, held: &h, natives: &natives, lat: &lat, en: &en, fl: &fl, le: &le };
+    let Some((bottleneck, min_tokens, cuts)) = survivors.balance(false).or_else(|| survivors.balance(true)) else {
         return Err(PlanError::NoReconfiguration(
             "no set of boundaries gives every survivor a held, non-empty interval".into(),
         ));
     };
-    let bottleneck = -neg_b;
-    // pass 2: under that bottleneck, maximise the minimum expected tokens
-    let tokens = |i: usize, _start: u32, len: u32| -> Option<f64> {
-        if stage(i, len) > bottleneck * (1.0 + 1e-12) {
-            return None;
-        }
-        let e = fl[i] * bottleneck + le[i] * f64::from(len);
-        Some(if e > 0.0 { en[i] / e } else { f64::INFINITY })
-    };
-    let (min_tokens, _) = cycle_dp(l, &idx, &cands, &h, &tokens, Combine::Min)
-        .ok_or_else(|| PlanError::NoReconfiguration("internal: second pass infeasible".into()))?;
-    // pass 3: among those, move the fewest layers (each move is a switch-over to coordinate)
-    let natives: Vec<LayerInterval> =
-        order.iter().map(|&u| layout.interval(u).unwrap_or(LayerInterval::new(0, 0))).collect();
-    let floor = min_tokens * (1.0 - 1e-9);
-    let moved = |i: usize, start: u32, len: u32| -> Option<f64> {
-        match tokens(i, start, len) {
-            Some(t) if t >= floor => {
-                let kept =
-                    LayerInterval::new(start, start + len).layers(l).filter(|&x| natives[i].contains(x, l)).count()
-                        as u32;
-                Some(-f64::from(len - kept))
-            }
-            _ => None,
-        }
-    };
-    let (_, cuts) = cycle_dp(l, &idx, &cands, &h, &moved, Combine::Sum)
-        .ok_or_else(|| PlanError::NoReconfiguration("internal: third pass infeasible".into()))?;
     let mut entries = vec![(0u32, LayerInterval::new(0, 1)); m];
     for j in 0..m {
         let i = idx[j];
@@ -331,6 +312,60 @@ pub fn reconfigure(
     }
     debug!(bottleneck, min_tokens, moved = moves.len(), "P2 reconfiguration");
     Ok(Reconfiguration { layout: new_layout, bottleneck_s: bottleneck, min_expected_tokens: min_tokens, moves })
+}
+
+/// What P2 knows of the survivors, in ring order (`idx` rotates it, see [`cycle_dp`]).
+struct Survivors<'a> {
+    l: u32,
+    idx: &'a [usize],
+    cands: &'a [Vec<u32>],
+    held: &'a [LayerInterval],
+    natives: &'a [LayerInterval],
+    /// Per-layer latency (s), energy left (J), flight power (W), per-layer energy (J).
+    lat: &'a [f64],
+    en: &'a [f64],
+    fl: &'a [f64],
+    le: &'a [f64],
+}
+
+impl Survivors<'_> {
+    /// P2's three passes: the slowest stage, then the minimum expected tokens under it, then the
+    /// fewest layers moved. `allow_wrap == false` admits only stages inside `[0, L)`.
+    /// Returns (bottleneck s, min expected tokens, cuts) or `None` when nothing is feasible.
+    fn balance(&self, allow_wrap: bool) -> Option<(f64, f64, Vec<u32>)> {
+        let l = self.l;
+        let fits = |start: u32, len: u32| allow_wrap || start + len <= l;
+        let stage = |i: usize, len: u32| f64::from(len) * self.lat[i];
+        let dp = |value: &dyn Fn(usize, u32, u32) -> Option<f64>, comb| {
+            cycle_dp(l, self.idx, self.cands, self.held, value, comb)
+        };
+        let (neg_b, _) = dp(&|i, start, len| fits(start, len).then(|| -stage(i, len)), Combine::Min)?;
+        let bottleneck = -neg_b;
+        let tokens = |i: usize, start: u32, len: u32| -> Option<f64> {
+            if !fits(start, len) || stage(i, len) > bottleneck * (1.0 + 1e-12) {
+                return None;
+            }
+            let e = self.fl[i] * bottleneck + self.le[i] * f64::from(len);
+            Some(if e > 0.0 { self.en[i] / e } else { f64::INFINITY })
+        };
+        let (min_tokens, _) = dp(&tokens, Combine::Min)?;
+        // each move is a switch-over to coordinate
+        let floor = min_tokens * (1.0 - 1e-9);
+        let moved = |i: usize, start: u32, len: u32| -> Option<f64> {
+            match tokens(i, start, len) {
+                Some(t) if t >= floor => {
+                    let kept = LayerInterval::new(start, start + len)
+                        .layers(l)
+                        .filter(|&x| self.natives[i].contains(x, l))
+                        .count() as u32;
+                    Some(-f64::from(len - kept))
+                }
+                _ => None,
+            }
+        };
+        let (_, cuts) = dp(&moved, Combine::Sum)?;
+        Some((bottleneck, min_tokens, cuts))
+    }
 }
 
 /// Max-min DP over cut positions around the cycle. `idx[j]` is the survivor at rotated
