@@ -194,11 +194,12 @@ pub struct Reconfiguration {
 }
 
 /// P2: a new contiguous layout over the survivors in ring order where each survivor takes at
-/// least one layer and only layers in its `held` interval. Minimises the slowest stage, then
-/// maximises the minimum expected tokens, then moves the fewest layers; among layouts with no
-/// stage wrapping around the gateway if there is one. Errors say which layers no survivor holds.
+/// least one layer and only layers in its `held` interval. Among the layouts with no stage
+/// around the gateway (all of them if none exists): minimises the slowest stage, then maximises
+/// the minimum expected tokens, then moves the fewest layers. Errors say which layers no
+/// survivor holds.
 ///
-/// Why wrapping goes first: a stage that holds both the last and the first layers is entered
+/// Why avoiding the wrap comes first: a stage that holds both the last and the first layers is entered
 /// twice per token (the embedding comes in, leaves for the next stage and comes back), one hop
 /// more than the same layers unwrapped, and a stage that wraps cannot fail over (the runtime
 /// restarts the request). It is needed only when the survivors' state leaves no cut at layer 0:
@@ -369,7 +370,8 @@ impl Survivors<'_> {
 }
 
 /// Max-min DP over cut positions around the cycle. `idx[j]` is the survivor at rotated
-/// position j; `value(i, len)` the value of survivor i taking `len` layers (None: not allowed).
+/// position j; `value(i, start, len)` the value of survivor i taking `len` layers from `start`
+/// (None: not allowed).
 /// Returns the best value and the cut (start layer) of each rotated position.
 fn cycle_dp(
     l: u32,
