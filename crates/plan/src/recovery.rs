@@ -284,9 +284,39 @@ pub fn reconfigure(
     let idx: Vec<usize> = (0..m).map(|j| (r0 + j) % m).collect();
     let natives: Vec<LayerInterval> =
         order.iter().map(|&u| layout.interval(u).unwrap_or(LayerInterval::new(0, 0))).collect();
-    let survivors =
-        Survivors { l, idx: &idx, cands: &cands, held: &h, natives: &natives, lat: &lat, en: &en, fl: &fl, le: &le };
-    let Some((bottleneck, min_tokens, cuts)) = survivors.balance(false).or_else(|| survivors.balance(true)) else {
+    let dp = |value: &dyn Fn(usize, u32, u32) -> Option<f64>, comb| cycle_dp(l, &idx, &cands, &h, value, comb);
+    let stage = |i: usize, len: u32| f64::from(len) * lat[i];
+    // The three passes, over stages inside [0, L) only unless `allow_wrap`: the slowest stage,
+    // then the minimum expected tokens under it, then the fewest layers moved.
+    let balance = |allow_wrap: bool| -> Option<(f64, f64, Vec<u32>)> {
+        let fits = |start: u32, len: u32| allow_wrap || start + len <= l;
+        let (neg_b, _) = dp(&|i, start, len| fits(start, len).then(|| -stage(i, len)), Combine::Min)?;
+        let bottleneck = -neg_b;
+        let tokens = |i: usize, start: u32, len: u32| -> Option<f64> {
+            if !fits(start, len) || stage(i, len) > bottleneck * (1.0 + 1e-12) {
+                return None;
+            }
+            let e = fl[i] * bottleneck + le[i] * f64::from(len);
+            Some(if e > 0.0 { en[i] / e } else { f64::INFINITY })
+        };
+        let (min_tokens, _) = dp(&tokens, Combine::Min)?;
+        // each move is a switch-over to coordinate
+        let floor = min_tokens * (1.0 - 1e-9);
+        let moved = |i: usize, start: u32, len: u32| -> Option<f64> {
+            match tokens(i, start, len) {
+                Some(t) if t >= floor => {
+                    let kept =
+                        LayerInterval::new(start, start + len).layers(l).filter(|&x| natives[i].contains(x, l)).count()
+                            as u32;
+                    Some(-f64::from(len - kept))
+                }
+                _ => None,
+            }
+        };
+        let (_, cuts) = dp(&moved, Combine::Sum)?;
+        Some((bottleneck, min_tokens, cuts))
+    };
+    let Some((bottleneck, min_tokens, cuts)) = balance(false).or_else(|| balance(true)) else {
         return Err(PlanError::NoReconfiguration(
             "no set of boundaries gives every survivor a held, non-empty interval".into(),
         ));
@@ -313,60 +343,6 @@ pub fn reconfigure(
     }
     debug!(bottleneck, min_tokens, moved = moves.len(), "P2 reconfiguration");
     Ok(Reconfiguration { layout: new_layout, bottleneck_s: bottleneck, min_expected_tokens: min_tokens, moves })
-}
-
-/// What P2 knows of the survivors, in ring order (`idx` rotates it, see [`cycle_dp`]).
-struct Survivors<'a> {
-    l: u32,
-    idx: &'a [usize],
-    cands: &'a [Vec<u32>],
-    held: &'a [LayerInterval],
-    natives: &'a [LayerInterval],
-    /// Per-layer latency (s), energy left (J), flight power (W), per-layer energy (J).
-    lat: &'a [f64],
-    en: &'a [f64],
-    fl: &'a [f64],
-    le: &'a [f64],
-}
-
-impl Survivors<'_> {
-    /// P2's three passes: the slowest stage, then the minimum expected tokens under it, then the
-    /// fewest layers moved. `allow_wrap == false` admits only stages inside `[0, L)`.
-    /// Returns (bottleneck s, min expected tokens, cuts) or `None` when nothing is feasible.
-    fn balance(&self, allow_wrap: bool) -> Option<(f64, f64, Vec<u32>)> {
-        let l = self.l;
-        let fits = |start: u32, len: u32| allow_wrap || start + len <= l;
-        let stage = |i: usize, len: u32| f64::from(len) * self.lat[i];
-        let dp = |value: &dyn Fn(usize, u32, u32) -> Option<f64>, comb| {
-            cycle_dp(l, self.idx, self.cands, self.held, value, comb)
-        };
-        let (neg_b, _) = dp(&|i, start, len| fits(start, len).then(|| -stage(i, len)), Combine::Min)?;
-        let bottleneck = -neg_b;
-        let tokens = |i: usize, start: u32, len: u32| -> Option<f64> {
-            if !fits(start, len) || stage(i, len) > bottleneck * (1.0 + 1e-12) {
-                return None;
-            }
-            let e = self.fl[i] * bottleneck + self.le[i] * f64::from(len);
-            Some(if e > 0.0 { self.en[i] / e } else { f64::INFINITY })
-        };
-        let (min_tokens, _) = dp(&tokens, Combine::Min)?;
-        // each move is a switch-over to coordinate
-        let floor = min_tokens * (1.0 - 1e-9);
-        let moved = |i: usize, start: u32, len: u32| -> Option<f64> {
-            match tokens(i, start, len) {
-                Some(t) if t >= floor => {
-                    let kept = LayerInterval::new(start, start + len)
-                        .layers(l)
-                        .filter(|&x| self.natives[i].contains(x, l))
-                        .count() as u32;
-                    Some(-f64::from(len - kept))
-                }
-                _ => None,
-            }
-        };
-        let (_, cuts) = dp(&moved, Combine::Sum)?;
-        Some((bottleneck, min_tokens, cuts))
-    }
 }
 
 /// Max-min DP over cut positions around the cycle. `idx[j]` is the survivor at rotated
