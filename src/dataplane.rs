@@ -7,7 +7,9 @@
 //! Layers are held one ONNX file (= one layer for the shipped variants) per [`Shard`], keyed by
 //! absolute layer, so that a plan can move any layer without splitting a loaded shard.
 //! Intervals are taken modulo the layer count: a stage may wrap around the gateway (after the
-//! last stage fails, the first stage takes its layers).
+//! last stage fails, the first stage takes its layers). Such a stage has two inputs per token:
+//! its predecessor's output and, at layer 0, the gateway's embedding; recovering its tail
+//! replays both (the gateway's part comes from the scheduler).
 use aerokv_engine::{EngineError, Hidden, KvRows, LayerRows, Manifest, Runtime, Shard};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -65,6 +67,13 @@ impl SwarmPlan {
             if s.len == 0 || s.k > s.len || s.start >= l {
                 return Err(DataPlaneError::Plan(format!("{}: start {} len {} k {}", s.uav, s.start, s.len, s.k)));
             }
+            if s.start != 0 && s.start + s.k > l {
+                // The replica runs from the stage's input; layer 0's input is the gateway's.
+                return Err(DataPlaneError::Plan(format!(
+                    "{}: a head replica of {} layers from layer {} reaches past the gateway",
+                    s.uav, s.k, s.start
+                )));
+            }
             for layer in self.layers(s) {
                 if std::mem::replace(&mut seen[layer], true) {
                     return Err(DataPlaneError::Plan(format!("layer {layer} is assigned twice")));
@@ -112,6 +121,29 @@ impl SwarmPlan {
     pub fn first(&self) -> Option<&Stage> {
         self.owner(0)
     }
+    /// Whether the stage runs layer 0 after layers of its own (it wraps around the gateway) and
+    /// layer 0 is in its tail: recovering the tail then needs the gateway to replay its
+    /// embeddings since the snapshot, which no other UAV sees.
+    pub fn tail_needs_gateway_replay(&self, s: &Stage) -> bool {
+        s.start != 0 && self.holds(s, 0) && self.num_layers.saturating_sub(s.start) >= s.k
+    }
+    /// The first layer of the stage's tail when its predecessor sees (and buffers) that layer's
+    /// input: the output of the head replica, or the stage's own input (K = 0, also the
+    /// gateway's for the first stage). None for no tail, or a tail that starts after the gateway.
+    fn tail_input_from_pred(&self, s: &Stage) -> Option<usize> {
+        let first = (s.start + s.k) % self.num_layers;
+        (s.k < s.len && (first != 0 || s.start == 0)).then_some(first)
+    }
+}
+
+/// The steps that fed layer 0 before position `upto`, as the gateway sent them: the prompt at
+/// position 0, then one generated token per step. `(position, token ids)`.
+pub fn gateway_steps<'a>(prompt: &'a [u32], generated: &'a [u32], upto: usize) -> Vec<(usize, &'a [u32])> {
+    if upto == 0 || prompt.is_empty() {
+        return Vec::new();
+    }
+    let tokens = generated.iter().enumerate().map(|(i, id)| (prompt.len() + i, std::slice::from_ref(id)));
+    std::iter::once((0, prompt)).chain(tokens.take_while(|&(position, _)| position < upto)).collect()
 }
 
 /// Something to send.
@@ -122,9 +154,9 @@ pub enum Emit {
     /// KV rows for `holder`: a boundary snapshot of this UAV's tail (to its successor) or the
     /// seed of a new head replica (to its predecessor).
     Kv { holder: String, request_id: u64, rows: KvRows },
-    /// A buffered input of the failed successor's tail, for its recovering successor.
-    /// All of them in one message (bursts of small messages overflow subscription queues),
-    /// as `(position, chunk)` in order.
+    /// Buffered inputs of the failed successor's tail entering layer `boundary`, for its
+    /// recovering successor. All of them in one message (bursts of small messages overflow
+    /// subscription queues), as `(position, chunk)` in order.
     Replay { failed: String, to: String, boundary: usize, request_id: u64, chunks: Vec<(usize, Hidden)> },
 }
 
@@ -143,9 +175,22 @@ struct Pending {
 #[derive(Debug)]
 struct PendingReplay {
     failed: String,
-    layers: Vec<usize>,
     from: usize,
+    /// The restored layers as runs fed by one input each: one run, or two when the failed stage
+    /// wrapped around the gateway (the run from layer 0 is fed the gateway's embeddings).
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug)]
+struct Segment {
+    layers: Vec<usize>,
     chunks: BTreeMap<usize, Hidden>,
+}
+
+impl PendingReplay {
+    fn segment(&mut self, boundary: usize) -> Option<&mut Segment> {
+        self.segments.iter_mut().find(|s| s.layers.first() == Some(&boundary))
+    }
 }
 
 /// Counters for the heartbeat and the battery monitor.
@@ -272,17 +317,15 @@ impl ShardHost {
             }
         }
         // A failed successor: its recovering successor needs the buffered inputs of its tail.
-        let mut local_replay = Vec::new();
+        let mut local_replay = None;
         if let (Some(old), true) = (&old, p > 0) {
             if let Some(failed) = old.succ(&self.uav).filter(|s| s.uav != self.uav && new.stage(&s.uav).is_none()) {
-                if let Some(to) = old.succ(&failed.uav) {
-                    let boundary =
-                        old.tail(failed).first().copied().unwrap_or((failed.start + failed.len) % old.num_layers);
+                if let (Some(to), Some(boundary)) = (old.succ(&failed.uav), old.tail_input_from_pred(failed)) {
                     let chunks: Vec<(usize, Hidden)> =
                         self.buffer.range(..p).map(|(&pos, h)| (pos, h.clone())).collect();
                     if to.uav == self.uav {
                         // A ring of two: the recovering successor is this UAV.
-                        local_replay = chunks;
+                        local_replay = Some((boundary, chunks));
                     } else if !chunks.is_empty() {
                         emits.push(Emit::Replay {
                             failed: failed.uav.clone(),
@@ -354,23 +397,26 @@ impl ShardHost {
         self.pieces = keep;
         if !restored.is_empty() {
             let from = restored.iter().map(|r| r.1).min().unwrap_or(0);
-            for (layer, _) in &restored {
-                if let Some(s) = self.pieces.get_mut(layer) {
+            let mut segments: Vec<Segment> = Vec::new();
+            for &(layer, _) in &restored {
+                if let Some(s) = self.pieces.get_mut(&layer) {
                     s.truncate(from)?;
+                }
+                // In pipeline order; the run breaks only where the gateway's input enters.
+                match segments.last_mut() {
+                    Some(seg) if layer != 0 => seg.layers.push(layer),
+                    _ => segments.push(Segment { layers: vec![layer], chunks: BTreeMap::new() }),
                 }
             }
             let failed = old.as_ref().and_then(|o| o.pred(&self.uav)).map(|s| s.uav.clone()).unwrap_or_default();
-            pending.replay = Some(PendingReplay {
-                failed,
-                layers: restored.iter().map(|r| r.0).collect(),
-                from,
-                chunks: BTreeMap::new(),
-            });
+            pending.replay = Some(PendingReplay { failed, from, segments });
         }
         self.plan = Some(new);
         self.pending = pending;
-        if let Some(r) = &mut self.pending.replay {
-            r.chunks.extend(local_replay);
+        if let (Some(r), Some((boundary, chunks))) = (&mut self.pending.replay, local_replay) {
+            if let Some(seg) = r.segment(boundary) {
+                seg.chunks.extend(chunks);
+            }
         }
         emits.extend(self.try_complete()?);
         Ok(emits)
@@ -381,28 +427,33 @@ impl ShardHost {
         let Some(plan) = self.plan.clone() else { return Ok(Vec::new()) };
         let p = plan.resume_position;
         if let Some(r) = &self.pending.replay {
-            // Complete when the buffered chunks cover [from, p) exactly.
-            let mut at = r.from;
-            for (&pos, h) in r.chunks.range(r.from..) {
-                if pos != at {
-                    break;
+            // Complete when every segment's chunks cover [from, p) exactly.
+            let covers = |seg: &Segment| {
+                let mut at = r.from;
+                for (&pos, h) in seg.chunks.range(r.from..) {
+                    if pos != at {
+                        break;
+                    }
+                    at += h.tokens();
                 }
-                at += h.tokens();
-            }
-            if at < p {
+                at >= p
+            };
+            if !r.segments.iter().all(covers) {
                 return Ok(Vec::new());
             }
             let r = self.pending.replay.take().expect("checked above");
-            tracing::info!(failed = %r.failed, layers = ?r.layers, from = r.from, to = p, chunks = r.chunks.len(), "replaying buffered inputs through the recovered tail");
-            for (&pos, h) in r.chunks.range(r.from..p) {
-                // One chunk at a time, as the failed UAV computed them (exactness).
-                let mut x = h.clone();
-                for layer in &r.layers {
-                    let shard = self
-                        .pieces
-                        .get_mut(layer)
-                        .ok_or_else(|| DataPlaneError::Plan(format!("restored layer {layer} vanished")))?;
-                    x = shard.forward(&x, pos)?;
+            for seg in &r.segments {
+                tracing::info!(failed = %r.failed, layers = ?seg.layers, from = r.from, to = p, chunks = seg.chunks.len(), "replaying buffered inputs through the recovered tail");
+                for (&pos, h) in seg.chunks.range(r.from..p) {
+                    // One chunk at a time, as the failed UAV computed them (exactness).
+                    let mut x = h.clone();
+                    for layer in &seg.layers {
+                        let shard = self
+                            .pieces
+                            .get_mut(layer)
+                            .ok_or_else(|| DataPlaneError::Plan(format!("restored layer {layer} vanished")))?;
+                        x = shard.forward(&x, pos)?;
+                    }
                 }
             }
         }
@@ -500,9 +551,11 @@ impl ShardHost {
         position: usize,
         hidden: &Hidden,
     ) -> Result<()> {
-        let succ_has_tail = match self.plan.as_ref().and_then(|p| p.succ(&self.uav)) {
-            Some(succ) if succ.uav != self.uav && boundary == succ.start && self.pending.seed_layers.is_empty() => {
-                succ.k < succ.len
+        let succ_has_tail = match self.plan.as_ref().map(|p| (p, p.succ(&self.uav))) {
+            Some((plan, Some(succ)))
+                if succ.uav != self.uav && boundary == succ.start && self.pending.seed_layers.is_empty() =>
+            {
+                plan.tail_input_from_pred(succ).is_some()
             }
             _ => return Ok(()),
         };
@@ -518,7 +571,8 @@ impl ShardHost {
             x = shard.forward(&x, position)?;
         }
         self.account(started.elapsed(), head.len(), hidden.tokens());
-        // With no head (K = 0) the tail's input is the stage input itself.
+        // With no head (K = 0) the tail's input is the stage input itself. A tail that starts
+        // at layer 0 is fed by the gateway: the scheduler replays it.
         if succ_has_tail {
             self.buffer.insert(position, x);
         }
@@ -565,15 +619,25 @@ impl ShardHost {
         self.try_complete()
     }
 
-    /// The buffered inputs of a failed UAV's tail, for the replay.
-    pub fn on_replay(&mut self, failed: &str, chunks: Vec<(usize, Hidden)>) -> Result<Vec<Emit>> {
-        tracing::debug!(failed, chunks = chunks.len(), waiting = self.pending.replay.is_some(), "replay received");
-        match &mut self.pending.replay {
-            Some(r) if r.failed == failed => {
-                r.chunks.extend(chunks);
+    /// Inputs of a failed UAV's tail entering layer `boundary`, for the replay: buffered by its
+    /// predecessor, or the gateway's embeddings for the layers after the gateway.
+    pub fn on_replay(&mut self, failed: &str, boundary: usize, chunks: Vec<(usize, Hidden)>) -> Result<Vec<Emit>> {
+        tracing::debug!(
+            failed,
+            boundary,
+            chunks = chunks.len(),
+            waiting = self.pending.replay.is_some(),
+            "replay received"
+        );
+        match self.pending.replay.as_mut().filter(|r| r.failed == failed).map(|r| r.segment(boundary)) {
+            Some(Some(seg)) => {
+                seg.chunks.extend(chunks);
                 self.try_complete()
             }
-            _ => Ok(Vec::new()),
+            Some(None) => Err(DataPlaneError::Plan(format!(
+                "replay of {failed} at layer {boundary}: no restored layers start there"
+            ))),
+            None => Ok(Vec::new()),
         }
     }
 

@@ -64,13 +64,16 @@ def test_swarm_answers_exactly_like_one_process(ros_domain, reference, tmp_path,
 
 # First, middle and last stage, two kills in one answer, and three, down to one drone (UAV:TOKEN).
 # After the second of three, balancing alone would hand uav4 layer 0 from its replica of uav1's
-# head: a stage around the gateway, which cannot fail over; the planner keeps the cut at layer 0.
+# head: a stage around the gateway, one hop more per token; the planner keeps the cut at layer 0.
+# "gateway": once the last stage is gone the first runs the last layers too (a stage around the
+# gateway), and then it fails: its successor replays the gateway's embeddings into layer 0.
 KILLS = {
     "first": ["uav1:5"],
     "middle": ["uav2:9"],
     "last": ["uav4:14"],
     "two": ["uav2:6", "uav4:22"],
     "three": ["uav2:6", "uav3:14", "uav4:22"],
+    "gateway": ["uav4:6", "uav1:14"],
 }
 
 
@@ -93,6 +96,9 @@ def test_killed_drones_do_not_change_the_answer(ros_domain, reference, tmp_path,
         assert 0 < f["detection_s"] < 5 and 0 < f["recovery_s"] < 10 and f["next_token_s"] > 0, f
     survivors = set(layer_counts(a))
     assert not survivors & set(killed) and sum(layer_counts(a).values()) == 30
+    if case == "gateway" and handled["uav1"]["mode"] == "failover":
+        log = (tmp_path / "aerokv_scheduler.log").read_text()
+        assert 'replaying the embeddings of a stage around the gateway failed="uav1"' in log
 
 
 def launch_swarm(procs, tmp_path, *args):

@@ -3,7 +3,7 @@
 //! failover plan (replica promoted, snapshot restored, buffered activations replayed) and the
 //! answer continues exactly as one shard of all layers computes it. Uses the `tiny` variant
 //! (random weights, 4 layers, same graph) and the real ONNX Runtime.
-use aerokv::dataplane::{Emit, ShardHost, Stage, SwarmPlan};
+use aerokv::dataplane::{gateway_steps, Emit, ShardHost, Stage, SwarmPlan};
 use aerokv_engine::{argmax, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Shard};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
@@ -34,12 +34,14 @@ struct Swarm {
 }
 
 impl Swarm {
-    fn apply(&mut self, plan: &SwarmPlan) {
+    /// Every host takes the plan; `gateway` is what the scheduler sends with it.
+    fn apply(&mut self, plan: &SwarmPlan, gateway: Option<Emit>) {
         let names: Vec<String> = self.hosts.keys().cloned().collect();
         for name in names {
             let emits = self.hosts.get_mut(&name).unwrap().apply_plan(plan.clone()).unwrap();
             self.queue.extend(emits.into_iter().map(|e| (name.clone(), e)));
         }
+        self.queue.extend(gateway.map(|e| ("gateway".to_string(), e)));
         assert!(self.drain().is_none(), "no activation may flow while a plan is applied");
         assert!(self.hosts.values().all(ShardHost::ready), "every host holds its layers after the plan");
     }
@@ -72,8 +74,8 @@ impl Swarm {
                         self.queue.extend(emits.into_iter().map(|e| (holder.clone(), e)));
                     }
                 }
-                Emit::Replay { failed, to, chunks, .. } => {
-                    let emits = self.hosts.get_mut(&to).unwrap().on_replay(&failed, chunks).unwrap();
+                Emit::Replay { failed, to, boundary, chunks, .. } => {
+                    let emits = self.hosts.get_mut(&to).unwrap().on_replay(&failed, boundary, chunks).unwrap();
                     self.queue.extend(emits.into_iter().map(|e| (to.clone(), e)));
                 }
             }
@@ -119,7 +121,7 @@ fn run_with_failure(
     let hosts =
         plan.stages.iter().map(|s| (s.uav.clone(), ShardHost::new(rt.clone(), m.clone(), &s.uav).unwrap())).collect();
     let mut swarm = Swarm { hosts, queue: VecDeque::new() };
-    swarm.apply(&plan);
+    swarm.apply(&plan, None);
     let (mut ids, mut position, mut got) = (prompt.clone(), 0, Vec::new());
     let mut current = plan;
     while got.len() < n {
@@ -127,7 +129,19 @@ fn run_with_failure(
             swarm.hosts.remove(failed);
             let mut next = recovery.clone();
             next.resume_position = position;
-            swarm.apply(&next);
+            // As the scheduler does for a stage around the gateway: the embeddings it was fed.
+            let old = current.stage(failed).unwrap();
+            let embeddings = current.tail_needs_gateway_replay(old).then(|| Emit::Replay {
+                failed: failed.into(),
+                to: current.succ(failed).unwrap().uav.clone(),
+                boundary: 0,
+                request_id: current.request_id,
+                chunks: gateway_steps(&prompt, &got, position)
+                    .into_iter()
+                    .map(|(pos, ids)| (pos, gateway.embed(ids).unwrap()))
+                    .collect(),
+            });
+            swarm.apply(&next, embeddings);
             current = next;
         }
         let token = swarm.step(&current, &mut gateway, &ids, position);
@@ -158,6 +172,54 @@ fn the_last_stage_dies_and_the_first_takes_layers_across_the_gateway() {
 }
 
 #[test]
+fn the_first_stage_dies_and_its_predecessor_had_buffered_the_gateway_input() {
+    // uav1's predecessor is the last stage, which subscribes to uav1's input (the embeddings).
+    let before = plan(1, 4, 0, vec![stage("uav1", 0, 1, 0, 2), stage("uav2", 1, 2, 0, 2), stage("uav3", 3, 1, 0, 2)]);
+    let recovery = plan(2, 4, 0, vec![stage("uav2", 0, 3, 0, 2), stage("uav3", 3, 1, 0, 2)]);
+    let (got, want) = run_with_failure(before, "uav1", 6, recovery, 12);
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_stage_around_the_gateway_dies_and_its_successor_replays_both_inputs() {
+    // Pipeline: gateway -> uav3 (layer 0) -> uav1 (1) -> uav2 (2) -> uav3 (3) -> gateway.
+    // uav3's tail is 3 and 0: uav1 restores both from the snapshot (T = 2; none with T = 64),
+    // replays layer 3 with what uav2 buffered and layer 0 with the gateway's embeddings.
+    for t in [2, 64] {
+        let before =
+            plan(1, 5, 0, vec![stage("uav1", 1, 1, 0, t), stage("uav2", 2, 1, 0, t), stage("uav3", 3, 2, 0, t)]);
+        let recovery = plan(2, 5, 0, vec![stage("uav1", 3, 3, 0, t), stage("uav2", 2, 1, 0, t)]);
+        for fail_after in [1, 5, 8] {
+            let (got, want) = run_with_failure(before.clone(), "uav3", fail_after, recovery.clone(), 12);
+            assert_eq!(got, want, "T {t}, failed after {fail_after} tokens");
+        }
+    }
+}
+
+#[test]
+fn a_stage_around_the_gateway_whose_replica_reaches_the_gateway_dies() {
+    // uav3's head (layer 3) is replicated on uav2; its tail is layer 0 alone, fed by the gateway.
+    for t in [2, 64] {
+        let before =
+            plan(1, 6, 0, vec![stage("uav1", 1, 1, 0, t), stage("uav2", 2, 1, 0, t), stage("uav3", 3, 2, 1, t)]);
+        let recovery = plan(2, 6, 0, vec![stage("uav1", 0, 2, 0, t), stage("uav2", 2, 2, 0, t)]);
+        for fail_after in [1, 7] {
+            let (got, want) = run_with_failure(before.clone(), "uav3", fail_after, recovery.clone(), 12);
+            assert_eq!(got, want, "T {t}, failed after {fail_after} tokens");
+        }
+    }
+}
+
+#[test]
+fn gateway_steps_are_the_prompt_then_one_token_each() {
+    let (prompt, generated) = ([7, 8, 9], [1, 2, 3]);
+    let steps = gateway_steps(&prompt, &generated, 5);
+    assert_eq!(steps, vec![(0, &prompt[..]), (3, &generated[..1]), (4, &generated[1..2])]);
+    assert!(gateway_steps(&prompt, &generated, 0).is_empty());
+    assert_eq!(gateway_steps(&prompt, &generated, 3), vec![(0, &prompt[..])]);
+}
+
+#[test]
 fn a_plan_that_needs_state_nobody_holds_is_refused_with_the_layer() {
     let rt = runtime();
     let m = Manifest::load_variant(models(), "tiny").unwrap();
@@ -169,6 +231,10 @@ fn a_plan_that_needs_state_nobody_holds_is_refused_with_the_layer() {
     assert!(e.contains("layer 2 is assigned to uav3 but uav3 holds no state for it at token 5"), "{e}");
     let overlap = plan(3, 1, 0, vec![stage("uav1", 0, 3, 0, 0), stage("uav3", 2, 2, 0, 0)]);
     assert!(host.apply_plan(overlap).unwrap_err().to_string().contains("assigned twice"));
+    // uav3 runs 3, 0, 1: its predecessor can replicate layer 3 only (layer 0 takes embeddings)
+    let past_gateway = plan(4, 1, 0, vec![stage("uav1", 2, 1, 0, 0), stage("uav3", 3, 3, 2, 0)]);
+    let e = host.apply_plan(past_gateway).unwrap_err().to_string();
+    assert!(e.contains("uav3: a head replica of 2 layers from layer 3 reaches past the gateway"), "{e}");
 }
 
 #[test]

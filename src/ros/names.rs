@@ -29,7 +29,8 @@ pub fn stage_input(uav: &str) -> String {
 pub fn kv_inbox(holder: &str) -> String {
     format!("/{holder}/kv")
 }
-/// Buffered tail inputs sent to the recovering successor of a failed `uav`.
+/// Inputs of a failed `uav`'s tail for its recovering successor: its predecessor's buffer, and
+/// the gateway's embeddings when the stage ran layer 0 after layers of its own.
 pub fn replay(uav: &str) -> String {
     format!("/{uav}/replay")
 }

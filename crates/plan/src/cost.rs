@@ -225,6 +225,8 @@ pub fn evaluate(
 pub(crate) struct RingData {
     pub ids: Vec<UavId>,
     pub n: Vec<u32>,
+    /// The largest K each UAV's shard allows ([`crate::LayerInterval::max_head`]).
+    pub k_max: Vec<u32>,
     pub energy: Vec<f64>,
     pub flight: Vec<f64>,
     pub lat: Vec<f64>,
@@ -248,6 +250,7 @@ impl RingData {
         let mut d = RingData {
             ids: vec![],
             n: vec![],
+            k_max: vec![],
             energy: vec![],
             flight: vec![],
             lat: vec![],
@@ -260,6 +263,7 @@ impl RingData {
             let e = effective(s, model, &swarm.config);
             d.ids.push(u);
             d.n.push(layout.layers_of(u));
+            d.k_max.push(layout.interval(u).map_or(0, |iv| iv.max_head(layout.num_layers())));
             d.energy.push(s.energy_j);
             d.flight.push(s.flight_power_w);
             d.lat.push(e.layer_latency_s);

@@ -30,7 +30,8 @@
 //! Conventions: [`LayerInterval`] is half-open and taken modulo the layer count, so an interval
 //! may wrap around the gateway (`[60, 66)` of 64 layers = layers 60..63, 0, 1): that is how the
 //! first stage holds the last layers after the last stage fails. P2 ([`reconfigure`]) wraps a
-//! stage only when the survivors' state leaves it no other layout. A [`Layout`] lists its UAVs
+//! stage only when the survivors' state leaves it no other layout, and P1 keeps such a stage's
+//! head replica before the gateway ([`LayerInterval::max_head`]). A [`Layout`] lists its UAVs
 //! in ring order and is validated on construction (exact cover, >= 1 layer each, contiguous in
 //! ring order); errors name the UAV and interval. Nothing here panics on user input; every
 //! failure is a [`PlanError`].

@@ -99,7 +99,7 @@ pub(crate) fn choices(d: &RingData, model: &ModelSpec, swarm: &SwarmState, deadl
         .map(|i| {
             let succ_lat = d.lat[(i + 1) % m];
             let mut out = Vec::new();
-            for k in 0..=d.n[i] {
+            for k in 0..=d.k_max[i] {
                 if k == d.n[i] {
                     out.push(Choice { k, period: None, rec_s: 0.0 });
                     continue;

@@ -41,7 +41,7 @@ pub fn plan_protection_relaxed(
     let mut cands: Vec<f64> = Vec::new();
     for i in 0..m {
         let succ_lat = d.lat[(i + 1) % m];
-        for k in 0..d.n[i] {
+        for k in 0..d.n[i].min(d.k_max[i] + 1) {
             for &t in &swarm.config.snapshot_periods {
                 let r = worst_recovery_s(model, &swarm.config, d.n[i], Protection { k, period: Some(t) }, succ_lat);
                 if r > swarm.config.deadline_s {
@@ -88,7 +88,7 @@ fn greedy_fallback(
         let pi = (i + m - 1) % m;
         let free = d.mem_budget[pi] - f64::from(d.n[pi]) * per_layer;
         let fit = if per_layer > 0.0 { (free / per_layer).floor().max(0.0) } else { f64::from(d.n[i]) };
-        *k_i = (fit as u32).min(d.n[i]);
+        *k_i = (fit as u32).min(d.k_max[i]);
     }
     let mut per_uav = BTreeMap::new();
     let mut periods = swarm.config.snapshot_periods.clone();
@@ -156,7 +156,7 @@ pub fn plan_fixed(
                 let pi = (i + m - 1) % m;
                 let free = d.mem_budget[pi] - f64::from(d.n[pi]) * per_layer;
                 let fit = if per_layer > 0.0 { (free / per_layer).floor().max(0.0) as u32 } else { d.n[i] };
-                Protection { k: fit.min(d.n[i]), period: None }
+                Protection { k: fit.min(d.k_max[i]), period: None }
             }
         };
         per_uav.insert(d.ids[i], prot);

@@ -201,9 +201,9 @@ pub struct Reconfiguration {
 ///
 /// Why avoiding the wrap comes first: a stage that holds both the last and the first layers is entered
 /// twice per token (the embedding comes in, leaves for the next stage and comes back), one hop
-/// more than the same layers unwrapped, and a stage that wraps cannot fail over (the runtime
-/// restarts the request). It is needed only when the survivors' state leaves no cut at layer 0:
-/// after the last stage fails, its tail goes to its successor, the first stage.
+/// more than the same layers unwrapped, and its predecessor can replicate only the layers before
+/// the gateway ([`LayerInterval::max_head`]). It is needed only when the survivors' state leaves
+/// no cut at layer 0: after the last stage fails, its tail goes to its successor, the first stage.
 pub fn reconfigure(
     swarm: &SwarmState,
     model: &ModelSpec,

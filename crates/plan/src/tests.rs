@@ -92,8 +92,10 @@ fn brute_p1(swarm: &SwarmState, m: &ModelSpec, layout: &Layout, floor: f64, max_
     let mut opts: Vec<Vec<Protection>> = Vec::new();
     for &u in &ids {
         let n = layout.layers_of(u);
-        let mut o = vec![Protection { k: n, period: None }];
-        for k in 0..n {
+        // a replica never reaches past the gateway (LayerInterval::max_head)
+        let k_max = layout.interval(u).unwrap().max_head(layout.num_layers());
+        let mut o = if k_max == n { vec![Protection { k: n, period: None }] } else { Vec::new() };
+        for k in 0..n.min(k_max + 1) {
             for &t in &swarm.config.snapshot_periods {
                 o.push(Protection { k, period: Some(t) });
             }
@@ -151,9 +153,10 @@ fn small_case() -> impl Strategy<Value = (SwarmState, ModelSpec, Layout)> {
                 prop::sample::subsequence(vec![1u32, 2, 3, 4, 8], 1..=3),
                 any::<bool>(),
                 prop::option::of(1.0f64..100.0),
+                0u32..16,
             )
         })
-        .prop_map(|(spec, deadline, periods, recoverable, target)| {
+        .prop_map(|(spec, deadline, periods, recoverable, target, rotate)| {
             let l: u32 = spec.iter().map(|s| s.0).sum();
             let uavs: Vec<UavState> = spec
                 .iter()
@@ -166,7 +169,15 @@ fn small_case() -> impl Strategy<Value = (SwarmState, ModelSpec, Layout)> {
             config.lifetime_target_factor = target;
             let swarm = SwarmState { uavs, config };
             let ring = Ring::new((0..spec.len() as u32).collect()).unwrap();
-            let layout = Layout::from_counts(l, &ring, &counts).unwrap();
+            // rotated: some cases have a stage around the gateway, as after the last stage failed
+            let shift = rotate % l;
+            let entries = Layout::from_counts(l, &ring, &counts)
+                .unwrap()
+                .entries()
+                .iter()
+                .map(|&(u, iv)| (u, LayerInterval::new((iv.start + shift) % l, (iv.start + shift) % l + iv.len())))
+                .collect();
+            let layout = Layout::new(l, entries).unwrap();
             (swarm, model(l, 10), layout)
         })
 }
@@ -372,10 +383,39 @@ fn last_stage_failure_wraps_and_recovers() {
 }
 
 #[test]
+fn a_head_replica_stops_at_the_gateway() {
+    // uav 0 runs 10, 11, 0, 1, 2 of 12 layers: its predecessor can replicate 10 and 11 from its
+    // input, not 0, 1, 2 (their input is the next token's embedding).
+    let uavs: Vec<UavState> = (0..3).map(|i| uav(i, 1e5, 100.0, 0.02)).collect();
+    let md = model(12, 100);
+    let layout = Layout::new(
+        12,
+        vec![(0, LayerInterval::new(10, 15)), (1, LayerInterval::new(3, 6)), (2, LayerInterval::new(6, 10))],
+    )
+    .unwrap();
+    let ring = layout.ring();
+    assert_eq!(layout.interval(0).unwrap().max_head(12), 2);
+    assert_eq!(layout.interval(1).unwrap().max_head(12), 3);
+    // A deadline only live replicas meet: the largest replica each shard allows.
+    for deadline in [0.0, 3.0] {
+        let swarm = SwarmState { uavs: uavs.clone(), config: cfg(deadline, vec![1, 2, 4]) };
+        for plan in [
+            plan_protection_relaxed(&swarm, &md, &layout, &ring).unwrap(),
+            plan_fixed(&swarm, &md, &layout, &ring, FixedPolicy::OverlapOnly).unwrap(),
+        ] {
+            assert!(plan.per_uav[&0].k <= 2, "deadline {deadline}: {:?}", plan.per_uav[&0]);
+        }
+    }
+    let swarm = SwarmState { uavs, config: cfg(0.0, vec![1, 2, 4]) };
+    let plan = plan_fixed(&swarm, &md, &layout, &ring, FixedPolicy::OverlapOnly).unwrap();
+    assert_eq!((plan.per_uav[&0].k, plan.per_uav[&1].k, plan.per_uav[&2].k), (2, 3, 4));
+}
+
+#[test]
 fn p2_does_not_wrap_a_stage_it_can_keep_inside_the_layers() {
     // Seen in a live swarm (30 layers, uav 2 and 3 of 4 failed in turn): uav 0 holds [0, 16),
     // uav 3 holds [16, 30) plus its replica of uav 0's first layer. Balancing alone gives
-    // uav 3 [16, 31) (layer 0 at the far end, one hop more per token and no failover later);
+    // uav 3 [16, 31) (layer 0 at the far end: one hop more per token);
     // P2 keeps the cut at layer 0 instead.
     let uavs: Vec<UavState> = [0, 3].iter().map(|&i| uav(i, 1e5, 100.0, 0.02)).collect();
     let swarm = SwarmState { uavs, config: cfg(3.0, vec![32]) };

@@ -228,6 +228,17 @@ impl LayerInterval {
         let off = (other.start % l + l - self.start % l) % l;
         off + other.len() <= self.len()
     }
+    /// The most layers a live head replica can cover. The replica runs on the predecessor from
+    /// the stage's input; past the gateway a layer's input is the next token's embedding, not
+    /// the previous layer's output, so a replica of a wrapping stage stops at the last layer.
+    pub fn max_head(&self, num_layers: u32) -> u32 {
+        let n = self.normalized(num_layers);
+        if n.wraps(num_layers) {
+            num_layers - n.start
+        } else {
+            n.len()
+        }
+    }
     /// Same interval with `start` reduced into `[0, L)`.
     pub fn normalized(&self, num_layers: u32) -> Self {
         let l = num_layers.max(1);

@@ -5,6 +5,7 @@
 //! restart when the state to fail over is not there) and retires UAVs before their batteries die.
 use super::discovery::uavs_with_topic;
 use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telemetry};
+use crate::dataplane::gateway_steps;
 use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext};
 use aerokv_engine::{
     models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
@@ -165,7 +166,8 @@ struct Scheduler {
     retired: BTreeMap<String, u64>,
     assign_pub: r2r::Publisher<Assignment>,
     token_pub: r2r::Publisher<TokenChunk>,
-    input_pubs: BTreeMap<String, r2r::Publisher<Activation>>,
+    /// Stage inputs, and replays of the embeddings a stage around the gateway was fed; by topic.
+    activation_pubs: BTreeMap<String, r2r::Publisher<Activation>>,
     /// The last stage's outputs, read straight from the subscription (not through a draining
     /// task like the other topics): one step is in flight at a time, so r2r's queue of 10 never
     /// fills, and every token saves a thread hand-off.
@@ -225,7 +227,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         watched: BTreeSet::new(),
         failed: BTreeMap::new(),
         retired: BTreeMap::new(),
-        input_pubs: BTreeMap::new(),
+        activation_pubs: BTreeMap::new(),
         outputs,
         failures,
         current: None,
@@ -297,7 +299,7 @@ impl Scheduler {
             }
             tracing::info!(%uav, "UAV discovered");
             // Its input publisher now, not when a failover first makes it the first stage.
-            self.input_pub(&uav)?;
+            self.activation_pub(&names::stage_input(&uav))?;
             let mut beats = self.ctx.subscribe::<Heartbeat>(&names::heartbeat(&uav), names::telemetry())?;
             let mut battery = self.ctx.subscribe::<BatteryHealth>(&names::battery(&uav), names::telemetry())?;
             let live = self.live.clone();
@@ -387,6 +389,11 @@ impl Scheduler {
             planned.plan.stages.iter().map(|s| format!("{}[{}+{} K{} T{}]", s.uav, s.start, s.len, s.k, s.t)).collect();
         tracing::info!(epoch = planned.plan.epoch, reason, resume = planned.plan.resume_position, layout = %layout.join(" "), min_expected_tokens = planned.protection.min_expected_tokens, "assignment published");
         self.assign_pub.publish(&msg)?;
+        // Ready before a failure needs it: matching a new publisher costs the recovery time.
+        let plan = &planned.plan;
+        for s in plan.stages.iter().filter(|s| plan.tail_needs_gateway_replay(s)) {
+            self.activation_pub(&names::replay(&s.uav))?;
+        }
         self.current = Some(planned);
         Ok(())
     }
@@ -688,7 +695,8 @@ impl Scheduler {
         let epoch = plan.epoch;
         let hidden = self.gateway.embed(&run.chunk).map_err(|e| Interrupt::Fatal(format!("embedding: {e}")))?;
         let msg = convert::activation(epoch, run.request_id, 0, run.position, 0, "gateway", &hidden);
-        let publisher = self.input_pub(&first).map_err(|e| Interrupt::Fatal(e.to_string()))?;
+        let publisher =
+            self.activation_pub(&names::stage_input(&first)).map_err(|e| Interrupt::Fatal(e.to_string()))?;
         publisher
             .publish(&msg)
             .map_err(|e| Interrupt::Fatal(format!("publish to {}: {e}", names::stage_input(&first))))?;
@@ -696,14 +704,37 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The publisher of `uav`'s stage input (created once).
-    fn input_pub(&mut self, uav: &str) -> anyhow::Result<&r2r::Publisher<Activation>> {
-        let topic = names::stage_input(uav);
-        if !self.input_pubs.contains_key(&topic) {
-            let publisher = self.ctx.publisher::<Activation>(&topic, names::data_plane())?;
-            self.input_pubs.insert(topic.clone(), publisher);
+    /// The publisher of a stage input or replay topic (created once: DDS matching takes time).
+    fn activation_pub(&mut self, topic: &str) -> anyhow::Result<&r2r::Publisher<Activation>> {
+        if !self.activation_pubs.contains_key(topic) {
+            let qos = if topic.ends_with("/replay") { names::replay_qos() } else { names::data_plane() };
+            let publisher = self.ctx.publisher::<Activation>(topic, qos)?;
+            self.activation_pubs.insert(topic.to_string(), publisher);
         }
-        Ok(&self.input_pubs[&topic])
+        Ok(&self.activation_pubs[topic])
+    }
+
+    /// A stage around the gateway fails: its recovering successor replays the tail's layers after
+    /// the gateway with the embeddings they were fed, which only the gateway has. Every step that
+    /// fed layer 0 before the resume position, chunked as it was sent (the prompt, then a token
+    /// at a time); the executor uses those after its snapshot.
+    fn replay_embeddings(&mut self, run: &Run, failed: &str) -> Result<(), Interrupt> {
+        let mut chunks = Vec::new();
+        for (position, ids) in gateway_steps(&run.prompt_ids, &run.tokens, run.position) {
+            let hidden = self.gateway.embed(ids).map_err(|e| Interrupt::Fatal(format!("embedding: {e}")))?;
+            chunks.push((position, hidden));
+        }
+        let msg = convert::packed_activation(self.epoch, run.request_id, 0, "gateway", &chunks)
+            .map_err(|e| Interrupt::Fatal(format!("replay of {failed}'s embeddings: {e}")))?;
+        let topic = names::replay(failed);
+        tracing::info!(
+            failed,
+            steps = chunks.len(),
+            tokens = msg.token_count,
+            "replaying the embeddings of a stage around the gateway"
+        );
+        let publisher = self.activation_pub(&topic).map_err(|e| Interrupt::Fatal(e.to_string()))?;
+        publisher.publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {topic}: {e}")))
     }
 
     /// Waits for the last stage's output of the step in flight.
@@ -742,15 +773,12 @@ impl Scheduler {
         let detected_at = unix_now();
         let current = self.current.clone().ok_or_else(|| Interrupt::Fatal("no plan".into()))?;
         let graceful = reason == "retirement";
-        let wraps = current.plan.stage(failed).is_some_and(|s| s.start + s.len > current.plan.num_layers);
         let telemetry = self.telemetry();
-        let planned = if wraps {
-            Err("its shard wraps around the gateway".to_string())
-        } else {
-            self.controller
-                .failover(&current, failed, &telemetry, run.total_tokens(), run.position, self.epoch + 1, graceful)
-                .map_err(|e| e.to_string())
-        };
+        let planned = self
+            .controller
+            .failover(&current, failed, &telemetry, run.total_tokens(), run.position, self.epoch + 1, graceful)
+            .map_err(|e| e.to_string());
+        let needs_embeddings = current.plan.stage(failed).is_some_and(|s| current.plan.tail_needs_gateway_replay(s));
         let mut incident = Incident {
             uav: failed.into(),
             reason: reason.into(),
@@ -770,6 +798,9 @@ impl Scheduler {
                 self.epoch += 1;
                 self.publish(planned, &format!("{reason} of {failed}")).map_err(|e| Interrupt::Fatal(e.to_string()))?;
                 run.epochs.push(self.epoch);
+                if needs_embeddings {
+                    self.replay_embeddings(run, failed)?;
+                }
                 match self.wait_ready().await {
                     Ok(()) => None,
                     Err(Interrupt::Failed(other)) => Some(format!("another failure during recovery: {other}")),

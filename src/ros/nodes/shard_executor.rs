@@ -228,7 +228,7 @@ impl Worker {
             }
             Event::Replay { failed, msg } => convert::unpack(&msg)
                 .map_err(anyhow::Error::from)
-                .and_then(|chunks| Ok(self.host.on_replay(&failed, chunks)?))
+                .and_then(|chunks| Ok(self.host.on_replay(&failed, msg.layer_boundary as usize, chunks)?))
                 .and_then(|emits| self.emit(emits)),
         };
         if let Err(e) = result {
