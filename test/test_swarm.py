@@ -159,6 +159,8 @@ def test_rclpy_client_gets_the_answer_and_the_token_stream(rclpy_node, procs, re
     assert not bad.accepted and "max_tokens" in bad.error
     long = call(user="drone " * 9000, max_tokens=8)
     assert not long.accepted and "context limit of 8192" in long.error, long.error
+    long = call(user="drone " * 1200, max_tokens=8)
+    assert not long.accepted and "exceeds max_prompt_tokens 1024" in long.error, long.error
     empty = call(max_tokens=8)
     assert not empty.accepted and "empty request" in empty.error
     again = call(user=prompt, max_tokens=MAX_TOKENS)

@@ -31,6 +31,10 @@ pub struct Params {
     pub threads: usize,
     /// Longest answer a request may ask for.
     pub max_tokens_limit: u32,
+    /// Longest prompt a request may bring. The prompt is one pipeline step, and its attention
+    /// memory grows with the square of its length (one process: 3.7 GB at 1,021 tokens, 12 GB
+    /// at 1,769; shared among the stages).
+    pub max_prompt_tokens: u32,
     /// Request length (prompt + answer) the idle plan is made for.
     pub plan_tokens: u64,
     /// Per-UAV figures the messages do not carry.
@@ -67,6 +71,7 @@ impl Default for Params {
             variant: "q4".into(),
             threads: 1,
             max_tokens_limit: 1024,
+            max_prompt_tokens: 1024,
             plan_tokens: 512,
             memory_budget_bytes: 2.0e9,
             flight_power_w: 80.0,
@@ -92,6 +97,7 @@ impl Params {
         anyhow::ensure!(self.expected_uavs >= 1, "parameter `expected_uavs` must be at least 1");
         anyhow::ensure!(self.threads >= 1, "parameter `threads` must be at least 1");
         anyhow::ensure!(self.max_tokens_limit >= 1, "parameter `max_tokens_limit` must be at least 1");
+        anyhow::ensure!(self.max_prompt_tokens >= 1, "parameter `max_prompt_tokens` must be at least 1");
         for (name, v) in [
             ("memory_budget_bytes", self.memory_budget_bytes),
             ("link_rate_bps", self.link_rate_bps),
@@ -446,6 +452,13 @@ impl Scheduler {
                 "prompt of {} tokens + max_tokens {} exceeds the context limit of {limit} tokens",
                 prompt_ids.len(),
                 req.max_tokens
+            ));
+        }
+        if prompt_ids.len() > self.p.max_prompt_tokens as usize {
+            return self.refuse(format!(
+                "prompt of {} tokens exceeds max_prompt_tokens {} (the prompt runs as one step; its attention memory grows with the square of its length)",
+                prompt_ids.len(),
+                self.p.max_prompt_tokens
             ));
         }
         let top_p = (req.top_p > 0.0).then_some(req.top_p);
