@@ -227,10 +227,8 @@ impl Controller {
             .map(|(id, iv)| {
                 let (start, len) = (iv.start as usize % l, iv.len() as usize);
                 let p = protection.get(id);
-                // A head computed by the predecessor on this stage's input cannot run past the
-                // last layer (what follows it is the next token's embedding). P1 plans within
-                // that (`LayerInterval::max_head`); this only guards the data plane's invariant.
-                let k = (p.k as usize).min(len).min(l - start);
+                // P1 plans within `max_head` already; this only guards the data plane's invariant.
+                let k = (p.k as usize).min(iv.max_head(layout.num_layers()) as usize);
                 let t = if k < len { p.period.unwrap_or(0) as usize } else { 0 };
                 Stage { uav: self.name(id), start, len, k, t }
             })

@@ -46,6 +46,14 @@ pub fn data_plane() -> QosProfile {
 pub fn replay_qos() -> QosProfile {
     QosProfile::default().reliable().keep_last(2).transient_local()
 }
+/// The QoS of an activation topic: a stage input or a replay.
+pub fn activation_qos(topic: &str) -> QosProfile {
+    if topic.ends_with("/replay") {
+        replay_qos()
+    } else {
+        data_plane()
+    }
+}
 pub fn telemetry() -> QosProfile {
     QosProfile::sensor_data().keep_last(10)
 }

@@ -720,8 +720,7 @@ impl Scheduler {
     /// The publisher of a stage input or replay topic (created once: DDS matching takes time).
     fn activation_pub(&mut self, topic: &str) -> anyhow::Result<&r2r::Publisher<Activation>> {
         if !self.activation_pubs.contains_key(topic) {
-            let qos = if topic.ends_with("/replay") { names::replay_qos() } else { names::data_plane() };
-            let publisher = self.ctx.publisher::<Activation>(topic, qos)?;
+            let publisher = self.ctx.publisher::<Activation>(topic, names::activation_qos(topic))?;
             self.activation_pubs.insert(topic.to_string(), publisher);
         }
         Ok(&self.activation_pubs[topic])

@@ -327,8 +327,7 @@ impl Worker {
 
     fn activation_pub(&mut self, topic: &str) -> anyhow::Result<&r2r::Publisher<Activation>> {
         if !self.publishers.activations.contains_key(topic) {
-            let qos = if topic.ends_with("/replay") { names::replay_qos() } else { names::data_plane() };
-            let p = self.ctx.publisher::<Activation>(topic, qos)?;
+            let p = self.ctx.publisher::<Activation>(topic, names::activation_qos(topic))?;
             self.publishers.activations.insert(topic.to_string(), p);
         }
         Ok(&self.publishers.activations[topic])
