@@ -10,7 +10,7 @@
 //! last stage fails, the first stage takes its layers). Such a stage has two inputs per token:
 //! its predecessor's output and, at layer 0, the gateway's embedding; recovering its tail
 //! replays both (the gateway's part comes from the scheduler).
-use aerokv_engine::{EngineError, Hidden, KvRows, LayerRows, Manifest, Runtime, Shard};
+use aerokv_engine::{prompt_chunks, EngineError, Hidden, KvRows, LayerRows, Manifest, Runtime, Shard};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -136,14 +136,11 @@ impl SwarmPlan {
     }
 }
 
-/// The steps that fed layer 0 before position `upto`, as the gateway sent them: the prompt at
-/// position 0, then one generated token per step. `(position, token ids)`.
+/// The steps that fed layer 0 before position `upto`, as the gateway sent them: the prompt's
+/// chunks ([`prompt_chunks`]), then one generated token per step. `(position, token ids)`.
 pub fn gateway_steps<'a>(prompt: &'a [u32], generated: &'a [u32], upto: usize) -> Vec<(usize, &'a [u32])> {
-    if upto == 0 || prompt.is_empty() {
-        return Vec::new();
-    }
     let tokens = generated.iter().enumerate().map(|(i, id)| (prompt.len() + i, std::slice::from_ref(id)));
-    std::iter::once((0, prompt)).chain(tokens.take_while(|&(position, _)| position < upto)).collect()
+    prompt_chunks(prompt).chain(tokens).take_while(|&(position, _)| position < upto).collect()
 }
 
 /// Something to send.

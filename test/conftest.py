@@ -12,6 +12,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("AEROKV_BIN_DIR", ROOT / "target" / "release"))
 MODELS = Path(os.environ.get("AEROKV_MODELS", ROOT / "models" / "generated"))
+# A prompt of ~330 tokens: fed in several prefill chunks (PREFILL_CHUNK_TOKENS = 128).
+LONG_PROMPT = (
+    "You are the mission assistant of a survey team. Read the briefing and answer the question at the end. "
+    "Briefing: four quadcopters left the base camp at dawn to map a glacier valley before the afternoon wind. "
+    "Each drone carries a camera, a thermal sensor and a small radio that links it to its two neighbours. "
+    "The first drone follows the river to the north, the second climbs to the ridge on the east side, "
+    "the third circles the lake in the middle of the valley, and the fourth stays above the camp as a relay. "
+    "The battery of the second drone is older than the others and lasts about twenty minutes less. "
+    "At nine o'clock the wind rose on the ridge, and the second drone used more power than planned. "
+    "The team lead decided to shorten its route and to let the third drone cover the southern slope instead. "
+    "At ten o'clock the thermal sensor of the first drone found a warm spot near the river bank, "
+    "where a group of hikers had set up a tent. The hikers were safe and waved at the drone. "
+    "At eleven o'clock all four drones returned to the camp, and the maps were merged into one picture "
+    "of the valley, with the lake, the ridge, the river and the tent of the hikers marked on it. "
+    "Question: which drone had the weakest battery, and what did the team do about it?"
+)
 _domains = itertools.count()
 
 

@@ -2,7 +2,7 @@
 (models/reference.py, which reads the GGUF itself and shares no code with the converter or the
 engine).
 
-For 2 prompts x 32 greedy tokens:
+For 3 prompts x 32 greedy tokens (the third, LONG_PROMPT, is fed in several prefill chunks):
 - the engine's prompt ids equal the `tokenizers` (Python) encoding of the chat prompt;
 - the engine's greedy tokens equal the reference's (the reference keeps a final EOS, the engine
   drops it);
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import LONG_PROMPT
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("AEROKV_BIN", ROOT / "target" / "release" / "aerokv"))
@@ -30,6 +31,7 @@ DEFAULT_ORT = ROOT / ".venv/lib/python3.11/site-packages/onnxruntime/capi/libonn
 PROMPTS = [
     "Explain in two sentences why the sky is blue.",
     "Write a short poem about a drone flying over the sea.",
+    LONG_PROMPT,
 ]
 MAX_TOKENS = 32
 LOGIT_TOL = 1e-3
@@ -68,7 +70,7 @@ def run_engine(user: str, tmp_path: Path) -> dict:
     return result
 
 
-@pytest.mark.parametrize("user", PROMPTS)
+@pytest.mark.parametrize("user", PROMPTS, ids=["sky", "poem", "long"])
 def test_engine_matches_float64_reference(user, reference, tokenizer, tmp_path):
     engine = run_engine(user, tmp_path)
     chat = reference.CHAT.replace("{user}", user)

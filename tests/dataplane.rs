@@ -4,7 +4,9 @@
 //! answer continues exactly as one shard of all layers computes it. Uses the `tiny` variant
 //! (random weights, 4 layers, same graph) and the real ONNX Runtime.
 use aerokv::dataplane::{gateway_steps, Emit, ShardHost, Stage, SwarmPlan};
-use aerokv_engine::{argmax, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Shard};
+use aerokv_engine::{
+    argmax, prompt_chunks, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Shard, PREFILL_CHUNK_TOKENS,
+};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 
@@ -91,41 +93,90 @@ impl Swarm {
     }
 }
 
-/// Greedy tokens of one shard holding every layer.
+/// Greedy tokens of one shard holding every layer, fed the prompt in the same chunks.
 fn reference(rt: &Runtime, m: &Manifest, gateway: &mut Gateway, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut all = Shard::load(rt, m, 0..m.architecture.layers).unwrap();
-    let (mut ids, mut position, mut out) = (prompt.to_vec(), 0, Vec::new());
-    for _ in 0..n {
-        let h = all.forward(&gateway.embed(&ids).unwrap(), position).unwrap();
-        let next = argmax(&gateway.logits(&h).unwrap()).unwrap();
-        position += ids.len();
-        ids = vec![next];
+    let mut last = None;
+    for (position, ids) in prompt_chunks(prompt) {
+        last = Some(all.forward(&gateway.embed(ids).unwrap(), position).unwrap());
+    }
+    let mut next = argmax(&gateway.logits(&last.unwrap()).unwrap()).unwrap();
+    let mut out = vec![next];
+    for position in prompt.len()..prompt.len() + n - 1 {
+        let h = all.forward(&gateway.embed(&[next]).unwrap(), position).unwrap();
+        next = argmax(&gateway.logits(&h).unwrap()).unwrap();
         out.push(next);
     }
     out
 }
 
+const SHORT: &str = "Where do drones fly?";
+/// Three prefill chunks (the tiny model has the real tokenizer).
+const LONG: &str = "Four drones map a glacier valley: one follows the river, one climbs the ridge, one circles \
+    the lake and one relays to the camp. The wind rises on the ridge and the second drone, whose battery \
+    is the oldest, turns back early while the third covers its slope. Later a thermal camera finds the \
+    tent of a group of hikers near the river, and the team marks it on the merged map of the valley. \
+    Which drone turned back, why did it turn back, and who covered the slope it left behind? Answer in \
+    one long sentence that names the river, the ridge, the lake, the camp and the hikers, and explain \
+    what the relay drone did all day above the camp while the others were mapping the valley. \
+    Then write a second sentence about the next morning, when the team flies again: the wind is calm, \
+    the old battery has been replaced, the ridge drone maps the upper glacier, the lake drone measures \
+    the water level, the river drone follows the hikers down to the village, and the relay drone \
+    stays above the camp once more. Finish with a short list of three things the team should check \
+    before every flight, in the order a pilot would check them on the field. Keep every sentence \
+    plain and clear, do not repeat the question, and do not invent drones, places or people that the \
+    briefing does not name.";
+
+/// When the failed UAV dies: before the step that feeds the n-th generated token (n >= 1), or
+/// before the prompt's c-th chunk.
+#[derive(Clone, Copy, Debug)]
+enum Kill {
+    AfterTokens(usize),
+    BeforePromptChunk(usize),
+}
+
+/// The kills each scenario runs: after `after` tokens of a short and of a long prompt, and in the
+/// middle of the long prompt (its recovery replays prompt chunks).
+fn kills(after: usize) -> [(&'static str, Kill); 4] {
+    [
+        (SHORT, Kill::AfterTokens(after)),
+        (LONG, Kill::AfterTokens(after)),
+        (LONG, Kill::BeforePromptChunk(1)),
+        (LONG, Kill::BeforePromptChunk(2)),
+    ]
+}
+
 fn run_with_failure(
+    user: &str,
     plan: SwarmPlan,
     failed: &str,
-    fail_after: usize,
+    kill: Kill,
     recovery: SwarmPlan,
     n: usize,
 ) -> (Vec<u32>, Vec<u32>) {
     let rt = runtime();
     let m = Manifest::load_variant(models(), "tiny").unwrap();
     let mut gateway = Gateway::load(&rt, &m).unwrap();
-    let prompt = gateway.encode_chat("Where do drones fly?").unwrap();
+    let prompt = gateway.encode_chat(user).unwrap();
     let want = reference(&rt, &m, &mut gateway, &prompt, n);
+    let kill_at = match kill {
+        Kill::AfterTokens(t) => prompt.len() + t - 1,
+        Kill::BeforePromptChunk(c) => {
+            assert!(c * PREFILL_CHUNK_TOKENS < prompt.len(), "the prompt has no chunk {c}");
+            c * PREFILL_CHUNK_TOKENS
+        }
+    };
 
     let hosts =
         plan.stages.iter().map(|s| (s.uav.clone(), ShardHost::new(rt.clone(), m.clone(), &s.uav).unwrap())).collect();
     let mut swarm = Swarm { hosts, queue: VecDeque::new() };
     swarm.apply(&plan, None);
-    let (mut ids, mut position, mut got) = (prompt.clone(), 0, Vec::new());
+    // The steps as the scheduler sends them: the prompt's chunks, then one token each.
+    let mut steps: VecDeque<(usize, Vec<u32>)> = prompt_chunks(&prompt).map(|(p, ids)| (p, ids.to_vec())).collect();
+    let mut got = Vec::new();
     let mut current = plan;
-    while got.len() < n {
-        if got.len() == fail_after {
+    while let Some((position, ids)) = steps.pop_front() {
+        if position == kill_at {
             swarm.hosts.remove(failed);
             let mut next = recovery.clone();
             next.resume_position = position;
@@ -145,9 +196,14 @@ fn run_with_failure(
             current = next;
         }
         let token = swarm.step(&current, &mut gateway, &ids, position);
-        position += ids.len();
-        ids = vec![token];
-        got.push(token);
+        if steps.is_empty() {
+            // The prompt's last chunk or a token: its output is the next token.
+            got.push(token);
+            if got.len() == n {
+                break;
+            }
+            steps.push_back((position + ids.len(), vec![token]));
+        }
     }
     (got, want)
 }
@@ -158,8 +214,10 @@ fn a_middle_stage_dies_and_the_answer_is_unchanged() {
     let before = plan(1, 1, 0, vec![stage("uav1", 0, 1, 1, 0), stage("uav2", 1, 2, 1, 2), stage("uav3", 3, 1, 0, 1)]);
     // uav1 promotes layer 1, uav3 restores layer 2 and replays what uav1 buffered since the snapshot.
     let recovery = plan(2, 1, 0, vec![stage("uav1", 0, 2, 1, 1), stage("uav3", 2, 2, 1, 1)]);
-    let (got, want) = run_with_failure(before, "uav2", 7, recovery, 14);
-    assert_eq!(got, want);
+    for (user, kill) in kills(7) {
+        let (got, want) = run_with_failure(user, before.clone(), "uav2", kill, recovery.clone(), 14);
+        assert_eq!(got, want, "{kill:?}");
+    }
 }
 
 #[test]
@@ -167,8 +225,10 @@ fn the_last_stage_dies_and_the_first_takes_layers_across_the_gateway() {
     // No snapshot was due yet (T = 64): the whole context is replayed through the restored tail.
     let before = plan(1, 3, 0, vec![stage("uav1", 0, 2, 0, 64), stage("uav2", 2, 2, 0, 64)]);
     let recovery = plan(2, 3, 0, vec![stage("uav1", 2, 4, 0, 0)]);
-    let (got, want) = run_with_failure(before, "uav2", 5, recovery, 10);
-    assert_eq!(got, want);
+    for (user, kill) in kills(5) {
+        let (got, want) = run_with_failure(user, before.clone(), "uav2", kill, recovery.clone(), 10);
+        assert_eq!(got, want, "{kill:?}");
+    }
 }
 
 #[test]
@@ -176,8 +236,10 @@ fn the_first_stage_dies_and_its_predecessor_had_buffered_the_gateway_input() {
     // uav1's predecessor is the last stage, which subscribes to uav1's input (the embeddings).
     let before = plan(1, 4, 0, vec![stage("uav1", 0, 1, 0, 2), stage("uav2", 1, 2, 0, 2), stage("uav3", 3, 1, 0, 2)]);
     let recovery = plan(2, 4, 0, vec![stage("uav2", 0, 3, 0, 2), stage("uav3", 3, 1, 0, 2)]);
-    let (got, want) = run_with_failure(before, "uav1", 6, recovery, 12);
-    assert_eq!(got, want);
+    for (user, kill) in kills(6) {
+        let (got, want) = run_with_failure(user, before.clone(), "uav1", kill, recovery.clone(), 12);
+        assert_eq!(got, want, "{kill:?}");
+    }
 }
 
 #[test]
@@ -189,9 +251,9 @@ fn a_stage_around_the_gateway_dies_and_its_successor_replays_both_inputs() {
         let before =
             plan(1, 5, 0, vec![stage("uav1", 1, 1, 0, t), stage("uav2", 2, 1, 0, t), stage("uav3", 3, 2, 0, t)]);
         let recovery = plan(2, 5, 0, vec![stage("uav1", 3, 3, 0, t), stage("uav2", 2, 1, 0, t)]);
-        for fail_after in [1, 5, 8] {
-            let (got, want) = run_with_failure(before.clone(), "uav3", fail_after, recovery.clone(), 12);
-            assert_eq!(got, want, "T {t}, failed after {fail_after} tokens");
+        for (user, kill) in [kills(1), kills(5), kills(8)].concat() {
+            let (got, want) = run_with_failure(user, before.clone(), "uav3", kill, recovery.clone(), 12);
+            assert_eq!(got, want, "T {t}, {kill:?}");
         }
     }
 }
@@ -203,20 +265,26 @@ fn a_stage_around_the_gateway_whose_replica_reaches_the_gateway_dies() {
         let before =
             plan(1, 6, 0, vec![stage("uav1", 1, 1, 0, t), stage("uav2", 2, 1, 0, t), stage("uav3", 3, 2, 1, t)]);
         let recovery = plan(2, 6, 0, vec![stage("uav1", 0, 2, 0, t), stage("uav2", 2, 2, 0, t)]);
-        for fail_after in [1, 7] {
-            let (got, want) = run_with_failure(before.clone(), "uav3", fail_after, recovery.clone(), 12);
-            assert_eq!(got, want, "T {t}, failed after {fail_after} tokens");
+        for (user, kill) in [kills(1), kills(7)].concat() {
+            let (got, want) = run_with_failure(user, before.clone(), "uav3", kill, recovery.clone(), 12);
+            assert_eq!(got, want, "T {t}, {kill:?}");
         }
     }
 }
 
 #[test]
-fn gateway_steps_are_the_prompt_then_one_token_each() {
+fn gateway_steps_are_the_prompt_chunks_then_one_token_each() {
     let (prompt, generated) = ([7, 8, 9], [1, 2, 3]);
     let steps = gateway_steps(&prompt, &generated, 5);
     assert_eq!(steps, vec![(0, &prompt[..]), (3, &generated[..1]), (4, &generated[1..2])]);
     assert!(gateway_steps(&prompt, &generated, 0).is_empty());
     assert_eq!(gateway_steps(&prompt, &generated, 3), vec![(0, &prompt[..])]);
+    // A prompt of two and a half chunks, in the middle of it and after it.
+    let c = PREFILL_CHUNK_TOKENS;
+    let prompt: Vec<u32> = (0..(2 * c + c / 2) as u32).collect();
+    let starts = |upto| gateway_steps(&prompt, &generated, upto).iter().map(|s| (s.0, s.1.len())).collect::<Vec<_>>();
+    assert_eq!(starts(c + 1), vec![(0, c), (c, c)]);
+    assert_eq!(starts(prompt.len() + 1), vec![(0, c), (c, c), (2 * c, c / 2), (prompt.len(), 1)]);
 }
 
 #[test]

@@ -17,12 +17,13 @@
 //! | [`Detokenizer`] | streaming text deltas from token ids |
 //! | [`Sampler`] / [`Sampling`] | greedy, or temperature + top-p with a seed |
 //! | [`Model`] | gateway + all layers and the `generate` loop (what `aerokv generate` runs) |
+//! | [`prompt_chunks`] | the steps a prompt is fed in (at most [`PREFILL_CHUNK_TOKENS`] tokens each) |
 //! | [`EngineError`] | the one error type; every variant names the file, interval or limit |
 //!
 //! ## A pipeline by hand
 //!
 //! ```no_run
-//! use aerokv_engine::{models_root, Gateway, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard};
+//! use aerokv_engine::{models_root, prompt_chunks, Gateway, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard};
 //!
 //! # fn main() -> aerokv_engine::Result<()> {
 //! let runtime = Runtime::init(RuntimeConfig::with_threads(1))?; // once per process
@@ -34,16 +35,20 @@
 //!
 //! let prompt = gateway.encode_chat("What is a drone?")?;
 //! let mut sampler = Sampler::new(Sampling::Greedy);
-//! let mut position = 0;
-//! let mut chunk = prompt.clone(); // the prompt is ONE chunk, then one token per step
+//! // The prompt in steps of at most PREFILL_CHUNK_TOKENS, then one token per step.
+//! let mut hidden = None;
+//! for (position, ids) in prompt_chunks(&prompt) {
+//!     let h = first.forward(&gateway.embed(ids)?, position)?; // appends KV rows to layers 0..12
+//!     hidden = Some(second.forward(&h, position)?);           // ... and to layers 12..30
+//! }
+//! let mut next = sampler.sample(&gateway.logits(&hidden.expect("a prompt"))?)?;
+//! let mut position = prompt.len();
 //! for _ in 0..16 {
-//!     let h = gateway.embed(&chunk)?;
-//!     let h = first.forward(&h, position)?;   // appends chunk.len() KV rows to layers 0..12
-//!     let h = second.forward(&h, position)?;  // ... and to layers 12..30
-//!     let next = sampler.sample(&gateway.logits(&h)?)?;
 //!     if gateway.is_stop(next) { break; }
-//!     position += chunk.len();
-//!     chunk = vec![next];
+//!     let h = first.forward(&gateway.embed(&[next])?, position)?;
+//!     let h = second.forward(&h, position)?;
+//!     next = sampler.sample(&gateway.logits(&h)?)?;
+//!     position += 1;
 //! }
 //! # Ok(()) }
 //! ```
@@ -95,7 +100,7 @@ pub use manifest::{
     models_root, Architecture, FileEntry, FileKind, LayerFile, Manifest, SpecialTokens, DEFAULT_VARIANT,
     MANIFEST_FORMAT,
 };
-pub use model::{FinishReason, GenerateOptions, Generation, Model, TokenEvent};
+pub use model::{prompt_chunks, FinishReason, GenerateOptions, Generation, Model, TokenEvent, PREFILL_CHUNK_TOKENS};
 pub use runtime::{Runtime, RuntimeConfig};
 pub use sampling::{argmax, Sampler, Sampling, SplitMix64};
 pub use shard::{Hidden, KvRows, LayerKv, LayerRows, Shard, ShardMemory};

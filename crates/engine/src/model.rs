@@ -9,6 +9,17 @@ use crate::runtime::Runtime;
 use crate::sampling::{Sampler, Sampling};
 use crate::shard::{resident_bytes, Shard};
 
+/// Longest step a prompt is cut into. The attention scores of a step are its tokens x the
+/// context, so a bounded step bounds its memory and time (and the swarm's per-step timeout
+/// applies to a piece of the prompt, not all of it). Every runner of the model cuts the same way
+/// (`aerokv generate`, the scheduler, restarts, replays): a different cut changes the floats.
+pub const PREFILL_CHUNK_TOKENS: usize = 128;
+
+/// The steps a prompt is fed in: `(position, ids)`, at most [`PREFILL_CHUNK_TOKENS`] each.
+pub fn prompt_chunks(prompt: &[u32]) -> impl Iterator<Item = (usize, &[u32])> {
+    prompt.chunks(PREFILL_CHUNK_TOKENS).enumerate().map(|(i, ids)| (i * PREFILL_CHUNK_TOKENS, ids))
+}
+
 /// Options of one generation.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -66,7 +77,7 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub text: String,
     pub finish: FinishReason,
-    /// Prompt processing (one chunk) up to the first token's logits.
+    /// Prompt processing (every chunk) up to the first token's logits.
     pub prefill: Duration,
     /// The decode steps after the first token.
     pub decode: Duration,
@@ -122,7 +133,7 @@ impl Model {
         self.generate_ids(prompt_ids, options, on_token)
     }
 
-    /// Prefills `prompt_ids` as ONE chunk, then decodes one token per step, calling `on_token`
+    /// Prefills `prompt_ids` in [`prompt_chunks`], then decodes one token per step, calling `on_token`
     /// for every generated token. Starts from an empty KV cache.
     pub fn generate_ids(
         &mut self,
@@ -151,8 +162,12 @@ impl Model {
         let mut layer_compute = Duration::ZERO;
 
         let started = Instant::now();
-        let hidden = self.gateway.embed(&prompt_ids)?;
-        let hidden = self.shard.forward(&hidden, 0)?;
+        let mut last = None;
+        for (position, ids) in prompt_chunks(&prompt_ids) {
+            let hidden = self.gateway.embed(ids)?;
+            last = Some(self.shard.forward(&hidden, position)?);
+        }
+        let hidden = last.ok_or_else(|| EngineError::InvalidInput("empty prompt".into()))?;
         let logits = self.gateway.logits(&hidden)?;
         if options.keep_first_logits {
             first_logits = Some(logits.clone());

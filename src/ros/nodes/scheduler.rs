@@ -8,7 +8,8 @@ use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telem
 use crate::dataplane::gateway_steps;
 use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext};
 use aerokv_engine::{
-    models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
+    models_root, prompt_chunks, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling,
+    Shard,
 };
 use aerokv_plan::{PlanConfig, PowerModel};
 use futures::StreamExt;
@@ -31,9 +32,9 @@ pub struct Params {
     pub threads: usize,
     /// Longest answer a request may ask for.
     pub max_tokens_limit: u32,
-    /// Longest prompt a request may bring. The prompt is one pipeline step, and its attention
-    /// memory grows with the square of its length (one process: 3.7 GB at 1,021 tokens, 12 GB
-    /// at 1,769; shared among the stages).
+    /// Longest prompt a request may bring. The prompt goes through the pipeline in chunks
+    /// (`PREFILL_CHUNK_TOKENS`), each attending to everything before it, so its time grows with
+    /// the square of its length (one process: 1.2 s at 887 tokens, 7.9 s at 3,650).
     pub max_prompt_tokens: u32,
     /// Request length (prompt + answer) the idle plan is made for.
     pub plan_tokens: u64,
@@ -71,7 +72,7 @@ impl Default for Params {
             variant: "q4".into(),
             threads: 1,
             max_tokens_limit: 1024,
-            max_prompt_tokens: 1024,
+            max_prompt_tokens: 4096,
             plan_tokens: 512,
             memory_budget_bytes: 2.0e9,
             flight_power_w: 80.0,
@@ -456,7 +457,7 @@ impl Scheduler {
         }
         if prompt_ids.len() > self.p.max_prompt_tokens as usize {
             return self.refuse(format!(
-                "prompt of {} tokens exceeds max_prompt_tokens {} (the prompt runs as one step; its attention memory grows with the square of its length)",
+                "prompt of {} tokens exceeds max_prompt_tokens {} (its prefill time grows with the square of its length)",
                 prompt_ids.len(),
                 self.p.max_prompt_tokens
             ));
@@ -557,7 +558,7 @@ struct Run {
     ignore_eos: bool,
     detok: Detokenizer,
     tokens: Vec<u32>,
-    /// The step in flight: its first position and its token ids (the prompt, then one token).
+    /// The step in flight: its first position and its token ids (a prompt chunk, then one token).
     position: usize,
     chunk: Vec<u32>,
     started: bool,
@@ -575,7 +576,7 @@ impl Run {
     fn new(request_id: u64, prompt_ids: Vec<u32>, max_tokens: usize, sampling: Sampling) -> Self {
         Run {
             request_id,
-            chunk: prompt_ids.clone(),
+            chunk: first_chunk(&prompt_ids),
             prompt_ids,
             max_tokens,
             sampler: Sampler::new(sampling),
@@ -593,7 +594,14 @@ impl Run {
         }
     }
 
-    /// Index (among generated tokens) of the token the current step's output yields.
+    /// The prompt's next chunk, when the step in flight is a prompt chunk but not its last.
+    fn next_prompt_chunk(&self) -> Option<(usize, Vec<u32>)> {
+        let next = self.position + self.chunk.len();
+        prompt_chunks(&self.prompt_ids).find(|&(position, _)| position == next).map(|(p, ids)| (p, ids.to_vec()))
+    }
+
+    /// Index (among generated tokens) of the token the current step's output yields (the step
+    /// is not a prompt chunk before the last).
     fn yields(&self) -> usize {
         self.position + self.chunk.len() - self.prompt_ids.len()
     }
@@ -602,11 +610,15 @@ impl Run {
         (self.prompt_ids.len() + self.max_tokens) as u64
     }
 
-    /// Back to the start: every known token is fed again, one step each, as first computed.
+    /// Back to the start: every known token is fed again, in the steps first computed.
     fn rewind(&mut self) {
         self.position = 0;
-        self.chunk = self.prompt_ids.clone();
+        self.chunk = first_chunk(&self.prompt_ids);
     }
+}
+
+fn first_chunk(prompt: &[u32]) -> Vec<u32> {
+    prompt_chunks(prompt).next().map(|(_, ids)| ids.to_vec()).unwrap_or_default()
 }
 
 impl Scheduler {
@@ -632,6 +644,10 @@ impl Scheduler {
                 }
                 Err(e) => return Err(e),
             };
+            if let Some((position, chunk)) = run.next_prompt_chunk() {
+                (run.position, run.chunk) = (position, chunk);
+                continue;
+            }
             let index = run.yields();
             if index < run.tokens.len() {
                 // replaying known tokens after a restart
@@ -640,9 +656,11 @@ impl Scheduler {
                 continue;
             }
             let received_at = Instant::now();
-            // Decode steps only: a prefill or a replay step carries more than one token.
-            let round_trip_ms =
-                run.sent_at.filter(|_| run.chunk.len() == 1).map(|t| (received_at - t).as_secs_f64() * 1e3);
+            // Decode steps only, not the prompt's.
+            let round_trip_ms = run
+                .sent_at
+                .filter(|_| run.position >= run.prompt_ids.len())
+                .map(|t| (received_at - t).as_secs_f64() * 1e3);
             let logits = self.gateway.logits(&hidden).map_err(|e| Interrupt::Fatal(format!("LM head: {e}")))?;
             let id = run.sampler.sample(&logits).map_err(|e| Interrupt::Fatal(format!("sampling: {e}")))?;
             if run.first_token_at.is_none() {
@@ -728,8 +746,8 @@ impl Scheduler {
 
     /// A stage around the gateway fails: its recovering successor replays the tail's layers after
     /// the gateway with the embeddings they were fed, which only the gateway has. Every step that
-    /// fed layer 0 before the resume position, chunked as it was sent (the prompt, then a token
-    /// at a time); the executor uses those after its snapshot.
+    /// fed layer 0 before the resume position, chunked as it was sent (the prompt's chunks, then
+    /// a token at a time); the executor uses those after its snapshot.
     fn replay_embeddings(&mut self, run: &Run, failed: &str) -> Result<(), Interrupt> {
         let mut chunks = Vec::new();
         for (position, ids) in gateway_steps(&run.prompt_ids, &run.tokens, run.position) {
@@ -819,7 +837,7 @@ impl Scheduler {
                     Err(Interrupt::Fatal(why)) => Some(format!("failover did not complete: {why}")),
                 }
             }
-            Ok(_) => Some("the failure came during the prompt: nothing to recover".to_string()),
+            Ok(_) => Some("the failure came during the prompt's first chunk: nothing to recover".to_string()),
             Err(why) => Some(format!("no failover plan: {why}")),
         };
         if let Some(why) = why {
