@@ -85,13 +85,23 @@ impl Swarm {
         None
     }
 
-    fn step(&mut self, plan: &SwarmPlan, gateway: &mut Gateway, ids: &[u32], position: usize) -> u32 {
+    /// The gateway sends a step to the owner of layer 0.
+    fn send(&mut self, plan: &SwarmPlan, gateway: &mut Gateway, ids: &[u32], position: usize) {
         let first = plan.first().unwrap().uav.clone();
         self.input(plan, &first, 0, plan.request_id, position, &gateway.embed(ids).unwrap());
-        let out = self.drain().expect("the last stage answers");
-        argmax(&gateway.logits(&out).unwrap()).unwrap()
+    }
+
+    /// A UAV dies: the activations on their way are of the old epoch, which the survivors drop.
+    fn kill(&mut self, uav: &str) {
+        self.hosts.remove(uav);
+        self.queue.retain(|(_, e)| !matches!(e, Emit::Activation { .. }));
     }
 }
+
+/// Steps the gateway keeps in flight, as the scheduler does (one per stage): the first stage
+/// computes all of them before the next sees one, so at a kill the stages are at different
+/// positions, up to the whole window past the resume position.
+const WINDOW: usize = 3;
 
 /// Greedy tokens of one shard holding every layer, fed the prompt in the same chunks.
 fn reference(rt: &Runtime, m: &Manifest, gateway: &mut Gateway, prompt: &[u32], n: usize) -> Vec<u32> {
@@ -128,7 +138,7 @@ const LONG: &str = "Four drones map a glacier valley: one follows the river, one
     briefing does not name.";
 
 /// When the failed UAV dies: before the step that feeds the n-th generated token (n >= 1), or
-/// before the prompt's c-th chunk.
+/// once the prompt's chunks before the c-th have their output (later ones are in flight).
 #[derive(Clone, Copy, Debug)]
 enum Kill {
     AfterTokens(usize),
@@ -172,12 +182,18 @@ fn run_with_failure(
     let mut swarm = Swarm { hosts, queue: VecDeque::new() };
     swarm.apply(&plan, None);
     // The steps as the scheduler sends them: the prompt's chunks, then one token each.
-    let mut steps: VecDeque<(usize, Vec<u32>)> = prompt_chunks(&prompt).map(|(p, ids)| (p, ids.to_vec())).collect();
+    let step_at = |position: usize, got: &[u32]| -> Option<Vec<u32>> {
+        match position.checked_sub(prompt.len()) {
+            None => prompt_chunks(&prompt).find(|&(p, _)| p == position).map(|(_, ids)| ids.to_vec()),
+            Some(index) => got.get(index).map(|&t| vec![t]),
+        }
+    };
     let mut got = Vec::new();
     let mut current = plan;
-    while let Some((position, ids)) = steps.pop_front() {
+    let (mut position, mut sent_until, mut in_flight) = (0, 0, 0);
+    loop {
         if position == kill_at {
-            swarm.hosts.remove(failed);
+            swarm.kill(failed);
             let mut next = recovery.clone();
             next.resume_position = position;
             // As the scheduler does for a stage around the gateway: the embeddings it was fed.
@@ -194,15 +210,22 @@ fn run_with_failure(
             });
             swarm.apply(&next, embeddings);
             current = next;
+            (sent_until, in_flight) = (position, 0);
         }
-        let token = swarm.step(&current, &mut gateway, &ids, position);
-        if steps.is_empty() {
+        while in_flight < WINDOW {
+            let Some(ids) = step_at(sent_until, &got) else { break };
+            swarm.send(&current, &mut gateway, &ids, sent_until);
+            (sent_until, in_flight) = (sent_until + ids.len(), in_flight + 1);
+        }
+        let out = swarm.drain().expect("the last stage answers");
+        in_flight -= 1;
+        position += step_at(position, &got).unwrap().len();
+        if position >= prompt.len() {
             // The prompt's last chunk or a token: its output is the next token.
-            got.push(token);
+            got.push(argmax(&gateway.logits(&out).unwrap()).unwrap());
             if got.len() == n {
                 break;
             }
-            steps.push_back((position + ids.len(), vec![token]));
         }
     }
     (got, want)

@@ -21,6 +21,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// Most steps the gateway has sent without their output (one per stage keeps a prompt's chunks
+/// flowing through the stages as a pipeline). Well below the data plane's DDS history (8) and
+/// r2r's subscription queue (10), which drop what overflows.
+const MAX_STEPS_IN_FLIGHT: usize = 4;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Params {
@@ -176,8 +181,8 @@ struct Scheduler {
     /// Stage inputs, and replays of the embeddings a stage around the gateway was fed; by topic.
     activation_pubs: BTreeMap<String, r2r::Publisher<Activation>>,
     /// The last stage's outputs, read straight from the subscription (not through a draining
-    /// task like the other topics): one step is in flight at a time, so r2r's queue of 10 never
-    /// fills, and every token saves a thread hand-off.
+    /// task like the other topics): at most `MAX_STEPS_IN_FLIGHT` steps are in flight, so r2r's
+    /// queue of 10 never fills, and every token saves a thread hand-off.
     outputs: futures::stream::BoxStream<'static, Activation>,
     failures: mpsc::UnboundedReceiver<FailureEvent>,
     current: Option<Planned>,
@@ -558,9 +563,11 @@ struct Run {
     ignore_eos: bool,
     detok: Detokenizer,
     tokens: Vec<u32>,
-    /// The step in flight: its first position and its token ids (a prompt chunk, then one token).
+    /// The oldest step without output (a prompt chunk, or one token): its first position.
     position: usize,
-    chunk: Vec<u32>,
+    /// Steps are sent up to here: several ahead of `position` when their ids are known (the
+    /// prompt's chunks, tokens fed again after a restart), so that the stages work as a pipeline.
+    sent_until: usize,
     started: bool,
     first_token_at: Option<Instant>,
     prefill_s: f64,
@@ -576,7 +583,6 @@ impl Run {
     fn new(request_id: u64, prompt_ids: Vec<u32>, max_tokens: usize, sampling: Sampling) -> Self {
         Run {
             request_id,
-            chunk: first_chunk(&prompt_ids),
             prompt_ids,
             max_tokens,
             sampler: Sampler::new(sampling),
@@ -584,6 +590,7 @@ impl Run {
             detok: Detokenizer::new(),
             tokens: Vec::new(),
             position: 0,
+            sent_until: 0,
             started: false,
             first_token_at: None,
             prefill_s: 0.0,
@@ -594,16 +601,23 @@ impl Run {
         }
     }
 
-    /// The prompt's next chunk, when the step in flight is a prompt chunk but not its last.
-    fn next_prompt_chunk(&self) -> Option<(usize, Vec<u32>)> {
-        let next = self.position + self.chunk.len();
-        prompt_chunks(&self.prompt_ids).find(|&(position, _)| position == next).map(|(p, ids)| (p, ids.to_vec()))
+    /// The ids of the step that starts at `position`, once they are known: a prompt chunk, or a
+    /// generated token.
+    fn step_at(&self, position: usize) -> Option<&[u32]> {
+        match position.checked_sub(self.prompt_ids.len()) {
+            None => prompt_chunks(&self.prompt_ids).find(|&(p, _)| p == position).map(|(_, ids)| ids),
+            Some(index) => self.tokens.get(index).map(std::slice::from_ref),
+        }
     }
 
-    /// Index (among generated tokens) of the token the current step's output yields (the step
-    /// is not a prompt chunk before the last).
-    fn yields(&self) -> usize {
-        self.position + self.chunk.len() - self.prompt_ids.len()
+    /// How many steps have been sent and have no output yet.
+    fn in_flight(&self) -> usize {
+        let (mut at, mut n) = (self.position, 0);
+        while at < self.sent_until {
+            at += self.step_at(at).map_or(1, <[u32]>::len);
+            n += 1;
+        }
+        n
     }
 
     fn total_tokens(&self) -> u64 {
@@ -613,12 +627,8 @@ impl Run {
     /// Back to the start: every known token is fed again, in the steps first computed.
     fn rewind(&mut self) {
         self.position = 0;
-        self.chunk = first_chunk(&self.prompt_ids);
+        self.sent_until = 0;
     }
-}
-
-fn first_chunk(prompt: &[u32]) -> Vec<u32> {
-    prompt_chunks(prompt).next().map(|(_, ids)| ids.to_vec()).unwrap_or_default()
 }
 
 impl Scheduler {
@@ -630,12 +640,8 @@ impl Scheduler {
         run.started = true;
         // The next step leaves as soon as its token is sampled; streaming the token and the
         // retirement check happen while the swarm computes it.
-        let mut in_flight = false;
         loop {
-            if !in_flight {
-                self.send_step(run)?;
-            }
-            in_flight = false;
+            self.send_steps(run)?;
             let hidden = match self.await_output(run).await {
                 Ok(h) => h,
                 Err(Interrupt::Failed(uav)) => {
@@ -644,15 +650,14 @@ impl Scheduler {
                 }
                 Err(e) => return Err(e),
             };
-            if let Some((position, chunk)) = run.next_prompt_chunk() {
-                (run.position, run.chunk) = (position, chunk);
+            let step = run.step_at(run.position).map_or(1, <[u32]>::len);
+            // The output of the prompt's last chunk yields token 0, each token's the next one.
+            let Some(index) = (run.position + step).checked_sub(run.prompt_ids.len()) else {
+                run.position += step; // a prompt chunk before the last
                 continue;
-            }
-            let index = run.yields();
+            };
             if index < run.tokens.len() {
-                // replaying known tokens after a restart
-                run.position += run.chunk.len();
-                run.chunk = vec![run.tokens[index]];
+                run.position += step; // a known token fed again after a restart
                 continue;
             }
             let received_at = Instant::now();
@@ -675,15 +680,13 @@ impl Scheduler {
                 return Ok("eos");
             }
             run.tokens.push(id);
-            run.position += run.chunk.len();
-            run.chunk = vec![id];
+            run.position += step;
             let finish = if run.tokens.len() >= run.max_tokens {
                 Some("length")
             } else if run.position + 1 > self.max_context {
                 Some("context")
             } else {
-                self.send_step(run)?;
-                in_flight = true;
+                self.send_steps(run)?;
                 None
             };
             if let Some(round_trip_ms) = round_trip_ms {
@@ -697,8 +700,8 @@ impl Scheduler {
             if let Some(reason) = finish {
                 return Ok(reason);
             }
-            if self.p.retirement && self.maybe_retire(run).await? {
-                in_flight = false; // the step went out in the previous epoch: send it again
+            if self.p.retirement {
+                self.maybe_retire(run).await?;
             }
         }
     }
@@ -719,19 +722,24 @@ impl Scheduler {
         }
     }
 
-    /// Embeds the step's tokens and sends them to the owner of layer 0.
-    fn send_step(&mut self, run: &mut Run) -> Result<(), Interrupt> {
+    /// Embeds and sends to the owner of layer 0 every step whose ids are known and that has not
+    /// been sent, while fewer than one per stage (at most [`MAX_STEPS_IN_FLIGHT`]) are in flight.
+    fn send_steps(&mut self, run: &mut Run) -> Result<(), Interrupt> {
         let plan = &self.current.as_ref().ok_or_else(|| Interrupt::Fatal("no plan".into()))?.plan;
         let first = plan.first().ok_or_else(|| Interrupt::Fatal("the plan has no first stage".into()))?.uav.clone();
-        let epoch = plan.epoch;
-        let hidden = self.gateway.embed(&run.chunk).map_err(|e| Interrupt::Fatal(format!("embedding: {e}")))?;
-        let msg = convert::activation(epoch, run.request_id, 0, run.position, 0, "gateway", &hidden);
-        let publisher =
-            self.activation_pub(&names::stage_input(&first)).map_err(|e| Interrupt::Fatal(e.to_string()))?;
-        publisher
-            .publish(&msg)
-            .map_err(|e| Interrupt::Fatal(format!("publish to {}: {e}", names::stage_input(&first))))?;
-        run.sent_at = Some(Instant::now());
+        let (epoch, window) = (plan.epoch, plan.stages.len().clamp(1, MAX_STEPS_IN_FLIGHT));
+        let topic = names::stage_input(&first);
+        let mut in_flight = run.in_flight();
+        while in_flight < window {
+            let Some(ids) = run.step_at(run.sent_until) else { break };
+            let hidden = self.gateway.embed(ids).map_err(|e| Interrupt::Fatal(format!("embedding: {e}")))?;
+            let msg = convert::activation(epoch, run.request_id, 0, run.sent_until, 0, "gateway", &hidden);
+            let publisher = self.activation_pub(&topic).map_err(|e| Interrupt::Fatal(e.to_string()))?;
+            publisher.publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {topic}: {e}")))?;
+            run.sent_until += hidden.tokens();
+            run.sent_at = Some(Instant::now());
+            in_flight += 1;
+        }
         Ok(())
     }
 
@@ -798,7 +806,8 @@ impl Scheduler {
         self.current.as_ref().is_some_and(|c| c.plan.stage(uav).is_some())
     }
 
-    /// Failover of `failed` at the step in flight; an exact restart when failover is impossible.
+    /// Failover of `failed` at the oldest step in flight; an exact restart when failover is
+    /// impossible.
     async fn recover(&mut self, run: &mut Run, failed: &str, reason: &str) -> Result<(), Interrupt> {
         let detected_at = unix_now();
         let current = self.current.clone().ok_or_else(|| Interrupt::Fatal("no plan".into()))?;
@@ -849,6 +858,8 @@ impl Scheduler {
             incident.epoch = self.epoch;
             incident.resume_position = 0;
         }
+        // The steps in flight went out in an older epoch: they are sent again.
+        run.sent_until = run.position;
         incident.recovered_at = unix_now();
         tracing::info!(failed, mode = %incident.mode, recovery_s = incident.recovered_at - detected_at, "recovered");
         run.incidents.push(incident);
