@@ -937,10 +937,10 @@ impl Scheduler {
 
     /// Planned retirement: a member whose battery will not last the rest of the request hands
     /// its layers over now, between two tokens, with no failure.
-    async fn maybe_retire(&mut self, run: &mut Run) -> Result<bool, Interrupt> {
+    async fn maybe_retire(&mut self, run: &mut Run) -> Result<(), Interrupt> {
         let telemetry = self.telemetry();
         // Runs every token: borrow the plan, do not copy it.
-        let Some(current) = self.current.as_ref() else { return Ok(false) };
+        let Some(current) = self.current.as_ref() else { return Ok(()) };
         let done = run.position as u64;
         match self.controller.retirement_candidate(
             current,
@@ -955,11 +955,10 @@ impl Scheduler {
                 // It stays out of plans until it restarts (recharged, as a new process).
                 let seq = self.lock().beats.get(&uav).map_or(0, |(_, hb)| hb.sequence);
                 self.retired.insert(uav, seq);
-                return Ok(true);
             }
             Ok(None) => {}
             Err(e) => tracing::debug!("retirement check: {e}"),
         }
-        Ok(false)
+        Ok(())
     }
 }
