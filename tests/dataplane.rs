@@ -1,5 +1,6 @@
 //! The data plane without ROS: ShardHosts of a 3-UAV ring exchange their `Emit`s in process
-//! (the nodes only carry them over DDS). A UAV is dropped mid-answer, the survivors apply the
+//! (the nodes only carry them over DDS). A UAV is dropped mid-answer or in the middle of a
+//! prompt's chunks (several steps in flight, as the scheduler sends them), the survivors apply the
 //! failover plan (replica promoted, snapshot restored, buffered activations replayed) and the
 //! answer continues exactly as one shard of all layers computes it. Uses the `tiny` variant
 //! (random weights, 4 layers, same graph) and the real ONNX Runtime.
