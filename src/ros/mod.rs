@@ -6,6 +6,6 @@ pub mod nodes;
 pub mod runtime;
 
 pub use runtime::{
-    hop_ms, now_stamp, percentiles, shutdown_phase, stamp_secs, unix_now, NodeContext, ShutdownPhase, SpinThread,
-    Spinner, SPIN_TIMEOUT,
+    hop_ms, now_stamp, percentiles, shutdown_phase, stamp_secs, unix_now, NodeContext, Publishers, ShutdownPhase,
+    SpinThread, Spinner, SPIN_TIMEOUT,
 };

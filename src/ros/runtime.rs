@@ -4,6 +4,7 @@
 use crate::params::RosArgs;
 use futures::Stream;
 use serde::de::DeserializeOwned;
+use std::collections::HashMap;
 use std::future::Future;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -171,6 +172,27 @@ impl NodeContext {
     {
         let stream = self.lock().subscribe::<T>(topic, qos)?;
         Ok(drain(stream))
+    }
+}
+
+/// Publishers kept per topic, each created at its topic's first message: DDS matching takes time,
+/// so a topic keeps its publisher (and its matched readers) for the node's life.
+pub struct Publishers<T: r2r::WrappedTypesupport>(HashMap<String, r2r::Publisher<T>>);
+
+impl<T: r2r::WrappedTypesupport> Default for Publishers<T> {
+    fn default() -> Self {
+        Publishers(HashMap::new())
+    }
+}
+
+impl<T: r2r::WrappedTypesupport> Publishers<T> {
+    /// The topic's publisher; created with `qos` if the topic has none yet.
+    pub fn get(&mut self, ctx: &NodeContext, topic: &str, qos: r2r::QosProfile) -> anyhow::Result<&r2r::Publisher<T>> {
+        if !self.0.contains_key(topic) {
+            let publisher = ctx.publisher::<T>(topic, qos)?;
+            self.0.insert(topic.to_string(), publisher);
+        }
+        Ok(&self.0[topic])
     }
 }
 

@@ -6,7 +6,7 @@
 use super::discovery::uavs_with_topic;
 use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telemetry};
 use crate::dataplane::gateway_steps;
-use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext};
+use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
 use aerokv_engine::{
     models_root, prompt_chunks, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling,
     Shard,
@@ -179,7 +179,7 @@ struct Scheduler {
     assign_pub: r2r::Publisher<Assignment>,
     token_pub: r2r::Publisher<TokenChunk>,
     /// Stage inputs, and replays of the embeddings a stage around the gateway was fed; by topic.
-    activation_pubs: BTreeMap<String, r2r::Publisher<Activation>>,
+    activation_pubs: Publishers<Activation>,
     /// The last stage's outputs, read straight from the subscription (not through a draining
     /// task like the other topics): at most `MAX_STEPS_IN_FLIGHT` steps are in flight, so r2r's
     /// queue of 10 never fills, and every token saves a thread hand-off.
@@ -239,7 +239,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         watched: BTreeSet::new(),
         failed: BTreeMap::new(),
         retired: BTreeMap::new(),
-        activation_pubs: BTreeMap::new(),
+        activation_pubs: Publishers::default(),
         outputs,
         failures,
         current: None,
@@ -743,13 +743,9 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The publisher of a stage input or replay topic (created once: DDS matching takes time).
+    /// The publisher of a stage input or replay topic.
     fn activation_pub(&mut self, topic: &str) -> anyhow::Result<&r2r::Publisher<Activation>> {
-        if !self.activation_pubs.contains_key(topic) {
-            let publisher = self.ctx.publisher::<Activation>(topic, names::activation_qos(topic))?;
-            self.activation_pubs.insert(topic.to_string(), publisher);
-        }
-        Ok(&self.activation_pubs[topic])
+        self.activation_pubs.get(&self.ctx, topic, names::activation_qos(topic))
     }
 
     /// A stage around the gateway fails: its recovering successor replays the tail's layers after

@@ -10,7 +10,7 @@ use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
 use r2r::aerokv::msg::{Activation, Assignment, Heartbeat, KvSnapshot};
 use serde::Deserialize;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -140,8 +140,8 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
 
 #[derive(Default)]
 struct Publishers {
-    activations: HashMap<String, r2r::Publisher<Activation>>,
-    kv: HashMap<String, r2r::Publisher<KvSnapshot>>,
+    activations: crate::ros::Publishers<Activation>,
+    kv: crate::ros::Publishers<KvSnapshot>,
 }
 
 struct Worker {
@@ -307,12 +307,7 @@ impl Worker {
                     let msg = convert::kv_snapshot(epoch, request_id, &self.uav, &holder, &rows);
                     tracing::debug!(%holder, layers = ?(msg.layer_start, msg.layer_end), tokens = ?(msg.token_start, msg.token_end), "kv rows sent");
                     self.count_tx(msg.payload.len());
-                    let topic = names::kv_inbox(&holder);
-                    if !self.publishers.kv.contains_key(&topic) {
-                        let p = self.ctx.publisher::<KvSnapshot>(&topic, names::data_plane())?;
-                        self.publishers.kv.insert(topic.clone(), p);
-                    }
-                    self.publishers.kv[&topic].publish(&msg)?;
+                    self.publishers.kv.get(&self.ctx, &names::kv_inbox(&holder), names::data_plane())?.publish(&msg)?;
                 }
                 Emit::Replay { failed, to, boundary, request_id, chunks } => {
                     let msg = convert::packed_activation(epoch, request_id, boundary, &self.uav, &chunks)?;
@@ -326,11 +321,7 @@ impl Worker {
     }
 
     fn activation_pub(&mut self, topic: &str) -> anyhow::Result<&r2r::Publisher<Activation>> {
-        if !self.publishers.activations.contains_key(topic) {
-            let p = self.ctx.publisher::<Activation>(topic, names::activation_qos(topic))?;
-            self.publishers.activations.insert(topic.to_string(), p);
-        }
-        Ok(&self.publishers.activations[topic])
+        self.publishers.activations.get(&self.ctx, topic, names::activation_qos(topic))
     }
 
     fn count_tx(&self, bytes: usize) {
