@@ -143,6 +143,15 @@ pub fn gateway_steps<'a>(prompt: &'a [u32], generated: &'a [u32], upto: usize) -
     prompt_chunks(prompt).chain(tokens).take_while(|&(position, _)| position < upto).collect()
 }
 
+/// The ids of the gateway step that starts at `position` (one of [`gateway_steps`]), once they
+/// are known: a prompt chunk, or a generated token.
+pub fn step_at<'a>(prompt: &'a [u32], generated: &'a [u32], position: usize) -> Option<&'a [u32]> {
+    match position.checked_sub(prompt.len()) {
+        None => prompt_chunks(prompt).find(|&(p, _)| p == position).map(|(_, ids)| ids),
+        Some(index) => generated.get(index).map(std::slice::from_ref),
+    }
+}
+
 /// Something to send.
 #[derive(Debug)]
 pub enum Emit {

@@ -4,7 +4,7 @@
 //! failover plan (replica promoted, snapshot restored, buffered activations replayed) and the
 //! answer continues exactly as one shard of all layers computes it. Uses the `tiny` variant
 //! (random weights, 4 layers, same graph) and the real ONNX Runtime.
-use aerokv::dataplane::{gateway_steps, Emit, ShardHost, Stage, SwarmPlan};
+use aerokv::dataplane::{gateway_steps, step_at, Emit, ShardHost, Stage, SwarmPlan};
 use aerokv_engine::{
     argmax, prompt_chunks, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Shard, PREFILL_CHUNK_TOKENS,
 };
@@ -183,13 +183,7 @@ fn run_with_failure(
     let mut swarm = Swarm { hosts, queue: VecDeque::new() };
     swarm.apply(&plan, None);
     // The steps as the scheduler sends them: the prompt's chunks, then one token each.
-    let step_at = |position: usize, got: &[u32]| -> Option<Vec<u32>> {
-        match position.checked_sub(prompt.len()) {
-            None => prompt_chunks(&prompt).find(|&(p, _)| p == position).map(|(_, ids)| ids.to_vec()),
-            Some(index) => got.get(index).map(|&t| vec![t]),
-        }
-    };
-    let mut got = Vec::new();
+    let mut got: Vec<u32> = Vec::new();
     let mut current = plan;
     let (mut position, mut sent_until, mut in_flight) = (0, 0, 0);
     loop {
@@ -214,13 +208,13 @@ fn run_with_failure(
             (sent_until, in_flight) = (position, 0);
         }
         while in_flight < WINDOW {
-            let Some(ids) = step_at(sent_until, &got) else { break };
-            swarm.send(&current, &mut gateway, &ids, sent_until);
+            let Some(ids) = step_at(&prompt, &got, sent_until) else { break };
+            swarm.send(&current, &mut gateway, ids, sent_until);
             (sent_until, in_flight) = (sent_until + ids.len(), in_flight + 1);
         }
         let out = swarm.drain().expect("the last stage answers");
         in_flight -= 1;
-        position += step_at(position, &got).unwrap().len();
+        position += step_at(&prompt, &got, position).unwrap().len();
         if position >= prompt.len() {
             // The prompt's last chunk or a token: its output is the next token.
             got.push(argmax(&gateway.logits(&out).unwrap()).unwrap());
@@ -297,7 +291,7 @@ fn a_stage_around_the_gateway_whose_replica_reaches_the_gateway_dies() {
 }
 
 #[test]
-fn gateway_steps_are_the_prompt_chunks_then_one_token_each() {
+fn gateway_steps_are_the_prompt_chunks_then_one_token_each_and_step_at_finds_them() {
     let (prompt, generated) = ([7, 8, 9], [1, 2, 3]);
     let steps = gateway_steps(&prompt, &generated, 5);
     assert_eq!(steps, vec![(0, &prompt[..]), (3, &generated[..1]), (4, &generated[1..2])]);
@@ -309,6 +303,13 @@ fn gateway_steps_are_the_prompt_chunks_then_one_token_each() {
     let starts = |upto| gateway_steps(&prompt, &generated, upto).iter().map(|s| (s.0, s.1.len())).collect::<Vec<_>>();
     assert_eq!(starts(c + 1), vec![(0, c), (c, c)]);
     assert_eq!(starts(prompt.len() + 1), vec![(0, c), (c, c), (2 * c, c / 2), (prompt.len(), 1)]);
+    // step_at finds the same steps by their position, and nothing between them or beyond.
+    let end = prompt.len() + generated.len();
+    for (position, ids) in gateway_steps(&prompt, &generated, end) {
+        assert_eq!(step_at(&prompt, &generated, position), Some(ids));
+    }
+    assert_eq!(step_at(&prompt, &generated, 1), None);
+    assert_eq!(step_at(&prompt, &generated, end), None);
 }
 
 #[test]

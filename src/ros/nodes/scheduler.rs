@@ -5,11 +5,10 @@
 //! restart when the state to fail over is not there) and retires UAVs before their batteries die.
 use super::discovery::uavs_with_topic;
 use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telemetry};
-use crate::dataplane::gateway_steps;
+use crate::dataplane::{gateway_steps, step_at};
 use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
 use aerokv_engine::{
-    models_root, prompt_chunks, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling,
-    Shard,
+    models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
 };
 use aerokv_plan::{PlanConfig, PowerModel};
 use futures::StreamExt;
@@ -601,13 +600,9 @@ impl Run {
         }
     }
 
-    /// The ids of the step that starts at `position`, once they are known: a prompt chunk, or a
-    /// generated token.
+    /// The ids of the step that starts at `position`, once they are known.
     fn step_at(&self, position: usize) -> Option<&[u32]> {
-        match position.checked_sub(self.prompt_ids.len()) {
-            None => prompt_chunks(&self.prompt_ids).find(|&(p, _)| p == position).map(|(_, ids)| ids),
-            Some(index) => self.tokens.get(index).map(std::slice::from_ref),
-        }
+        step_at(&self.prompt_ids, &self.tokens, position)
     }
 
     /// How many steps have been sent and have no output yet.
