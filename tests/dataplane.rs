@@ -146,15 +146,17 @@ enum Kill {
     BeforePromptChunk(usize),
 }
 
-/// The kills each scenario runs: after `after` tokens of a short and of a long prompt, and in the
-/// middle of the long prompt (its recovery replays prompt chunks).
-fn kills(after: usize) -> [(&'static str, Kill); 4] {
-    [
-        (SHORT, Kill::AfterTokens(after)),
-        (LONG, Kill::AfterTokens(after)),
-        (LONG, Kill::BeforePromptChunk(1)),
-        (LONG, Kill::BeforePromptChunk(2)),
-    ]
+/// Kills `failed` in every way a scenario is run, recovers with `recovery`, and checks each answer
+/// (`n` tokens) against one shard of all layers: after each of `after` tokens of a short and of a
+/// long prompt, and in the middle of the long prompt (its recovery replays prompt chunks).
+fn assert_unchanged_by_kills(before: &SwarmPlan, failed: &str, recovery: &SwarmPlan, after: &[usize], n: usize) {
+    let mut cases: Vec<(&str, Kill)> =
+        after.iter().flat_map(|&t| [(SHORT, Kill::AfterTokens(t)), (LONG, Kill::AfterTokens(t))]).collect();
+    cases.extend([(LONG, Kill::BeforePromptChunk(1)), (LONG, Kill::BeforePromptChunk(2))]);
+    for (user, kill) in cases {
+        let (got, want) = run_with_failure(user, before.clone(), failed, kill, recovery.clone(), n);
+        assert_eq!(got, want, "{failed} killed {kill:?}, long prompt {}, {before:?}", user == LONG);
+    }
 }
 
 fn run_with_failure(
@@ -232,10 +234,7 @@ fn a_middle_stage_dies_and_the_answer_is_unchanged() {
     let before = plan(1, 1, 0, vec![stage("uav1", 0, 1, 1, 0), stage("uav2", 1, 2, 1, 2), stage("uav3", 3, 1, 0, 1)]);
     // uav1 promotes layer 1, uav3 restores layer 2 and replays what uav1 buffered since the snapshot.
     let recovery = plan(2, 1, 0, vec![stage("uav1", 0, 2, 1, 1), stage("uav3", 2, 2, 1, 1)]);
-    for (user, kill) in kills(7) {
-        let (got, want) = run_with_failure(user, before.clone(), "uav2", kill, recovery.clone(), 14);
-        assert_eq!(got, want, "{kill:?}");
-    }
+    assert_unchanged_by_kills(&before, "uav2", &recovery, &[7], 14);
 }
 
 #[test]
@@ -243,10 +242,7 @@ fn the_last_stage_dies_and_the_first_takes_layers_across_the_gateway() {
     // No snapshot was due yet (T = 64): the whole context is replayed through the restored tail.
     let before = plan(1, 3, 0, vec![stage("uav1", 0, 2, 0, 64), stage("uav2", 2, 2, 0, 64)]);
     let recovery = plan(2, 3, 0, vec![stage("uav1", 2, 4, 0, 0)]);
-    for (user, kill) in kills(5) {
-        let (got, want) = run_with_failure(user, before.clone(), "uav2", kill, recovery.clone(), 10);
-        assert_eq!(got, want, "{kill:?}");
-    }
+    assert_unchanged_by_kills(&before, "uav2", &recovery, &[5], 10);
 }
 
 #[test]
@@ -254,10 +250,7 @@ fn the_first_stage_dies_and_its_predecessor_had_buffered_the_gateway_input() {
     // uav1's predecessor is the last stage, which subscribes to uav1's input (the embeddings).
     let before = plan(1, 4, 0, vec![stage("uav1", 0, 1, 0, 2), stage("uav2", 1, 2, 0, 2), stage("uav3", 3, 1, 0, 2)]);
     let recovery = plan(2, 4, 0, vec![stage("uav2", 0, 3, 0, 2), stage("uav3", 3, 1, 0, 2)]);
-    for (user, kill) in kills(6) {
-        let (got, want) = run_with_failure(user, before.clone(), "uav1", kill, recovery.clone(), 12);
-        assert_eq!(got, want, "{kill:?}");
-    }
+    assert_unchanged_by_kills(&before, "uav1", &recovery, &[6], 12);
 }
 
 #[test]
@@ -269,10 +262,7 @@ fn a_stage_around_the_gateway_dies_and_its_successor_replays_both_inputs() {
         let before =
             plan(1, 5, 0, vec![stage("uav1", 1, 1, 0, t), stage("uav2", 2, 1, 0, t), stage("uav3", 3, 2, 0, t)]);
         let recovery = plan(2, 5, 0, vec![stage("uav1", 3, 3, 0, t), stage("uav2", 2, 1, 0, t)]);
-        for (user, kill) in [kills(1), kills(5), kills(8)].concat() {
-            let (got, want) = run_with_failure(user, before.clone(), "uav3", kill, recovery.clone(), 12);
-            assert_eq!(got, want, "T {t}, {kill:?}");
-        }
+        assert_unchanged_by_kills(&before, "uav3", &recovery, &[1, 5, 8], 12);
     }
 }
 
@@ -283,10 +273,7 @@ fn a_stage_around_the_gateway_whose_replica_reaches_the_gateway_dies() {
         let before =
             plan(1, 6, 0, vec![stage("uav1", 1, 1, 0, t), stage("uav2", 2, 1, 0, t), stage("uav3", 3, 2, 1, t)]);
         let recovery = plan(2, 6, 0, vec![stage("uav1", 0, 2, 0, t), stage("uav2", 2, 2, 0, t)]);
-        for (user, kill) in [kills(1), kills(7)].concat() {
-            let (got, want) = run_with_failure(user, before.clone(), "uav3", kill, recovery.clone(), 12);
-            assert_eq!(got, want, "T {t}, {kill:?}");
-        }
+        assert_unchanged_by_kills(&before, "uav3", &recovery, &[1, 7], 12);
     }
 }
 
