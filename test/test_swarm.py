@@ -16,6 +16,9 @@ from conftest import BIN, LONG_PROMPT, ROOT, spin_until
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 PROMPTS = ["What is a drone?", "Name three uses of a swarm of drones."]
+# 574 tokens, five prefill chunks: long enough that a kill after the first chunk's output lands in
+# the middle of the prompt (the last chunk leaves the gateway only then).
+PREFILL_PROMPT = LONG_PROMPT + " Answer in the voice of the team lead. " + LONG_PROMPT
 MAX_TOKENS = 40
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
 EVENTS = QoSProfile(depth=100, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
@@ -25,7 +28,7 @@ EVENTS = QoSProfile(depth=100, durability=DurabilityPolicy.TRANSIENT_LOCAL, reli
 def reference():
     """Greedy answers of the whole model in one process, per prompt."""
     out = {}
-    for prompt in PROMPTS + [LONG_PROMPT]:
+    for prompt in PROMPTS + [LONG_PROMPT, PREFILL_PROMPT]:
         r = subprocess.run([BIN / "aerokv", "generate", "--user", prompt, "--max-tokens", str(MAX_TOKENS), "--json"],
                            capture_output=True, text=True, timeout=300, check=True)
         out[prompt] = json.loads(r.stdout)
@@ -63,6 +66,7 @@ def test_swarm_answers_exactly_like_one_process(ros_domain, reference, tmp_path,
 
 
 # First, middle and last stage, two kills in one answer, and three, down to one drone (UAV:TOKEN).
+# "prompt-*": in the middle of the prompt's prefill (UAV:pN, once N prompt tokens are through).
 # After the second of three, balancing alone would hand uav4 layer 0 from its replica of uav1's
 # head: a stage around the gateway, one hop more per token; the planner keeps the cut at layer 0.
 # "gateway": once the last stage is gone the first runs the last layers too (a stage around the
@@ -74,13 +78,18 @@ KILLS = {
     "two": ["uav2:6", "uav4:22"],
     "three": ["uav2:6", "uav3:14", "uav4:22"],
     "gateway": ["uav4:6", "uav1:14"],
+    "prompt-middle": ["uav2:p128"],
+    "prompt-last": ["uav4:p128"],
 }
+TOKEN_KILLS = [case for case in KILLS if not case.startswith("prompt-")]
 # The long prompt went through in prefill chunks: the predecessor's buffer and the gateway's
 # embedding replay carry it chunk by chunk.
-KILL_CASES = [(prompt, case) for prompt in PROMPTS for case in KILLS] + [(LONG_PROMPT, "gateway")]
+KILL_CASES = ([(prompt, case) for prompt in PROMPTS for case in TOKEN_KILLS] + [(LONG_PROMPT, "gateway")]
+              + [(PREFILL_PROMPT, "prompt-middle"), (PREFILL_PROMPT, "prompt-last")])
+PROMPT_IDS = {PROMPTS[0]: "0", PROMPTS[1]: "1", LONG_PROMPT: "long", PREFILL_PROMPT: "prefill"}
 
 
-@pytest.mark.parametrize("prompt,case", KILL_CASES, ids=[f"{c}-{PROMPTS.index(p) if p in PROMPTS else 'long'}" for p, c in KILL_CASES])
+@pytest.mark.parametrize("prompt,case", KILL_CASES, ids=[f"{c}-{PROMPT_IDS[p]}" for p, c in KILL_CASES])
 def test_killed_drones_do_not_change_the_answer(ros_domain, reference, tmp_path, prompt, case):
     kills = [x for k in KILLS[case] for x in ("--kill", k)]
     a = swarm("--uavs", 4, "--user", prompt, "--max-tokens", MAX_TOKENS, "--log-dir", tmp_path, *kills)
@@ -96,6 +105,9 @@ def test_killed_drones_do_not_change_the_answer(ros_domain, reference, tmp_path,
         # killed process can stall its neighbours' DDS traffic long enough for that)
         assert f["mode"] == "failover" or "another failure during recovery" in f["why"], a["failures"]
         assert 0 < f["detection_s"] < 5 and 0 < f["recovery_s"] < 10 and f["next_token_s"] > 0, f
+        if case.startswith("prompt-") and f["mode"] == "failover":
+            # the swarm went on from a step of the prompt, not from its end
+            assert f["token"] == 0 and f["resume_position"] < len(a["prompt_ids"]), f
     survivors = set(layer_counts(a))
     assert not survivors & set(killed) and sum(layer_counts(a).values()) == 30
     if case == "gateway" and handled["uav1"]["mode"] == "failover":
@@ -119,7 +131,7 @@ def wait_for_plan(node, uavs, timeout=60):
 
 
 def test_rclpy_client_gets_the_answer_and_the_token_stream(rclpy_node, procs, reference, tmp_path):
-    from aerokv.msg import KvSnapshot, TokenChunk
+    from aerokv.msg import KvSnapshot, PromptProgress, TokenChunk
     from aerokv.srv import Generate
 
     launch = launch_swarm(procs, tmp_path)
@@ -165,6 +177,15 @@ def test_rclpy_client_gets_the_answer_and_the_token_stream(rclpy_node, procs, re
     assert not long.accepted and "exceeds max_prompt_tokens 4096" in long.error, long.error
     empty = call(max_tokens=8)
     assert not empty.accepted and "empty request" in empty.error
+    # A prompt of three prefill chunks (128 tokens each at most): its progress, chunk by chunk.
+    progress = []
+    rclpy_node.create_subscription(PromptProgress, "/aerokv/progress", progress.append, EVENTS)
+    r = call(user=LONG_PROMPT, max_tokens=MAX_TOKENS)
+    assert list(r.token_ids) == reference[LONG_PROMPT]["tokens"]
+    n = len(r.prompt_ids)
+    expected = [(done, n) for done in [*range(128, n, 128), n]]
+    mine = lambda: [(p.done, p.total) for p in progress if p.request_id == r.request_id]
+    assert spin_until(rclpy_node, lambda: mine() == expected, timeout=10), (mine(), expected)
     again = call(user=prompt, max_tokens=MAX_TOKENS)
     assert list(again.token_ids) == reference[prompt]["tokens"]
 

@@ -1,16 +1,18 @@
-//! `aerokv swarm --uavs N --user "QUESTION" --max-tokens M [--json] [--kill UAV:TOKEN ...]`:
+//! `aerokv swarm --uavs N --user "QUESTION" --max-tokens M [--json] [--kill UAV:WHEN ...]`:
 //! starts a swarm on this machine from the package's launch files (`control.launch.xml` once,
 //! `uav.launch.xml` per UAV: the node set and configuration `ros2 launch` would start), waits until
 //! the scheduler has planned over every UAV, asks `/aerokv/generate`, prints the answer as
 //! `/aerokv/tokens` streams it, and stops every process it started.
 //!
-//! `--kill uav2:10` sends SIGKILL to uav2's shard executor once 10 tokens are out; the JSON output
-//! then lists, per failure, the detection, recovery and next-token times measured from the kill.
+//! `--kill uav2:10` sends SIGKILL to uav2's shard executor once 10 tokens are out, `--kill uav2:p256`
+//! once the first 256 prompt tokens are through the swarm (in the middle of a long prompt's
+//! prefill); the JSON output then lists, per failure, the detection, recovery and next-token times
+//! measured from the kill. A long prompt's progress (`/aerokv/progress`) goes to stderr.
 use crate::launch::{Launcher, NodeProcess};
 use crate::supervisor::{bin_dir, share_dir, Supervisor};
 use anyhow::Context;
 use futures::StreamExt;
-use r2r::aerokv::msg::{Assignment, TokenChunk};
+use r2r::aerokv::msg::{Assignment, PromptProgress, TokenChunk};
 use r2r::aerokv::srv::Generate;
 use std::io::Write;
 use std::path::PathBuf;
@@ -30,8 +32,9 @@ pub struct SwarmArgs {
     /// One JSON object on stdout instead of the streamed text.
     #[arg(long)]
     pub json: bool,
-    /// SIGKILL UAV's shard executor after TOKEN generated tokens (repeatable), e.g. uav2:10.
-    #[arg(long, value_name = "UAV:TOKEN")]
+    /// SIGKILL UAV's shard executor after TOKEN generated tokens, e.g. uav2:10, or once the first
+    /// N prompt tokens are through the swarm, e.g. uav2:p256 (repeatable).
+    #[arg(long, value_name = "UAV:TOKEN|UAV:pN")]
     pub kill: Vec<String>,
     /// Initial state of charge of one UAV's simulated battery (repeatable), e.g. uav3=0.6.
     #[arg(long, value_name = "UAV=SOC")]
@@ -63,27 +66,71 @@ pub struct SwarmArgs {
     pub ready_timeout_s: f64,
 }
 
+/// When `--kill` strikes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum KillPoint {
+    /// Once this many tokens are generated.
+    AfterTokens(u32),
+    /// Once this many prompt tokens are through every layer (prefill progress).
+    AfterPromptTokens(u32),
+}
+
+impl std::fmt::Display for KillPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KillPoint::AfterTokens(n) => write!(f, "after {n} tokens"),
+            KillPoint::AfterPromptTokens(n) => write!(f, "after {n} prompt tokens"),
+        }
+    }
+}
+
 struct Kill {
     uav: String,
-    after_tokens: u32,
+    point: KillPoint,
     at: Option<Instant>,
 }
 
 fn parse_kills(v: &[String], uavs: usize) -> anyhow::Result<Vec<Kill>> {
     v.iter()
         .map(|s| {
-            let (uav, tok) =
-                s.split_once(':').with_context(|| format!("--kill {s}: expected UAV:TOKEN, e.g. uav2:10"))?;
-            let after_tokens: u32 = tok.parse().with_context(|| format!("--kill {s}: TOKEN must be a number"))?;
-            let n: usize = uav
+            let (uav, when) = s
+                .split_once(':')
+                .with_context(|| format!("--kill {s}: expected UAV:TOKEN or UAV:pN, e.g. uav2:10 or uav2:p256"))?;
+            let (n, point): (u32, fn(u32) -> KillPoint) = match when.strip_prefix('p') {
+                Some(n) => (
+                    n.parse().with_context(|| format!("--kill {s}: N in pN must be a number"))?,
+                    KillPoint::AfterPromptTokens,
+                ),
+                None => (
+                    when.parse().with_context(|| format!("--kill {s}: TOKEN must be a number"))?,
+                    KillPoint::AfterTokens,
+                ),
+            };
+            anyhow::ensure!(n >= 1, "--kill {s}: the count must be at least 1");
+            let index: usize = uav
                 .strip_prefix("uav")
                 .and_then(|n| n.parse().ok())
                 .with_context(|| format!("--kill {s}: UAVs are named uav1..uav{uavs}"))?;
-            anyhow::ensure!((1..=uavs).contains(&n), "--kill {s}: this swarm has uav1..uav{uavs}");
-            anyhow::ensure!(after_tokens >= 1, "--kill {s}: TOKEN must be at least 1");
-            Ok(Kill { uav: uav.into(), after_tokens, at: None })
+            anyhow::ensure!((1..=uavs).contains(&index), "--kill {s}: this swarm has uav1..uav{uavs}");
+            Ok(Kill { uav: uav.into(), point: point(n), at: None })
         })
         .collect()
+}
+
+/// SIGKILLs the shard executor of every kill due at `reached` that has not struck yet.
+fn strike(sup: &mut Supervisor, kills: &mut [Kill], reached: KillPoint) {
+    let due = |k: &Kill| match (k.point, reached) {
+        (KillPoint::AfterTokens(n), KillPoint::AfterTokens(r)) => r >= n,
+        (KillPoint::AfterPromptTokens(n), KillPoint::AfterPromptTokens(r)) => r >= n,
+        _ => false,
+    };
+    for k in kills.iter_mut().filter(|k| k.at.is_none() && due(k)) {
+        let fqn = format!("/{}/shard_executor", k.uav);
+        if sup.signal(&fqn, libc::SIGKILL) {
+            k.at = Some(Instant::now());
+            eprintln!("[swarm] killed {fqn} {reached}");
+        }
+    }
 }
 
 /// The swarm's processes: `control.launch.xml` + `uav.launch.xml` for uav1..uavN.
@@ -172,6 +219,7 @@ async fn session(
     let mut assignments =
         lock().subscribe::<Assignment>(crate::ros::names::ASSIGNMENT, crate::ros::names::latched())?;
     let mut tokens = lock().subscribe::<TokenChunk>(crate::ros::names::TOKENS, crate::ros::names::events())?;
+    let mut progress = lock().subscribe::<PromptProgress>(crate::ros::names::PROGRESS, crate::ros::names::events())?;
     let client = lock().create_client::<Generate::Service>(crate::ros::names::GENERATE, r2r::QosProfile::default())?;
     let available = r2r::Node::is_available(&client)?;
 
@@ -208,9 +256,19 @@ async fn session(
     let call = client.request(&req)?;
     tokio::pin!(call);
     let stdout = std::io::stdout();
+    let mut last_progress_print: Option<Instant> = None;
     let response = loop {
         tokio::select! {
             r = &mut call => break r?,
+            Some(p) = progress.next() => {
+                // Long prompts only, at most once a second, and always the end.
+                let long = p.total as usize > aerokv_engine::PREFILL_CHUNK_TOKENS;
+                if long && (p.done == p.total || last_progress_print.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))) {
+                    eprintln!("[swarm] prompt: {} of {} tokens through the swarm", p.done, p.total);
+                    last_progress_print = Some(Instant::now());
+                }
+                strike(sup, kills, KillPoint::AfterPromptTokens(p.done));
+            }
             Some(chunk) = tokens.next() => {
                 if chunk.done {
                     continue;
@@ -220,13 +278,7 @@ async fn session(
                     let _ = write!(out, "{}", chunk.text);
                     let _ = out.flush();
                 }
-                for k in kills.iter_mut().filter(|k| k.at.is_none() && chunk.index + 1 >= k.after_tokens) {
-                    let fqn = format!("/{}/shard_executor", k.uav);
-                    if sup.signal(&fqn, libc::SIGKILL) {
-                        k.at = Some(Instant::now());
-                        eprintln!("[swarm] killed {fqn} after {} tokens", chunk.index + 1);
-                    }
-                }
+                strike(sup, kills, KillPoint::AfterTokens(chunk.index + 1));
             }
         }
     };
@@ -234,6 +286,9 @@ async fn session(
         println!();
     }
     anyhow::ensure!(response.accepted, "the swarm refused the request: {}", response.error);
+    for k in kills.iter().filter(|k| k.at.is_none()) {
+        eprintln!("[swarm] warning: --kill {} never struck: the request ended before {}", k.uav, k.point);
+    }
     let stats: serde_json::Value = serde_json::from_str(&response.stats_json).unwrap_or_default();
     let failures = failure_report(&stats, kills);
     let out = serde_json::json!({
@@ -290,7 +345,12 @@ fn failure_report(stats: &serde_json::Value, kills: &[Kill]) -> serde_json::Valu
                 "uav": uav,
                 "reason": inc["reason"],
                 "mode": inc["mode"],
-                "token": kill.map_or(inc["token"].as_u64().unwrap_or(0), |(k, _)| u64::from(k.after_tokens)),
+                // A token kill's own count (the scheduler's lags it by the detection time).
+                "token": match kill.map(|(k, _)| k.point) {
+                    Some(KillPoint::AfterTokens(n)) => serde_json::json!(n),
+                    _ => inc["token"].clone(),
+                },
+                "kill": kill.map(|(k, _)| k.point.to_string()),
                 "detection_s": detected - origin,
                 "recovery_s": recovered - detected,
                 "next_token_s": if next > 0.0 { next - origin } else { f64::NAN },
@@ -300,4 +360,31 @@ fn failure_report(stats: &serde_json::Value, kills: &[Kill]) -> serde_json::Valu
         })
         .collect();
     serde_json::Value::Array(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(spec: &str) -> anyhow::Result<KillPoint> {
+        Ok(parse_kills(&[spec.to_string()], 4)?.remove(0).point)
+    }
+
+    #[test]
+    fn kills_strike_after_tokens_or_after_prompt_tokens() {
+        assert_eq!(parse("uav2:10").unwrap(), KillPoint::AfterTokens(10));
+        assert_eq!(parse("uav4:p256").unwrap(), KillPoint::AfterPromptTokens(256));
+        for (bad, why) in [
+            ("uav2", "expected UAV:TOKEN or UAV:pN"),
+            ("uav2:x", "TOKEN must be a number"),
+            ("uav2:px", "N in pN must be a number"),
+            ("uav2:0", "at least 1"),
+            ("uav2:p0", "at least 1"),
+            ("uav5:3", "this swarm has uav1..uav4"),
+            ("drone1:3", "UAVs are named uav1..uav4"),
+        ] {
+            let err = format!("{:#}", parse(bad).unwrap_err());
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
 }

@@ -7,6 +7,8 @@ pub const SWARM_NS: &str = "/aerokv";
 pub const ASSIGNMENT: &str = "/aerokv/assignment";
 pub const FAILURES: &str = "/aerokv/failures";
 pub const TOKENS: &str = "/aerokv/tokens";
+/// How much of a request's prompt has gone through the swarm (long prompts take seconds).
+pub const PROGRESS: &str = "/aerokv/progress";
 pub const GENERATE: &str = "/aerokv/generate";
 /// Hidden states leaving the last stage, back to the gateway (the scheduler).
 pub const GATEWAY_INPUT: &str = "/aerokv/gateway/input";

@@ -12,7 +12,7 @@ use aerokv_engine::{
 };
 use aerokv_plan::{PlanConfig, PowerModel};
 use futures::StreamExt;
-use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, TokenChunk};
+use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, PromptProgress, TokenChunk};
 use r2r::aerokv::srv::Generate;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -177,6 +177,7 @@ struct Scheduler {
     retired: BTreeMap<String, u64>,
     assign_pub: r2r::Publisher<Assignment>,
     token_pub: r2r::Publisher<TokenChunk>,
+    progress_pub: r2r::Publisher<PromptProgress>,
     /// Stage inputs, and replays of the embeddings a stage around the gateway was fed; by topic.
     activation_pubs: Publishers<Activation>,
     /// The last stage's outputs, read straight from the subscription (not through a draining
@@ -228,6 +229,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     let mut s = Scheduler {
         assign_pub: ctx.publisher::<Assignment>(names::ASSIGNMENT, names::latched())?,
         token_pub: ctx.publisher::<TokenChunk>(names::TOKENS, names::events())?,
+        progress_pub: ctx.publisher::<PromptProgress>(names::PROGRESS, names::events())?,
         ctx: ctx.clone(),
         p,
         gateway,
@@ -646,6 +648,9 @@ impl Scheduler {
                 Err(e) => return Err(e),
             };
             let step = run.step_at(run.position).map_or(1, <[u32]>::len);
+            if run.position < run.prompt_ids.len() {
+                self.report_progress(run, run.position + step);
+            }
             // The output of the prompt's last chunk yields token 0, each token's the next one.
             let Some(index) = (run.position + step).checked_sub(run.prompt_ids.len()) else {
                 run.position += step; // a prompt chunk before the last
@@ -698,6 +703,16 @@ impl Scheduler {
             if self.p.retirement {
                 self.maybe_retire(run).await?;
             }
+        }
+    }
+
+    fn report_progress(&self, run: &Run, done: usize) {
+        let total = run.prompt_ids.len();
+        tracing::debug!(request = run.request_id, done, total, "prompt progress");
+        let msg =
+            PromptProgress { request_id: run.request_id, done: done as u32, total: total as u32, epoch: self.epoch };
+        if let Err(e) = self.progress_pub.publish(&msg) {
+            tracing::warn!("publish prompt progress: {e}");
         }
     }
 
