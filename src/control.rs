@@ -157,6 +157,7 @@ impl Controller {
         telemetry: &BTreeMap<String, Telemetry>,
         total_tokens: u64,
         resume: usize,
+        snapshot: Option<usize>,
         epoch: u64,
         graceful: bool,
     ) -> Result<Planned> {
@@ -174,9 +175,10 @@ impl Controller {
             }
         }
         let spec = self.spec(total_tokens, resume as u64);
-        // The executors replay from the last snapshot they actually hold; the core's estimate
-        // of it (floor(t / T) * T) is what it plans the time for.
-        let ctx = RecoveryContext { last_snapshot_token: None, graceful };
+        // How far the failed UAV's successor holds its tail's snapshot, as it last reported; the
+        // core estimates it (floor(t / T) * T) when unknown. The replay starts there.
+        let snapshot = snapshot.map(|s| s.min(resume));
+        let ctx = RecoveryContext { last_snapshot_token: snapshot.map(|s| s as u64), graceful };
         let f = plan_failover(&swarm, &spec, &current.layout, &current.ring, &current.protection, failed_id, ctx)?;
         tracing::info!(
             failed,
@@ -187,7 +189,10 @@ impl Controller {
             "failover planned"
         );
         let request_id = current.plan.request_id;
-        Ok(self.planned(f.reconfiguration.layout, f.recovery.ring, f.protection, epoch, request_id, resume))
+        let mut planned =
+            self.planned(f.reconfiguration.layout, f.recovery.ring, f.protection, epoch, request_id, resume);
+        planned.plan.replay_from = snapshot.unwrap_or(0);
+        Ok(planned)
     }
 
     /// The member that will run out of energy before the request ends and within
@@ -234,7 +239,7 @@ impl Controller {
             })
             .collect();
         Planned {
-            plan: SwarmPlan { epoch, num_layers: l, stages, request_id, resume_position: resume },
+            plan: SwarmPlan { epoch, num_layers: l, stages, request_id, resume_position: resume, replay_from: 0 },
             layout,
             ring,
             protection,
@@ -308,10 +313,13 @@ mod tests {
         let t = telemetry(&["uav1", "uav2", "uav3", "uav4"], &[2.7e6; 4]);
         let p = c.initial(&m, &t, 256, 1, 7).unwrap();
         for failed in ["uav1", "uav2", "uav4"] {
-            let f = c.failover(&p, failed, &t, 256, 40, 2, false).unwrap();
+            let f = c.failover(&p, failed, &t, 256, 40, None, 2, false).unwrap();
             f.plan.validate().unwrap();
             assert!(f.plan.stage(failed).is_none());
-            assert_eq!((f.plan.epoch, f.plan.resume_position, f.plan.request_id), (2, 40, 7));
+            assert_eq!((f.plan.epoch, f.plan.resume_position, f.plan.request_id, f.plan.replay_from), (2, 40, 7, 0));
+            // The replay starts where the successor's snapshot ends, never past the resume position.
+            assert_eq!(c.failover(&p, failed, &t, 256, 40, Some(32), 2, false).unwrap().plan.replay_from, 32);
+            assert_eq!(c.failover(&p, failed, &t, 256, 40, Some(64), 2, false).unwrap().plan.replay_from, 40);
             // the failed UAV's head went to its predecessor, its tail to its successor
             let old = p.plan.stage(failed).unwrap();
             let (pred, succ) = (p.plan.pred(failed).unwrap(), p.plan.succ(failed).unwrap());
@@ -323,7 +331,7 @@ mod tests {
                 );
             }
         }
-        assert!(matches!(c.failover(&p, "uav9", &t, 256, 40, 2, false), Err(ControlError::NotMember(_))));
+        assert!(matches!(c.failover(&p, "uav9", &t, 256, 40, None, 2, false), Err(ControlError::NotMember(_))));
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub struct SwarmPlan {
     pub request_id: u64,
     /// Every KV cache is cut back to this many tokens; generation resumes at this position.
     pub resume_position: usize,
+    /// After a failure: the failed UAV's successor holds its tail's snapshot at least this far,
+    /// so the replay of the tail's inputs starts here, not at 0 (it crosses the radio link).
+    pub replay_from: usize,
 }
 
 impl SwarmPlan {
@@ -57,6 +60,12 @@ impl SwarmPlan {
         let l = self.num_layers;
         if l == 0 || self.stages.is_empty() {
             return Err(DataPlaneError::Plan("no layers or no stages".into()));
+        }
+        if self.replay_from > self.resume_position {
+            return Err(DataPlaneError::Plan(format!(
+                "replay from {} is past the resume position {}",
+                self.replay_from, self.resume_position
+            )));
         }
         let mut seen = vec![false; l];
         let mut uavs = BTreeSet::new();
@@ -136,11 +145,16 @@ impl SwarmPlan {
     }
 }
 
-/// The steps that fed layer 0 before position `upto`, as the gateway sent them: the prompt's
-/// chunks ([`prompt_chunks`]), then one generated token per step. `(position, token ids)`.
-pub fn gateway_steps<'a>(prompt: &'a [u32], generated: &'a [u32], upto: usize) -> Vec<(usize, &'a [u32])> {
+/// The steps that fed layer 0 in positions `from..upto`, as the gateway sent them: the prompt's
+/// chunks ([`prompt_chunks`]), then one generated token per step; from the step that holds
+/// `from`. `(position, token ids)`.
+pub fn gateway_steps<'a>(prompt: &'a [u32], generated: &'a [u32], from: usize, upto: usize) -> Vec<(usize, &'a [u32])> {
     let tokens = generated.iter().enumerate().map(|(i, id)| (prompt.len() + i, std::slice::from_ref(id)));
-    prompt_chunks(prompt).chain(tokens).take_while(|&(position, _)| position < upto).collect()
+    prompt_chunks(prompt)
+        .chain(tokens)
+        .take_while(|&(position, _)| position < upto)
+        .filter(|(position, ids)| position + ids.len() > from)
+        .collect()
 }
 
 /// The ids of the gateway step that starts at `position` (one of [`gateway_steps`]), once they
@@ -219,8 +233,9 @@ pub struct ShardHost {
     request_id: u64,
     /// Inputs of the successor's tail (outputs of its head replica), by position.
     buffer: BTreeMap<usize, Hidden>,
-    /// The predecessor's tail snapshot, accumulated.
+    /// The predecessor's tail snapshot, accumulated, and the epoch of its latest part.
     pred_snapshot: Option<KvRows>,
+    pred_snapshot_epoch: u64,
     snapshot_sent_until: usize,
     pending: Pending,
     pub usage: Usage,
@@ -242,6 +257,7 @@ impl ShardHost {
             request_id: 0,
             buffer: BTreeMap::new(),
             pred_snapshot: None,
+            pred_snapshot_epoch: 0,
             snapshot_sent_until: 0,
             pending: Pending::default(),
             usage: Usage::default(),
@@ -300,12 +316,41 @@ impl ShardHost {
     fn new_request(&mut self, request_id: u64) {
         if request_id != self.request_id {
             self.request_id = request_id;
-            for s in self.pieces.values_mut() {
-                s.reset();
-            }
-            self.buffer.clear();
-            self.pred_snapshot = None;
-            self.snapshot_sent_until = 0;
+            self.forget_context();
+        }
+    }
+
+    /// Every KV row, buffered input and snapshot of the request: it starts (again) from token 0.
+    fn forget_context(&mut self) {
+        for s in self.pieces.values_mut() {
+            s.reset();
+        }
+        self.buffer.clear();
+        self.pred_snapshot = None;
+        self.snapshot_sent_until = 0;
+    }
+
+    /// The request this UAV's caches belong to (0 = none yet).
+    pub fn request_id(&self) -> u64 {
+        self.request_id
+    }
+
+    /// How far this UAV could restore its predecessor's tail now (for the heartbeat, and from
+    /// there the scheduler's `replay_from`): the snapshot's rows when they cover every layer of
+    /// that tail in the current plan, else 0. Never more than a restore later in this epoch
+    /// finds: a snapshot from an older epoch counts only up to the resume position, because the
+    /// predecessor's first snapshot of this epoch replaces it with that many rows.
+    pub fn pred_snapshot_tokens(&self) -> usize {
+        let (Some(plan), Some(s)) = (&self.plan, &self.pred_snapshot) else { return 0 };
+        let Some(pred) = plan.pred(&self.uav).filter(|p| p.uav != self.uav) else { return 0 };
+        let tail = plan.tail(pred);
+        if s.token_start != 0 || tail.is_empty() || !tail.iter().all(|&l| layer_rows(s, l).is_some()) {
+            return 0;
+        }
+        if self.pred_snapshot_epoch == plan.epoch {
+            s.tokens
+        } else {
+            s.tokens.min(plan.resume_position)
         }
     }
 
@@ -317,18 +362,21 @@ impl ShardHost {
         let p = new.resume_position;
         let mut emits = Vec::new();
         if new.request_id != self.request_id || p == 0 {
-            self.new_request(new.request_id);
-            for s in self.pieces.values_mut() {
-                s.reset();
-            }
+            self.request_id = new.request_id;
+            self.forget_context();
         }
         // A failed successor: its recovering successor needs the buffered inputs of its tail.
         let mut local_replay = None;
         if let (Some(old), true) = (&old, p > 0) {
             if let Some(failed) = old.succ(&self.uav).filter(|s| s.uav != self.uav && new.stage(&s.uav).is_none()) {
                 if let (Some(to), Some(boundary)) = (old.succ(&failed.uav), old.tail_input_from_pred(failed)) {
-                    let chunks: Vec<(usize, Hidden)> =
-                        self.buffer.range(..p).map(|(&pos, h)| (pos, h.clone())).collect();
+                    // From the step that holds `replay_from`: the rest is in the snapshot.
+                    let chunks: Vec<(usize, Hidden)> = self
+                        .buffer
+                        .range(..p)
+                        .filter(|(&pos, h)| pos + h.tokens() > new.replay_from)
+                        .map(|(&pos, h)| (pos, h.clone()))
+                        .collect();
                     if to.uav == self.uav {
                         // A ring of two: the recovering successor is this UAV.
                         local_replay = Some((boundary, chunks));
@@ -614,8 +662,14 @@ impl ShardHost {
             want.sort_unstable();
             if ls == want {
                 match (&mut self.pred_snapshot, rows.token_start) {
-                    (_, 0) => self.pred_snapshot = Some(rows),
-                    (Some(s), _) if s.token_start + s.tokens == rows.token_start => s.append(&rows)?,
+                    (_, 0) => {
+                        self.pred_snapshot = Some(rows);
+                        self.pred_snapshot_epoch = plan.epoch;
+                    }
+                    (Some(s), _) if s.token_start + s.tokens == rows.token_start => {
+                        s.append(&rows)?;
+                        self.pred_snapshot_epoch = plan.epoch;
+                    }
                     (s, start) => {
                         tracing::warn!(start, held = ?s.as_ref().map(|s| s.tokens), "snapshot out of order, ignored")
                     }

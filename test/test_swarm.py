@@ -105,9 +105,13 @@ def test_killed_drones_do_not_change_the_answer(ros_domain, reference, tmp_path,
         # killed process can stall its neighbours' DDS traffic long enough for that)
         assert f["mode"] == "failover" or "another failure during recovery" in f["why"], a["failures"]
         assert 0 < f["detection_s"] < 5 and 0 < f["recovery_s"] < 10 and f["next_token_s"] > 0, f
+        assert 0 <= f["replay_from"] <= f["resume_position"], f
         if case.startswith("prompt-") and f["mode"] == "failover":
             # the swarm went on from a step of the prompt, not from its end
             assert f["token"] == 0 and f["resume_position"] < len(a["prompt_ids"]), f
+        if case == "prompt-middle" and f["mode"] == "failover":
+            # uav3 held uav2's snapshot of the first chunk: the replay started after it
+            assert f["replay_from"] >= 128, f
     survivors = set(layer_counts(a))
     assert not survivors & set(killed) and sum(layer_counts(a).values()) == 30
     if case == "gateway" and handled["uav1"]["mode"] == "failover":

@@ -1,8 +1,9 @@
 //! The data plane without ROS: ShardHosts of a 3-UAV ring exchange their `Emit`s in process
 //! (the nodes only carry them over DDS). A UAV is dropped mid-answer or in the middle of a
 //! prompt's chunks (several steps in flight, as the scheduler sends them), the survivors apply the
-//! failover plan (replica promoted, snapshot restored, buffered activations replayed) and the
-//! answer continues exactly as one shard of all layers computes it. Uses the `tiny` variant
+//! failover plan (replica promoted, snapshot restored, buffered activations replayed from where
+//! the snapshot ends, as the successor reports it) and the answer continues exactly as one shard
+//! of all layers computes it. Uses the `tiny` variant
 //! (random weights, 4 layers, same graph) and the real ONNX Runtime.
 use aerokv::dataplane::{gateway_steps, step_at, Emit, ShardHost, Stage, SwarmPlan};
 use aerokv_engine::{
@@ -27,13 +28,15 @@ fn stage(uav: &str, start: usize, len: usize, k: usize, t: usize) -> Stage {
 
 /// A plan over the tiny model's 4 layers.
 fn plan(epoch: u64, request_id: u64, resume_position: usize, stages: Vec<Stage>) -> SwarmPlan {
-    SwarmPlan { epoch, num_layers: 4, stages, request_id, resume_position }
+    SwarmPlan { epoch, num_layers: 4, stages, request_id, resume_position, replay_from: 0 }
 }
 
 /// The swarm in one process: hosts plus the message queue between them.
 struct Swarm {
     hosts: BTreeMap<String, ShardHost>,
     queue: VecDeque<(String, Emit)>,
+    /// Every replayed input chunk, `(position, tokens)`: what crossed the link for a failover.
+    replayed: Vec<(usize, usize)>,
 }
 
 impl Swarm {
@@ -78,6 +81,7 @@ impl Swarm {
                     }
                 }
                 Emit::Replay { failed, to, boundary, chunks, .. } => {
+                    self.replayed.extend(chunks.iter().map(|(pos, h)| (*pos, h.tokens())));
                     let emits = self.hosts.get_mut(&to).unwrap().on_replay(&failed, boundary, chunks).unwrap();
                     self.queue.extend(emits.into_iter().map(|e| (to.clone(), e)));
                 }
@@ -146,27 +150,41 @@ enum Kill {
     BeforePromptChunk(usize),
 }
 
+/// A run with a failure: the answer, one shard of all layers' answer, and the failover's replay.
+struct Outcome {
+    got: Vec<u32>,
+    want: Vec<u32>,
+    resume_position: usize,
+    replay_from: usize,
+    replayed: Vec<(usize, usize)>,
+}
+
 /// Kills `failed` in every way a scenario is run, recovers with `recovery`, and checks each answer
 /// (`n` tokens) against one shard of all layers: after each of `after` tokens of a short and of a
-/// long prompt, and in the middle of the long prompt (its recovery replays prompt chunks).
-fn assert_unchanged_by_kills(before: &SwarmPlan, failed: &str, recovery: &SwarmPlan, after: &[usize], n: usize) {
+/// long prompt, and in the middle of the long prompt (its recovery replays prompt chunks). Also
+/// checks that nothing the snapshot held was replayed. Returns the outcomes.
+fn assert_unchanged_by_kills(
+    before: &SwarmPlan,
+    failed: &str,
+    recovery: &SwarmPlan,
+    after: &[usize],
+    n: usize,
+) -> Vec<(Kill, Outcome)> {
     let mut cases: Vec<(&str, Kill)> =
         after.iter().flat_map(|&t| [(SHORT, Kill::AfterTokens(t)), (LONG, Kill::AfterTokens(t))]).collect();
     cases.extend([(LONG, Kill::BeforePromptChunk(1)), (LONG, Kill::BeforePromptChunk(2))]);
+    let mut outcomes = Vec::new();
     for (user, kill) in cases {
-        let (got, want) = run_with_failure(user, before.clone(), failed, kill, recovery.clone(), n);
-        assert_eq!(got, want, "{failed} killed {kill:?}, long prompt {}, {before:?}", user == LONG);
+        let o = run_with_failure(user, before.clone(), failed, kill, recovery.clone(), n);
+        let case = format!("{failed} killed {kill:?}, long prompt {}, {before:?}", user == LONG);
+        assert_eq!(o.got, o.want, "{case}");
+        assert!(o.replayed.iter().all(|&(pos, len)| pos + len > o.replay_from && pos < o.resume_position), "{case}");
+        outcomes.push((kill, o));
     }
+    outcomes
 }
 
-fn run_with_failure(
-    user: &str,
-    plan: SwarmPlan,
-    failed: &str,
-    kill: Kill,
-    recovery: SwarmPlan,
-    n: usize,
-) -> (Vec<u32>, Vec<u32>) {
+fn run_with_failure(user: &str, plan: SwarmPlan, failed: &str, kill: Kill, recovery: SwarmPlan, n: usize) -> Outcome {
     let rt = runtime();
     let m = Manifest::load_variant(models(), "tiny").unwrap();
     let mut gateway = Gateway::load(&rt, &m).unwrap();
@@ -182,17 +200,22 @@ fn run_with_failure(
 
     let hosts =
         plan.stages.iter().map(|s| (s.uav.clone(), ShardHost::new(rt.clone(), m.clone(), &s.uav).unwrap())).collect();
-    let mut swarm = Swarm { hosts, queue: VecDeque::new() };
+    let mut swarm = Swarm { hosts, queue: VecDeque::new(), replayed: Vec::new() };
     swarm.apply(&plan, None);
     // The steps as the scheduler sends them: the prompt's chunks, then one token each.
     let mut got: Vec<u32> = Vec::new();
     let mut current = plan;
     let (mut position, mut sent_until, mut in_flight) = (0, 0, 0);
+    let mut replay_from = 0;
     loop {
         if position == kill_at {
+            // What the successor reports in its heartbeat, as the scheduler reads it.
+            let succ = current.succ(failed).unwrap().uav.clone();
+            replay_from = swarm.hosts[&succ].pred_snapshot_tokens().min(position);
             swarm.kill(failed);
             let mut next = recovery.clone();
             next.resume_position = position;
+            next.replay_from = replay_from;
             // As the scheduler does for a stage around the gateway: the embeddings it was fed.
             let old = current.stage(failed).unwrap();
             let embeddings = current.tail_needs_gateway_replay(old).then(|| Emit::Replay {
@@ -200,7 +223,7 @@ fn run_with_failure(
                 to: current.succ(failed).unwrap().uav.clone(),
                 boundary: 0,
                 request_id: current.request_id,
-                chunks: gateway_steps(&prompt, &got, position)
+                chunks: gateway_steps(&prompt, &got, replay_from, position)
                     .into_iter()
                     .map(|(pos, ids)| (pos, gateway.embed(ids).unwrap()))
                     .collect(),
@@ -225,7 +248,7 @@ fn run_with_failure(
             }
         }
     }
-    (got, want)
+    Outcome { got, want, resume_position: kill_at, replay_from, replayed: swarm.replayed }
 }
 
 #[test]
@@ -234,7 +257,48 @@ fn a_middle_stage_dies_and_the_answer_is_unchanged() {
     let before = plan(1, 1, 0, vec![stage("uav1", 0, 1, 1, 0), stage("uav2", 1, 2, 1, 2), stage("uav3", 3, 1, 0, 1)]);
     // uav1 promotes layer 1, uav3 restores layer 2 and replays what uav1 buffered since the snapshot.
     let recovery = plan(2, 1, 0, vec![stage("uav1", 0, 2, 1, 1), stage("uav3", 2, 2, 1, 1)]);
-    assert_unchanged_by_kills(&before, "uav2", &recovery, &[7], 14);
+    let outcomes = assert_unchanged_by_kills(&before, "uav2", &recovery, &[7], 14);
+    // Snapshots every 2 tokens: a failover replays only the last steps, never the whole context.
+    for (kill, o) in outcomes {
+        let replayed: usize = o.replayed.iter().map(|r| r.1).sum();
+        assert!(o.replay_from > 0 && o.replay_from + 2 >= o.resume_position, "{kill:?}: from {}", o.replay_from);
+        assert!(replayed <= o.resume_position - o.replay_from, "{kill:?}: {replayed} tokens replayed");
+    }
+}
+
+#[test]
+fn the_snapshot_a_successor_reports_is_never_more_than_it_could_restore() {
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let mut gateway = Gateway::load(&rt, &m).unwrap();
+    // uav2's tail (layer 2) is snapshotted to uav3 every 2 tokens.
+    let stages = vec![stage("uav1", 0, 1, 0, 0), stage("uav2", 1, 2, 1, 2), stage("uav3", 3, 1, 0, 1)];
+    let first = plan(1, 9, 0, stages.clone());
+    let hosts = ["uav1", "uav2", "uav3"].map(|u| (u.to_string(), ShardHost::new(rt.clone(), m.clone(), u).unwrap()));
+    let mut swarm = Swarm { hosts: hosts.into_iter().collect(), queue: VecDeque::new(), replayed: Vec::new() };
+    swarm.apply(&first, None);
+    let prompt = gateway.encode_chat(SHORT).unwrap();
+    swarm.send(&first, &mut gateway, &prompt, 0);
+    swarm.drain().unwrap();
+    for position in prompt.len()..prompt.len() + 6 {
+        swarm.send(&first, &mut gateway, &[42], position);
+        swarm.drain().unwrap();
+    }
+    let held = swarm.hosts["uav3"].pred_snapshot_tokens();
+    assert!(held + 2 > prompt.len() + 6 && held <= prompt.len() + 6, "{held}");
+    // A new epoch that cuts the caches back (the same stages: a failure elsewhere in a larger
+    // ring). Until uav2's first snapshot of it arrives, uav3 reports no more than the cut.
+    let cut = prompt.len() + 1;
+    let second = plan(2, 9, cut, stages);
+    swarm.hosts.get_mut("uav3").unwrap().apply_plan(second.clone()).unwrap();
+    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(), cut);
+    let emits = swarm.hosts.get_mut("uav2").unwrap().apply_plan(second.clone()).unwrap();
+    swarm.queue.extend(emits.into_iter().map(|e| ("uav2".to_string(), e)));
+    assert!(swarm.drain().is_none());
+    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(), cut);
+    // A new request starts from nothing.
+    swarm.hosts.get_mut("uav3").unwrap().apply_plan(plan(3, 10, 0, second.stages.clone())).unwrap();
+    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(), 0);
 }
 
 #[test]
@@ -280,19 +344,26 @@ fn a_stage_around_the_gateway_whose_replica_reaches_the_gateway_dies() {
 #[test]
 fn gateway_steps_are_the_prompt_chunks_then_one_token_each_and_step_at_finds_them() {
     let (prompt, generated) = ([7, 8, 9], [1, 2, 3]);
-    let steps = gateway_steps(&prompt, &generated, 5);
+    let steps = gateway_steps(&prompt, &generated, 0, 5);
     assert_eq!(steps, vec![(0, &prompt[..]), (3, &generated[..1]), (4, &generated[1..2])]);
-    assert!(gateway_steps(&prompt, &generated, 0).is_empty());
-    assert_eq!(gateway_steps(&prompt, &generated, 3), vec![(0, &prompt[..])]);
+    assert!(gateway_steps(&prompt, &generated, 0, 0).is_empty());
+    assert_eq!(gateway_steps(&prompt, &generated, 0, 3), vec![(0, &prompt[..])]);
+    // From a position: the step that holds it and the later ones.
+    assert_eq!(gateway_steps(&prompt, &generated, 2, 5), steps);
+    assert_eq!(gateway_steps(&prompt, &generated, 3, 5), steps[1..]);
+    assert_eq!(gateway_steps(&prompt, &generated, 5, 5), vec![]);
     // A prompt of two and a half chunks, in the middle of it and after it.
     let c = PREFILL_CHUNK_TOKENS;
     let prompt: Vec<u32> = (0..(2 * c + c / 2) as u32).collect();
-    let starts = |upto| gateway_steps(&prompt, &generated, upto).iter().map(|s| (s.0, s.1.len())).collect::<Vec<_>>();
-    assert_eq!(starts(c + 1), vec![(0, c), (c, c)]);
-    assert_eq!(starts(prompt.len() + 1), vec![(0, c), (c, c), (2 * c, c / 2), (prompt.len(), 1)]);
+    let starts = |from, upto| {
+        gateway_steps(&prompt, &generated, from, upto).iter().map(|s| (s.0, s.1.len())).collect::<Vec<_>>()
+    };
+    assert_eq!(starts(0, c + 1), vec![(0, c), (c, c)]);
+    assert_eq!(starts(0, prompt.len() + 1), vec![(0, c), (c, c), (2 * c, c / 2), (prompt.len(), 1)]);
+    assert_eq!(starts(c + 1, prompt.len() + 1), vec![(c, c), (2 * c, c / 2), (prompt.len(), 1)]);
     // step_at finds the same steps by their position, and nothing between them or beyond.
     let end = prompt.len() + generated.len();
-    for (position, ids) in gateway_steps(&prompt, &generated, end) {
+    for (position, ids) in gateway_steps(&prompt, &generated, 0, end) {
         assert_eq!(step_at(&prompt, &generated, position), Some(ids));
     }
     assert_eq!(step_at(&prompt, &generated, 1), None);
@@ -324,7 +395,14 @@ fn holds_agrees_with_the_listed_layers_for_every_stage_shape() {
         for start in 0..num_layers {
             for len in 1..=num_layers {
                 let s = stage("uav1", start, len, 0, 0);
-                let p = SwarmPlan { epoch: 1, num_layers, stages: vec![s.clone()], request_id: 1, resume_position: 0 };
+                let p = SwarmPlan {
+                    epoch: 1,
+                    num_layers,
+                    stages: vec![s.clone()],
+                    request_id: 1,
+                    resume_position: 0,
+                    replay_from: 0,
+                };
                 for layer in 0..num_layers + 2 {
                     assert_eq!(p.holds(&s, layer), p.layers(&s).contains(&layer), "L={num_layers} {s:?} layer {layer}");
                 }

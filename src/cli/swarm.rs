@@ -355,6 +355,7 @@ fn failure_report(stats: &serde_json::Value, kills: &[Kill]) -> serde_json::Valu
                 "recovery_s": recovered - detected,
                 "next_token_s": if next > 0.0 { next - origin } else { f64::NAN },
                 "resume_position": inc["resume_position"],
+                "replay_from": inc["replay_from"],
                 "why": inc["why"],
             })
         })

@@ -182,6 +182,7 @@ pub fn plan(a: &Assignment) -> SwarmPlan {
             .collect(),
         request_id: a.request_id,
         resume_position: a.resume_position as usize,
+        replay_from: a.replay_from as usize,
     }
 }
 
@@ -207,5 +208,6 @@ pub fn assignment(plan: &SwarmPlan, variant: &str, reason: &str) -> Assignment {
         reason: reason.into(),
         request_id: plan.request_id,
         resume_position: plan.resume_position as u32,
+        replay_from: plan.replay_from as u32,
     }
 }

@@ -5,7 +5,7 @@
 //! restart when the state to fail over is not there) and retires UAVs before their batteries die.
 use super::discovery::uavs_with_topic;
 use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telemetry};
-use crate::dataplane::{gateway_steps, step_at};
+use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
 use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
 use aerokv_engine::{
     models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
@@ -151,6 +151,8 @@ struct Incident {
     /// the whole context), "retirement".
     mode: String,
     resume_position: usize,
+    /// The failed tail's inputs were replayed from here (its successor's snapshot held the rest).
+    replay_from: usize,
     epoch: u64,
     /// Wall-clock seconds (UNIX): declared, swarm ready again, next token out.
     detected_at: f64,
@@ -760,11 +762,11 @@ impl Scheduler {
 
     /// A stage around the gateway fails: its recovering successor replays the tail's layers after
     /// the gateway with the embeddings they were fed, which only the gateway has. Every step that
-    /// fed layer 0 before the resume position, chunked as it was sent (the prompt's chunks, then
-    /// a token at a time); the executor uses those after its snapshot.
-    fn replay_embeddings(&mut self, run: &Run, failed: &str) -> Result<(), Interrupt> {
+    /// fed layer 0 from `from` (the successor's snapshot holds the rest) to the resume position,
+    /// chunked as it was sent (the prompt's chunks, then a token at a time).
+    fn replay_embeddings(&mut self, run: &Run, failed: &str, from: usize) -> Result<(), Interrupt> {
         let mut chunks = Vec::new();
-        for (position, ids) in gateway_steps(&run.prompt_ids, &run.tokens, run.position) {
+        for (position, ids) in gateway_steps(&run.prompt_ids, &run.tokens, from, run.position) {
             let hidden = self.gateway.embed(ids).map_err(|e| Interrupt::Fatal(format!("embedding: {e}")))?;
             chunks.push((position, hidden));
         }
@@ -819,9 +821,19 @@ impl Scheduler {
         let current = self.current.clone().ok_or_else(|| Interrupt::Fatal("no plan".into()))?;
         let graceful = reason == "retirement";
         let telemetry = self.telemetry();
+        let snapshot = self.snapshot_held_after(&current.plan, failed, run.request_id);
         let planned = self
             .controller
-            .failover(&current, failed, &telemetry, run.total_tokens(), run.position, self.epoch + 1, graceful)
+            .failover(
+                &current,
+                failed,
+                &telemetry,
+                run.total_tokens(),
+                run.position,
+                snapshot,
+                self.epoch + 1,
+                graceful,
+            )
             .map_err(|e| e.to_string());
         let needs_embeddings = current.plan.stage(failed).is_some_and(|s| current.plan.tail_needs_gateway_replay(s));
         let mut incident = Incident {
@@ -830,6 +842,7 @@ impl Scheduler {
             token: run.tokens.len(),
             mode: if graceful { "retirement" } else { "failover" }.into(),
             resume_position: run.position,
+            replay_from: 0,
             epoch: self.epoch + 1,
             detected_at,
             recovered_at: 0.0,
@@ -840,11 +853,12 @@ impl Scheduler {
         let why = match planned {
             Ok(planned) if planned.plan.resume_position > 0 => {
                 incident.planned_recovery_s = planned.protection.worst_recovery_s;
+                incident.replay_from = planned.plan.replay_from;
                 self.epoch += 1;
                 self.publish(planned, &format!("{reason} of {failed}")).map_err(|e| Interrupt::Fatal(e.to_string()))?;
                 run.epochs.push(self.epoch);
                 if needs_embeddings {
-                    self.replay_embeddings(run, failed)?;
+                    self.replay_embeddings(run, failed, incident.replay_from)?;
                 }
                 match self.wait_ready().await {
                     Ok(()) => None,
@@ -863,6 +877,7 @@ impl Scheduler {
             self.plan_restart(run, &format!("restart after {reason} of {failed}")).await?;
             incident.epoch = self.epoch;
             incident.resume_position = 0;
+            incident.replay_from = 0;
         }
         // The steps in flight went out in an older epoch: they are sent again.
         run.sent_until = run.position;
@@ -870,6 +885,15 @@ impl Scheduler {
         tracing::info!(failed, mode = %incident.mode, recovery_s = incident.recovered_at - detected_at, "recovered");
         run.incidents.push(incident);
         Ok(())
+    }
+
+    /// How far `failed`'s successor holds its tail's snapshot, from its last heartbeat in this
+    /// plan's epoch and this request (a lower bound: snapshots only grow within an epoch).
+    fn snapshot_held_after(&self, plan: &SwarmPlan, failed: &str, request_id: u64) -> Option<usize> {
+        let succ = plan.succ(failed).filter(|s| s.uav != failed)?;
+        let live = self.lock();
+        let (_, hb) = live.beats.get(&succ.uav)?;
+        (hb.epoch == plan.epoch && hb.request_id == request_id).then_some(hb.pred_snapshot_tokens as usize)
     }
 
     /// A fresh plan over the members, from position 0 (the start of a request, or a restart).

@@ -311,7 +311,8 @@ impl Worker {
                 }
                 Emit::Replay { failed, to, boundary, request_id, chunks } => {
                     let msg = convert::packed_activation(epoch, request_id, boundary, &self.uav, &chunks)?;
-                    tracing::debug!(%failed, %to, chunks = chunks.len(), tokens = msg.token_count, "replay sent");
+                    let (tokens, bytes) = (msg.token_count, msg.payload.len());
+                    tracing::info!(%failed, %to, chunks = chunks.len(), tokens, bytes, "replay of the tail's inputs sent");
                     self.count_tx(msg.payload.len());
                     self.activation_pub(&names::replay(&failed))?.publish(&msg)?;
                 }
@@ -369,6 +370,8 @@ impl Worker {
         hb.replica_start = replica.first().copied().unwrap_or(0) as u32;
         hb.replica_end = replica.last().map_or(hb.replica_start as usize, |l| l + 1) as u32;
         hb.kv_tokens = self.host.kv_tokens() as u32;
+        hb.request_id = self.host.request_id();
+        hb.pred_snapshot_tokens = self.host.pred_snapshot_tokens() as u32;
         hb.compute_ms_per_layer = self.host.usage.last_ms_per_layer;
         hb.compute_s_total = self.host.usage.compute.as_secs_f64();
         hb.memory_bytes = self.host.memory_bytes();
