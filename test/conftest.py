@@ -45,7 +45,9 @@ def ros_domain(monkeypatch):
         pytest.fail("DDS tests must run inside `unshare -n` (use `make test` or scripts/test.sh)")
     assert os.environ.get("FASTDDS_BUILTIN_TRANSPORTS") == "SHM", "source scripts/env.sh first"
     assert "ROS_AUTOMATIC_DISCOVERY_RANGE" not in os.environ
-    domain = 1 + (os.getpid() * 7 + next(_domains)) % 200
+    # AEROKV_TEST_DOMAINS=FIRST:COUNT keeps concurrent test runs on this machine apart.
+    first, count = (int(x) for x in os.environ.get("AEROKV_TEST_DOMAINS", "1:200").split(":"))
+    domain = first + (os.getpid() * 7 + next(_domains)) % count
     monkeypatch.setenv("ROS_DOMAIN_ID", str(domain))
     return domain
 
