@@ -6,6 +6,7 @@
 use super::discovery::uavs_with_topic;
 use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telemetry};
 use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
+use crate::detector::FailureReason;
 use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
 use aerokv_engine::{
     models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
@@ -384,7 +385,14 @@ impl Scheduler {
             self.lock().beats.get(&ev.uav_id).map_or((0, f64::INFINITY, f64::NEG_INFINITY), |(t, hb)| {
                 (hb.sequence, t.elapsed().as_secs_f64(), stamp_secs(&hb.stamp))
             });
-        if ev.reason == "heartbeat_timeout" && ev.silence_s.is_finite() {
+        let reason = match ev.reason.parse::<FailureReason>() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(uav = %ev.uav_id, "failure event dropped: {e}");
+                return false;
+            }
+        };
+        if reason == FailureReason::HeartbeatTimeout && ev.silence_s.is_finite() {
             // The watchdog last heard from it at `declared - silence`; a heartbeat sent after that
             // (same machine clock) or received just now means the watchdog's view was stale.
             let declared = stamp_secs(&ev.stamp);
