@@ -129,9 +129,9 @@ impl Default for WatchdogParams {
         WatchdogParams {
             expected_interval_s: 0.05,
             window: 500,
-            min_std_dev_s: 0.005,
+            min_std_dev_s: 0.01,
             min_loss: 1e-4,
-            suspect_phi: 3.0,
+            suspect_phi: 5.0,
             declare_phi: 8.0,
             min_declare_s: 0.15,
             max_silence_s: 1.0,

@@ -59,6 +59,11 @@ pub fn activation_qos(topic: &str) -> QosProfile {
 pub fn telemetry() -> QosProfile {
     QosProfile::sensor_data().keep_last(10)
 }
+/// A heartbeat's writer: best effort, and only the newest one is worth sending (a writer that
+/// queues, e.g. behind a flow controller on a radio link, sends no stale ones).
+pub fn heartbeat_qos() -> QosProfile {
+    QosProfile::sensor_data().keep_last(1)
+}
 pub fn latched() -> QosProfile {
     QosProfile::default().reliable().keep_last(1).transient_local()
 }

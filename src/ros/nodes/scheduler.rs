@@ -216,6 +216,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         power: PowerModel::default(),
         recoverable_memory: true,
         lifetime_target_factor: (p.lifetime_target_factor > 0.0).then_some(p.lifetime_target_factor),
+        channel: None,
     };
     let airframe = Airframe {
         flight_power_w: p.flight_power_w,

@@ -81,12 +81,13 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let manifest = Manifest::load_variant(&root, &p.variant)?;
     let host = ShardHost::new(runtime, manifest, p.uav_id.clone())?;
 
-    // Heartbeats leave through a DDS participant of their own: when a neighbour dies, pushes to
-    // its shared-memory port can stall the data plane's participant for up to a second, and the
-    // watchdog must not mistake that for this UAV's death.
+    // Heartbeats leave through a DDS participant and writer of their own, published from this
+    // async task, never from the data-plane thread that publishes KV snapshots and replays: when
+    // a neighbour dies, pushes to its shared-memory port can stall the data plane's participant
+    // for up to a second, and the watchdog must not mistake that for this UAV's death.
     let mut hb_node =
         r2r::Node::create(r2r::Context::create()?, &format!("shard_executor_heartbeat_{}", p.uav_id), "")?;
-    let hb_pub = hb_node.create_publisher::<Heartbeat>(&names::heartbeat(&p.uav_id), names::telemetry())?;
+    let hb_pub = hb_node.create_publisher::<Heartbeat>(&names::heartbeat(&p.uav_id), names::heartbeat_qos())?;
     let status = Arc::new(Mutex::new(Status {
         hb: Heartbeat { uav_id: p.uav_id.clone(), state: "waiting".into(), ..Default::default() },
     }));
