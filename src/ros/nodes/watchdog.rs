@@ -5,7 +5,7 @@
 use super::discovery::uavs_with_topic;
 use crate::detector::{Event, Health, UavReport, Watchdog, WatchdogParams};
 use crate::params::Checked;
-use crate::ros::{names, now_stamp, NodeContext};
+use crate::ros::{names, now_stamp, stamp_secs, unix_now, NodeContext};
 use r2r::aerokv::msg::{Assignment, BatteryHealth, FailureEvent, Heartbeat};
 use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
 use std::collections::BTreeSet;
@@ -83,7 +83,15 @@ pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
 
 fn take(w: &mut Watchdog, seen: Seen, secs: impl Fn(Instant) -> f64) -> Vec<Event> {
     match seen {
-        Seen::Heartbeat(hb, at) => w.heartbeat(&hb.uav_id, hb.sequence, secs(at)),
+        Seen::Heartbeat(hb, at) => {
+            let events = w.heartbeat(&hb.uav_id, hb.sequence, secs(at));
+            if events.iter().any(|e| matches!(e, Event::Heard { .. })) {
+                // Late at the sender or on the way? (Same clock on one machine; a guide elsewhere.)
+                let transit_ms = (unix_now() - stamp_secs(&hb.stamp)) * 1e3;
+                tracing::info!(uav = %hb.uav_id, sequence = hb.sequence, transit_ms, "heartbeat after a silence");
+            }
+            events
+        }
         Seen::Battery(b, at) => w.battery(&b.uav_id, b.energy_j, secs(at)).into_iter().collect(),
     }
 }
