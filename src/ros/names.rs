@@ -1,4 +1,4 @@
-//! Topic and service names and their QoS (DESIGN.md §5): data plane reliable, telemetry best
+//! Topic and service names and their QoS (docs/design.md §6): data plane reliable, telemetry best
 //! effort, assignments transient-local so that a late joiner gets the current plan.
 use r2r::QosProfile;
 

@@ -1,4 +1,4 @@
-//! Cost model (DESIGN.md §3): battery-aware power and latency, per-token energy, memory,
+//! Cost model (docs/design.md §4): battery-aware power and latency, per-token energy, memory,
 //! worst-case recovery time, lifetime and expected remaining tokens.
 use serde::{Deserialize, Serialize};
 

@@ -1,4 +1,4 @@
-//! AeroKV planning core (pure Rust, no ROS). See DESIGN.md §2–§4.
+//! AeroKV planning core (pure Rust, no ROS). See docs/design.md §3-§5.
 //!
 //! # What the live scheduler calls
 //!

@@ -49,7 +49,7 @@ pub struct Params {
     pub inference_power_w: f64,
     pub tx_power_w: f64,
     pub link_rate_bps: f64,
-    /// Recovery deadline tau and the weight loading rate (DESIGN.md §2).
+    /// Recovery deadline tau and the weight loading rate (docs/design.md §3).
     pub recovery_deadline_s: f64,
     pub weight_load_bps: f64,
     pub snapshot_periods: Vec<u32>,
