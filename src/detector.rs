@@ -419,7 +419,7 @@ impl Watchdog {
     /// A battery report: an empty battery is declared at once.
     pub fn battery(&mut self, uav: &str, energy_j: f64, now: f64) -> Option<Event> {
         // NaN is not empty: a broken report is no evidence of anything.
-        if !(energy_j <= 0.0) {
+        if energy_j.is_nan() || energy_j > 0.0 {
             return None;
         }
         let silence_s = self.uavs.get(uav).map(|d| d.silence(now));

@@ -169,9 +169,10 @@ fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period:
             if watched.contains(uav) {
                 continue;
             }
-            match forward(ctx, &names::heartbeat(uav), seen, Seen::Heartbeat)
-                .and_then(|()| forward(ctx, &names::battery(uav), seen, Seen::Battery))
-            {
+            match forward(ctx, &names::heartbeat(uav), uav, seen, |hb: &Heartbeat| &hb.uav_id, Seen::Heartbeat)
+                .and_then(|()| {
+                    forward(ctx, &names::battery(uav), uav, seen, |b: &BatteryHealth| &b.uav_id, Seen::Battery)
+                }) {
                 Ok(()) => {
                     tracing::info!(%uav, "watching");
                     watched.insert(uav.clone());
@@ -185,15 +186,24 @@ fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period:
     }
 }
 
-fn forward<T, F>(ctx: &NodeContext, topic: &str, tx: &mpsc::UnboundedSender<Seen>, wrap: F) -> anyhow::Result<()>
-where
-    T: r2r::WrappedTypesupport + Send + 'static,
-    F: Fn(T, Instant) -> Seen + Send + 'static,
-{
+/// Forwards `uav`'s heartbeats or battery reports from `topic`, stamped on receipt. The topic
+/// names the UAV: a message that claims to be another one is dropped.
+fn forward<T: r2r::WrappedTypesupport + Send + 'static>(
+    ctx: &NodeContext,
+    topic: &str,
+    uav: &str,
+    tx: &mpsc::UnboundedSender<Seen>,
+    claimed: fn(&T) -> &String,
+    wrap: fn(T, Instant) -> Seen,
+) -> anyhow::Result<()> {
     let mut rx = ctx.subscribe::<T>(topic, names::telemetry())?;
-    let tx = tx.clone();
+    let (tx, uav) = (tx.clone(), uav.to_string());
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
+            if *claimed(&m) != uav {
+                tracing::warn!(%uav, claimed = %claimed(&m), "message on this UAV's topic names another UAV: dropped");
+                continue;
+            }
             if tx.send(wrap(m, Instant::now())).is_err() {
                 break;
             }
