@@ -11,7 +11,7 @@ use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, Node
 use aerokv_engine::{
     models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
 };
-use aerokv_plan::{PlanConfig, PowerModel};
+use aerokv_plan::{Channel, PlanConfig, PowerModel};
 use futures::StreamExt;
 use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, PromptProgress, TokenChunk};
 use r2r::aerokv::srv::Generate;
@@ -49,6 +49,11 @@ pub struct Params {
     pub inference_power_w: f64,
     pub tx_power_w: f64,
     pub link_rate_bps: f64,
+    /// The links share one 802.11 channel: plan with what it carries (MAC overhead, retries at
+    /// `frame_loss`, docs/failure-detection.md) instead of `link_rate_bps` itself.
+    pub shared_channel: bool,
+    /// Probability that one transmission attempt of a frame fails (with `shared_channel`).
+    pub frame_loss: f64,
     /// Recovery deadline tau and the weight loading rate (docs/design.md §3).
     pub recovery_deadline_s: f64,
     pub weight_load_bps: f64,
@@ -84,6 +89,8 @@ impl Default for Params {
             inference_power_w: 35.0,
             tx_power_w: 2.5,
             link_rate_bps: 20e6,
+            shared_channel: false,
+            frame_loss: 0.0,
             recovery_deadline_s: 0.25,
             weight_load_bps: 8e9,
             snapshot_periods: vec![1, 2, 4, 8, 16, 32, 64],
@@ -121,6 +128,11 @@ impl Params {
             "parameter `snapshot_periods` must list periods >= 1"
         );
         anyhow::ensure!(self.lifetime_target_factor >= 0.0, "parameter `lifetime_target_factor` must be >= 0");
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.frame_loss),
+            "parameter `frame_loss` must be in [0, 1), not {}",
+            self.frame_loss
+        );
         Ok(())
     }
 }
@@ -216,7 +228,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         power: PowerModel::default(),
         recoverable_memory: true,
         lifetime_target_factor: (p.lifetime_target_factor > 0.0).then_some(p.lifetime_target_factor),
-        channel: None,
+        channel: p.shared_channel.then(|| Channel { frame_loss: p.frame_loss, ..Channel::default() }),
     };
     let airframe = Airframe {
         flight_power_w: p.flight_power_w,
