@@ -10,7 +10,7 @@
 //! ```
 //! Every node of a swarm gets the roster; each node gets only its own private key.
 use crate::identity::{BadNodeId, NodeId, Role};
-use ed25519_dalek::pkcs8::{spki::der::pem::LineEnding, DecodePrivateKey, EncodePrivateKey};
+use ed25519_dalek::pkcs8::{spki::der::pem::LineEnding, DecodePrivateKey, EncodePrivateKey, KeypairBytes};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -58,6 +58,10 @@ impl Member {
     /// The UAV this member belongs to (None for the swarm-wide nodes).
     pub fn uav(&self) -> Option<&str> {
         self.role.per_uav().then(|| self.id.namespace())
+    }
+
+    pub fn public_key_hex(&self) -> String {
+        hex::encode(self.key.as_bytes())
     }
 }
 
@@ -197,7 +201,9 @@ impl Keystore {
             if let Some(parent) = file.parent() {
                 private_dir(parent)?;
             }
-            let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| KeystoreError::Malformed {
+            // PKCS#8 v1 (no public key inside): the form OpenSSL 3.0 reads too.
+            let bytes = KeypairBytes { secret_key: key.to_bytes(), public_key: None };
+            let pem = bytes.to_pkcs8_pem(LineEnding::LF).map_err(|e| KeystoreError::Malformed {
                 file: file.clone(),
                 message: format!("cannot encode the key: {e}"),
             })?;
