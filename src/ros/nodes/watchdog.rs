@@ -2,8 +2,10 @@
 //! UAV failed (heartbeats missed for `heartbeat_timeout_s`, or its battery empty) once per UAV
 //! and epoch, on `/aerokv/failures`.
 use super::discovery::uavs_with_topic;
+use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::{names, now_stamp, NodeContext};
-use r2r::aerokv::msg::{Assignment, BatteryHealth, FailureEvent, Heartbeat};
+use aerokv_auth::Role;
+use r2r::aerokv::msg::{BatteryHealth, FailureEvent, Heartbeat};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
@@ -16,11 +18,13 @@ pub struct Params {
     pub check_period_s: f64,
     /// How often to look for new UAV topics (new members).
     pub discovery_period_s: f64,
+    /// Keystore directory (docs/security.md); empty: authentication off.
+    pub keystore: String,
 }
 
 impl Default for Params {
     fn default() -> Self {
-        Params { heartbeat_timeout_s: 1.0, check_period_s: 0.05, discovery_period_s: 0.5 }
+        Params { heartbeat_timeout_s: 1.0, check_period_s: 0.05, discovery_period_s: 0.5, keystore: String::new() }
     }
 }
 
@@ -34,8 +38,12 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         p.heartbeat_timeout_s > 0.0 && p.check_period_s > 0.0 && p.discovery_period_s > 0.0,
         "watchdog periods must be positive"
     );
-    let failures = ctx.publisher::<FailureEvent>(names::FAILURES, names::events())?;
-    let mut assignments = ctx.subscribe::<Assignment>(names::ASSIGNMENT, names::latched())?;
+    let auth = NodeAuth::load(&p.keystore, Role::Watchdog, None)?;
+    auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
+    let failures =
+        SignedPublisher::new(ctx.publisher(names::FAILURES, names::events())?, auth.clone(), NodeAuth::sign_failure);
+    let mut assignments =
+        verified(ctx.subscribe(names::ASSIGNMENT, names::latched())?, auth, NodeAuth::accept_assignment);
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
     // The discovery thread ends at the node's shutdown and is joined before the node returns (it
     // must not be inside the node when ROS shuts down).
@@ -95,7 +103,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
 fn take(
     seen: Seen,
     last_beat: &mut BTreeMap<String, Instant>,
-    failures: &r2r::Publisher<FailureEvent>,
+    failures: &SignedPublisher<FailureEvent>,
     declared: &mut HashSet<(u64, String)>,
     epoch: u64,
 ) {
@@ -155,7 +163,7 @@ where
 }
 
 fn declare(
-    out: &r2r::Publisher<FailureEvent>,
+    out: &SignedPublisher<FailureEvent>,
     declared: &mut HashSet<(u64, String)>,
     epoch: u64,
     uav: &str,
@@ -167,7 +175,14 @@ fn declare(
     }
     let silence_s = last_beat.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
     tracing::warn!(%uav, epoch, reason, silence_s, "UAV declared failed");
-    let msg = FailureEvent { epoch, uav_id: uav.into(), reason: reason.into(), silence_s, stamp: now_stamp() };
+    let msg = FailureEvent {
+        epoch,
+        uav_id: uav.into(),
+        reason: reason.into(),
+        silence_s,
+        stamp: now_stamp(),
+        ..Default::default()
+    };
     if let Err(e) = out.publish(&msg) {
         tracing::error!("publish failure event: {e}");
     }
