@@ -113,7 +113,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
         preempted_in_decode: 0,
         auth,
     };
-    worker.subscribe(names::ASSIGNMENT.to_string(), names::latched(), Event::Assignment)?;
+    worker.subscribe(names::ASSIGNMENT.to_string(), names::latched_reader(), Event::Assignment)?;
     worker.subscribe(names::kv_inbox(&p.uav_id), names::data_plane(), Event::Kv)?;
     let worker = std::thread::Builder::new().name("data-plane".into()).spawn(move || worker.run())?;
     let mut beat = tokio::time::interval(Duration::from_secs_f64(p.heartbeat_period_s));

@@ -43,7 +43,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     let failures =
         SignedPublisher::new(ctx.publisher(names::FAILURES, names::events())?, auth.clone(), NodeAuth::sign_failure);
     let mut assignments =
-        verified(ctx.subscribe(names::ASSIGNMENT, names::latched())?, auth, NodeAuth::accept_assignment);
+        verified(ctx.subscribe(names::ASSIGNMENT, names::latched_reader())?, auth, NodeAuth::accept_assignment);
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
     // The discovery thread ends at the node's shutdown and is joined before the node returns (it
     // must not be inside the node when ROS shuts down).
