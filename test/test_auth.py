@@ -201,3 +201,24 @@ def test_a_uav_off_the_roster_is_never_planned(rclpy_node, procs, tmp_path):
 def scheduler_log(logs):
     f = logs / "aerokv_scheduler.log"
     return f.read_text() if f.exists() else ""
+
+
+def test_a_keyed_swarm_fails_over_on_the_watchdogs_signed_declaration(ros_domain, tmp_path):
+    """The genuine path with keys: uav2 is killed, the watchdog's signed declaration is accepted,
+    the swarm fails over and the answer is still exactly the one-process answer."""
+    reference = json.loads(subprocess.run(
+        [BIN / "aerokv", "generate", "--user", PROMPT, "--max-tokens", str(MAX_TOKENS), "--json"],
+        capture_output=True, text=True, timeout=300, check=True).stdout)
+    ks = tmp_path / "ks"
+    assert keys("init", "--uavs", len(UAVS), ks).returncode == 0
+    r = subprocess.run([BIN / "aerokv", "swarm", "--json", "--uavs", "4", "--user", PROMPT, "--max-tokens", str(MAX_TOKENS),
+                        "--kill", "uav2:10", "--swarm-params", with_keystore("swarm.yaml", ks, tmp_path / "swarm.yaml"),
+                        "--uav-params", with_keystore("uav.yaml", ks, tmp_path / "uav.yaml"), "--log-dir", tmp_path / "logs"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a = json.loads(r.stdout)
+    assert a["tokens"] == reference["tokens"], (a["text"], reference["text"])
+    assert [f["uav"] for f in a["failures"]] == ["uav2"] and a["failures"][0]["detection_s"] > 0, a["failures"]
+    logs = {p.name: p.read_text() for p in (tmp_path / "logs").glob("*.log")}
+    assert "authentication on" in logs["aerokv_scheduler.log"] and "failure noted" in logs["aerokv_scheduler.log"]
+    assert not any("message dropped" in text for text in logs.values())
