@@ -29,12 +29,25 @@ def keys(*args):
     return subprocess.run([BIN / "aerokv", "keys", *map(str, args)], capture_output=True, text=True, timeout=60)
 
 
-def with_keystore(config, keystore, out):
-    """A copy of a parameter file with `keystore:` set for every node in it."""
-    text = (ROOT / "config" / config).read_text()
-    assert text.count('keystore: ""') >= 1, config
-    out.write_text(text.replace('keystore: ""', f'keystore: "{keystore}"'))
+def keyed(tmp_path, uavs):
+    """A keystore for `uavs` UAVs, and copies of config/swarm.yaml and config/uav.yaml using it."""
+    ks = tmp_path / "ks"
+    assert keys("init", "--uavs", uavs, ks).returncode == 0
+    out = []
+    for config in ["swarm.yaml", "uav.yaml"]:
+        text = (ROOT / "config" / config).read_text()
+        assert 'keystore: ""' in text, config
+        (tmp_path / config).write_text(text.replace('keystore: ""', f'keystore: "{ks}"'))
+        out.append(tmp_path / config)
     return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The one-process answer (`aerokv generate`)."""
+    r = subprocess.run([BIN / "aerokv", "generate", "--user", PROMPT, "--max-tokens", str(MAX_TOKENS), "--json"],
+                       capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(r.stdout)
 
 
 def test_keys_init_show_and_refusals(tmp_path):
@@ -52,18 +65,12 @@ def test_keys_init_show_and_refusals(tmp_path):
     assert show.returncode != 0 and "uav2/battery_monitor.pem: private key is accessible" in show.stdout
 
 
-def test_forged_plans_and_failure_declarations_are_dropped_and_counted(rclpy_node, procs, tmp_path):
+def test_forged_plans_and_failure_declarations_are_dropped_and_counted(rclpy_node, procs, reference, tmp_path):
     from aerokv.msg import Assignment, Auth, FailureEvent, Heartbeat, UavAssignment
     from aerokv.srv import Generate
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 
-    reference = json.loads(subprocess.run(
-        [BIN / "aerokv", "generate", "--user", PROMPT, "--max-tokens", str(MAX_TOKENS), "--json"],
-        capture_output=True, text=True, timeout=300, check=True).stdout)
-    ks = tmp_path / "ks"
-    assert keys("init", "--uavs", len(UAVS), ks).returncode == 0
-    swarm_yaml = with_keystore("swarm.yaml", ks, tmp_path / "swarm.yaml")
-    uav_yaml = with_keystore("uav.yaml", ks, tmp_path / "uav.yaml")
+    swarm_yaml, uav_yaml = keyed(tmp_path, len(UAVS))
     logs = tmp_path / "nodes"
     launches = [procs([BIN / "aerokv", "launch", ROOT / "launch/control.launch.xml", f"params_file:={swarm_yaml}",
                        "expected_uavs:=4", "--log-dir", logs], "control")]
@@ -174,10 +181,7 @@ def test_a_uav_off_the_roster_is_never_planned(rclpy_node, procs, tmp_path):
     made over uav1 and uav2 only."""
     from aerokv.msg import Assignment
 
-    ks = tmp_path / "ks"
-    assert keys("init", "--uavs", 2, ks).returncode == 0
-    swarm_yaml = with_keystore("swarm.yaml", ks, tmp_path / "swarm.yaml")
-    uav_yaml = with_keystore("uav.yaml", ks, tmp_path / "uav.yaml")
+    swarm_yaml, uav_yaml = keyed(tmp_path, 2)
     logs = tmp_path / "nodes"
     control = procs([BIN / "aerokv", "launch", ROOT / "launch/control.launch.xml", f"params_file:={swarm_yaml}",
                      "expected_uavs:=2", "--log-dir", logs], "control")
@@ -203,18 +207,13 @@ def scheduler_log(logs):
     return f.read_text() if f.exists() else ""
 
 
-def test_a_keyed_swarm_fails_over_on_the_watchdogs_signed_declaration(ros_domain, tmp_path):
+def test_a_keyed_swarm_fails_over_on_the_watchdogs_signed_declaration(ros_domain, reference, tmp_path):
     """The genuine path with keys: uav2 is killed, the watchdog's signed declaration is accepted,
     the swarm fails over and the answer is still exactly the one-process answer."""
-    reference = json.loads(subprocess.run(
-        [BIN / "aerokv", "generate", "--user", PROMPT, "--max-tokens", str(MAX_TOKENS), "--json"],
-        capture_output=True, text=True, timeout=300, check=True).stdout)
-    ks = tmp_path / "ks"
-    assert keys("init", "--uavs", len(UAVS), ks).returncode == 0
+    swarm_yaml, uav_yaml = keyed(tmp_path, len(UAVS))
     r = subprocess.run([BIN / "aerokv", "swarm", "--json", "--uavs", "4", "--user", PROMPT, "--max-tokens", str(MAX_TOKENS),
-                        "--kill", "uav2:10", "--swarm-params", with_keystore("swarm.yaml", ks, tmp_path / "swarm.yaml"),
-                        "--uav-params", with_keystore("uav.yaml", ks, tmp_path / "uav.yaml"), "--log-dir", tmp_path / "logs"],
-                       capture_output=True, text=True, timeout=300)
+                        "--kill", "uav2:10", "--swarm-params", swarm_yaml, "--uav-params", uav_yaml,
+                        "--log-dir", tmp_path / "logs"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     a = json.loads(r.stdout)
     assert a["tokens"] == reference["tokens"], (a["text"], reference["text"])
