@@ -2,7 +2,7 @@
 //! bytes of the signed messages, signing before publishing, verifying on receipt (dropping and
 //! counting what fails), and the counters on `/diagnostics`.
 use crate::ros::{names, now_stamp, NodeContext};
-use aerokv_auth::{Auth, Claim, Encoder, Keystore, NodeId, Rejection, Role, Roster, Signer, Verifier};
+use aerokv_auth::{Auth, Claim, Counts, Encoder, Keystore, NodeId, Rejection, Role, Roster, Signer, Verifier};
 use anyhow::Context;
 use r2r::aerokv::msg::{self as m, Assignment, AuthCounters, FailureEvent};
 use r2r::builtin_interfaces::msg::Time;
@@ -93,9 +93,13 @@ impl NodeAuth {
         }
     }
 
+    fn counts(&self) -> Counts {
+        self.verifier.as_ref().map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).counts()).unwrap_or_default()
+    }
+
+    /// The counters as the heartbeat carries them.
     pub fn counters(&self) -> AuthCounters {
-        let c =
-            self.verifier.as_ref().map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).counts()).unwrap_or_default();
+        let c = self.counts();
         AuthCounters {
             accepted: c.accepted,
             not_signed: c.rejected(Rejection::Unsigned),
@@ -109,8 +113,8 @@ impl NodeAuth {
 
     /// The counters as one `/diagnostics` status, named `aerokv/auth/<identity>`.
     pub fn diagnostics(&self) -> DiagnosticArray {
-        let c = self.counters();
-        let dropped = rejected_total(&c);
+        let c = self.counts();
+        let dropped = c.rejected_total();
         let (level, message) = match &self.verifier {
             None => (DiagnosticStatus::WARN as u8, "authentication off".to_string()),
             Some(_) if dropped > 0 => (DiagnosticStatus::WARN as u8, format!("{dropped} message(s) dropped")),
@@ -124,15 +128,9 @@ impl NodeAuth {
                 name: format!("aerokv/auth/{}", self.id),
                 message,
                 hardware_id: self.id.clone(),
-                values: vec![
-                    kv("accepted", c.accepted),
-                    kv(Rejection::Unsigned.name(), c.not_signed),
-                    kv(Rejection::UnknownSender.name(), c.unknown_sender),
-                    kv(Rejection::WrongRole.name(), c.wrong_role),
-                    kv(Rejection::BadSignature.name(), c.bad_signature),
-                    kv(Rejection::Replayed.name(), c.replayed),
-                    kv(Rejection::Malformed.name(), c.malformed),
-                ],
+                values: std::iter::once(kv("accepted", c.accepted))
+                    .chain(Rejection::ALL.iter().map(|&why| kv(why.name(), c.rejected(why))))
+                    .collect(),
             }],
         }
     }
@@ -155,10 +153,6 @@ impl NodeAuth {
         });
         Ok(())
     }
-}
-
-fn rejected_total(c: &AuthCounters) -> u64 {
-    c.not_signed + c.unknown_sender + c.wrong_role + c.bad_signature + c.replayed + c.malformed
 }
 
 /// A publisher that signs every message it publishes (a no-op without a keystore).
