@@ -121,6 +121,9 @@ pub struct WatchdogParams {
     pub check_period_s: f64,
     /// How often to look for new UAV topics (new members), s.
     pub discovery_period_s: f64,
+    /// The node's keystore directory (docs/security.md); empty: authentication off. Not used by
+    /// the detector itself.
+    pub keystore: String,
 }
 
 impl Default for WatchdogParams {
@@ -138,6 +141,7 @@ impl Default for WatchdogParams {
             stall_tolerance_s: 0.04,
             check_period_s: 0.02,
             discovery_period_s: 0.5,
+            keystore: String::new(),
         }
     }
 }

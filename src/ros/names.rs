@@ -67,6 +67,12 @@ pub fn heartbeat_qos() -> QosProfile {
 pub fn latched() -> QosProfile {
     QosProfile::default().reliable().keep_last(1).transient_local()
 }
+/// Readers of the latched plan keep several: anyone on the network can write on the topic, and
+/// with a history of one a forged plan arriving just after a genuine one replaces it unread
+/// (docs/security.md). Older plans are ignored by epoch.
+pub fn latched_reader() -> QosProfile {
+    QosProfile::default().reliable().keep_last(16).transient_local()
+}
 pub fn events() -> QosProfile {
     QosProfile::default().reliable().keep_last(100).transient_local()
 }

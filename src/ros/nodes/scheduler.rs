@@ -7,7 +7,9 @@ use super::discovery::uavs_with_topic;
 use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telemetry};
 use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
 use crate::detector::FailureReason;
+use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
+use aerokv_auth::Role;
 use aerokv_engine::{
     models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
 };
@@ -72,6 +74,8 @@ pub struct Params {
     pub retirement: bool,
     /// ... once it has fewer than this many tokens left (it serves until then).
     pub retirement_horizon_tokens: u64,
+    /// Keystore directory (docs/security.md); empty: authentication off.
+    pub keystore: String,
 }
 
 impl Default for Params {
@@ -101,6 +105,7 @@ impl Default for Params {
             replan_period_s: 1.0,
             retirement: true,
             retirement_horizon_tokens: 32,
+            keystore: String::new(),
         }
     }
 }
@@ -190,7 +195,8 @@ struct Scheduler {
     failed: BTreeMap<String, u64>,
     /// Retired for its battery: rejoins only as a new process (recharged).
     retired: BTreeMap<String, u64>,
-    assign_pub: r2r::Publisher<Assignment>,
+    assign_pub: SignedPublisher<Assignment>,
+    auth: Arc<NodeAuth>,
     token_pub: r2r::Publisher<TokenChunk>,
     progress_pub: r2r::Publisher<PromptProgress>,
     /// Stage inputs, and replays of the embeddings a stage around the gateway was fed; by topic.
@@ -240,10 +246,17 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     tracing::info!(variant = %p.variant, layers = arch.layers, layer_ms = own_layer_latency_s * 1e3, "gateway loaded");
 
     let outputs = ctx.lock().subscribe::<Activation>(names::GATEWAY_INPUT, names::data_plane())?.boxed();
-    let failures = ctx.subscribe::<FailureEvent>(names::FAILURES, names::events())?;
+    let auth = NodeAuth::load(&p.keystore, Role::Scheduler, None)?;
+    auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
+    let failures = verified(ctx.subscribe(names::FAILURES, names::events())?, auth.clone(), NodeAuth::accept_failure);
     let mut service = ctx.lock().create_service::<Generate::Service>(names::GENERATE, r2r::QosProfile::default())?;
     let mut s = Scheduler {
-        assign_pub: ctx.publisher::<Assignment>(names::ASSIGNMENT, names::latched())?,
+        assign_pub: SignedPublisher::new(
+            ctx.publisher(names::ASSIGNMENT, names::latched())?,
+            auth.clone(),
+            NodeAuth::sign_assignment,
+        ),
+        auth,
         token_pub: ctx.publisher::<TokenChunk>(names::TOKENS, names::events())?,
         progress_pub: ctx.publisher::<PromptProgress>(names::PROGRESS, names::events())?,
         ctx: ctx.clone(),
@@ -323,7 +336,7 @@ impl Scheduler {
     /// Subscribes to the heartbeats and battery health of UAVs that appeared.
     fn discover(&mut self) -> anyhow::Result<()> {
         for uav in uavs_with_topic(&self.ctx, "heartbeat") {
-            if !self.watched.insert(uav.clone()) {
+            if !self.watched.insert(uav.clone()) || !self.auth.admits_uav(&uav) {
                 continue;
             }
             tracing::info!(%uav, "UAV discovered");

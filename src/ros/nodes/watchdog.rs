@@ -5,8 +5,10 @@
 use super::discovery::uavs_with_topic;
 use crate::detector::{Event, Health, UavReport, Watchdog, WatchdogParams};
 use crate::params::Checked;
+use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::{names, now_stamp, stamp_secs, unix_now, NodeContext};
-use r2r::aerokv::msg::{Assignment, BatteryHealth, FailureEvent, Heartbeat};
+use aerokv_auth::Role;
+use r2r::aerokv::msg::{BatteryHealth, FailureEvent, Heartbeat};
 use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -25,9 +27,13 @@ enum Seen {
 }
 
 pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
-    let failures = ctx.publisher::<FailureEvent>(names::FAILURES, names::events())?;
+    let auth = NodeAuth::load(&p.keystore, Role::Watchdog, None)?;
+    auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
+    let failures =
+        SignedPublisher::new(ctx.publisher(names::FAILURES, names::events())?, auth.clone(), NodeAuth::sign_failure);
     let diagnostics = ctx.publisher::<DiagnosticArray>(names::DIAGNOSTICS, r2r::QosProfile::default())?;
-    let mut assignments = ctx.subscribe::<Assignment>(names::ASSIGNMENT, names::latched())?;
+    let mut assignments =
+        verified(ctx.subscribe(names::ASSIGNMENT, names::latched_reader())?, auth, NodeAuth::accept_assignment);
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
     // The discovery thread ends at the node's shutdown and is joined before the node returns (it
     // must not be inside the node when ROS shuts down).
@@ -97,7 +103,7 @@ fn take(w: &mut Watchdog, seen: Seen, secs: impl Fn(Instant) -> f64) -> Vec<Even
 }
 
 /// Logs an event; a declaration is also published.
-fn publish_event(out: &r2r::Publisher<FailureEvent>, event: Event) {
+fn publish_event(out: &SignedPublisher<FailureEvent>, event: Event) {
     match event {
         Event::Suspected { uav, phi, silence_s } => {
             tracing::warn!(%uav, phi, silence_s, "UAV suspected (no recovery unless declared)")
@@ -115,6 +121,7 @@ fn publish_event(out: &r2r::Publisher<FailureEvent>, event: Event) {
                 reason: d.reason.as_str().into(),
                 silence_s,
                 stamp: now_stamp(),
+                ..Default::default()
             };
             if let Err(e) = out.publish(&msg) {
                 tracing::error!("publish failure event: {e}");
