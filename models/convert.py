@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 # Bump when the graphs or the manifest change: models/setup.sh regenerates variants whose
 # manifest carries another converter version.
-CONVERTER_VERSION = 4
+CONVERTER_VERSION = 5
 FORMAT = 2
 OPSET = 17
 IR_VERSION = 10  # ORT 1.31 accepts <= 13; onnx 1.23 would write 14
@@ -442,6 +442,14 @@ def build_head(model: ModelW, mode: str):
     xn = rms_norm(g, "hidden", model.out_norm, cfg.rms_eps, "output_norm.weight")
     if mode == "fp32":
         g.op_named("MatMul", [xn, g.init("lm_head.weight", model.embed.dequant().T.copy())], ["logits"])
+    elif mode == "q4-fast":
+        # 8-bit activations anyway: the Q8_0 embedding as one 8-bit MatMulNBits (q + 128 with the
+        # default zero point 128), 20 % faster than two 4-bit ones with accuracy_level 4.
+        nb = cfg.hidden // QK
+        q8 = (model.embed.q.astype(np.int16) + 128).astype(np.uint8).reshape(cfg.vocab, nb, QK)
+        g.op_named("MatMulNBits", [xn, g.init("lm_head.q8", q8), g.init("lm_head.scales", model.embed.d.reshape(-1))],
+                   ["logits"], domain="com.microsoft", K=cfg.hidden, N=cfg.vocab, bits=8, block_size=QK,
+                   accuracy_level=4)
     else:
         # Tied Q8_0 embedding, exact, as two 4-bit MatMulNBits: q = 16 * hi + lo with lo = q mod 16
         # (0..15, zero point 0) and hi = (q - lo) / 16 (-8..7, stored as hi + 8 with the default zero
@@ -450,7 +458,7 @@ def build_head(model: ModelW, mode: str):
         q = model.embed.q.astype(np.int16)  # [V, nb, 32]
         lo = (q & 15).astype(np.uint8)
         hi = ((q - lo) // 16 + 8).astype(np.uint8)
-        acc = 4 if mode == "q4-fast" else 0
+        acc = 0
 
         def pack(x):
             return (x[:, :, 0::2] | (x[:, :, 1::2] << 4)).astype(np.uint8)
@@ -566,7 +574,7 @@ def convert(gguf_path: str, variant: str, out: str, group: int = 1) -> dict:
     vocab = tok["tokens"]
     weights = {"fp32": "q4_1 dequantized to float32 (embedding: q8_0 dequantized)",
                "q4": "MatMulNBits 4-bit exact to q4_1 (uint8 zero point + block correction); head = two 4-bit MatMulNBits exact to q8_0",
-               "q4-fast": "as q4, accuracy_level 4 (8-bit activations)",
+               "q4-fast": "as q4, accuracy_level 4 (8-bit activations); head = one 8-bit MatMulNBits exact to q8_0",
                "tiny": "random (seed 1234), stored as in q4"}[variant]
     manifest = {
         "format": FORMAT,

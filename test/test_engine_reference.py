@@ -91,6 +91,7 @@ def test_engine_matches_float64_reference(user, max_tokens, reference, tokenizer
     theirs = np.asarray(ref["first_logits"], dtype=np.float64)
     assert ours.shape == theirs.shape == (49152,)
     diff = float(np.max(np.abs(ours - theirs)))
-    print(f"{user!r}: {len(engine['tokens'])} tokens equal; first-step max |logit diff| = {diff:.2e}")
+    print(f"{user[:40]!r}... ({len(engine['prompt_ids'])} prompt tokens): {len(engine['tokens'])} tokens equal; "
+          f"first-step max |logit diff| = {diff:.2e}")
     assert diff < LOGIT_TOL, f"first-step logits differ by up to {diff} (tolerance {LOGIT_TOL})"
     assert engine["tokens_per_s"] > 0
