@@ -13,6 +13,8 @@
 //! what attention must read per token at least, whatever the kernel. On-CPU time is this
 //! thread's (`/proc/thread-self/schedstat`): with one ONNX Runtime thread all compute runs here,
 //! and it leaves out the time the thread waited for a core (A/B comparisons on a busy machine).
+//! `kv_reserved_mb` is what the caches allocated (capacity = the model's max context here) and
+//! `rss_mb` the process's resident set after the steps: pages become resident as rows are written.
 //! `--png` draws ms per token (median wall) against the context for every variant, plus each
 //! `--series` file (JSON lines with `context` and `ms_per_token_p50`, e.g. llama.cpp's).
 use std::path::PathBuf;
@@ -25,6 +27,12 @@ fn on_cpu_ns() -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
         .unwrap_or(0)
+}
+
+/// Resident set of this process (MB), to show that it follows the rows written, not the capacity.
+fn rss_mb() -> f64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok()).unwrap_or(0.0) * 4096.0 / 1e6
 }
 
 fn stats(mut v: Vec<f64>) -> (f64, f64) {
@@ -108,6 +116,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     layer_wall.push(model.shard.last_compute().as_secs_f64() * 1e3 / layers as f64);
                 }
             }
+            let rss = rss_mb();
+            let reserved = model.shard.memory_bytes().kv_reserved_bytes as f64 / 1e6;
             let kv_floats = 2 * layers * n;
             let kv_stream = stream_ms(&vec![1.0f32; kv_floats]);
             let ((wall_p50, wall_mean), (cpu_p50, cpu_mean), (layer_p50, _)) =
@@ -115,7 +125,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!(
                 "{{\"variant\": \"{variant}\", \"context\": {context}, \"steps\": {steps}, \"ms_per_token_p50\": {wall_p50:.3}, \
                  \"ms_per_token_mean\": {wall_mean:.3}, \"cpu_ms_per_token_p50\": {cpu_p50:.3}, \"cpu_ms_per_token_mean\": {cpu_mean:.3}, \
-                 \"ms_per_layer_p50\": {layer_p50:.4}, \"kv_bytes\": {}, \"kv_stream_ms\": {kv_stream:.3}}}",
+                 \"ms_per_layer_p50\": {layer_p50:.4}, \"kv_bytes\": {}, \"kv_stream_ms\": {kv_stream:.3}, \
+                 \"kv_reserved_mb\": {reserved:.1}, \"rss_mb\": {rss:.1}}}",
                 kv_floats * 4
             );
             points.push((context as f64, wall_p50));
