@@ -92,14 +92,17 @@ llm = Llama(model_path=gguf, n_threads=1, n_threads_batch=1, n_ctx=512, n_batch=
 load_s = time.perf_counter() - t0
 chat = "<|im_start|>user\n" + user + "<|im_end|>\n<|im_start|>assistant\n"
 ids = llm.tokenize(chat.encode(), add_bos=False, special=True)
+import llama_cpp
+def last_logits():  # llama-cpp-python 0.3.36 leaves Llama.scores at zero without logits_all
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 t1 = time.perf_counter()
 llm.eval(ids)  # prefill in one batch
-tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+tok = int(np.argmax(last_logits()))
 t2 = time.perf_counter()
 tokens = [tok]
 while len(tokens) < n:  # one token per step, greedy, EOS ignored
     llm.eval([tok])
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(last_logits()))
     tokens.append(tok)
 t3 = time.perf_counter()
 peak = 0
