@@ -148,6 +148,9 @@ fn radio_mac(index: usize) -> String {
     (0..6).rev().map(|b| format!("{:02x}", (n >> (8 * b)) & 0xff)).collect::<Vec<_>>().join(":")
 }
 
+/// The emulator's nice value (-20 highest .. 19 lowest; processes start at 0).
+const EMULATOR_NICE: i32 = -10;
+
 /// What the emulator cost and saw, at its end.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EmulatorReport {
@@ -225,12 +228,16 @@ impl RadioNet {
         let err = out.try_clone().map_err(io("opening", &log))?;
         let mut cmd = sim.command(exe);
         cmd.arg(format!("--input={}", input.display())).stdin(Stdio::piped()).stdout(out).stderr(err);
-        // SAFETY: prctl only marks the child: it dies with this process.
+        // SAFETY: prctl and setpriority only change the child: it dies with this process, and
+        // it runs before the swarm's processes when the machine is short of CPU (the emulated
+        // radio is hardware: it does not share the drones' cores, and a late emulator delays
+        // every frame). Without the privilege to raise it, it runs at the default priority.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                libc::setpriority(libc::PRIO_PROCESS, 0, EMULATOR_NICE);
                 Ok(())
             });
         }
