@@ -439,7 +439,7 @@ mod tests {
             heard.insert(uav.to_string(), h);
         };
         // uav1 beats every 0.5 s throughout; uav2 as given.
-        let mut members_at = |m: &mut Membership, heard: &mut BTreeMap<String, Heard>, at: f64| {
+        let members_at = |m: &mut Membership, heard: &mut BTreeMap<String, Heard>, at: f64| {
             beat(heard, "uav1", (at * 20.0) as u64, at);
             m.members(heard, s(at))
         };
