@@ -44,7 +44,8 @@ pub struct SwarmArgs {
     /// Parameter file for every UAV's nodes (default: the package's config/uav.yaml).
     #[arg(long)]
     pub uav_params: Option<PathBuf>,
-    /// Parameter file for the scheduler and the watchdog (default: config/swarm.yaml).
+    /// Parameter file for the scheduler and the watchdog (default: config/swarm.yaml; with
+    /// --radio, config/radio/swarm-params.yaml).
     #[arg(long)]
     pub swarm_params: Option<PathBuf>,
     /// Sampling temperature (0 = greedy), top-p and seed.
@@ -71,9 +72,6 @@ pub struct SwarmArgs {
     /// The command must itself run inside `unshare -n`.
     #[arg(long, value_name = "SCENARIO")]
     pub radio: Option<PathBuf>,
-    /// With --radio: parameters read after --swarm-params (default: config/radio/swarm.yaml).
-    #[arg(long, value_name = "FILE")]
-    pub radio_params: Option<PathBuf>,
     /// With --radio: after the answer, wait this long for UAVs declared failed (and not killed)
     /// to rejoin through a new plan.
     #[arg(long, default_value_t = 30.0)]
@@ -152,19 +150,14 @@ fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
     let share = share_dir();
     let launcher = Launcher::new(&share);
     let n = a.uavs.to_string();
-    let swarm_params = a.swarm_params.as_ref().map(|p| p.display().to_string());
+    // Over the radio the watchdog and the planner need the radio's values.
+    let radio_params = a.radio.as_ref().map(|_| share.join("config/radio/swarm-params.yaml"));
+    let swarm_params = a.swarm_params.as_ref().or(radio_params.as_ref()).map(|p| p.display().to_string());
     let mut args = vec![("expected_uavs", n.as_str())];
     if let Some(p) = &swarm_params {
         args.push(("params_file", p.as_str()));
     }
     let mut nodes = launcher.load(&share.join("launch/control.launch.xml"), &args)?;
-    if a.radio.is_some() {
-        let radio_params = a.radio_params.clone().unwrap_or_else(|| share.join("config/radio/swarm.yaml"));
-        anyhow::ensure!(radio_params.is_file(), "radio parameters {} not found", radio_params.display());
-        for n in &mut nodes {
-            n.params_files.push(radio_params.clone());
-        }
-    }
     let socs: Vec<(String, String)> = a
         .soc
         .iter()
