@@ -102,6 +102,15 @@ impl RosArgs {
             merged.insert(Value::String(k.clone()), value);
             origin = format!("-p {k}:={v}");
         }
+        // Every ROS node has `use_sim_time`; a launch under a simulator sets it on all of them.
+        // These nodes time their work by the wall clock (their timeouts are about real processes
+        // and their stamps are compared across processes), so it is checked and set aside.
+        if let Some(v) = merged.remove("use_sim_time") {
+            if !v.is_bool() {
+                let message = format!("expected true or false, not {v:?}");
+                return Err(ParamError::Field { origin, field: "use_sim_time".into(), message });
+            }
+        }
         from_mapping(merged, &origin)
     }
 }
@@ -233,6 +242,15 @@ mod tests {
         let f = write("/**/node:\n  ros__parameters:\n    perod_s: 1.0\n");
         let err = args(&f.0, &[]).load::<P>("node").unwrap_err().to_string();
         assert!(err.contains("field `perod_s`"), "{err}");
+    }
+
+    #[test]
+    fn use_sim_time_is_accepted_when_boolean() {
+        let f = write("/**:\n  ros__parameters:\n    use_sim_time: true\n    uav_id: y\n");
+        let p: P = args(&f.0, &[]).load("node").expect("load");
+        assert_eq!(p.uav_id, "y");
+        let err = args(&f.0, &["-p", "use_sim_time:=later"]).load::<P>("node").unwrap_err();
+        assert!(err.to_string().contains("use_sim_time"), "{err}");
     }
 
     #[test]

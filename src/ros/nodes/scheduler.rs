@@ -4,7 +4,7 @@
 //! `/aerokv/generate` and streams `/aerokv/tokens`; recovers from failures (failover, or an exact
 //! restart when the state to fail over is not there) and retires UAVs before their batteries die.
 use super::discovery::uavs_with_topic;
-use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telemetry};
+use crate::control::{self, ring_order, Airframe, Controller, ModelSize, Planned, Telemetry, TelemetryKind};
 use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
 use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
 use aerokv_engine::{
@@ -129,6 +129,8 @@ impl Params {
 struct Live {
     beats: BTreeMap<String, (Instant, Heartbeat)>,
     battery: BTreeMap<String, BatteryHealth>,
+    /// Telemetry refused by the checks in `control` (wrong UAV, non-finite or absurd figures).
+    rejects: control::TelemetryRejects,
 }
 
 /// Why a generation could not go on.
@@ -317,24 +319,31 @@ impl Scheduler {
             self.activation_pub(&names::stage_input(&uav))?;
             let mut beats = self.ctx.subscribe::<Heartbeat>(&names::heartbeat(&uav), names::telemetry())?;
             let mut battery = self.ctx.subscribe::<BatteryHealth>(&names::battery(&uav), names::telemetry())?;
-            let live = self.live.clone();
-            let u = uav.clone();
+            let (live, u, layers) = (self.live.clone(), uav.clone(), self.controller.model.num_layers);
             tokio::spawn(async move {
                 while let Some(hb) = beats.recv().await {
-                    live.lock().unwrap_or_else(|e| e.into_inner()).beats.insert(u.clone(), (Instant::now(), hb));
+                    let checked = control::validate_heartbeat(&convert::heartbeat_fields(&hb), &u, layers);
+                    let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
+                    if live.rejects.passed(&u, TelemetryKind::Heartbeat, checked) {
+                        live.beats.insert(u.clone(), (Instant::now(), hb));
+                    }
                 }
             });
-            let live = self.live.clone();
+            let (live, u) = (self.live.clone(), uav.clone());
             tokio::spawn(async move {
                 while let Some(b) = battery.recv().await {
-                    live.lock().unwrap_or_else(|e| e.into_inner()).battery.insert(b.uav_id.clone(), b);
+                    let checked = control::validate_battery_health(&convert::battery_health_fields(&b), &u);
+                    let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
+                    if live.rejects.passed(&u, TelemetryKind::BatteryHealth, checked) {
+                        live.battery.insert(u.clone(), b);
+                    }
                 }
             });
         }
         Ok(())
     }
 
-    /// UAVs with a recent heartbeat and battery health, not declared failed, in ring order.
+    /// UAVs with a recent heartbeat and battery health (not empty), not declared failed, in ring order.
     fn members(&mut self) -> Vec<String> {
         let timeout = Duration::from_secs_f64(self.p.member_timeout_s);
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
@@ -348,7 +357,7 @@ impl Scheduler {
             .iter()
             .filter(|(uav, (t, _))| {
                 t.elapsed() < timeout
-                    && live.battery.contains_key(*uav)
+                    && live.battery.get(*uav).is_some_and(|b| !control::is_depleted(&convert::battery_health_fields(b)))
                     && !self.failed.contains_key(*uav)
                     && !self.retired.contains_key(*uav)
             })

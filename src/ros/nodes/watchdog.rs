@@ -2,7 +2,8 @@
 //! UAV failed (heartbeats missed for `heartbeat_timeout_s`, or its battery empty) once per UAV
 //! and epoch, on `/aerokv/failures`.
 use super::discovery::uavs_with_topic;
-use crate::ros::{names, now_stamp, NodeContext};
+use crate::control::{self, TelemetryKind, TelemetryRejects};
+use crate::ros::{convert, names, now_stamp, NodeContext};
 use r2r::aerokv::msg::{Assignment, BatteryHealth, FailureEvent, Heartbeat};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -24,9 +25,10 @@ impl Default for Params {
     }
 }
 
+/// A message from a UAV's topic, with the UAV the topic belongs to.
 enum Seen {
-    Heartbeat(Heartbeat),
-    Battery(BatteryHealth),
+    Heartbeat(String, Heartbeat),
+    Battery(String, BatteryHealth),
 }
 
 pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
@@ -45,6 +47,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     };
     let mut last_beat: BTreeMap<String, Instant> = BTreeMap::new();
     let mut declared: HashSet<(u64, String)> = HashSet::new();
+    let mut rejects = TelemetryRejects::default();
     let mut epoch = 0u64;
     let mut ring: Option<BTreeSet<String>> = None;
     let mut check = tokio::time::interval(Duration::from_secs_f64(p.check_period_s));
@@ -60,11 +63,11 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
                 epoch = epoch.max(a.epoch);
                 ring = Some(a.ring.iter().cloned().collect());
             }
-            Some(seen) = seen_rx.recv() => take(seen, &mut last_beat, &failures, &mut declared, epoch),
+            Some(seen) = seen_rx.recv() => take(seen, &mut last_beat, &failures, &mut declared, &mut rejects, epoch),
             _ = check.tick() => {
                 // Judge only on what has arrived: take everything queued first.
                 while let Ok(seen) = seen_rx.try_recv() {
-                    take(seen, &mut last_beat, &failures, &mut declared, epoch);
+                    take(seen, &mut last_beat, &failures, &mut declared, &mut rejects, epoch);
                 }
                 // If this loop itself was held up (a stalled process, a starved CPU), the time it
                 // was not listening is nobody's silence.
@@ -92,21 +95,38 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
 }
 
 /// A heartbeat or battery report: note when the UAV was heard; an empty battery is a failure.
+/// Reports that fail their check (another UAV's name, non-finite or absurd figures) are counted
+/// and change nothing.
 fn take(
     seen: Seen,
     last_beat: &mut BTreeMap<String, Instant>,
     failures: &r2r::Publisher<FailureEvent>,
     declared: &mut HashSet<(u64, String)>,
+    rejects: &mut TelemetryRejects,
     epoch: u64,
 ) {
+    // The watchdog loads no model: any interval length passes here (the scheduler checks them).
+    let (uav, kind, checked) = match &seen {
+        Seen::Heartbeat(uav, hb) => {
+            (uav, TelemetryKind::Heartbeat, control::validate_heartbeat(&convert::heartbeat_fields(hb), uav, u32::MAX))
+        }
+        Seen::Battery(uav, b) => (
+            uav,
+            TelemetryKind::BatteryHealth,
+            control::validate_battery_health(&convert::battery_health_fields(b), uav),
+        ),
+    };
+    if !rejects.passed(uav, kind, checked) {
+        return;
+    }
     match seen {
-        Seen::Heartbeat(hb) => {
-            last_beat.insert(hb.uav_id, Instant::now());
+        Seen::Heartbeat(uav, _) => {
+            last_beat.insert(uav, Instant::now());
         }
-        Seen::Battery(b) if b.energy_j <= 0.0 => {
-            declare(failures, declared, epoch, &b.uav_id, "battery_empty", last_beat.get(&b.uav_id))
+        Seen::Battery(uav, b) if control::is_depleted(&convert::battery_health_fields(&b)) => {
+            declare(failures, declared, epoch, &uav, "battery_empty", last_beat.get(&uav))
         }
-        Seen::Battery(_) => {}
+        Seen::Battery(..) => {}
     }
 }
 
@@ -121,8 +141,9 @@ fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period:
             if watched.contains(uav) {
                 continue;
             }
-            match forward(ctx, &names::heartbeat(uav), seen, Seen::Heartbeat)
-                .and_then(|()| forward(ctx, &names::battery(uav), seen, Seen::Battery))
+            let (u, v) = (uav.clone(), uav.clone());
+            match forward(ctx, &names::heartbeat(uav), seen, move |m| Seen::Heartbeat(u.clone(), m))
+                .and_then(|()| forward(ctx, &names::battery(uav), seen, move |m| Seen::Battery(v.clone(), m)))
             {
                 Ok(()) => {
                     tracing::info!(%uav, "watching");
