@@ -251,6 +251,9 @@ mod tests {
         assert_eq!(p.uav_id, "y");
         let err = args(&f.0, &["-p", "use_sim_time:=later"]).load::<P>("node").unwrap_err();
         assert!(err.to_string().contains("use_sim_time"), "{err}");
+        // An empty value, as the launcher passes it.
+        let p: P = args(&f.0, &["-p", "uav_id:=''"]).load("node").expect("load");
+        assert_eq!(p.uav_id, "");
     }
 
     #[test]

@@ -29,43 +29,55 @@ def diagnostics_of(uav, got):
 
 def test_battery_monitor_follows_px4_on_the_vehicles_topic_and_refuses_bad_readings(rclpy_node, procs):
     from aerokv.msg import BatteryHealth
-    from diagnostic_msgs.msg import DiagnosticArray
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 
     mine = rclpy_node.create_publisher(px4_msgs.BatteryStatus, "/px4_1/fmu/out/battery_status", PX4_QOS)
     other = rclpy_node.create_publisher(px4_msgs.BatteryStatus, "/fmu/out/battery_status", PX4_QOS)
-    # Published before the monitor exists: transient local hands it over when the monitor joins.
-    mine.publish(status(0.42))
-    other.publish(status(0.9))
     health, diags = [], []
     rclpy_node.create_subscription(BatteryHealth, "/uav5/battery", health.append, qos_profile_sensor_data)
     rclpy_node.create_subscription(DiagnosticArray, "/diagnostics", diags.append, 10)
     monitor = procs([BIN / "battery_monitor", "--ros-args", "-r", "__ns:=/uav5", "--params-file", ROOT / "config/uav.yaml",
                      "-p", "source:=px4", "-p", "px4_namespace:=px4_1", "-p", "publish_period_s:=0.1"], "monitor")
-    from_px4 = lambda: [h for h in health if h.source == "px4_msgs/BatteryStatus"]
-    assert spin_until(rclpy_node, lambda: from_px4(), timeout=20), monitor.output()
-    h = from_px4()[-1]
-    assert h.uav_id == "uav5" and h.state_of_charge == pytest.approx(0.42, abs=1e-6)
+    # PX4 publishes periodically; another vehicle's status (no namespace) must not be followed.
+    # Until the first status arrives the monitor reports its initial charge, 1.0.
+    def followed():
+        mine.publish(status(0.42))
+        other.publish(status(0.9))
+        return [h for h in health if h.state_of_charge == pytest.approx(0.42, abs=1e-6)]
+
+    assert spin_until(rclpy_node, followed, timeout=20), (health[-1:], monitor.output())
+    h = followed()[-1]
+    assert h.uav_id == "uav5" and h.source == "px4_msgs/BatteryStatus"
     assert h.energy_j == pytest.approx(0.42 * CAPACITY_J, rel=1e-6) and h.power_w == pytest.approx(152.0, rel=1e-4)
 
     # Bad readings change nothing and are counted; the last good reading stands.
-    for bad in [status(float("nan")), status(1.7), status(-1.0), status(0.3, connected=False),
-                status(0.3, full_charge_capacity_wh=1e7)]:
-        mine.publish(bad)
-    refused = lambda: [d for d in diagnostics_of("uav5", diags) if int(d["rejected_readings"]) >= 5]
+    bad = [status(float("nan")), status(1.7), status(-1.0), status(0.3, connected=False),
+           status(0.3, full_charge_capacity_wh=1e7)]
+
+    def refused():
+        for m in bad:
+            mine.publish(m)
+        return [d for d in diagnostics_of("uav5", diags) if int(d["rejected_readings"]) >= len(bad)]
+
     assert spin_until(rclpy_node, refused, timeout=10), diagnostics_of("uav5", diags)[-1:]
     d = refused()[-1]
-    assert "last_rejected" in d and d["_level"] == 1, d  # WARN
+    assert "last_rejected" in d and d["_level"] == DiagnosticStatus.WARN, d
     health.clear()
     assert spin_until(rclpy_node, lambda: len(health) >= 2, timeout=10)
     assert all(h.state_of_charge == pytest.approx(0.42, abs=1e-6) for h in health), health
     assert "refused" in monitor.output()
 
     # A good reading is followed again; from EMERGENCY on the UAV has nothing left for the swarm.
-    mine.publish(status(0.35, warning=1))
-    assert spin_until(rclpy_node, lambda: health and health[-1].state_of_charge == pytest.approx(0.35, abs=1e-6), timeout=10)
+    def after(m, predicate):
+        mine.publish(m)
+        return predicate()
+
+    low = status(0.35, warning=1)
+    assert spin_until(rclpy_node, lambda: after(low, lambda: health and health[-1].state_of_charge == pytest.approx(0.35, abs=1e-6)), timeout=10)
     assert spin_until(rclpy_node, lambda: any(d.get("px4_warning") == "low" for d in diagnostics_of("uav5", diags)), timeout=10)
-    mine.publish(status(0.35, warning=3))
-    assert spin_until(rclpy_node, lambda: health and health[-1].energy_j == 0.0, timeout=10)
+    assert all(h.state_of_charge != pytest.approx(0.9) for h in health), "followed another vehicle's status"
+    landing = status(0.35, warning=3)
+    assert spin_until(rclpy_node, lambda: after(landing, lambda: health and health[-1].energy_j == 0.0), timeout=10)
     assert monitor.stop(signal.SIGINT) == 0, monitor.output()
 
 
@@ -78,7 +90,6 @@ def test_the_next_plan_follows_px4s_charge_and_a_landing_uav_leaves_it(rclpy_nod
         return p
 
     px4 = rclpy_node.create_publisher(px4_msgs.BatteryStatus, "/px4_2/fmu/out/battery_status", PX4_QOS)
-    px4.publish(status(1.0))
     control = launch("control.launch.xml", "expected_uavs:=2")
     launch("uav.launch.xml", "uav_id:=uav1")
     launch("uav.launch.xml", "uav_id:=uav2", "battery_source:=px4", "px4_namespace:=px4_2")
@@ -108,6 +119,9 @@ def test_the_next_plan_follows_px4s_charge_and_a_landing_uav_leaves_it(rclpy_nod
     assert "battery" in latest["a"].reason
 
     # EMERGENCY: the UAV lands; its battery reads empty and it leaves the plan.
-    px4.publish(status(0.1, warning=3))
-    assert spin_until(rclpy_node, lambda: list(latest["a"].ring) == ["uav1"], timeout=60), latest["a"]
+    def landed():
+        px4.publish(status(0.1, warning=3))
+        return list(latest["a"].ring) == ["uav1"]
+
+    assert spin_until(rclpy_node, landed, timeout=60), latest["a"]
     assert control.stop(signal.SIGINT) == 0, control.output()

@@ -292,8 +292,9 @@ fn battery_state_fields(m: &BatteryState) -> battery::BatteryStateFields {
     }
 }
 
-/// Follows PX4's battery status: PX4 publishes it best effort, transient local, keep last; a
-/// reliable subscriber would never match.
+/// Follows PX4's battery status. PX4 publishes it best effort, transient local, keep last: a
+/// reliable subscriber would never match. A best-effort writer hands no history to a late reader
+/// (measured with Fast DDS), so a volatile reader loses nothing and also matches a volatile writer.
 #[cfg(feature = "px4")]
 fn subscribe_px4(
     ctx: &NodeContext,
@@ -302,7 +303,7 @@ fn subscribe_px4(
     tx: mpsc::UnboundedSender<(&'static str, Result<Reading, Rejected>)>,
 ) -> anyhow::Result<()> {
     use r2r::px4_msgs::msg::BatteryStatus;
-    let qos = r2r::QosProfile::sensor_data().keep_last(5).transient_local();
+    let qos = r2r::QosProfile::sensor_data();
     let mut rx = ctx.subscribe::<BatteryStatus>(topic, qos)?;
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
