@@ -79,7 +79,11 @@ impl Params {
             matches!(self.battery_state_qos.as_str(), "best_effort" | "reliable"),
             "parameter `battery_state_qos` must be best_effort or reliable"
         );
-        anyhow::ensure!(self.capacity_j > 0.0, "parameter `capacity_j` must be positive");
+        anyhow::ensure!(
+            self.capacity_j > 0.0 && self.capacity_j <= battery::MAX_CAPACITY_J,
+            "parameter `capacity_j` must be positive and at most {} J (the scheduler refuses more)",
+            battery::MAX_CAPACITY_J
+        );
         anyhow::ensure!((0.0..=1.0).contains(&self.initial_soc), "parameter `initial_soc` must be within 0..1");
         anyhow::ensure!(
             self.link_rate_bps > 0.0 && self.time_scale > 0.0 && self.publish_period_s > 0.0,
