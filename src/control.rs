@@ -338,6 +338,181 @@ impl Membership {
     }
 }
 
+/// The figures of a `BatteryHealth` message the scheduler and the watchdog act on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatteryHealthFields<'a> {
+    pub uav_id: &'a str,
+    pub energy_j: f64,
+    pub capacity_j: f64,
+    pub state_of_charge: f32,
+    pub power_w: f64,
+    pub expected_remaining_tokens: f64,
+}
+
+/// The figures of a `Heartbeat` message the scheduler acts on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeartbeatFields<'a> {
+    pub uav_id: &'a str,
+    pub layer_start: u32,
+    pub layer_end: u32,
+    pub replica_start: u32,
+    pub replica_end: u32,
+    pub compute_ms_per_layer: f64,
+    pub compute_s_total: f64,
+}
+
+/// Why a telemetry message was not taken.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TelemetryReject {
+    #[error("it names {named:?} but came on {topic_uav:?}'s topic")]
+    WrongUav { named: String, topic_uav: String },
+    #[error("{field} is {value}: not a finite number >= 0")]
+    BadNumber { field: &'static str, value: f64 },
+    #[error("{field} {value} is beyond any UAV battery (at most {limit})")]
+    Absurd { field: &'static str, value: f64, limit: f64 },
+    #[error("energy {energy_j} J exceeds the capacity {capacity_j} J")]
+    EnergyAboveCapacity { energy_j: f64, capacity_j: f64 },
+    #[error("capacity is 0")]
+    ZeroCapacity,
+    #[error("layer interval [{start}, {end}) is not within the model's {layers} layers")]
+    BadInterval { start: u32, end: u32, layers: u32 },
+}
+
+fn number(field: &'static str, value: f64) -> std::result::Result<f64, TelemetryReject> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(value)
+    } else {
+        Err(TelemetryReject::BadNumber { field, value })
+    }
+}
+
+fn same_uav(named: &str, topic_uav: &str) -> std::result::Result<(), TelemetryReject> {
+    if named == topic_uav {
+        Ok(())
+    } else {
+        Err(TelemetryReject::WrongUav { named: named.into(), topic_uav: topic_uav.into() })
+    }
+}
+
+/// A battery health report from `topic_uav`'s topic that planning may use: its own UAV, finite
+/// figures, energy within a real capacity. A refused report changes nothing (the last good one
+/// stands); an empty battery that is reported correctly is taken (see [`is_depleted`]).
+pub fn validate_battery_health(m: &BatteryHealthFields, topic_uav: &str) -> std::result::Result<(), TelemetryReject> {
+    same_uav(m.uav_id, topic_uav)?;
+    let energy_j = number("energy_j", m.energy_j)?;
+    let capacity_j = number("capacity_j", m.capacity_j)?;
+    if capacity_j == 0.0 {
+        return Err(TelemetryReject::ZeroCapacity);
+    }
+    if capacity_j > crate::battery::MAX_CAPACITY_J {
+        return Err(TelemetryReject::Absurd {
+            field: "capacity_j",
+            value: capacity_j,
+            limit: crate::battery::MAX_CAPACITY_J,
+        });
+    }
+    // The monitor derives energy from the charge it reads; float rounding may overshoot a little.
+    if energy_j > capacity_j * (1.0 + 1e-6) {
+        return Err(TelemetryReject::EnergyAboveCapacity { energy_j, capacity_j });
+    }
+    let soc = number("state_of_charge", f64::from(m.state_of_charge))?;
+    if soc > 1.0 + 1e-6 {
+        return Err(TelemetryReject::Absurd { field: "state_of_charge", value: soc, limit: 1.0 });
+    }
+    let power_w = number("power_w", m.power_w)?;
+    if power_w > crate::battery::MAX_POWER_W {
+        return Err(TelemetryReject::Absurd { field: "power_w", value: power_w, limit: crate::battery::MAX_POWER_W });
+    }
+    // Infinite remaining tokens is what an idle UAV reports (no energy per token yet).
+    if m.expected_remaining_tokens.is_nan() || m.expected_remaining_tokens < 0.0 {
+        return Err(TelemetryReject::BadNumber {
+            field: "expected_remaining_tokens",
+            value: m.expected_remaining_tokens,
+        });
+    }
+    Ok(())
+}
+
+/// A battery that is really empty (a validated report): its UAV leaves the membership.
+pub fn is_depleted(m: &BatteryHealthFields) -> bool {
+    m.energy_j <= 0.0
+}
+
+/// A heartbeat from `topic_uav`'s topic that the scheduler may use: its own UAV, intervals within
+/// the model's `layers`, finite compute figures. A stage around the gateway ends past `layers`
+/// (its end is start + length); a replica's layers are numbered modulo `layers`, so its end may
+/// come before its start.
+pub fn validate_heartbeat(
+    m: &HeartbeatFields,
+    topic_uav: &str,
+    layers: u32,
+) -> std::result::Result<(), TelemetryReject> {
+    same_uav(m.uav_id, topic_uav)?;
+    let bad = |start, end| Err(TelemetryReject::BadInterval { start, end, layers });
+    let (start, end) = (m.layer_start, m.layer_end);
+    if start > end || start > layers || end - start > layers {
+        return bad(start, end);
+    }
+    if m.replica_start > layers || m.replica_end > layers {
+        return bad(m.replica_start, m.replica_end);
+    }
+    number("compute_ms_per_layer", m.compute_ms_per_layer)?;
+    number("compute_s_total", m.compute_s_total)?;
+    Ok(())
+}
+
+/// Refused messages of one kind, counted; says which refusals deserve a log line (the 1st, 2nd,
+/// 4th, 8th ...), so that a stream of bad messages cannot flood the log.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rejects {
+    pub count: u64,
+}
+
+impl Rejects {
+    /// Counts one refusal; true when it should be logged.
+    pub fn note(&mut self) -> bool {
+        self.count += 1;
+        self.count.is_power_of_two()
+    }
+}
+
+/// The telemetry messages the scheduler and the watchdog take from every UAV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TelemetryKind {
+    Heartbeat,
+    BatteryHealth,
+}
+
+/// Refused telemetry, counted per UAV and kind.
+#[derive(Debug, Default, Clone)]
+pub struct TelemetryRejects(BTreeMap<(String, TelemetryKind), Rejects>);
+
+impl TelemetryRejects {
+    /// Counts one refusal; its count when it deserves a log line.
+    pub fn note(&mut self, uav: &str, kind: TelemetryKind) -> Option<u64> {
+        let r = self.0.entry((uav.to_string(), kind)).or_default();
+        r.note().then_some(r.count)
+    }
+
+    /// True when a message passed its check; counts (and now and then logs) one that did not.
+    pub fn passed(
+        &mut self,
+        uav: &str,
+        kind: TelemetryKind,
+        checked: std::result::Result<(), TelemetryReject>,
+    ) -> bool {
+        let Err(why) = checked else { return true };
+        if let Some(count) = self.note(uav, kind) {
+            tracing::warn!(%uav, ?kind, count, "telemetry refused: {why}");
+        }
+        false
+    }
+
+    pub fn count(&self, uav: &str, kind: TelemetryKind) -> u64 {
+        self.0.get(&(uav.to_string(), kind)).map_or(0, |r| r.count)
+    }
+}
+
 /// `uav2` before `uav10`: names compared by their text, then by the number they end with.
 pub fn ring_order(names: &mut [String]) {
     fn key(s: &str) -> (String, u64, String) {
@@ -423,6 +598,96 @@ mod tests {
             }
         }
         assert!(matches!(c.failover(&p, "uav9", &t, 256, 40, None, 2, false), Err(ControlError::NotMember(_))));
+    }
+
+    fn health(energy_j: f64) -> BatteryHealthFields<'static> {
+        BatteryHealthFields {
+            uav_id: "uav1",
+            energy_j,
+            capacity_j: 2.7e6,
+            state_of_charge: (energy_j / 2.7e6) as f32,
+            power_w: 120.0,
+            expected_remaining_tokens: 1e5,
+        }
+    }
+
+    #[test]
+    fn battery_health_is_checked_before_planning_uses_it() {
+        assert_eq!(validate_battery_health(&health(1.35e6), "uav1"), Ok(()));
+        // An empty battery is a valid report, and its UAV leaves the membership.
+        assert_eq!(validate_battery_health(&health(0.0), "uav1"), Ok(()));
+        assert!(is_depleted(&health(0.0)) && !is_depleted(&health(1.0)));
+        let idle = BatteryHealthFields { expected_remaining_tokens: f64::INFINITY, ..health(1e6) };
+        assert_eq!(validate_battery_health(&idle, "uav1"), Ok(()));
+        let refused = |m: BatteryHealthFields| validate_battery_health(&m, "uav1").unwrap_err();
+        assert!(matches!(refused(health(f64::NAN)), TelemetryReject::BadNumber { field: "energy_j", .. }));
+        assert!(matches!(refused(health(-5.0)), TelemetryReject::BadNumber { field: "energy_j", .. }));
+        assert!(matches!(refused(health(3e6)), TelemetryReject::EnergyAboveCapacity { .. }));
+        assert_eq!(
+            refused(BatteryHealthFields { capacity_j: 0.0, energy_j: 0.0, ..health(0.0) }),
+            TelemetryReject::ZeroCapacity
+        );
+        let huge = BatteryHealthFields { capacity_j: 1e12, ..health(1e6) };
+        assert!(matches!(refused(huge), TelemetryReject::Absurd { field: "capacity_j", .. }));
+        let soc = BatteryHealthFields { state_of_charge: 7.0, ..health(1e6) };
+        assert!(matches!(refused(soc), TelemetryReject::Absurd { field: "state_of_charge", .. }));
+        let power = BatteryHealthFields { power_w: f64::INFINITY, ..health(1e6) };
+        assert!(matches!(refused(power), TelemetryReject::BadNumber { field: "power_w", .. }));
+        let tokens = BatteryHealthFields { expected_remaining_tokens: f64::NAN, ..health(1e6) };
+        assert!(matches!(refused(tokens), TelemetryReject::BadNumber { field: "expected_remaining_tokens", .. }));
+        // Another UAV's name on this UAV's topic.
+        assert!(matches!(validate_battery_health(&health(1e6), "uav2"), Err(TelemetryReject::WrongUav { .. })));
+    }
+
+    #[test]
+    fn heartbeats_are_checked_before_the_scheduler_uses_them() {
+        let hb = HeartbeatFields {
+            uav_id: "uav1",
+            layer_start: 0,
+            layer_end: 8,
+            replica_start: 8,
+            replica_end: 10,
+            compute_ms_per_layer: 0.4,
+            compute_s_total: 12.0,
+        };
+        assert_eq!(validate_heartbeat(&hb, "uav1", 30), Ok(()));
+        assert_eq!(
+            validate_heartbeat(&HeartbeatFields { layer_end: 0, replica_start: 0, replica_end: 0, ..hb }, "uav1", 30),
+            Ok(())
+        );
+        assert!(matches!(validate_heartbeat(&hb, "uav3", 30), Err(TelemetryReject::WrongUav { .. })));
+        assert!(matches!(validate_heartbeat(&hb, "uav1", 9), Err(TelemetryReject::BadInterval { end: 10, .. })));
+        let around_the_gateway =
+            HeartbeatFields { layer_start: 25, layer_end: 35, replica_start: 29, replica_end: 1, ..hb };
+        assert_eq!(validate_heartbeat(&around_the_gateway, "uav1", 30), Ok(()));
+        let too_long = HeartbeatFields { layer_start: 25, layer_end: 56, ..hb };
+        assert!(matches!(validate_heartbeat(&too_long, "uav1", 30), Err(TelemetryReject::BadInterval { .. })));
+        let reversed = HeartbeatFields { layer_start: 9, ..hb };
+        assert!(matches!(
+            validate_heartbeat(&reversed, "uav1", 30),
+            Err(TelemetryReject::BadInterval { start: 9, .. })
+        ));
+        let nan = HeartbeatFields { compute_s_total: f64::NAN, ..hb };
+        assert!(matches!(validate_heartbeat(&nan, "uav1", 30), Err(TelemetryReject::BadNumber { .. })));
+        let negative = HeartbeatFields { compute_ms_per_layer: -1.0, ..hb };
+        assert!(matches!(validate_heartbeat(&negative, "uav1", 30), Err(TelemetryReject::BadNumber { .. })));
+    }
+
+    #[test]
+    fn rejects_log_at_powers_of_two() {
+        let mut r = Rejects::default();
+        let logged: Vec<u64> = (1..=20).filter(|_| r.note()).collect();
+        assert_eq!((logged, r.count), (vec![1, 2, 4, 8, 16], 20));
+    }
+
+    #[test]
+    fn telemetry_rejects_count_per_uav_and_kind() {
+        let mut r = TelemetryRejects::default();
+        assert_eq!(r.note("uav1", TelemetryKind::Heartbeat), Some(1));
+        assert_eq!(r.note("uav1", TelemetryKind::Heartbeat), Some(2));
+        assert_eq!(r.note("uav1", TelemetryKind::Heartbeat), None);
+        assert_eq!(r.note("uav1", TelemetryKind::BatteryHealth), Some(1));
+        assert_eq!((r.count("uav1", TelemetryKind::Heartbeat), r.count("uav2", TelemetryKind::Heartbeat)), (3, 0));
     }
 
     #[test]

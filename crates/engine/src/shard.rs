@@ -10,7 +10,7 @@ use ort::value::Tensor;
 use ort::AsPointer;
 
 use crate::error::{EngineError, Result};
-use crate::manifest::{check_size, Architecture, Manifest};
+use crate::manifest::{Architecture, Manifest};
 use crate::runtime::Runtime;
 
 /// Hidden states of `tokens` consecutive tokens, row-major `[tokens, width]` (the `[1, S, 576]`
@@ -270,9 +270,9 @@ impl Shard {
             rope: rope_tables(&arch)?,
         };
         let mut parts = Vec::with_capacity(files.len());
+        manifest.check_files(files.iter().map(|f| f.name.as_str()))?;
         for f in files {
             let path = manifest.path_of(&f.name);
-            check_size(&path, f.bytes)?;
             let session = runtime.open_session(&path)?;
             let names: Vec<[String; 4]> = (f.start..f.end)
                 .map(|i| {

@@ -4,7 +4,7 @@
 //! `/aerokv/generate` and streams `/aerokv/tokens`; recovers from failures (failover, or an exact
 //! restart when the state to fail over is not there) and retires UAVs before their batteries die.
 use super::discovery::uavs_with_topic;
-use crate::control::{Airframe, Controller, Heard, Membership, ModelSize, Planned, Telemetry};
+use crate::control::{self, Airframe, Controller, Heard, Membership, ModelSize, Planned, Telemetry, TelemetryKind};
 use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
 use crate::detector::FailureReason;
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
@@ -154,6 +154,8 @@ struct Live {
     /// Unbroken runs of heartbeats, for membership.
     heard: BTreeMap<String, Heard>,
     battery: BTreeMap<String, BatteryHealth>,
+    /// Telemetry refused by the checks in `control` (wrong UAV, non-finite or absurd figures).
+    rejects: control::TelemetryRejects,
 }
 
 /// Why a generation could not go on.
@@ -349,33 +351,51 @@ impl Scheduler {
             self.activation_pub(&names::stage_input(&uav))?;
             let mut beats = self.ctx.subscribe::<Heartbeat>(&names::heartbeat(&uav), names::telemetry())?;
             let mut battery = self.ctx.subscribe::<BatteryHealth>(&names::battery(&uav), names::telemetry())?;
-            let live = self.live.clone();
-            let u = uav.clone();
+            let (live, u, layers) = (self.live.clone(), uav.clone(), self.controller.model.num_layers);
             let member_timeout = self.membership.member_timeout;
             tokio::spawn(async move {
                 while let Some(hb) = beats.recv().await {
                     let now = Instant::now();
+                    let checked = control::validate_heartbeat(&convert::heartbeat_fields(&hb), &u, layers);
                     let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
+                    if !live.rejects.passed(&u, TelemetryKind::Heartbeat, checked) {
+                        continue;
+                    }
                     let mut heard = Heard::next(live.heard.get(&u).copied(), hb.sequence, now, member_timeout);
                     heard.battery = live.battery.contains_key(&u);
                     live.heard.insert(u.clone(), heard);
                     live.beats.insert(u.clone(), (now, hb));
                 }
             });
-            let live = self.live.clone();
+            let (live, u) = (self.live.clone(), uav.clone());
             tokio::spawn(async move {
                 while let Some(b) = battery.recv().await {
-                    live.lock().unwrap_or_else(|e| e.into_inner()).battery.insert(b.uav_id.clone(), b);
+                    let checked = control::validate_battery_health(&convert::battery_health_fields(&b), &u);
+                    let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
+                    if live.rejects.passed(&u, TelemetryKind::BatteryHealth, checked) {
+                        live.battery.insert(u.clone(), b);
+                    }
                 }
             });
         }
         Ok(())
     }
 
-    /// UAVs with a recent heartbeat and battery health, not kept out, in ring order.
+    /// UAVs with a recent heartbeat and battery health (not empty), not kept out, in ring order.
     fn members(&mut self) -> Vec<String> {
-        let heard = self.lock().heard.clone();
-        self.membership.members(&heard, Instant::now())
+        let (heard, depleted): (_, Vec<String>) = {
+            let live = self.lock();
+            let depleted = live
+                .battery
+                .iter()
+                .filter(|(_, b)| control::is_depleted(&convert::battery_health_fields(b)))
+                .map(|(uav, _)| uav.clone())
+                .collect();
+            (live.heard.clone(), depleted)
+        };
+        let mut m = self.membership.members(&heard, Instant::now());
+        m.retain(|uav| !depleted.contains(uav));
+        m
     }
 
     fn telemetry(&self) -> BTreeMap<String, Telemetry> {

@@ -84,6 +84,8 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let root = if p.models_dir.is_empty() { models_root() } else { p.models_dir.clone().into() };
     let runtime = Runtime::init(RuntimeConfig::with_threads(p.threads))?;
     let manifest = Manifest::load_variant(&root, &p.variant)?;
+    // A failover may bring any layer here: a corrupt layer file stops the executor before it serves.
+    manifest.check_files(manifest.layer_files.iter().map(|f| f.name.as_str()))?;
     let host = ShardHost::new(runtime, manifest, p.uav_id.clone())?;
     let auth = NodeAuth::load(&p.keystore, Role::ShardExecutor, Some(&p.uav_id))?;
     auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
