@@ -516,6 +516,7 @@ impl Scheduler {
             if run.tokens.len() > 1 && decode_s > 0.0 { (run.tokens.len() - 1) as f64 / decode_s } else { 0.0 };
         let stats = serde_json::json!({
             "request_id": run.request_id,
+            "activation_codec": self.codec.name(),
             "epochs": run.epochs,
             "incidents": run.incidents,
             "stale_dropped": self.stale_dropped,
