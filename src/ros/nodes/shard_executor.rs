@@ -314,7 +314,7 @@ impl Worker {
                 }
                 Emit::Kv { holder, request_id, rows } => {
                     let msg = convert::kv_snapshot(epoch, request_id, &self.uav, &holder, &rows, self.kv_codec)?;
-                    tracing::debug!(%holder, layers = ?(msg.layer_start, msg.layer_end), tokens = ?(msg.token_start, msg.token_end), "kv rows sent");
+                    tracing::debug!(%holder, layers = ?(msg.layer_start, msg.layer_end), tokens = ?(msg.token_start, msg.token_end), codec = %self.kv_codec, bytes = msg.payload.len(), raw_bytes = rows.byte_len(), "kv rows sent");
                     self.count_tx(msg.payload.len());
                     self.publishers.kv.get(&self.ctx, &names::kv_inbox(&holder), names::data_plane())?.publish(&msg)?;
                 }
