@@ -164,6 +164,11 @@ pub fn run(a: CodecsArgs) -> anyhow::Result<()> {
                     rows.iter().flat_map(|r| r.layers.iter()).flat_map(|l| l.key.iter().chain(&l.value)).copied(),
                 );
                 activations.extend(std::mem::take(&mut chain.seen));
+            } else if activations.is_empty() {
+                // No raw run: time the codecs on what this one fed its layers.
+                activations = std::mem::take(&mut chain.seen);
+            }
+            if prompts.len() < a.user.len() {
                 prompts.push(serde_json::json!({"user": user, "prompt_tokens": prompt.len()}));
             }
             let raw_tokens = codec_figures
@@ -196,6 +201,7 @@ pub fn run(a: CodecsArgs) -> anyhow::Result<()> {
                 "bytes_per_element": codec.bytes_per_element(width),
                 "encode_us_per_token": encode_us,
                 "decode_us_per_token": decode_us,
+                // Mean over the generation, preemptions included (the figures above: best of 5).
                 "round_trip_us_per_layer_token": if round_trips > 0 { round_trip_s * 1e6 / round_trips as f64 } else { 0.0 },
                 "tokens_per_s_one_process": tokens_total as f64 / decode_s,
                 "prompts": per_prompt,
