@@ -26,7 +26,7 @@ use std::time::Duration;
 pub enum DataPlaneError {
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("activation codec: {0}")]
+    #[error(transparent)]
     Codec(#[from] CodecError),
     #[error("an activation in codec {got}, but the plan's codec is {want}")]
     CodecMismatch { got: ActivationCodec, want: ActivationCodec },
@@ -620,11 +620,12 @@ impl ShardHost {
             let to = if end == plan.num_layers { None } else { plan.owner(end).map(|s| s.uav.clone()) };
             (misrouted, end, to, plan.num_layers)
         };
-        self.new_request(request_id);
         if let Some(why) = misrouted {
             return Err(DataPlaneError::Plan(why));
         }
+        // Decoded before anything changes: a malformed message leaves the state as it was.
         let x = self.decode(input)?;
+        self.new_request(request_id);
         let started = std::time::Instant::now();
         let layers: Vec<usize> = (boundary..end).collect();
         let y = run_layers(&mut self.pieces, self.codec, &layers, x, position)?;
@@ -650,8 +651,8 @@ impl ShardHost {
             _ => return Ok(()),
         };
         let head = self.replica_layers();
-        self.new_request(request_id);
         let x = self.decode(input)?;
+        self.new_request(request_id);
         let started = std::time::Instant::now();
         let y = run_layers(&mut self.pieces, self.codec, &head, x, position)?;
         self.account(started.elapsed(), head.len(), input.rows());

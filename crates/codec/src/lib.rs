@@ -202,26 +202,30 @@ impl ActivationCodec {
     }
 }
 
-impl fmt::Display for ActivationCodec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
+/// `Display` and `FromStr` by the codec's wire name; an unknown name lists the known ones.
+macro_rules! named {
+    ($t:ty, $kind:literal) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl FromStr for $t {
+            type Err = CodecError;
+            fn from_str(s: &str) -> Result<Self> {
+                Self::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| CodecError::Unknown {
+                    kind: $kind,
+                    name: s.into(),
+                    known: Self::ALL.map(Self::name).join(", "),
+                })
+            }
+        }
+    };
 }
 
-impl FromStr for ActivationCodec {
-    type Err = CodecError;
-    fn from_str(s: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| CodecError::Unknown {
-            kind: "activation",
-            name: s.into(),
-            known: names(Self::ALL.map(Self::name)),
-        })
-    }
-}
-
-fn names<const N: usize>(all: [&str; N]) -> String {
-    all.join(", ")
-}
+named!(ActivationCodec, "activation");
+named!(KvCodec, "KV");
 
 fn check_finite(v: &[f32]) -> Result<()> {
     match v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
@@ -379,25 +383,8 @@ impl KvCodec {
 }
 
 /// Compressed size / raw size of SmolLM2-135M KV rows under [`KvCodec::Zstd`], measured with
-/// `aerokv bench-codecs` (docs/codecs.md).
+/// `aerokv codecs` (docs/codecs.md).
 pub const ZSTD_KV_RATIO: f64 = 0.85;
-
-impl fmt::Display for KvCodec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for KvCodec {
-    type Err = CodecError;
-    fn from_str(s: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| CodecError::Unknown {
-            kind: "KV",
-            name: s.into(),
-            known: names(Self::ALL.map(Self::name)),
-        })
-    }
-}
 
 /// The four byte planes of little-endian f32s: byte 0 of every float, then byte 1, ...
 pub fn shuffle(data: &[f32]) -> Vec<u8> {
