@@ -815,8 +815,14 @@ impl Scheduler {
                         tracing::debug!(epoch = msg.epoch, position = msg.position, "stale output dropped");
                         continue;
                     }
-                    self.hops.push(hop_ms(&msg.stamp));
-                    return convert::hidden(&msg).map_err(|e| Interrupt::Fatal(format!("output of the last stage: {e}")));
+                    match convert::hidden(&msg) {
+                        Ok(h) => {
+                            self.hops.push(hop_ms(&msg.stamp));
+                            return Ok(h);
+                        }
+                        // Not the stage's output (that one decodes): keep waiting for it.
+                        Err(e) => tracing::warn!(source = %msg.source, "undecodable output ignored: {e}"),
+                    }
                 }
                 Some(ev) = self.failures.recv() => {
                     if self.note_failure(&ev) && self.in_plan(&ev.uav_id) {
