@@ -25,6 +25,7 @@ demo: build
 	@scripts/demo.sh
 
 bench-engine: build
+	@$(ENV) cargo build --release -q -p aerokv-engine --example decode_context
 	@$(ENV) scripts/bench-engine.sh
 
 # Benchmarks that start DDS processes run inside `unshare -n` on a ROS domain of their own.

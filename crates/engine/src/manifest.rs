@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{EngineError, Result};
 
 /// The manifest format this engine understands.
-pub const MANIFEST_FORMAT: u32 = 1;
+pub const MANIFEST_FORMAT: u32 = 2;
 
 /// Default variant (exact 4-bit weights, float32 activations).
 pub const DEFAULT_VARIANT: &str = "q4";
@@ -283,6 +283,7 @@ impl Manifest {
             weight_bytes: files.iter().map(|f| f.weight_bytes).sum(),
             kv_bytes_per_token: self.architecture.kv_bytes_per_token_per_layer() * (end - start) as u64,
             kv_bytes: 0,
+            kv_reserved_bytes: 0,
             loaded_rss_bytes: 0,
         })
     }

@@ -133,6 +133,9 @@ fn publish_event(out: &SignedPublisher<FailureEvent>, event: Event) {
 /// Every UAV's state on `/diagnostics`: OK alive, WARN suspected, ERROR declared, with phi and
 /// the model behind it.
 fn publish_diagnostics(out: &r2r::Publisher<DiagnosticArray>, uavs: &[UavReport]) {
+    if uavs.is_empty() {
+        return; // nothing heard yet: an empty array tells a diagnostics reader nothing
+    }
     let kv = |k: &str, v: String| KeyValue { key: k.into(), value: v };
     let status = uavs
         .iter()
