@@ -337,9 +337,6 @@ impl ShardHost {
             self.forget_context();
         }
     }
-    pub fn activation_codec(&self) -> ActivationCodec {
-        self.codec
-    }
 
     /// An input as this UAV's layers see it (and checks it is in the plan's codec).
     fn decode(&self, e: &Encoded) -> Result<Hidden> {

@@ -29,7 +29,7 @@ use std::str::FromStr;
 pub const DTYPE: &str = "f32";
 
 /// zstd level of [`KvCodec::Zstd`]: on SmolLM2's KV rows level 3 compressed no better than 1
-/// (0.848 against 0.845) at four times the CPU time (docs/codecs.md).
+/// (0.848 against 0.845) at three to four times the CPU time (docs/codecs.md).
 pub const ZSTD_LEVEL: i32 = 1;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
