@@ -14,7 +14,8 @@ log() { printf '[setup] %s\n' "$*"; }
 t0=$SECONDS
 
 # --- 1. Debian packages -------------------------------------------------------------------
-APT_PACKAGES=(cmake libclang-dev patchelf fonts-dejavu-core iproute2 util-linux)
+# ns3, libns3-dev, g++: the radio emulator of `aerokv swarm --radio` (radio/aerokv_radio.cc).
+APT_PACKAGES=(cmake libclang-dev patchelf fonts-dejavu-core iproute2 util-linux ns3 libns3-dev g++)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -125,6 +126,35 @@ fi
 # --- 6. Model parts (generated, verified against their sha256 manifest) ---------------------
 if [ -x models/setup.sh ]; then
   PYTHON="$VENV/bin/python" models/setup.sh
+fi
+
+# --- 7. The radio emulator (ns-3 real time, 802.11 ad hoc): aerokv swarm --radio ------------
+# Debian's libns3-tap-bridge runs its tap-creator helper from a path inside the package's build
+# tree; a private copy of the library points at the helper under build/radio/bin instead.
+RADIO="$ROOT/build/radio"
+radio_hash=$(cat radio/aerokv_radio.cc /usr/lib/x86_64-linux-gnu/libns3-tap-bridge.so.37 | sha256sum | cut -c1-16)
+if [ "$(cat "$STAMPS/radio" 2>/dev/null)" != "$radio_hash" ] || [ ! -x "$RADIO/bin/aerokv_radio" ]; then
+  log "building the radio emulator (ns-3 $(dpkg-query -W -f='${Version}' libns3-dev), ~1 min)"
+  mkdir -p "$RADIO/bin" "$RADIO/lib"
+  cp /usr/libexec/ns3/ns3.37-tap-creator "$RADIO/bin/"
+  python3 - /usr/lib/x86_64-linux-gnu/libns3-tap-bridge.so.37 "$RADIO/bin/ns3.37-tap-creator" \
+      "$RADIO/lib/libns3-tap-bridge.so.37" <<'PY'
+import re, sys
+lib, helper, out = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
+data = open(lib, "rb").read()
+found = re.findall(rb"/[^\0]*/ns3\.37-tap-creator\0", data)
+if len(found) != 1:
+    sys.exit(f"setup: expected one tap-creator path in {lib}, found {len(found)}")
+old = found[0]
+if len(helper) + 1 > len(old):
+    sys.exit(f"setup: {helper.decode()} is longer than {old[:-1].decode()}: use a shorter checkout path")
+open(out, "wb").write(data.replace(old, helper + b"\0" * (len(old) - len(helper))))
+PY
+  g++ -O2 -std=c++17 -o "$RADIO/bin/aerokv_radio" radio/aerokv_radio.cc \
+      -L"$RADIO/lib" -Wl,-rpath,"$RADIO/lib" -lns3-tap-bridge -lns3-wifi -lns3-mobility -lns3-propagation \
+      -lns3-network -lns3-core > build/radio.log 2>&1 \
+    || { echo "setup: building the radio emulator failed; see build/radio.log" >&2; tail -30 build/radio.log >&2; exit 1; }
+  echo "$radio_hash" > "$STAMPS/radio"
 fi
 
 log "ready in $((SECONDS - t0)) s (source scripts/env.sh to use the environment)"

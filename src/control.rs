@@ -8,6 +8,7 @@ use aerokv_plan::{
     PlanConfig, PlanError, ProtectionPlan, RecoveryContext, Ring, SwarmState, UavId, UavState,
 };
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -247,6 +248,96 @@ impl Controller {
     }
 }
 
+/// What the scheduler has heard from one UAV's heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Heard {
+    pub sequence: u64,
+    /// Start of the current unbroken run of heartbeats (no gap longer than the member timeout,
+    /// no restart of the sequence).
+    pub since: Instant,
+    pub last: Instant,
+    /// Its battery health has arrived too (the planner needs it).
+    pub battery: bool,
+}
+
+impl Heard {
+    /// The next heartbeat at `now`: the run goes on, or starts over after a silence or a restart.
+    pub fn next(prev: Option<Heard>, sequence: u64, now: Instant, gap: Duration) -> Heard {
+        let since = match prev {
+            Some(p) if sequence > p.sequence && now.saturating_duration_since(p.last) <= gap => p.since,
+            _ => now,
+        };
+        Heard { sequence, since, last: now, battery: prev.is_some_and(|p| p.battery) }
+    }
+}
+
+/// Why a UAV that beats is kept out of plans.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Out {
+    /// Declared failed at this instant.
+    Failed(Instant),
+    /// Retired for its battery while its heartbeat sequence was here: it rejoins only as a new
+    /// process (recharged), whose sequence starts over.
+    Retired(u64),
+}
+
+/// Who may be in the next plan. A UAV declared failed is a new member when it comes back: it
+/// rejoins only through a new plan (the scheduler plans at request boundaries and for exact
+/// restarts), and only once it has been heard without a gap for `rejoin_after` since the
+/// declaration, so a UAV at the edge of radio range does not flap in and out of plans; when it
+/// was never silent (a false declaration), that is `rejoin_after` after the declaration.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    pub member_timeout: Duration,
+    pub rejoin_after: Duration,
+    out: BTreeMap<String, Out>,
+}
+
+impl Membership {
+    pub fn new(member_timeout: Duration, rejoin_after: Duration) -> Self {
+        Membership { member_timeout, rejoin_after, out: BTreeMap::new() }
+    }
+
+    pub fn declare_failed(&mut self, uav: &str, now: Instant) {
+        self.out.insert(uav.to_string(), Out::Failed(now));
+    }
+
+    pub fn retire(&mut self, uav: &str, sequence: u64) {
+        self.out.insert(uav.to_string(), Out::Retired(sequence));
+    }
+
+    /// Kept out of plans for now.
+    pub fn is_out(&self, uav: &str) -> bool {
+        self.out.contains_key(uav)
+    }
+
+    /// The UAVs that may be planned at `now`, in ring order; those that have come back are
+    /// members again from here on.
+    pub fn members(&mut self, heard: &BTreeMap<String, Heard>, now: Instant) -> Vec<String> {
+        let rejoin_after = self.rejoin_after;
+        self.out.retain(|uav, out| {
+            let Some(h) = heard.get(uav) else { return true };
+            let back = match *out {
+                Out::Failed(at) => now.saturating_duration_since(h.since.max(at)) >= rejoin_after,
+                Out::Retired(sequence) => h.sequence < sequence,
+            };
+            if back {
+                tracing::info!(%uav, "back: a member again from the next plan");
+            }
+            !back
+        });
+        let mut m: Vec<String> = heard
+            .iter()
+            .filter(|(uav, h)| {
+                now.saturating_duration_since(h.last) < self.member_timeout && h.battery && !self.out.contains_key(*uav)
+            })
+            .map(|(uav, _)| uav.clone())
+            .collect();
+        ring_order(&mut m);
+        m
+    }
+}
+
 /// `uav2` before `uav10`: names compared by their text, then by the number they end with.
 pub fn ring_order(names: &mut [String]) {
     fn key(s: &str) -> (String, u64, String) {
@@ -332,6 +423,63 @@ mod tests {
             }
         }
         assert!(matches!(c.failover(&p, "uav9", &t, 256, 40, None, 2, false), Err(ControlError::NotMember(_))));
+    }
+
+    #[test]
+    fn a_uav_declared_failed_rejoins_once_heard_without_a_gap_for_a_while() {
+        let t0 = Instant::now();
+        let s = |x: f64| t0 + Duration::from_secs_f64(x);
+        let (timeout, rejoin) = (Duration::from_secs(2), Duration::from_secs(1));
+        let mut m = Membership::new(timeout, rejoin);
+        let mut heard = BTreeMap::new();
+        let beat = |heard: &mut BTreeMap<String, Heard>, uav: &str, seq: u64, at: f64| {
+            let prev = heard.get(uav).copied();
+            let mut h = Heard::next(prev, seq, s(at), timeout);
+            h.battery = true;
+            heard.insert(uav.to_string(), h);
+        };
+        // uav1 beats every 0.5 s throughout; uav2 as given.
+        let members_at = |m: &mut Membership, heard: &mut BTreeMap<String, Heard>, at: f64| {
+            beat(heard, "uav1", (at * 20.0) as u64, at);
+            m.members(heard, s(at))
+        };
+        for i in 0..=20 {
+            beat(&mut heard, "uav2", i, i as f64 * 0.05);
+        }
+        assert_eq!(members_at(&mut m, &mut heard, 1.0), names(&["uav1", "uav2"]));
+        // uav2 flies out of range at 1.0 s, is declared failed at 2.0 s, comes back at 5.0 s with
+        // its sequence far ahead (it kept beating while cut off).
+        m.declare_failed("uav2", s(2.0));
+        assert_eq!(members_at(&mut m, &mut heard, 2.0), names(&["uav1"]));
+        beat(&mut heard, "uav2", 100, 5.0);
+        assert_eq!(heard["uav2"].since, s(5.0), "a silence starts a new run");
+        assert_eq!(members_at(&mut m, &mut heard, 5.0), names(&["uav1"]), "one heartbeat back is not enough");
+        beat(&mut heard, "uav2", 101, 5.6);
+        assert_eq!(members_at(&mut m, &mut heard, 5.6), names(&["uav1"]));
+        // Out again before a second had passed (the edge of range): the run starts over.
+        beat(&mut heard, "uav2", 140, 8.0);
+        assert_eq!(members_at(&mut m, &mut heard, 8.5), names(&["uav1"]));
+        beat(&mut heard, "uav2", 160, 9.0);
+        assert_eq!(members_at(&mut m, &mut heard, 9.0), names(&["uav1", "uav2"]), "heard for 1 s without a gap");
+        assert!(!m.is_out("uav2"));
+
+        // A false declaration (it never went silent): back one rejoin period after it.
+        m.declare_failed("uav1", s(9.0));
+        assert_eq!(members_at(&mut m, &mut heard, 9.5), names(&["uav2"]));
+        beat(&mut heard, "uav2", 180, 10.0);
+        assert_eq!(members_at(&mut m, &mut heard, 10.0), names(&["uav1", "uav2"]));
+
+        // Retired for its battery: out until it restarts (its sequence starts over).
+        m.retire("uav2", 180);
+        beat(&mut heard, "uav2", 181, 10.5);
+        assert_eq!(members_at(&mut m, &mut heard, 11.0), names(&["uav1"]));
+        beat(&mut heard, "uav2", 1, 12.0);
+        assert_eq!(members_at(&mut m, &mut heard, 12.0), names(&["uav1", "uav2"]));
+        // Silent longer than the member timeout, or without battery health: not planned.
+        assert_eq!(members_at(&mut m, &mut heard, 14.5), names(&["uav1"]));
+        beat(&mut heard, "uav2", 2, 14.5);
+        heard.get_mut("uav2").unwrap().battery = false;
+        assert_eq!(members_at(&mut m, &mut heard, 14.5), names(&["uav1"]));
     }
 
     #[test]

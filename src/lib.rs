@@ -15,6 +15,7 @@ pub mod detector;
 pub mod launch;
 pub mod os;
 pub mod params;
+pub mod radio;
 #[cfg(feature = "ros")]
 pub mod ros;
 pub mod supervisor;

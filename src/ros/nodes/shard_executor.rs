@@ -282,6 +282,14 @@ impl Worker {
             if let Some(pred) = plan.pred(&self.uav).map(|s| s.uav.clone()).filter(|s| *s != self.uav) {
                 self.ensure_replay(&pred)?;
             }
+            // If the successor fails, its own successor takes over its layers and this stage's
+            // output goes there: a publisher made now is matched before a failover needs it
+            // (over a radio, matching a new one cost the first step after recovery ~2 s).
+            if let Some(next) = plan.succ(&self.uav).and_then(|s| plan.succ(&s.uav)).map(|s| s.uav.clone()) {
+                if next != self.uav && me.start + me.len < plan.num_layers {
+                    self.activation_pub(&names::stage_input(&next))?;
+                }
+            }
         }
         let emits = self.host.apply_plan(plan)?;
         self.emit(emits)?;
