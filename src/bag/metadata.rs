@@ -145,17 +145,18 @@ pub fn subscription_qos(offered: &[Qos]) -> Qos {
 }
 
 /// What a player publishes a topic with: the recorded publishers' QoS (the first one, made
-/// reliable/transient local only if all were), or the default when the bag has none.
+/// reliable/transient local only if all were), or the default when the bag has none. A remote
+/// publisher's history is not visible to a recorder (DDS does not announce it; it reads as
+/// unknown, depth 0): then keep the last 10, the default.
 pub fn playback_qos(offered: &[Qos]) -> Qos {
     let Some(first) = offered.first() else { return Qos::default() };
     let adapted = subscription_qos(offered);
-    Qos {
-        reliability: adapted.reliability,
-        durability: adapted.durability,
-        depth: first.depth.max(1),
-        history: if first.history == History::KeepAll { History::KeepAll } else { History::KeepLast },
-        ..first.clone()
-    }
+    let (history, depth) = match first.history {
+        History::KeepAll => (History::KeepAll, first.depth),
+        History::KeepLast if first.depth > 0 => (History::KeepLast, first.depth),
+        _ => (History::KeepLast, Qos::default().depth),
+    };
+    Qos { reliability: adapted.reliability, durability: adapted.durability, history, depth, ..first.clone() }
 }
 
 /// Offered QoS profiles: a list (version 9) or a YAML string holding one (versions 4-8).
@@ -319,6 +320,9 @@ mod tests {
         assert_eq!(playback_qos(&[]), Qos::default());
         let p = playback_qos(&[Qos { depth: 3, ..profile(Reliable, TransientLocal) }]);
         assert_eq!((p.depth, p.reliability, p.durability), (3, Reliable, TransientLocal));
+        // As a recorder sees a remote publisher: history unknown, depth 0.
+        let p = playback_qos(&[Qos { history: History::Unknown, depth: 0, ..profile(BestEffort, Volatile) }]);
+        assert_eq!((p.history, p.depth, p.reliability), (History::KeepLast, 10, BestEffort));
     }
 
     #[test]
