@@ -81,7 +81,7 @@ mod tests {
     fn write_bag(dir: &Path, n: u64) -> BagSummary {
         let mut w = BagWriter::create(dir).unwrap();
         let latched = Qos { durability: Durability::TransientLocal, ..Qos::default() };
-        let a = w.add_topic("/a", "std_msgs/msg/String", Some(SCHEMA), &[latched.clone()]).unwrap();
+        let a = w.add_topic("/a", "std_msgs/msg/String", Some(SCHEMA), std::slice::from_ref(&latched)).unwrap();
         let b = w.add_topic("/b", "std_msgs/msg/String", Some(SCHEMA), &[]).unwrap();
         for i in 0..n {
             // Long enough payloads that the bag spans several chunks.
