@@ -32,10 +32,11 @@ pub enum BagError {
     Truncated { path: PathBuf, offset: u64, what: String },
     #[error("{}: corrupt at byte offset {offset}: {what}", path.display())]
     Corrupt { path: PathBuf, offset: u64, what: String },
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{}: writing MCAP: {source}", path.display())]
-    Write { path: PathBuf, source: mcap::McapError },
+    // `err`, not `source`: the message already says it (anyhow's chain would repeat it).
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{}: writing MCAP: {err}", path.display())]
+    Write { path: PathBuf, err: mcap::McapError },
     #[error("no topic {0} in this bag writer")]
     UnknownTopic(usize),
 }

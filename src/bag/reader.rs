@@ -57,7 +57,7 @@ impl Bag {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if !dir.is_dir() {
-                    return Err(BagError::Io { path: dir.to_path_buf(), source: e });
+                    return Err(BagError::Io { path: dir.to_path_buf(), err: e });
                 }
                 let partial = std::fs::read_dir(dir)
                     .ok()
@@ -68,7 +68,7 @@ impl Bag {
                     .find(|p| p.to_string_lossy().ends_with(PARTIAL_SUFFIX));
                 return Err(BagError::Incomplete { dir: dir.to_path_buf(), partial });
             }
-            Err(source) => return Err(BagError::Io { path: meta_path, source }),
+            Err(err) => return Err(BagError::Io { path: meta_path, err }),
         };
         let bad = |why: String| BagError::BadMetadata { path: meta_path.clone(), why };
         let info = BagInfo::from_yaml(&text).map_err(|e| bad(e.to_string()))?;
@@ -147,7 +147,7 @@ pub struct McapStream {
 
 impl McapStream {
     pub fn open(path: &Path) -> Result<Self, BagError> {
-        let io = |source| BagError::Io { path: path.to_path_buf(), source };
+        let io = |err| BagError::Io { path: path.to_path_buf(), err };
         let file = File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
         let mut s = McapStream {
@@ -181,7 +181,7 @@ impl McapStream {
                 what: format!("{what} needs {} bytes, the file has {left} left", buf.len()),
             });
         }
-        self.input.read_exact(buf).map_err(|source| BagError::Io { path: self.path.clone(), source })?;
+        self.input.read_exact(buf).map_err(|err| BagError::Io { path: self.path.clone(), err })?;
         self.offset += buf.len() as u64;
         Ok(())
     }

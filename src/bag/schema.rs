@@ -10,8 +10,8 @@ pub enum SchemaError {
     BadTypeName(String),
     #[error("no {file} under the share directories of {prefixes} (is its package on AMENT_PREFIX_PATH?)")]
     NotFound { file: String, prefixes: String },
-    #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
 }
 
 /// A message type's package and name.
@@ -86,7 +86,7 @@ impl MsgSearchPath {
             match std::fs::read_to_string(&path) {
                 Ok(text) => return Ok(text),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(SchemaError::Io { path, source }),
+                Err(err) => return Err(SchemaError::Io { path, err }),
             }
         }
         let prefixes = self.prefixes.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":");

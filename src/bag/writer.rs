@@ -45,7 +45,7 @@ pub struct BagSummary {
 impl BagWriter {
     /// Starts a bag in `dir`, which must not exist yet or be empty.
     pub fn create(dir: &Path) -> Result<Self, BagError> {
-        let io = |source| BagError::Io { path: dir.to_path_buf(), source };
+        let io = |err| BagError::Io { path: dir.to_path_buf(), err };
         if dir.exists() && std::fs::read_dir(dir).map_err(io)?.next().is_some() {
             return Err(BagError::NotEmpty(dir.to_path_buf()));
         }
@@ -53,7 +53,7 @@ impl BagWriter {
         let stem = dir.file_name().and_then(|n| n.to_str()).filter(|n| !n.is_empty()).unwrap_or("bag");
         let file_name = format!("{stem}_0.mcap");
         let partial = dir.join(format!("{file_name}{PARTIAL_SUFFIX}"));
-        let file = File::create(&partial).map_err(|source| BagError::Io { path: partial.clone(), source })?;
+        let file = File::create(&partial).map_err(|err| BagError::Io { path: partial.clone(), err })?;
         let mcap = mcap::WriteOptions::new()
             .profile("ros2")
             .library(concat!("aerokv-", env!("CARGO_PKG_VERSION")))
@@ -62,7 +62,7 @@ impl BagWriter {
             // Small chunks: a recorder that is killed leaves less behind in memory.
             .chunk_size(Some(256 * 1024))
             .create(BufWriter::new(file))
-            .map_err(|source| BagError::Write { path: partial.clone(), source })?;
+            .map_err(|err| BagError::Write { path: partial.clone(), err })?;
         Ok(BagWriter {
             dir: dir.to_path_buf(),
             file_name,
@@ -77,7 +77,7 @@ impl BagWriter {
     }
 
     fn write_err(&self) -> impl Fn(mcap::McapError) -> BagError + '_ {
-        |source| BagError::Write { path: self.partial.clone(), source }
+        |err| BagError::Write { path: self.partial.clone(), err }
     }
 
     /// Adds a topic of `type_name` (`pkg/msg/Name`) with its `ros2msg` schema (None: the bag
@@ -129,7 +129,7 @@ impl BagWriter {
         self.span =
             Some(self.span.map_or((log_time_ns, log_time_ns), |(a, b)| (a.min(log_time_ns), b.max(log_time_ns))));
         let partial = self.partial.clone();
-        self.mcap.write_to_known_channel(&header, cdr).map_err(|source| BagError::Write { path: partial, source })
+        self.mcap.write_to_known_channel(&header, cdr).map_err(|err| BagError::Write { path: partial, err })
     }
 
     pub fn message_count(&self) -> u64 {
@@ -183,13 +183,13 @@ impl BagWriter {
         let partial = self.partial.clone();
         let io = |path: &Path| {
             let path = path.to_path_buf();
-            move |source| BagError::Io { path, source }
+            move |err| BagError::Io { path, err }
         };
         let file = self
             .mcap
             .into_inner()
             .into_inner()
-            .map_err(|e| BagError::Io { path: partial.clone(), source: e.into_error() })?;
+            .map_err(|e| BagError::Io { path: partial.clone(), err: e.into_error() })?;
         file.sync_all().map_err(io(&partial))?;
         let done = self.dir.join(&self.file_name);
         std::fs::rename(&partial, &done).map_err(io(&partial))?;

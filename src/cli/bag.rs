@@ -103,7 +103,6 @@ fn record(a: RecordArgs) -> anyhow::Result<()> {
         discovery_period: Duration::from_millis(250),
         queue: a.queue,
     };
-    eprintln!("[bag] recording into {} (SIGINT or SIGTERM to finish)", a.output.display());
     let report = crate::ros::bag::record(opts, stop).with_context(|| format!("recording {}", a.output.display()))?;
     let info = &report.summary.info;
     eprintln!(

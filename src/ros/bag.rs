@@ -122,6 +122,7 @@ struct Subscribed {
 /// ROS side. The bag is finished properly when `stop` is set, e.g. by SIGINT or SIGTERM.
 pub fn record(opts: RecordOptions, stop: &AtomicBool) -> anyhow::Result<RecordReport> {
     let mut writer = BagWriter::create(&opts.dir)?;
+    tracing::info!("recording into {} (SIGINT or SIGTERM to finish)", opts.dir.display());
     let ctx = r2r::Context::create()?;
     let mut node = r2r::Node::create(ctx, "aerokv_bag_recorder", "")?;
     let search = MsgSearchPath::from_env();
