@@ -5,10 +5,8 @@
 //! `record -o DIR TOPIC...` keeps the named ones. SIGINT or SIGTERM finishes the bag properly.
 //! `play DIR` republishes a bag with its recorded timing and QoS; `info DIR` checks a bag and
 //! lists its topics.
-use crate::bag::{Bag, Selection};
-use anyhow::Context;
+use crate::bag::Bag;
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct BagArgs {
@@ -91,6 +89,8 @@ pub fn run(a: BagArgs) -> anyhow::Result<()> {
 
 #[cfg(feature = "ros")]
 fn record(a: RecordArgs) -> anyhow::Result<()> {
+    use crate::bag::Selection;
+    use anyhow::Context;
     let stop = crate::os::stop_on_signals();
     let selection = if a.mission {
         Selection::Mission { activations: a.activations, kv_rows: a.kv_rows }
@@ -100,7 +100,7 @@ fn record(a: RecordArgs) -> anyhow::Result<()> {
     let opts = crate::ros::bag::RecordOptions {
         dir: a.output.clone(),
         selection,
-        discovery_period: Duration::from_millis(250),
+        discovery_period: std::time::Duration::from_millis(250),
         queue: a.queue,
     };
     let report = crate::ros::bag::record(opts, stop).with_context(|| format!("recording {}", a.output.display()))?;
@@ -126,6 +126,7 @@ fn record(a: RecordArgs) -> anyhow::Result<()> {
 
 #[cfg(feature = "ros")]
 fn play(a: PlayArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
     anyhow::ensure!(a.delay.is_finite() && a.delay >= 0.0, "--delay must be a number of seconds");
     let stop = crate::os::stop_on_signals();
     let opts = crate::ros::bag::PlayOptions {
@@ -134,7 +135,7 @@ fn play(a: PlayArgs) -> anyhow::Result<()> {
         clock_hz: a.clock,
         topics: a.topics,
         repeat: a.repeat,
-        delay: Duration::from_secs_f64(a.delay),
+        delay: std::time::Duration::from_secs_f64(a.delay),
         wait_for_subscribers: a.wait_for_subscribers,
     };
     let report = crate::ros::bag::play(opts, stop).with_context(|| format!("playing {}", a.bag.display()))?;

@@ -89,16 +89,8 @@ impl Recorder {
         let mut cmd = std::process::Command::new(exe);
         cmd.args(["bag", "record", "--mission", "-o"]).arg(dir).stdin(std::process::Stdio::null());
         cmd.stdout(log.try_clone()?).stderr(log);
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe; SIGTERM (not SIGKILL) so that an orphaned recorder still finishes its bag.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // SIGTERM: an orphaned recorder still finishes its bag.
+        crate::supervisor::signal_when_parent_dies(&mut cmd, libc::SIGTERM);
         let child = cmd.spawn().context("starting the bag recorder")?;
         eprintln!("[swarm] recording the mission into {} (pid {})", dir.display(), child.id());
         Ok(Recorder { child, dir: dir.to_path_buf() })
@@ -242,10 +234,12 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
         std::env::var("ROS_DOMAIN_ID").unwrap_or_else(|_| "0".into()),
         log_dir.display()
     );
-    for n in &nodes {
-        sup.start(n)?;
-    }
-    let result = drive(&a, &mut sup, &mut kills);
+    // A node that cannot start still leads to the stop below (of the others and the recorder).
+    let result = nodes
+        .iter()
+        .try_for_each(|n| sup.start(n).map(drop))
+        .map_err(anyhow::Error::from)
+        .and_then(|()| drive(&a, &mut sup, &mut kills));
     let mut unclean = Vec::new();
     for (fqn, stopped) in sup.stop_all(Duration::from_secs(5)) {
         let killed = kills.iter().any(|k| k.at.is_some() && fqn == format!("/{}/shard_executor", k.uav));
