@@ -81,6 +81,9 @@ fn unix_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
+/// The longest the recorder waits in DDS for a message.
+const RECORDER_WAIT: Duration = Duration::from_millis(100);
+
 /// What the recorder hands its writer thread.
 enum Entry {
     Topic { name: String, type_name: String, schema: Option<String>, offered: Vec<Qos> },
@@ -168,10 +171,12 @@ pub fn record(opts: RecordOptions, stop: &AtomicBool) -> anyhow::Result<RecordRe
         // per-subscription queue never overflows (DDS keeps the rest in the reader's history).
         if subs.is_empty() {
             // rcl reports an empty wait set as an error: nothing to wait for yet.
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(RECORDER_WAIT);
             continue;
         }
-        node.spin_once(Duration::from_millis(20));
+        // Returns as soon as a message is there; the timeout only paces discovery and the stop
+        // check, and every wakeup is CPU the swarm's own processes do not get.
+        node.spin_once(RECORDER_WAIT);
         let now = unix_ns();
         for s in &mut subs {
             while let Some(Some(data)) = s.stream.next().now_or_never() {
