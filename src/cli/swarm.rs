@@ -68,6 +68,12 @@ pub struct SwarmArgs {
     /// before the swarm and finished after it).
     #[arg(long, value_name = "DIR")]
     pub record: Option<PathBuf>,
+    /// With --record: also the data plane's activations (stage inputs, replays).
+    #[arg(long, requires = "record")]
+    pub record_activations: bool,
+    /// With --record: also the KV rows (snapshots and replica seeds).
+    #[arg(long, requires = "record")]
+    pub record_kv_rows: bool,
 }
 
 /// `aerokv bag record --mission` as a process of its own, so that recording never competes with
@@ -78,7 +84,7 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn start(dir: &std::path::Path, log_dir: &std::path::Path) -> anyhow::Result<Self> {
+    fn start(a: &SwarmArgs, dir: &std::path::Path, log_dir: &std::path::Path) -> anyhow::Result<Self> {
         if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
             anyhow::bail!("--record {}: not empty (a bag is written into a new directory)", dir.display());
         }
@@ -88,6 +94,12 @@ impl Recorder {
         let exe = std::env::current_exe().context("finding the aerokv executable")?;
         let mut cmd = std::process::Command::new(exe);
         cmd.args(["bag", "record", "--mission", "-o"]).arg(dir).stdin(std::process::Stdio::null());
+        if a.record_activations {
+            cmd.arg("--activations");
+        }
+        if a.record_kv_rows {
+            cmd.arg("--kv-rows");
+        }
         cmd.stdout(log.try_clone()?).stderr(log);
         // SIGTERM: an orphaned recorder still finishes its bag.
         crate::supervisor::signal_when_parent_dies(&mut cmd, libc::SIGTERM);
@@ -226,7 +238,7 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
     let log_dir =
         a.log_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("aerokv-swarm-{}", std::process::id())));
     let mut sup = Supervisor::new(bin_dir(), Some(log_dir.clone()));
-    let recorder = a.record.as_deref().map(|dir| Recorder::start(dir, &log_dir)).transpose()?;
+    let recorder = a.record.as_deref().map(|dir| Recorder::start(&a, dir, &log_dir)).transpose()?;
     eprintln!(
         "[swarm] starting {} nodes for {} UAVs (ROS_DOMAIN_ID={}), logs in {}",
         nodes.len(),
