@@ -46,7 +46,7 @@ fi
 [ -L .venv ] || [ ! -e .venv ] && ln -sfn "$VENV" .venv
 
 SITE="$VENV/lib/python3.11/site-packages"
-# --- 3. Fix-ups of the wheels (ENVIRONMENT.md) ----------------------------------------------
+# --- 3. Fix-ups of the wheels (docs/design.md §7) ----------------------------------------------
 if [ ! -f "$VENV/.aerokv-fixups" ]; then
   log "applying the ROS wheel fix-ups"
   # 1. r2r links -lrmw_implementation; the wheels select Fast DDS statically.
@@ -92,7 +92,7 @@ export ROS_PYTHON_VERSION=3
 export RMW_IMPLEMENTATION=rmw_fastrtps_cpp
 export ROS_LOG_DIR="$ROOT/build/ros-log"
 # Network rule: DDS over shared memory only; nothing leaves this machine. Never set
-# ROS_AUTOMATIC_DISCOVERY_RANGE to LOCALHOST: it re-opens UDP sockets (ENVIRONMENT.md).
+# ROS_AUTOMATIC_DISCOVERY_RANGE to LOCALHOST: it re-opens UDP sockets (docs/design.md §7).
 export FASTDDS_BUILTIN_TRANSPORTS=SHM
 # The same, as a profile: SHM only, segments large enough for KV snapshots, dead peers' ports
 # reclaimed after 50 ms (a killed drone must not stall the others' traffic for a second).

@@ -1,6 +1,6 @@
 //! The data plane of one UAV, without ROS: which layers it holds (native shard, the live replica
 //! of its successor's head), what it computes for an input, its boundary snapshots, the
-//! activation buffer of its successor's tail, and the recovery steps of DESIGN.md §2 when a new
+//! activation buffer of its successor's tail, and the recovery steps of docs/design.md §3 when a new
 //! plan arrives. The `shard_executor` node turns messages into calls on [`ShardHost`] and
 //! publishes the [`Emit`]s it returns.
 //!

@@ -12,6 +12,7 @@ pub mod bag;
 pub mod cli;
 pub mod control;
 pub mod dataplane;
+pub mod detector;
 pub mod launch;
 pub mod os;
 pub mod params;

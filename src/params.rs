@@ -22,6 +22,38 @@ pub enum ParamError {
     Override(String),
 }
 
+/// A parameter value its node cannot work with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("field `{field}`: {message}")]
+pub struct InvalidParam {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl InvalidParam {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        InvalidParam { field, message: message.into() }
+    }
+}
+
+/// Parameters whose values must make sense together (checked when the file is read).
+pub trait Validate {
+    fn validate(&self) -> Result<(), InvalidParam>;
+}
+
+/// Parameters `P` that passed [`Validate::validate`]: a node that takes `Checked<P>` refuses a bad
+/// value like a bad type, before it starts, with the file and the field named.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked<P>(pub P);
+
+impl<'de, P: serde::Deserialize<'de> + Validate> serde::Deserialize<'de> for Checked<P> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let p = P::deserialize(d)?;
+        p.validate().map_err(serde::de::Error::custom)?;
+        Ok(Checked(p))
+    }
+}
+
 /// What the command line says about this node: its name, namespace, parameter files and overrides.
 #[derive(Debug, Clone, Default)]
 pub struct RosArgs {
@@ -111,10 +143,23 @@ pub fn from_mapping<P: DeserializeOwned>(map: Mapping, origin: &str) -> Result<P
     serde_path_to_error::deserialize(Value::Mapping(map)).map_err(|err| {
         let field = err.path().to_string();
         let message = err.into_inner().to_string();
-        // serde names an unknown field in the message; the path then still points at the parent.
+        // serde names an unknown field in the message, and so does a failed [`Validate`]; the
+        // path then still points at the parent.
+        if field == "." {
+            if let Some((field, message)) = invalid_field(&message) {
+                return ParamError::Field { origin: origin.to_string(), field, message };
+            }
+        }
         let field = if field == "." { unknown_field(&message).unwrap_or(field) } else { field };
         ParamError::Field { origin: origin.to_string(), field, message }
     })
+}
+
+/// The field and message of an [`InvalidParam`] passed through serde as text.
+fn invalid_field(message: &str) -> Option<(String, String)> {
+    let rest = message.strip_prefix("field `")?;
+    let (field, message) = rest.split_once("`: ")?;
+    Some((field.to_string(), message.to_string()))
 }
 
 fn unknown_field(message: &str) -> Option<String> {
@@ -233,6 +278,25 @@ mod tests {
         let f = write("/**/node:\n  ros__parameters:\n    perod_s: 1.0\n");
         let err = args(&f.0, &[]).load::<P>("node").unwrap_err().to_string();
         assert!(err.contains("field `perod_s`"), "{err}");
+    }
+
+    impl Validate for P {
+        fn validate(&self) -> Result<(), InvalidParam> {
+            if self.period_s > 0.0 {
+                Ok(())
+            } else {
+                Err(InvalidParam::new("period_s", format!("must be positive, got {}", self.period_s)))
+            }
+        }
+    }
+
+    #[test]
+    fn a_value_that_fails_validation_names_file_and_field() {
+        let f = write("/**/node:\n  ros__parameters:\n    period_s: -2.0\n");
+        let err = args(&f.0, &[]).load::<Checked<P>>("node").unwrap_err().to_string();
+        assert_eq!(err, format!("{}: field `period_s`: must be positive, got -2", f.0.display()));
+        let ok = args(&f.0, &["-p", "period_s:=3.0"]).load::<Checked<P>>("node").expect("valid");
+        assert_eq!(ok.0.period_s, 3.0);
     }
 
     #[test]

@@ -59,10 +59,13 @@ def test_watchdog_declares_a_silent_uav_and_an_empty_battery_once(rclpy_node, pr
     import time
 
     from aerokv.msg import BatteryHealth, FailureEvent, Heartbeat
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 
     watchdog = procs([BIN / "watchdog", "--ros-args", "-r", "__ns:=/aerokv", "--params-file", ROOT / "config/swarm.yaml"], "watchdog")
     events = []
     rclpy_node.create_subscription(FailureEvent, "/aerokv/failures", events.append, EVENTS)
+    states = {}  # the watchdog's latest /diagnostics status per name
+    rclpy_node.create_subscription(DiagnosticArray, "/diagnostics", lambda m: states.update({s.name: s for s in m.status}), 10)
     beat = rclpy_node.create_publisher(Heartbeat, "/uav7/heartbeat", qos_profile_sensor_data)
     battery = rclpy_node.create_publisher(BatteryHealth, "/uav8/battery", qos_profile_sensor_data)
     sequence = 0
@@ -77,10 +80,18 @@ def test_watchdog_declares_a_silent_uav_and_an_empty_battery_once(rclpy_node, pr
     heard_until = time.time() + 0.5
     spin_until(rclpy_node, lambda: beating(lambda: time.time() > heard_until), 2)
     assert not [e for e in events if e.uav_id == "uav7"], "declared while it was beating"
-    # now silent: declared after the 0.15 s timeout
+    assert spin_until(rclpy_node, lambda: beating(lambda: "aerokv/uav7/heartbeat" in states), 3), states
+    assert states["aerokv/uav7/heartbeat"].level == DiagnosticStatus.OK, states
+    # a heartbeat on uav7's topic that claims to be another UAV is not believed
+    beat.publish(Heartbeat(uav_id="uav9", sequence=1, state="ready"))
+    # now silent: declared once phi passes its threshold, never before min_declare_s (0.15 s)
     assert spin_until(rclpy_node, lambda: any(e.uav_id == "uav7" for e in events), 5), watchdog.output()
     silent = [e for e in events if e.uav_id == "uav7"]
     assert [e.reason for e in silent] == ["heartbeat_timeout"] and silent[0].silence_s >= 0.15, silent
+    assert "UAV declared failed uav=uav7" in watchdog.output() and "evidence=Phi" in watchdog.output()
+    assert spin_until(rclpy_node, lambda: states["aerokv/uav7/heartbeat"].level == DiagnosticStatus.ERROR, 3), states
+    assert "names another UAV: dropped" in watchdog.output()
+    assert "aerokv/uav9/heartbeat" not in states
 
     def empty():
         battery.publish(BatteryHealth(uav_id="uav8", energy_j=0.0, capacity_j=2.7e6, source="simulation"))
@@ -111,8 +122,11 @@ def test_node_exits_cleanly_on_signal(ros_domain, procs, node, sig):
 @pytest.mark.parametrize(
     "yaml, field",
     [
-        ("/**/watchdog:\n  ros__parameters:\n    heartbeat_timeout_s: soon\n", "heartbeat_timeout_s"),
-        ("/**/watchdog:\n  ros__parameters:\n    heartbeat_timeut_s: 1.0\n", "heartbeat_timeut_s"),
+        ("/**/watchdog:\n  ros__parameters:\n    declare_phi: soon\n", "declare_phi"),
+        ("/**/watchdog:\n  ros__parameters:\n    declare_phy: 8.0\n", "declare_phy"),
+        # a value its type allows but the detector cannot work with
+        ("/**/watchdog:\n  ros__parameters:\n    suspect_phi: 9.0\n    declare_phi: 8.0\n", "declare_phi"),
+        ("/**/watchdog:\n  ros__parameters:\n    heartbeat_timeout_s: 0.15\n", "heartbeat_timeout_s"),
     ],
 )
 def test_bad_parameter_file_names_file_and_field(ros_domain, procs, tmp_path, yaml, field):

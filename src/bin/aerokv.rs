@@ -1,4 +1,4 @@
-//! `aerokv`: the command-line entry point (generate, sim, launch, swarm, bag).
+//! `aerokv`: the command-line entry point (generate, sim, launch, keys, swarm, bag).
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -14,6 +14,8 @@ enum Command {
     Generate(aerokv::cli::generate::GenerateArgs),
     /// Run the mission simulator (NP / OO / SO / AeroKV) and write CSV traces and plots.
     Sim(aerokv::cli::sim::SimArgs),
+    /// The swarm's keystore: `init --uavs N DIR`, `show DIR`, `bench` (docs/security.md).
+    Keys(aerokv::cli::keys::KeysArgs),
     /// Start the nodes of a ROS 2 XML launch file on this machine (a `ros2 launch` stand-in).
     Launch(aerokv::cli::launch::LaunchArgs),
     /// Start a swarm on this machine, generate through it (optionally killing drones), stop it.
@@ -30,6 +32,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => aerokv::cli::generate::run(args),
         Command::Sim(args) => aerokv::cli::sim::run(args),
         Command::Launch(args) => aerokv::cli::launch::run(args),
+        Command::Keys(args) => aerokv::cli::keys::run(args),
         #[cfg(feature = "ros")]
         Command::Swarm(args) => aerokv::cli::swarm::run(args),
         Command::Bag(args) => aerokv::cli::bag::run(args),

@@ -1,6 +1,7 @@
 //! Subcommands of the `aerokv` CLI. Each file owns one subcommand: its `clap::Args` and `run`.
 pub mod bag;
 pub mod generate;
+pub mod keys;
 pub mod launch;
 pub mod sim;
 #[cfg(feature = "ros")]

@@ -209,5 +209,6 @@ pub fn assignment(plan: &SwarmPlan, variant: &str, reason: &str) -> Assignment {
         request_id: plan.request_id,
         resume_position: plan.resume_position as u32,
         replay_from: plan.replay_from as u32,
+        auth: Default::default(), // signed by the publisher (crate::ros::auth)
     }
 }

@@ -1,4 +1,4 @@
-//! Topic and service names and their QoS (DESIGN.md §5): data plane reliable, telemetry best
+//! Topic and service names and their QoS (docs/design.md §6): data plane reliable, telemetry best
 //! effort, assignments transient-local so that a late joiner gets the current plan.
 use r2r::QosProfile;
 
@@ -59,8 +59,19 @@ pub fn activation_qos(topic: &str) -> QosProfile {
 pub fn telemetry() -> QosProfile {
     QosProfile::sensor_data().keep_last(10)
 }
+/// A heartbeat's writer: best effort, and only the newest one is worth sending (a writer that
+/// queues, e.g. behind a flow controller on a radio link, sends no stale ones).
+pub fn heartbeat_qos() -> QosProfile {
+    QosProfile::sensor_data().keep_last(1)
+}
 pub fn latched() -> QosProfile {
     QosProfile::default().reliable().keep_last(1).transient_local()
+}
+/// Readers of the latched plan keep several: anyone on the network can write on the topic, and
+/// with a history of one a forged plan arriving just after a genuine one replaces it unread
+/// (docs/security.md). Older plans are ignored by epoch.
+pub fn latched_reader() -> QosProfile {
+    QosProfile::default().reliable().keep_last(16).transient_local()
 }
 pub fn events() -> QosProfile {
     QosProfile::default().reliable().keep_last(100).transient_local()

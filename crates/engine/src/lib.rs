@@ -2,7 +2,7 @@
 //!
 //! The AeroKV shard engine: SmolLM2-135M-Instruct split into ONNX layer files
 //! (docs/model-format.md), run with ONNX Runtime, with explicit per-layer KV caches. Pure Rust,
-//! no ROS: the ROS nodes are thin adapters over this API (DESIGN.md §5).
+//! no ROS: the ROS nodes are thin adapters over this API (docs/design.md §2).
 //!
 //! ## Pieces
 //!
@@ -53,7 +53,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! ## Recovery (DESIGN.md §2)
+//! ## Recovery (docs/design.md §3)
 //!
 //! ```no_run
 //! # use aerokv_engine::*;

@@ -2,8 +2,8 @@
 //! one set of session options for every session, without a memory arena.
 //!
 //! Why global: with one pool per session, 32 per-layer sessions ran at 1.7 tok/s instead of 33
-//! (ENVIRONMENT.md). Why one set of options: a replica or a replay must compute bit-identical KV
-//! to the drone it stands in for, so every executor must run the same kernels (DESIGN.md §2).
+//! (docs/design.md §7). Why one set of options: a replica or a replay must compute bit-identical KV
+//! to the drone it stands in for, so every executor must run the same kernels (docs/design.md §3).
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 

@@ -170,7 +170,7 @@ impl KvRows {
     }
 }
 
-/// Memory of a shard, for the planner (DESIGN.md §3): weights plus KV per token, from the files
+/// Memory of a shard, for the planner (docs/design.md §4): weights plus KV per token, from the files
 /// actually loaded and the process's resident set measured around the load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardMemory {

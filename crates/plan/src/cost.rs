@@ -1,4 +1,4 @@
-//! Cost model (DESIGN.md §3): battery-aware power and latency, per-token energy, memory,
+//! Cost model (docs/design.md §4): battery-aware power and latency, per-token energy, memory,
 //! worst-case recovery time, lifetime and expected remaining tokens.
 use serde::{Deserialize, Serialize};
 
@@ -43,18 +43,24 @@ pub fn effective(u: &UavState, model: &ModelSpec, cfg: &PlanConfig) -> Effective
         compute_power_w: pw,
         layer_latency_s: lat,
         layer_energy_j: pw * lat,
-        tx_layer_token_j: tx_energy_j(u, model.kv_bytes_per_token_layer),
+        tx_layer_token_j: tx_energy_j(u, cfg, model.kv_bytes_per_token_layer),
     }
 }
 
+/// The rate at which `u` moves payload: its nominal link rate, or over a shared 802.11 channel
+/// what is left of it after MAC overhead and retries.
+pub fn link_rate_bps(u: &UavState, cfg: &PlanConfig) -> f64 {
+    cfg.channel.as_ref().map_or(u.link_bps, |c| c.effective_rate_bps(u.link_bps))
+}
+
 /// Radio energy of sending `bytes` from `u`: TX power x bits / link rate.
-pub fn tx_energy_j(u: &UavState, bytes: f64) -> f64 {
-    u.tx_power_w * bytes * 8.0 / u.link_bps
+pub fn tx_energy_j(u: &UavState, cfg: &PlanConfig, bytes: f64) -> f64 {
+    u.tx_power_w * tx_time_s(u, cfg, bytes)
 }
 
 /// Time to send `bytes` over `u`'s link.
-pub fn tx_time_s(u: &UavState, bytes: f64) -> f64 {
-    bytes * 8.0 / u.link_bps
+pub fn tx_time_s(u: &UavState, cfg: &PlanConfig, bytes: f64) -> f64 {
+    bytes * 8.0 / link_rate_bps(u, cfg)
 }
 
 /// Time to load `layers` layers of weights from storage.

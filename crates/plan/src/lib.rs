@@ -1,4 +1,4 @@
-//! AeroKV planning core (pure Rust, no ROS). See DESIGN.md §2–§4.
+//! AeroKV planning core (pure Rust, no ROS). See docs/design.md §3-§5.
 //!
 //! # What the live scheduler calls
 //!
@@ -44,6 +44,7 @@ pub mod error;
 pub mod initial;
 mod p1;
 pub mod protection;
+pub mod radio;
 pub mod recovery;
 pub mod types;
 
@@ -51,6 +52,7 @@ pub use cost::{evaluate, power_fraction, EnergyBreakdown, MemoryBreakdown, Swarm
 pub use error::{PlanError, Result};
 pub use initial::{plan_initial_layout, plan_initial_layout_with, uniform_layout, LayoutObjective};
 pub use protection::{plan_fixed, plan_protection, plan_protection_beam, plan_protection_relaxed, FixedPolicy};
+pub use radio::{predict_tokens_per_s, Channel, RadioPrediction, Traffic};
 pub use recovery::{
     held_state, plan_failover, plan_recovery, reconfigure, retirement_candidates, retirements_due, Failover,
     Reconfiguration, RecoveryContext, RecoveryPlan, TailSource,

@@ -112,8 +112,8 @@ pub fn plan_recovery(
         };
         let bytes = f64::from(tail_len) * since as f64 * model.kv_bytes_per_token_layer;
         match swarm.uav(failed) {
-            Ok(f) => (tx_time_s(f, bytes), tx_energy_j(f, bytes)),
-            Err(_) => (tx_time_s(s_state, bytes), tx_energy_j(s_state, bytes)),
+            Ok(f) => (tx_time_s(f, &swarm.config, bytes), tx_energy_j(f, &swarm.config, bytes)),
+            Err(_) => (tx_time_s(s_state, &swarm.config, bytes), tx_energy_j(s_state, &swarm.config, bytes)),
         }
     } else {
         (0.0, 0.0)

@@ -27,6 +27,7 @@ fn cfg(deadline: f64, periods: Vec<u32>) -> PlanConfig {
         power: PowerModel::default(),
         recoverable_memory: true,
         lifetime_target_factor: None,
+        channel: None,
     }
 }
 

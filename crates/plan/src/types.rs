@@ -72,6 +72,10 @@ pub struct PlanConfig {
     /// memory) and the layout the fastest pipeline.
     #[serde(default)]
     pub lifetime_target_factor: Option<f64>,
+    /// A shared 802.11 channel: links then carry payload at its effective rate (MAC overhead,
+    /// retries) instead of the UAVs' nominal `link_bps` ([`crate::radio`]). `None`: nominal rates.
+    #[serde(default)]
+    pub channel: Option<crate::radio::Channel>,
 }
 
 fn yes() -> bool {
@@ -87,6 +91,7 @@ impl Default for PlanConfig {
             power: PowerModel::default(),
             recoverable_memory: true,
             lifetime_target_factor: None,
+            channel: None,
         }
     }
 }
@@ -146,7 +151,7 @@ impl SwarmState {
         if !ok {
             return Err(PlanError::InvalidConfig(format!("{c:?}")));
         }
-        Ok(())
+        c.channel.as_ref().map_or(Ok(()), |ch| ch.validate())
     }
 }
 

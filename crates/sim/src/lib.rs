@@ -1,4 +1,4 @@
-//! AeroKV mission simulator (pure Rust, no ROS). See DESIGN.md §7.
+//! AeroKV mission simulator (pure Rust, no ROS). Its missions are the paper's evaluation: docs/results.md.
 //!
 //! [`run`] simulates a scenario for one or more seeds and methods (NP, OO, SO, AeroKV and
 //! ablations) with the same planner code the live scheduler uses, and writes:

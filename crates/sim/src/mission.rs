@@ -482,6 +482,7 @@ impl Run<'_> {
                 self.s.protection_compute_energy_j += rep;
             }
             let done = t + 1;
+            let cfg = self.scn.config();
             for &(u, iv) in self.layout.entries() {
                 let p = self.plan.get(u);
                 let tail = iv.len().saturating_sub(p.k);
@@ -490,7 +491,7 @@ impl Run<'_> {
                     if done > base && (done - base) % u64::from(period.max(1)) == 0 {
                         let bytes = f64::from(tail) * f64::from(period) * self.model.kv_bytes_per_token_layer;
                         let st = &mut self.all[u as usize];
-                        let e = aerokv_plan::cost::tx_energy_j(st, bytes);
+                        let e = aerokv_plan::cost::tx_energy_j(st, &cfg, bytes);
                         st.energy_j -= e;
                         self.s.tx_energy_j += e;
                     }
@@ -720,12 +721,13 @@ impl Run<'_> {
                 }
             }
         }
+        let cfg = self.scn.config();
         for (&src, &bytes) in &sent {
             let st = &mut self.all[src as usize];
-            let e = aerokv_plan::cost::tx_energy_j(st, bytes);
+            let e = aerokv_plan::cost::tx_energy_j(st, &cfg, bytes);
             st.energy_j -= e;
             tx += e;
-            time = time.max(aerokv_plan::cost::tx_time_s(st, bytes));
+            time = time.max(aerokv_plan::cost::tx_time_s(st, &cfg, bytes));
         }
         self.s.tx_energy_j += tx;
         (time, tx, changed)

@@ -194,6 +194,7 @@ impl Scenario {
             power: PowerModel { floor_fraction: self.power_floor, alpha: self.latency_alpha, ..PowerModel::default() },
             recoverable_memory: true,
             lifetime_target_factor: self.lifetime_target_factor,
+            channel: None,
         }
     }
 

@@ -19,7 +19,7 @@ pub struct Params {
     pub capacity_j: f64,
     pub initial_soc: f64,
     pub flight_power_w: f64,
-    /// Inference power at full power; battery-aware scaling applies below 40 % (DESIGN.md §3).
+    /// Inference power at full power; battery-aware scaling applies below 40 % (docs/design.md §4).
     pub inference_power_w: f64,
     pub tx_power_w: f64,
     pub link_rate_bps: f64,
@@ -208,7 +208,7 @@ fn diagnostics(uav: &str, h: &BatteryHealth) -> DiagnosticArray {
 }
 
 /// Fraction of full inference power the battery allows: the planning core's battery model
-/// (DESIGN.md §3), so that the monitor and the planner agree.
+/// (docs/design.md §4), so that the monitor and the planner agree.
 fn inference_power_fraction(soc: f64) -> f64 {
     aerokv_plan::power_fraction(soc, &aerokv_plan::PowerModel::default())
 }

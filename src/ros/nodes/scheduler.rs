@@ -6,11 +6,14 @@
 use super::discovery::uavs_with_topic;
 use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telemetry};
 use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
+use crate::detector::FailureReason;
+use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
+use aerokv_auth::Role;
 use aerokv_engine::{
     models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
 };
-use aerokv_plan::{PlanConfig, PowerModel};
+use aerokv_plan::{Channel, PlanConfig, PowerModel};
 use futures::StreamExt;
 use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, PromptProgress, TokenChunk};
 use r2r::aerokv::srv::Generate;
@@ -48,7 +51,12 @@ pub struct Params {
     pub inference_power_w: f64,
     pub tx_power_w: f64,
     pub link_rate_bps: f64,
-    /// Recovery deadline tau and the weight loading rate (DESIGN.md §2).
+    /// The links share one 802.11 channel: plan with what it carries (MAC overhead, retries at
+    /// `frame_loss`, docs/failure-detection.md) instead of `link_rate_bps` itself.
+    pub shared_channel: bool,
+    /// Probability that one transmission attempt of a frame fails (with `shared_channel`).
+    pub frame_loss: f64,
+    /// Recovery deadline tau and the weight loading rate (docs/design.md §3).
     pub recovery_deadline_s: f64,
     pub weight_load_bps: f64,
     pub snapshot_periods: Vec<u32>,
@@ -66,6 +74,8 @@ pub struct Params {
     pub retirement: bool,
     /// ... once it has fewer than this many tokens left (it serves until then).
     pub retirement_horizon_tokens: u64,
+    /// Keystore directory (docs/security.md); empty: authentication off.
+    pub keystore: String,
 }
 
 impl Default for Params {
@@ -83,6 +93,8 @@ impl Default for Params {
             inference_power_w: 35.0,
             tx_power_w: 2.5,
             link_rate_bps: 20e6,
+            shared_channel: false,
+            frame_loss: 0.0,
             recovery_deadline_s: 0.25,
             weight_load_bps: 8e9,
             snapshot_periods: vec![1, 2, 4, 8, 16, 32, 64],
@@ -93,6 +105,7 @@ impl Default for Params {
             replan_period_s: 1.0,
             retirement: true,
             retirement_horizon_tokens: 32,
+            keystore: String::new(),
         }
     }
 }
@@ -120,6 +133,11 @@ impl Params {
             "parameter `snapshot_periods` must list periods >= 1"
         );
         anyhow::ensure!(self.lifetime_target_factor >= 0.0, "parameter `lifetime_target_factor` must be >= 0");
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.frame_loss),
+            "parameter `frame_loss` must be in [0, 1), not {}",
+            self.frame_loss
+        );
         Ok(())
     }
 }
@@ -177,7 +195,8 @@ struct Scheduler {
     failed: BTreeMap<String, u64>,
     /// Retired for its battery: rejoins only as a new process (recharged).
     retired: BTreeMap<String, u64>,
-    assign_pub: r2r::Publisher<Assignment>,
+    assign_pub: SignedPublisher<Assignment>,
+    auth: Arc<NodeAuth>,
     token_pub: r2r::Publisher<TokenChunk>,
     progress_pub: r2r::Publisher<PromptProgress>,
     /// Stage inputs, and replays of the embeddings a stage around the gateway was fed; by topic.
@@ -215,6 +234,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         power: PowerModel::default(),
         recoverable_memory: true,
         lifetime_target_factor: (p.lifetime_target_factor > 0.0).then_some(p.lifetime_target_factor),
+        channel: p.shared_channel.then(|| Channel { frame_loss: p.frame_loss, ..Channel::default() }),
     };
     let airframe = Airframe {
         flight_power_w: p.flight_power_w,
@@ -226,10 +246,17 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     tracing::info!(variant = %p.variant, layers = arch.layers, layer_ms = own_layer_latency_s * 1e3, "gateway loaded");
 
     let outputs = ctx.lock().subscribe::<Activation>(names::GATEWAY_INPUT, names::data_plane())?.boxed();
-    let failures = ctx.subscribe::<FailureEvent>(names::FAILURES, names::events())?;
+    let auth = NodeAuth::load(&p.keystore, Role::Scheduler, None)?;
+    auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
+    let failures = verified(ctx.subscribe(names::FAILURES, names::events())?, auth.clone(), NodeAuth::accept_failure);
     let mut service = ctx.lock().create_service::<Generate::Service>(names::GENERATE, r2r::QosProfile::default())?;
     let mut s = Scheduler {
-        assign_pub: ctx.publisher::<Assignment>(names::ASSIGNMENT, names::latched())?,
+        assign_pub: SignedPublisher::new(
+            ctx.publisher(names::ASSIGNMENT, names::latched())?,
+            auth.clone(),
+            NodeAuth::sign_assignment,
+        ),
+        auth,
         token_pub: ctx.publisher::<TokenChunk>(names::TOKENS, names::events())?,
         progress_pub: ctx.publisher::<PromptProgress>(names::PROGRESS, names::events())?,
         ctx: ctx.clone(),
@@ -309,7 +336,7 @@ impl Scheduler {
     /// Subscribes to the heartbeats and battery health of UAVs that appeared.
     fn discover(&mut self) -> anyhow::Result<()> {
         for uav in uavs_with_topic(&self.ctx, "heartbeat") {
-            if !self.watched.insert(uav.clone()) {
+            if !self.watched.insert(uav.clone()) || !self.auth.admits_uav(&uav) {
                 continue;
             }
             tracing::info!(%uav, "UAV discovered");
@@ -384,7 +411,14 @@ impl Scheduler {
             self.lock().beats.get(&ev.uav_id).map_or((0, f64::INFINITY, f64::NEG_INFINITY), |(t, hb)| {
                 (hb.sequence, t.elapsed().as_secs_f64(), stamp_secs(&hb.stamp))
             });
-        if ev.reason == "heartbeat_timeout" && ev.silence_s.is_finite() {
+        let reason = match ev.reason.parse::<FailureReason>() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(uav = %ev.uav_id, "failure event dropped: {e}");
+                return false;
+            }
+        };
+        if reason == FailureReason::HeartbeatTimeout && ev.silence_s.is_finite() {
             // The watchdog last heard from it at `declared - silence`; a heartbeat sent after that
             // (same machine clock) or received just now means the watchdog's view was stale.
             let declared = stamp_secs(&ev.stamp);

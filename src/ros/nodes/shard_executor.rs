@@ -4,7 +4,9 @@
 //! that owns the [`ShardHost`] and spins the node itself: DDS wakes it directly when an
 //! activation arrives. The async side only heartbeats and handles shutdown.
 use crate::dataplane::{Emit, ShardHost};
+use crate::ros::auth::{NodeAuth, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::{convert, names, now_stamp, shutdown_phase, NodeContext, ShutdownPhase, SPIN_TIMEOUT};
+use aerokv_auth::Role;
 use aerokv_engine::{models_root, Manifest, Runtime, RuntimeConfig};
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
@@ -26,6 +28,8 @@ pub struct Params {
     /// ONNX Runtime intra-op threads. Every executor must use the same value: replicas and
     /// replays are only bit-identical under identical settings.
     pub threads: usize,
+    /// Keystore directory (docs/security.md); empty: authentication off.
+    pub keystore: String,
 }
 
 impl Default for Params {
@@ -36,6 +40,7 @@ impl Default for Params {
             models_dir: String::new(),
             variant: "q4".into(),
             threads: 1,
+            keystore: String::new(),
         }
     }
 }
@@ -80,13 +85,16 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let runtime = Runtime::init(RuntimeConfig::with_threads(p.threads))?;
     let manifest = Manifest::load_variant(&root, &p.variant)?;
     let host = ShardHost::new(runtime, manifest, p.uav_id.clone())?;
+    let auth = NodeAuth::load(&p.keystore, Role::ShardExecutor, Some(&p.uav_id))?;
+    auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
 
-    // Heartbeats leave through a DDS participant of their own: when a neighbour dies, pushes to
-    // its shared-memory port can stall the data plane's participant for up to a second, and the
-    // watchdog must not mistake that for this UAV's death.
+    // Heartbeats leave through a DDS participant and writer of their own, published from this
+    // async task, never from the data-plane thread that publishes KV snapshots and replays: when
+    // a neighbour dies, pushes to its shared-memory port can stall the data plane's participant
+    // for up to a second, and the watchdog must not mistake that for this UAV's death.
     let mut hb_node =
         r2r::Node::create(r2r::Context::create()?, &format!("shard_executor_heartbeat_{}", p.uav_id), "")?;
-    let hb_pub = hb_node.create_publisher::<Heartbeat>(&names::heartbeat(&p.uav_id), names::telemetry())?;
+    let hb_pub = hb_node.create_publisher::<Heartbeat>(&names::heartbeat(&p.uav_id), names::heartbeat_qos())?;
     let status = Arc::new(Mutex::new(Status {
         hb: Heartbeat { uav_id: p.uav_id.clone(), state: "waiting".into(), ..Default::default() },
     }));
@@ -104,8 +112,9 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
         hops: Vec::new(),
         decode_steps: 0,
         preempted_in_decode: 0,
+        auth,
     };
-    worker.subscribe(names::ASSIGNMENT.to_string(), names::latched(), Event::Assignment)?;
+    worker.subscribe(names::ASSIGNMENT.to_string(), names::latched_reader(), Event::Assignment)?;
     worker.subscribe(names::kv_inbox(&p.uav_id), names::data_plane(), Event::Kv)?;
     let worker = std::thread::Builder::new().name("data-plane".into()).spawn(move || worker.run())?;
     let mut beat = tokio::time::interval(Duration::from_secs_f64(p.heartbeat_period_s));
@@ -166,6 +175,7 @@ struct Worker {
     /// wakeups taking the core: zero on a drone with a core to spare).
     decode_steps: u64,
     preempted_in_decode: u64,
+    auth: Arc<NodeAuth>,
 }
 
 impl Worker {
@@ -192,6 +202,9 @@ impl Worker {
     }
 
     fn handle_event(&mut self, ev: Event) {
+        if matches!(&ev, Event::Assignment(a) if !self.auth.accept_assignment(a)) {
+            return;
+        }
         let current = self.host.epoch();
         let epoch = ev.epoch();
         let is_assignment = matches!(ev, Event::Assignment(_));
@@ -375,6 +388,7 @@ impl Worker {
         hb.compute_ms_per_layer = self.host.usage.last_ms_per_layer;
         hb.compute_s_total = self.host.usage.compute.as_secs_f64();
         hb.memory_bytes = self.host.memory_bytes();
+        hb.auth_counters = self.auth.counters();
         if !hb.state.starts_with("error") {
             hb.state = if self.host.plan().is_none() {
                 "waiting"

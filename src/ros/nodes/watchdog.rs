@@ -1,41 +1,39 @@
-//! `watchdog`: one per swarm. Watches every UAV's heartbeats and battery health and declares a
-//! UAV failed (heartbeats missed for `heartbeat_timeout_s`, or its battery empty) once per UAV
-//! and epoch, on `/aerokv/failures`.
+//! `watchdog`: one per swarm. Watches every UAV's heartbeats and battery health; the decisions
+//! (accrual failure detection, suspicion, declaration once per UAV and epoch) are the core's
+//! [`Watchdog`]. Declarations go to `/aerokv/failures`, every UAV's state (alive, suspected with
+//! its phi, declared) to `/diagnostics` and the log.
 use super::discovery::uavs_with_topic;
-use crate::ros::{names, now_stamp, NodeContext};
-use r2r::aerokv::msg::{Assignment, BatteryHealth, FailureEvent, Heartbeat};
-use serde::Deserialize;
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use crate::detector::{Event, Health, UavReport, Watchdog, WatchdogParams};
+use crate::params::Checked;
+use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
+use crate::ros::{names, now_stamp, stamp_secs, unix_now, NodeContext};
+use aerokv_auth::Role;
+use r2r::aerokv::msg::{BatteryHealth, FailureEvent, Heartbeat};
+use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Params {
-    pub heartbeat_timeout_s: f64,
-    pub check_period_s: f64,
-    /// How often to look for new UAV topics (new members).
-    pub discovery_period_s: f64,
-}
+/// The watchdog's parameters, checked when the file is read.
+pub type Params = Checked<WatchdogParams>;
 
-impl Default for Params {
-    fn default() -> Self {
-        Params { heartbeat_timeout_s: 1.0, check_period_s: 0.05, discovery_period_s: 0.5 }
-    }
-}
+/// How often every UAV's state goes to `/diagnostics` (and at every change).
+const DIAGNOSTICS_PERIOD: Duration = Duration::from_secs(1);
 
+/// A message and when it arrived (stamped on receipt: the check loop may be busy).
 enum Seen {
-    Heartbeat(Heartbeat),
-    Battery(BatteryHealth),
+    Heartbeat(Heartbeat, Instant),
+    Battery(BatteryHealth, Instant),
 }
 
-pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        p.heartbeat_timeout_s > 0.0 && p.check_period_s > 0.0 && p.discovery_period_s > 0.0,
-        "watchdog periods must be positive"
-    );
-    let failures = ctx.publisher::<FailureEvent>(names::FAILURES, names::events())?;
-    let mut assignments = ctx.subscribe::<Assignment>(names::ASSIGNMENT, names::latched())?;
+pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
+    let auth = NodeAuth::load(&p.keystore, Role::Watchdog, None)?;
+    auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
+    let failures =
+        SignedPublisher::new(ctx.publisher(names::FAILURES, names::events())?, auth.clone(), NodeAuth::sign_failure);
+    let diagnostics = ctx.publisher::<DiagnosticArray>(names::DIAGNOSTICS, r2r::QosProfile::default())?;
+    let mut assignments =
+        verified(ctx.subscribe(names::ASSIGNMENT, names::latched_reader())?, auth, NodeAuth::accept_assignment);
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
     // The discovery thread ends at the node's shutdown and is joined before the node returns (it
     // must not be inside the node when ROS shuts down).
@@ -43,70 +41,127 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         let (ctx, seen, period) = (ctx.clone(), seen_tx.clone(), Duration::from_secs_f64(p.discovery_period_s));
         tokio::task::spawn_blocking(move || watch_new_uavs(&ctx, &seen, period))
     };
-    let mut last_beat: BTreeMap<String, Instant> = BTreeMap::new();
-    let mut declared: HashSet<(u64, String)> = HashSet::new();
-    let mut epoch = 0u64;
-    let mut ring: Option<BTreeSet<String>> = None;
+    let origin = Instant::now();
+    let secs = |t: Instant| t.saturating_duration_since(origin).as_secs_f64();
     let mut check = tokio::time::interval(Duration::from_secs_f64(p.check_period_s));
-    let timeout = Duration::from_secs_f64(p.heartbeat_timeout_s);
-    let mut last_check = Instant::now();
+    let mut report = tokio::time::interval(DIAGNOSTICS_PERIOD);
+    tracing::info!(?p, "watchdog up");
+    let mut w = Watchdog::new(p);
     let shutdown = ctx.shutdown();
     tokio::pin!(shutdown);
-    tracing::info!(timeout_s = p.heartbeat_timeout_s, "watchdog up");
     loop {
-        tokio::select! {
+        let events = tokio::select! {
             _ = &mut shutdown => break,
             Some(a) = assignments.recv() => {
-                epoch = epoch.max(a.epoch);
-                ring = Some(a.ring.iter().cloned().collect());
+                w.assignment(a.epoch, a.ring);
+                Vec::new()
             }
-            Some(seen) = seen_rx.recv() => take(seen, &mut last_beat, &failures, &mut declared, epoch),
+            Some(seen) = seen_rx.recv() => take(&mut w, seen, secs),
             _ = check.tick() => {
                 // Judge only on what has arrived: take everything queued first.
+                let mut events = Vec::new();
                 while let Ok(seen) = seen_rx.try_recv() {
-                    take(seen, &mut last_beat, &failures, &mut declared, epoch);
+                    events.extend(take(&mut w, seen, secs));
                 }
-                // If this loop itself was held up (a stalled process, a starved CPU), the time it
-                // was not listening is nobody's silence.
-                let lag = last_check.elapsed().saturating_sub(Duration::from_secs_f64(p.check_period_s));
-                last_check = Instant::now();
-                if lag > timeout / 4 {
-                    tracing::warn!(lag_s = lag.as_secs_f64(), "watchdog was not listening; not counting that time as silence");
-                    for t in last_beat.values_mut() {
-                        *t += lag;
-                    }
-                    continue;
-                }
-                for (uav, t) in &last_beat {
-                    // Only members of the current plan can fail; others are not serving.
-                    let member = ring.as_ref().is_none_or(|r| r.contains(uav));
-                    if member && t.elapsed() > timeout {
-                        declare(&failures, &mut declared, epoch, uav, "heartbeat_timeout", Some(t));
-                    }
-                }
+                events.extend(w.check(secs(Instant::now())));
+                events
             }
+            _ = report.tick() => {
+                publish_diagnostics(&diagnostics, &w.report(secs(Instant::now())));
+                Vec::new()
+            }
+        };
+        let changed = events.iter().any(|e| !matches!(e, Event::Stalled { .. }));
+        for e in events {
+            publish_event(&failures, e);
         }
+        if changed {
+            publish_diagnostics(&diagnostics, &w.report(secs(Instant::now())));
+        }
+    }
+    // What the heartbeats looked like (e.g. their inter-arrival p99 while KV snapshots were sent).
+    for r in w.report(secs(Instant::now())) {
+        tracing::info!(uav = %r.uav, samples = r.samples, p50_ms = r.p50_s * 1e3, p99_ms = r.p99_s * 1e3, max_gap_ms = r.max_gap_s * 1e3, period_ms = r.model.period_s * 1e3, loss = r.model.loss, jitter_ms = r.model.std_dev_s * 1e3, "heartbeat inter-arrivals");
     }
     let _ = discovery.await;
     Ok(())
 }
 
-/// A heartbeat or battery report: note when the UAV was heard; an empty battery is a failure.
-fn take(
-    seen: Seen,
-    last_beat: &mut BTreeMap<String, Instant>,
-    failures: &r2r::Publisher<FailureEvent>,
-    declared: &mut HashSet<(u64, String)>,
-    epoch: u64,
-) {
+fn take(w: &mut Watchdog, seen: Seen, secs: impl Fn(Instant) -> f64) -> Vec<Event> {
     match seen {
-        Seen::Heartbeat(hb) => {
-            last_beat.insert(hb.uav_id, Instant::now());
+        Seen::Heartbeat(hb, at) => {
+            let events = w.heartbeat(&hb.uav_id, hb.sequence, secs(at));
+            if events.iter().any(|e| matches!(e, Event::Heard { .. })) {
+                // Late at the sender or on the way? (Same clock on one machine; a guide elsewhere.)
+                let transit_ms = (unix_now() - stamp_secs(&hb.stamp)) * 1e3;
+                tracing::info!(uav = %hb.uav_id, sequence = hb.sequence, transit_ms, "heartbeat after a silence");
+            }
+            events
         }
-        Seen::Battery(b) if b.energy_j <= 0.0 => {
-            declare(failures, declared, epoch, &b.uav_id, "battery_empty", last_beat.get(&b.uav_id))
+        Seen::Battery(b, at) => w.battery(&b.uav_id, b.energy_j, secs(at)).into_iter().collect(),
+    }
+}
+
+/// Logs an event; a declaration is also published.
+fn publish_event(out: &SignedPublisher<FailureEvent>, event: Event) {
+    match event {
+        Event::Suspected { uav, phi, silence_s } => {
+            tracing::warn!(%uav, phi, silence_s, "UAV suspected (no recovery unless declared)")
         }
-        Seen::Battery(_) => {}
+        Event::Heard { uav, was, silence_s } => tracing::info!(%uav, was = was.as_str(), silence_s, "UAV heard again"),
+        Event::Stalled { lag_s } => {
+            tracing::warn!(lag_s, "watchdog was not listening; not counting that time as silence")
+        }
+        Event::Declared(d) => {
+            let silence_s = d.silence_s.unwrap_or(f64::NAN);
+            tracing::warn!(uav = %d.uav, epoch = d.epoch, reason = %d.reason, evidence = ?d.evidence, phi = d.phi, silence_s, "UAV declared failed");
+            let msg = FailureEvent {
+                epoch: d.epoch,
+                uav_id: d.uav,
+                reason: d.reason.as_str().into(),
+                silence_s,
+                stamp: now_stamp(),
+                ..Default::default()
+            };
+            if let Err(e) = out.publish(&msg) {
+                tracing::error!("publish failure event: {e}");
+            }
+        }
+    }
+}
+
+/// Every UAV's state on `/diagnostics`: OK alive, WARN suspected, ERROR declared, with phi and
+/// the model behind it.
+fn publish_diagnostics(out: &r2r::Publisher<DiagnosticArray>, uavs: &[UavReport]) {
+    let kv = |k: &str, v: String| KeyValue { key: k.into(), value: v };
+    let status = uavs
+        .iter()
+        .map(|r| {
+            let (level, message) = match r.health {
+                Health::Alive => (DiagnosticStatus::OK as u8, "alive".to_string()),
+                Health::Suspected => (DiagnosticStatus::WARN as u8, format!("suspected: phi {:.1}", r.phi)),
+                Health::Declared => (DiagnosticStatus::ERROR as u8, "declared failed".to_string()),
+            };
+            DiagnosticStatus {
+                level,
+                name: format!("aerokv/{}/heartbeat", r.uav),
+                message,
+                hardware_id: r.uav.clone(),
+                values: vec![
+                    kv("phi", format!("{:.2}", r.phi)),
+                    kv("silence_s", format!("{:.3}", r.silence_s)),
+                    kv("period_s", format!("{:.4}", r.model.period_s)),
+                    kv("loss", format!("{:.4}", r.model.loss)),
+                    kv("jitter_s", format!("{:.4}", r.model.std_dev_s)),
+                    kv("inter_arrival_p99_s", format!("{:.4}", r.p99_s)),
+                ],
+            }
+        })
+        .collect();
+    let msg =
+        DiagnosticArray { header: r2r::std_msgs::msg::Header { stamp: now_stamp(), frame_id: String::new() }, status };
+    if let Err(e) = out.publish(&msg) {
+        tracing::warn!("publish diagnostics: {e}");
     }
 }
 
@@ -121,9 +176,10 @@ fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period:
             if watched.contains(uav) {
                 continue;
             }
-            match forward(ctx, &names::heartbeat(uav), seen, Seen::Heartbeat)
-                .and_then(|()| forward(ctx, &names::battery(uav), seen, Seen::Battery))
-            {
+            match forward(ctx, &names::heartbeat(uav), uav, seen, |hb: &Heartbeat| &hb.uav_id, Seen::Heartbeat)
+                .and_then(|()| {
+                    forward(ctx, &names::battery(uav), uav, seen, |b: &BatteryHealth| &b.uav_id, Seen::Battery)
+                }) {
                 Ok(()) => {
                     tracing::info!(%uav, "watching");
                     watched.insert(uav.clone());
@@ -137,38 +193,28 @@ fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period:
     }
 }
 
-fn forward<T, F>(ctx: &NodeContext, topic: &str, tx: &mpsc::UnboundedSender<Seen>, wrap: F) -> anyhow::Result<()>
-where
-    T: r2r::WrappedTypesupport + Send + 'static,
-    F: Fn(T) -> Seen + Send + 'static,
-{
+/// Forwards `uav`'s heartbeats or battery reports from `topic`, stamped on receipt. The topic
+/// names the UAV: a message that claims to be another one is dropped.
+fn forward<T: r2r::WrappedTypesupport + Send + 'static>(
+    ctx: &NodeContext,
+    topic: &str,
+    uav: &str,
+    tx: &mpsc::UnboundedSender<Seen>,
+    claimed: fn(&T) -> &String,
+    wrap: fn(T, Instant) -> Seen,
+) -> anyhow::Result<()> {
     let mut rx = ctx.subscribe::<T>(topic, names::telemetry())?;
-    let tx = tx.clone();
+    let (tx, uav) = (tx.clone(), uav.to_string());
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
-            if tx.send(wrap(m)).is_err() {
+            if *claimed(&m) != uav {
+                tracing::warn!(%uav, claimed = %claimed(&m), "message on this UAV's topic names another UAV: dropped");
+                continue;
+            }
+            if tx.send(wrap(m, Instant::now())).is_err() {
                 break;
             }
         }
     });
     Ok(())
-}
-
-fn declare(
-    out: &r2r::Publisher<FailureEvent>,
-    declared: &mut HashSet<(u64, String)>,
-    epoch: u64,
-    uav: &str,
-    reason: &str,
-    last_beat: Option<&Instant>,
-) {
-    if !declared.insert((epoch, uav.to_string())) {
-        return;
-    }
-    let silence_s = last_beat.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
-    tracing::warn!(%uav, epoch, reason, silence_s, "UAV declared failed");
-    let msg = FailureEvent { epoch, uav_id: uav.into(), reason: reason.into(), silence_s, stamp: now_stamp() };
-    if let Err(e) = out.publish(&msg) {
-        tracing::error!("publish failure event: {e}");
-    }
 }

@@ -1,0 +1,325 @@
+//! Authentication at the nodes' publish and receive points (docs/security.md): the canonical
+//! bytes of the signed messages, signing before publishing, verifying on receipt (dropping and
+//! counting what fails), and the counters on `/diagnostics`.
+use crate::ros::{names, now_stamp, NodeContext};
+use aerokv_auth::{Auth, Claim, Counts, Encoder, Keystore, NodeId, Rejection, Role, Roster, Signer, Verifier};
+use anyhow::Context;
+use r2r::aerokv::msg::{self as m, Assignment, AuthCounters, FailureEvent};
+use r2r::builtin_interfaces::msg::Time;
+use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+/// How often a node publishes its authentication counters on `/diagnostics`.
+pub const AUTH_DIAGNOSTICS_PERIOD: Duration = Duration::from_secs(1);
+
+/// A node's keys and roster; `off` when the node runs without a keystore.
+pub struct NodeAuth {
+    id: String,
+    signer: Option<Signer>,
+    verifier: Option<Mutex<Verifier>>,
+}
+
+impl NodeAuth {
+    /// From the `keystore` parameter: a directory, or empty to run without authentication (said
+    /// loudly: then anyone on the network can plan the swarm or declare its drones dead).
+    pub fn load(keystore: &str, role: Role, uav: Option<&str>) -> anyhow::Result<Arc<Self>> {
+        let id = NodeId::of(role, uav)?;
+        if keystore.is_empty() {
+            tracing::warn!(identity = %id, "AUTHENTICATION OFF: parameter `keystore` is empty; unsigned assignments and failure declarations are accepted from anyone (docs/security.md)");
+            return Ok(Arc::new(NodeAuth { id: id.to_string(), signer: None, verifier: None }));
+        }
+        let ks = Keystore::open(keystore.as_ref()).context("parameter `keystore`")?;
+        let key = ks.signing_key(&id).context("parameter `keystore`")?;
+        tracing::info!(identity = %id, members = ks.roster.members().count(), "authentication on");
+        Ok(Arc::new(NodeAuth {
+            id: id.to_string(),
+            signer: Some(Signer::new(id, key)),
+            verifier: Some(Mutex::new(Verifier::new(ks.roster))),
+        }))
+    }
+
+    fn sign(&self, topic: &str, body: impl FnOnce(&mut Encoder)) -> m::Auth {
+        let Some(signer) = &self.signer else { return m::Auth::default() };
+        let Auth { sender, counter, signature } = signer.sign(topic, body);
+        m::Auth { sender, counter, signature }
+    }
+
+    /// True when the message may be used; a dropped one is counted and logged (rate-limited).
+    fn accept(&self, topic: &str, auth: &m::Auth, body: impl FnOnce(&mut Encoder)) -> bool {
+        let Some(verifier) = &self.verifier else { return true };
+        let mut v = verifier.lock().unwrap_or_else(|e| e.into_inner());
+        let claim = Claim { sender: &auth.sender, counter: auth.counter, signature: &auth.signature };
+        match v.verify(topic, claim, body) {
+            Ok(_) => true,
+            Err(why) => {
+                let n = v.counts().rejected(why);
+                if n.is_power_of_two() {
+                    let sender = auth.sender.chars().take(80).collect::<String>();
+                    tracing::warn!(topic, %sender, counter = auth.counter, reason = why.name(), count = n, "message dropped: {why}");
+                }
+                false
+            }
+        }
+    }
+
+    pub fn sign_assignment(&self, a: &mut Assignment) {
+        a.auth = self.sign(names::ASSIGNMENT, |e| encode_assignment(e, a));
+    }
+    pub fn accept_assignment(&self, a: &Assignment) -> bool {
+        self.accept(names::ASSIGNMENT, &a.auth, |e| encode_assignment(e, a))
+    }
+    pub fn sign_failure(&self, f: &mut FailureEvent) {
+        f.auth = self.sign(names::FAILURES, |e| encode_failure(e, f));
+    }
+    pub fn accept_failure(&self, f: &FailureEvent) -> bool {
+        self.accept(names::FAILURES, &f.auth, |e| encode_failure(e, f))
+    }
+
+    /// A UAV may be planned only if it is on the roster (any UAV when authentication is off).
+    pub fn admits_uav(&self, uav: &str) -> bool {
+        let admitted = self.roster(|r| r.is_none_or(|r| r.uavs().contains(uav)));
+        if !admitted {
+            tracing::warn!(%uav, "UAV is not on the roster: it will not be planned");
+        }
+        admitted
+    }
+
+    fn roster<R>(&self, f: impl FnOnce(Option<&Roster>) -> R) -> R {
+        match &self.verifier {
+            Some(v) => f(Some(v.lock().unwrap_or_else(|e| e.into_inner()).roster())),
+            None => f(None),
+        }
+    }
+
+    fn counts(&self) -> Counts {
+        self.verifier.as_ref().map(|v| v.lock().unwrap_or_else(|e| e.into_inner()).counts()).unwrap_or_default()
+    }
+
+    /// The counters as the heartbeat carries them.
+    pub fn counters(&self) -> AuthCounters {
+        let c = self.counts();
+        AuthCounters {
+            accepted: c.accepted,
+            not_signed: c.rejected(Rejection::Unsigned),
+            unknown_sender: c.rejected(Rejection::UnknownSender),
+            wrong_role: c.rejected(Rejection::WrongRole),
+            bad_signature: c.rejected(Rejection::BadSignature),
+            replayed: c.rejected(Rejection::Replayed),
+            malformed: c.rejected(Rejection::Malformed),
+        }
+    }
+
+    /// The counters as one `/diagnostics` status, named `aerokv/auth/<identity>`.
+    pub fn diagnostics(&self) -> DiagnosticArray {
+        let c = self.counts();
+        let dropped = c.rejected_total();
+        let (level, message) = match &self.verifier {
+            None => (DiagnosticStatus::WARN as u8, "authentication off".to_string()),
+            Some(_) if dropped > 0 => (DiagnosticStatus::WARN as u8, format!("{dropped} message(s) dropped")),
+            Some(_) => (DiagnosticStatus::OK as u8, "ok".to_string()),
+        };
+        let kv = |k: &str, v: u64| KeyValue { key: k.into(), value: v.to_string() };
+        DiagnosticArray {
+            header: r2r::std_msgs::msg::Header { stamp: now_stamp(), frame_id: String::new() },
+            status: vec![DiagnosticStatus {
+                level,
+                name: format!("aerokv/auth/{}", self.id),
+                message,
+                hardware_id: self.id.clone(),
+                values: std::iter::once(kv("accepted", c.accepted))
+                    .chain(Rejection::ALL.iter().map(|&why| kv(why.name(), c.rejected(why))))
+                    .collect(),
+            }],
+        }
+    }
+
+    /// Publishes [`Self::diagnostics`] every `period` until the node stops.
+    pub fn publish_diagnostics(self: &Arc<Self>, ctx: &NodeContext, period: Duration) -> anyhow::Result<()> {
+        let publisher = ctx.publisher::<DiagnosticArray>(names::DIAGNOSTICS, r2r::QosProfile::default())?;
+        let (auth, shutdown) = (self.clone(), ctx.shutdown());
+        tokio::spawn(async move {
+            tokio::pin!(shutdown);
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tick.tick() => if let Err(e) = publisher.publish(&auth.diagnostics()) {
+                        tracing::warn!("publish auth diagnostics: {e}");
+                    },
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// A publisher that signs every message it publishes (a no-op without a keystore).
+pub struct SignedPublisher<T: r2r::WrappedTypesupport> {
+    publisher: r2r::Publisher<T>,
+    auth: Arc<NodeAuth>,
+    sign: fn(&NodeAuth, &mut T),
+}
+
+impl<T: r2r::WrappedTypesupport + 'static> SignedPublisher<T> {
+    pub fn new(publisher: r2r::Publisher<T>, auth: Arc<NodeAuth>, sign: fn(&NodeAuth, &mut T)) -> Self {
+        SignedPublisher { publisher, auth, sign }
+    }
+
+    pub fn publish(&self, msg: &T) -> r2r::Result<()> {
+        let mut signed = msg.clone();
+        (self.sign)(&self.auth, &mut signed);
+        self.publisher.publish(&signed)
+    }
+}
+
+/// Only the messages `accept` lets through, from a subscription's channel.
+pub fn verified<T: Send + 'static>(
+    mut rx: UnboundedReceiver<T>,
+    auth: Arc<NodeAuth>,
+    accept: fn(&NodeAuth, &T) -> bool,
+) -> UnboundedReceiver<T> {
+    let (tx, out) = unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if accept(&auth, &msg) && tx.send(msg).is_err() {
+                break;
+            }
+        }
+    });
+    out
+}
+
+// Canonical bytes (docs/security.md): the type's name, then every field but `auth` in .msg order.
+
+fn encode_time(e: &mut Encoder, t: &Time) {
+    e.i32(t.sec).u32(t.nanosec);
+}
+
+fn encode_assignment(e: &mut Encoder, a: &Assignment) {
+    e.str("aerokv/msg/Assignment").u64(a.epoch);
+    encode_time(e, &a.stamp);
+    e.str(&a.model_variant).u32(a.num_layers).seq(&a.ring, |e, s| {
+        e.str(s);
+    });
+    e.seq(&a.uavs, |e, u| {
+        e.str(&u.uav_id).u32(u.layer_start).u32(u.layer_end).u32(u.overlap_layers).u32(u.snapshot_period);
+    });
+    e.str(&a.reason).u64(a.request_id).u32(a.resume_position).u32(a.replay_from);
+}
+
+fn encode_failure(e: &mut Encoder, f: &FailureEvent) {
+    e.str("aerokv/msg/FailureEvent").u64(f.epoch).str(&f.uav_id).str(&f.reason).f64(f.silence_s);
+    encode_time(e, &f.stamp);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use r2r::aerokv::msg::UavAssignment;
+
+    /// The fields of a message as serde sees them (r2r generates them in .msg order).
+    fn fields<T: serde::Serialize>(msg: &T) -> Vec<String> {
+        match serde_json::to_value(msg).unwrap() {
+            serde_json::Value::Object(map) => map.keys().cloned().collect(),
+            _ => panic!("not a struct"),
+        }
+    }
+
+    /// A field added to a signed message must be added to its canonical bytes, or it would
+    /// travel unauthenticated: this fails until it is.
+    #[test]
+    fn canonical_encodings_cover_every_field() {
+        let mut a = fields(&Assignment::default());
+        a.sort();
+        let mut expected: Vec<&str> = vec![
+            "auth",
+            "epoch",
+            "stamp",
+            "model_variant",
+            "num_layers",
+            "ring",
+            "uavs",
+            "reason",
+            "request_id",
+            "resume_position",
+            "replay_from",
+        ];
+        expected.sort();
+        assert_eq!(a, expected);
+        let mut u = fields(&UavAssignment::default());
+        u.sort();
+        assert_eq!(u, ["layer_end", "layer_start", "overlap_layers", "snapshot_period", "uav_id"]);
+        let mut f = fields(&FailureEvent::default());
+        f.sort();
+        assert_eq!(f, ["auth", "epoch", "reason", "silence_s", "stamp", "uav_id"]);
+    }
+
+    fn keystore(dir: &std::path::Path) -> (Arc<NodeAuth>, Arc<NodeAuth>, Arc<NodeAuth>) {
+        Keystore::init(dir, &aerokv_auth::swarm_identities(2).unwrap(), false).unwrap();
+        let d = dir.to_str().unwrap();
+        (
+            NodeAuth::load(d, Role::Scheduler, None).unwrap(),
+            NodeAuth::load(d, Role::Watchdog, None).unwrap(),
+            NodeAuth::load(d, Role::ShardExecutor, Some("uav1")).unwrap(),
+        )
+    }
+
+    #[test]
+    fn every_field_is_covered_by_the_signature() {
+        let tmp = std::env::temp_dir().join(format!("aerokv-ros-auth-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let (scheduler, watchdog, uav1) = keystore(&tmp);
+        let mut a = Assignment {
+            epoch: 3,
+            ring: vec!["uav1".into(), "uav2".into()],
+            uavs: vec![UavAssignment { uav_id: "uav1".into(), layer_end: 15, ..Default::default() }],
+            ..Default::default()
+        };
+        scheduler.sign_assignment(&mut a);
+        let tamper: [fn(&mut Assignment); 12] = [
+            |a| a.epoch += 1,
+            |a| a.stamp.nanosec += 1,
+            |a| a.model_variant.push('x'),
+            |a| a.num_layers += 1,
+            |a| a.ring.swap(0, 1),
+            |a| a.uavs[0].uav_id.push('x'),
+            |a| a.uavs[0].layer_end -= 1,
+            |a| a.uavs[0].overlap_layers += 1,
+            |a| a.reason.push('x'),
+            |a| a.request_id += 1,
+            |a| a.resume_position += 1,
+            |a| a.replay_from += 1,
+        ];
+        for t in tamper {
+            let mut forged = a.clone();
+            t(&mut forged);
+            assert!(!uav1.accept_assignment(&forged));
+        }
+        assert!(uav1.accept_assignment(&a));
+        assert!(!uav1.accept_assignment(&a), "replay accepted");
+        let mut f =
+            FailureEvent { epoch: 3, uav_id: "uav2".into(), reason: "heartbeat_timeout".into(), ..Default::default() };
+        watchdog.sign_failure(&mut f);
+        let mut forged = f.clone();
+        forged.uav_id = "uav1".into();
+        assert!(!scheduler.accept_failure(&forged));
+        assert!(scheduler.accept_failure(&f));
+        let mut by_scheduler = f.clone();
+        scheduler.sign_failure(&mut by_scheduler);
+        assert!(!uav1.accept_failure(&by_scheduler), "a failure declared by the scheduler counted");
+        let c = uav1.counters();
+        assert_eq!((c.accepted, c.bad_signature, c.replayed, c.wrong_role), (1, 12, 1, 1));
+        assert!(uav1.admits_uav("uav2") && !uav1.admits_uav("uav3"));
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn without_a_keystore_everything_passes_unsigned() {
+        let off = NodeAuth::load("", Role::Scheduler, None).unwrap();
+        let mut a = Assignment::default();
+        off.sign_assignment(&mut a);
+        assert!(a.auth.signature.is_empty() && off.accept_assignment(&a) && off.admits_uav("uav7"));
+    }
+}
