@@ -3,10 +3,11 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 ENV := source scripts/env.sh &&
 
-.PHONY: help setup build test demo bench-engine bench-planner bench-swarm bench-recovery clean
+.PHONY: help setup build test demo demo-radio bench-engine bench-planner bench-swarm bench-recovery clean
 
 help:
 	@echo "make demo           set up, build, run a 4-drone swarm on this machine"
+	@echo "make demo-radio     the same over an emulated 802.11 radio: a drone flies out of range mid-answer"
 	@echo "make test           set up, build, run every test"
 	@echo "make setup          install Debian packages, the ROS 2 + ONNX Runtime venv, interfaces, model parts"
 	@echo "make build          release binaries (target/release/aerokv and the four nodes)"
@@ -24,7 +25,11 @@ test: build
 demo: build
 	@scripts/demo.sh
 
+demo-radio: build
+	@scripts/demo-radio.sh
+
 bench-engine: build
+	@$(ENV) cargo build --release -q -p aerokv-engine --example decode_context
 	@$(ENV) scripts/bench-engine.sh
 
 # Benchmarks that start DDS processes run inside `unshare -n` on a ROS domain of their own.

@@ -44,20 +44,27 @@ class OrtModel:
                        for e in sorted((e for e in files if e["kind"] == "layers"), key=lambda e: e["start"])]
         self.reset()
 
-    def reset(self):
+    def reset(self, capacity: int = 512):
+        """Empty KV caches of `capacity` rows per layer (docs/model-format.md: the engine binds one
+        buffer as past and present; here each run returns a new present, which becomes the past)."""
         kv, hd = self.arch["kv_heads"], self.arch["head_dim"]
-        z = np.zeros((1, kv, 0, hd), np.float32)
+        z = np.zeros((1, kv, capacity, hd), np.float32)
         self.past = {i: (z, z) for i in range(self.arch["layers"])}
         self.pos = 0
+        self.rope_cos, self.rope_sin = rope_tables(self.arch, capacity)
 
     def forward(self, ids) -> np.ndarray:
         """Feed new token ids; returns logits [S, vocab] (float32)."""
         ids = np.asarray(ids, np.int64).reshape(1, -1)
         S = ids.shape[1]
-        pos = np.arange(self.pos, self.pos + S, dtype=np.int64).reshape(1, S)
+        total = self.pos + S
+        if total > self.rope_cos.shape[0]:
+            raise ValueError(f"{total} tokens exceed the cache capacity {self.rope_cos.shape[0]}")
         h = self.embed.run(None, {"input_ids": ids})[0]
         for s, e, sess in self.layers:
-            feed = {"hidden": h, "position_ids": pos}
+            feed = {"hidden": h, "seqlens_k": np.array([total - 1], np.int32),
+                    "total_sequence_length": np.array(total, np.int32),
+                    "rope_cos": self.rope_cos, "rope_sin": self.rope_sin}
             for i in range(s, e):
                 feed[f"past_key_{i}"], feed[f"past_value_{i}"] = self.past[i]
             names = ["hidden_out"] + [f"present_{k}_{i}" for i in range(s, e) for k in ("key", "value")]
@@ -67,6 +74,14 @@ class OrtModel:
                 self.past[i] = (out[1 + 2 * j], out[2 + 2 * j])
         self.pos += S
         return self.head.run(None, {"hidden": h})[0][0]
+
+
+def rope_tables(arch: dict, rows: int):
+    """cos/sin of position x inv_freq for positions 0..rows-1: float64, rounded once to float32."""
+    hd = arch["head_dim"]
+    inv = arch["rope_base"] ** (-np.arange(0, hd // 2, dtype=np.float64) * 2.0 / hd)
+    angle = np.arange(rows, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
 
 
 def greedy(model: OrtModel, prompt_ids, max_tokens: int, eos=None, one_by_one_prompt=False):

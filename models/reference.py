@@ -77,8 +77,9 @@ class Reference:
         return [{"k": np.zeros((0, self.n_head_kv, self.head_dim)), "v": np.zeros((0, self.n_head_kv, self.head_dim))}
                 for _ in range(self.n_layer)]
 
-    def forward(self, ids, cache, pos0: int):
-        """ids: new tokens; cache: list of per-layer dicts, extended in place. Returns logits [S, vocab]."""
+    def forward(self, ids, cache, pos0: int, last_only: bool = False):
+        """ids: new tokens; cache: list of per-layer dicts, extended in place. Returns logits [S, vocab]
+        ([1, vocab] for the last token only with `last_only`: a long prompt's LM head is most of its cost)."""
         ids = np.asarray(ids, dtype=np.int64)
         S, hd, nh, nkv = len(ids), self.head_dim, self.n_head, self.n_head_kv
         pos = np.arange(pos0, pos0 + S)
@@ -109,6 +110,8 @@ class Reference:
             gate = hn @ self.w[b + "ffn_gate.weight"].T
             up = hn @ self.w[b + "ffn_up.weight"].T
             x = x + (gate / (1.0 + np.exp(-gate)) * up) @ self.w[b + "ffn_down.weight"].T
+        if last_only:
+            x = x[-1:]
         x = self.rms(x, self.w["output_norm.weight"])
         return x @ self.w["token_embd.weight"].T  # tied embeddings
 
@@ -128,7 +131,7 @@ def greedy(prompt_ids, max_tokens: int = 32, gguf_path: str = DEFAULT_GGUF, eos:
     eos = m.eos if eos is None else eos
     cache = m.new_cache()
     t0 = time.perf_counter()
-    logits = m.forward(prompt_ids, cache, 0)[-1]
+    logits = m.forward(prompt_ids, cache, 0, last_only=True)[-1]
     first = logits.copy()
     tokens = []
     pos = len(prompt_ids)
@@ -137,7 +140,7 @@ def greedy(prompt_ids, max_tokens: int = 32, gguf_path: str = DEFAULT_GGUF, eos:
         tokens.append(nxt)
         if nxt == eos or len(tokens) >= max_tokens:
             break
-        logits = m.forward([nxt], cache, pos)[-1]
+        logits = m.forward([nxt], cache, pos, last_only=True)[-1]
         pos += 1
     return {"prompt_ids": list(map(int, prompt_ids)), "tokens": tokens, "first_logits": first,
             "stopped_at_eos": bool(tokens and tokens[-1] == eos), "seconds": time.perf_counter() - t0}

@@ -8,6 +8,7 @@ use aerokv_plan::{
     PlanConfig, PlanError, ProtectionPlan, RecoveryContext, Ring, SwarmState, UavId, UavState,
 };
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -247,6 +248,271 @@ impl Controller {
     }
 }
 
+/// What the scheduler has heard from one UAV's heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Heard {
+    pub sequence: u64,
+    /// Start of the current unbroken run of heartbeats (no gap longer than the member timeout,
+    /// no restart of the sequence).
+    pub since: Instant,
+    pub last: Instant,
+    /// Its battery health has arrived too (the planner needs it).
+    pub battery: bool,
+}
+
+impl Heard {
+    /// The next heartbeat at `now`: the run goes on, or starts over after a silence or a restart.
+    pub fn next(prev: Option<Heard>, sequence: u64, now: Instant, gap: Duration) -> Heard {
+        let since = match prev {
+            Some(p) if sequence > p.sequence && now.saturating_duration_since(p.last) <= gap => p.since,
+            _ => now,
+        };
+        Heard { sequence, since, last: now, battery: prev.is_some_and(|p| p.battery) }
+    }
+}
+
+/// Why a UAV that beats is kept out of plans.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Out {
+    /// Declared failed at this instant.
+    Failed(Instant),
+    /// Retired for its battery while its heartbeat sequence was here: it rejoins only as a new
+    /// process (recharged), whose sequence starts over.
+    Retired(u64),
+}
+
+/// Who may be in the next plan. A UAV declared failed is a new member when it comes back: it
+/// rejoins only through a new plan (the scheduler plans at request boundaries and for exact
+/// restarts), and only once it has been heard without a gap for `rejoin_after` since the
+/// declaration, so a UAV at the edge of radio range does not flap in and out of plans; when it
+/// was never silent (a false declaration), that is `rejoin_after` after the declaration.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    pub member_timeout: Duration,
+    pub rejoin_after: Duration,
+    out: BTreeMap<String, Out>,
+}
+
+impl Membership {
+    pub fn new(member_timeout: Duration, rejoin_after: Duration) -> Self {
+        Membership { member_timeout, rejoin_after, out: BTreeMap::new() }
+    }
+
+    pub fn declare_failed(&mut self, uav: &str, now: Instant) {
+        self.out.insert(uav.to_string(), Out::Failed(now));
+    }
+
+    pub fn retire(&mut self, uav: &str, sequence: u64) {
+        self.out.insert(uav.to_string(), Out::Retired(sequence));
+    }
+
+    /// Kept out of plans for now.
+    pub fn is_out(&self, uav: &str) -> bool {
+        self.out.contains_key(uav)
+    }
+
+    /// The UAVs that may be planned at `now`, in ring order; those that have come back are
+    /// members again from here on.
+    pub fn members(&mut self, heard: &BTreeMap<String, Heard>, now: Instant) -> Vec<String> {
+        let rejoin_after = self.rejoin_after;
+        self.out.retain(|uav, out| {
+            let Some(h) = heard.get(uav) else { return true };
+            let back = match *out {
+                Out::Failed(at) => now.saturating_duration_since(h.since.max(at)) >= rejoin_after,
+                Out::Retired(sequence) => h.sequence < sequence,
+            };
+            if back {
+                tracing::info!(%uav, "back: a member again from the next plan");
+            }
+            !back
+        });
+        let mut m: Vec<String> = heard
+            .iter()
+            .filter(|(uav, h)| {
+                now.saturating_duration_since(h.last) < self.member_timeout && h.battery && !self.out.contains_key(*uav)
+            })
+            .map(|(uav, _)| uav.clone())
+            .collect();
+        ring_order(&mut m);
+        m
+    }
+}
+
+/// The figures of a `BatteryHealth` message the scheduler and the watchdog act on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatteryHealthFields<'a> {
+    pub uav_id: &'a str,
+    pub energy_j: f64,
+    pub capacity_j: f64,
+    pub state_of_charge: f32,
+    pub power_w: f64,
+    pub expected_remaining_tokens: f64,
+}
+
+/// The figures of a `Heartbeat` message the scheduler acts on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeartbeatFields<'a> {
+    pub uav_id: &'a str,
+    pub layer_start: u32,
+    pub layer_end: u32,
+    pub replica_start: u32,
+    pub replica_end: u32,
+    pub compute_ms_per_layer: f64,
+    pub compute_s_total: f64,
+}
+
+/// Why a telemetry message was not taken.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TelemetryReject {
+    #[error("it names {named:?} but came on {topic_uav:?}'s topic")]
+    WrongUav { named: String, topic_uav: String },
+    #[error("{field} is {value}: not a finite number >= 0")]
+    BadNumber { field: &'static str, value: f64 },
+    #[error("{field} {value} is beyond any UAV battery (at most {limit})")]
+    Absurd { field: &'static str, value: f64, limit: f64 },
+    #[error("energy {energy_j} J exceeds the capacity {capacity_j} J")]
+    EnergyAboveCapacity { energy_j: f64, capacity_j: f64 },
+    #[error("capacity is 0")]
+    ZeroCapacity,
+    #[error("layer interval [{start}, {end}) is not within the model's {layers} layers")]
+    BadInterval { start: u32, end: u32, layers: u32 },
+}
+
+fn number(field: &'static str, value: f64) -> std::result::Result<f64, TelemetryReject> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(value)
+    } else {
+        Err(TelemetryReject::BadNumber { field, value })
+    }
+}
+
+fn same_uav(named: &str, topic_uav: &str) -> std::result::Result<(), TelemetryReject> {
+    if named == topic_uav {
+        Ok(())
+    } else {
+        Err(TelemetryReject::WrongUav { named: named.into(), topic_uav: topic_uav.into() })
+    }
+}
+
+/// A battery health report from `topic_uav`'s topic that planning may use: its own UAV, finite
+/// figures, energy within a real capacity. A refused report changes nothing (the last good one
+/// stands); an empty battery that is reported correctly is taken (see [`is_depleted`]).
+pub fn validate_battery_health(m: &BatteryHealthFields, topic_uav: &str) -> std::result::Result<(), TelemetryReject> {
+    same_uav(m.uav_id, topic_uav)?;
+    let energy_j = number("energy_j", m.energy_j)?;
+    let capacity_j = number("capacity_j", m.capacity_j)?;
+    if capacity_j == 0.0 {
+        return Err(TelemetryReject::ZeroCapacity);
+    }
+    if capacity_j > crate::battery::MAX_CAPACITY_J {
+        return Err(TelemetryReject::Absurd {
+            field: "capacity_j",
+            value: capacity_j,
+            limit: crate::battery::MAX_CAPACITY_J,
+        });
+    }
+    // The monitor derives energy from the charge it reads; float rounding may overshoot a little.
+    if energy_j > capacity_j * (1.0 + 1e-6) {
+        return Err(TelemetryReject::EnergyAboveCapacity { energy_j, capacity_j });
+    }
+    let soc = number("state_of_charge", f64::from(m.state_of_charge))?;
+    if soc > 1.0 + 1e-6 {
+        return Err(TelemetryReject::Absurd { field: "state_of_charge", value: soc, limit: 1.0 });
+    }
+    let power_w = number("power_w", m.power_w)?;
+    if power_w > crate::battery::MAX_POWER_W {
+        return Err(TelemetryReject::Absurd { field: "power_w", value: power_w, limit: crate::battery::MAX_POWER_W });
+    }
+    // Infinite remaining tokens is what an idle UAV reports (no energy per token yet).
+    if m.expected_remaining_tokens.is_nan() || m.expected_remaining_tokens < 0.0 {
+        return Err(TelemetryReject::BadNumber {
+            field: "expected_remaining_tokens",
+            value: m.expected_remaining_tokens,
+        });
+    }
+    Ok(())
+}
+
+/// A battery that is really empty (a validated report): its UAV leaves the membership.
+pub fn is_depleted(m: &BatteryHealthFields) -> bool {
+    m.energy_j <= 0.0
+}
+
+/// A heartbeat from `topic_uav`'s topic that the scheduler may use: its own UAV, intervals within
+/// the model's `layers`, finite compute figures. A stage around the gateway ends past `layers`
+/// (its end is start + length); a replica's layers are numbered modulo `layers`, so its end may
+/// come before its start.
+pub fn validate_heartbeat(
+    m: &HeartbeatFields,
+    topic_uav: &str,
+    layers: u32,
+) -> std::result::Result<(), TelemetryReject> {
+    same_uav(m.uav_id, topic_uav)?;
+    let bad = |start, end| Err(TelemetryReject::BadInterval { start, end, layers });
+    let (start, end) = (m.layer_start, m.layer_end);
+    if start > end || start > layers || end - start > layers {
+        return bad(start, end);
+    }
+    if m.replica_start > layers || m.replica_end > layers {
+        return bad(m.replica_start, m.replica_end);
+    }
+    number("compute_ms_per_layer", m.compute_ms_per_layer)?;
+    number("compute_s_total", m.compute_s_total)?;
+    Ok(())
+}
+
+/// Refused messages of one kind, counted; says which refusals deserve a log line (the 1st, 2nd,
+/// 4th, 8th ...), so that a stream of bad messages cannot flood the log.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rejects {
+    pub count: u64,
+}
+
+impl Rejects {
+    /// Counts one refusal; true when it should be logged.
+    pub fn note(&mut self) -> bool {
+        self.count += 1;
+        self.count.is_power_of_two()
+    }
+}
+
+/// The telemetry messages the scheduler and the watchdog take from every UAV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TelemetryKind {
+    Heartbeat,
+    BatteryHealth,
+}
+
+/// Refused telemetry, counted per UAV and kind.
+#[derive(Debug, Default, Clone)]
+pub struct TelemetryRejects(BTreeMap<(String, TelemetryKind), Rejects>);
+
+impl TelemetryRejects {
+    /// Counts one refusal; its count when it deserves a log line.
+    pub fn note(&mut self, uav: &str, kind: TelemetryKind) -> Option<u64> {
+        let r = self.0.entry((uav.to_string(), kind)).or_default();
+        r.note().then_some(r.count)
+    }
+
+    /// True when a message passed its check; counts (and now and then logs) one that did not.
+    pub fn passed(
+        &mut self,
+        uav: &str,
+        kind: TelemetryKind,
+        checked: std::result::Result<(), TelemetryReject>,
+    ) -> bool {
+        let Err(why) = checked else { return true };
+        if let Some(count) = self.note(uav, kind) {
+            tracing::warn!(%uav, ?kind, count, "telemetry refused: {why}");
+        }
+        false
+    }
+
+    pub fn count(&self, uav: &str, kind: TelemetryKind) -> u64 {
+        self.0.get(&(uav.to_string(), kind)).map_or(0, |r| r.count)
+    }
+}
+
 /// `uav2` before `uav10`: names compared by their text, then by the number they end with.
 pub fn ring_order(names: &mut [String]) {
     fn key(s: &str) -> (String, u64, String) {
@@ -332,6 +598,153 @@ mod tests {
             }
         }
         assert!(matches!(c.failover(&p, "uav9", &t, 256, 40, None, 2, false), Err(ControlError::NotMember(_))));
+    }
+
+    fn health(energy_j: f64) -> BatteryHealthFields<'static> {
+        BatteryHealthFields {
+            uav_id: "uav1",
+            energy_j,
+            capacity_j: 2.7e6,
+            state_of_charge: (energy_j / 2.7e6) as f32,
+            power_w: 120.0,
+            expected_remaining_tokens: 1e5,
+        }
+    }
+
+    #[test]
+    fn battery_health_is_checked_before_planning_uses_it() {
+        assert_eq!(validate_battery_health(&health(1.35e6), "uav1"), Ok(()));
+        // An empty battery is a valid report, and its UAV leaves the membership.
+        assert_eq!(validate_battery_health(&health(0.0), "uav1"), Ok(()));
+        assert!(is_depleted(&health(0.0)) && !is_depleted(&health(1.0)));
+        let idle = BatteryHealthFields { expected_remaining_tokens: f64::INFINITY, ..health(1e6) };
+        assert_eq!(validate_battery_health(&idle, "uav1"), Ok(()));
+        let refused = |m: BatteryHealthFields| validate_battery_health(&m, "uav1").unwrap_err();
+        assert!(matches!(refused(health(f64::NAN)), TelemetryReject::BadNumber { field: "energy_j", .. }));
+        assert!(matches!(refused(health(-5.0)), TelemetryReject::BadNumber { field: "energy_j", .. }));
+        assert!(matches!(refused(health(3e6)), TelemetryReject::EnergyAboveCapacity { .. }));
+        assert_eq!(
+            refused(BatteryHealthFields { capacity_j: 0.0, energy_j: 0.0, ..health(0.0) }),
+            TelemetryReject::ZeroCapacity
+        );
+        let huge = BatteryHealthFields { capacity_j: 1e12, ..health(1e6) };
+        assert!(matches!(refused(huge), TelemetryReject::Absurd { field: "capacity_j", .. }));
+        let soc = BatteryHealthFields { state_of_charge: 7.0, ..health(1e6) };
+        assert!(matches!(refused(soc), TelemetryReject::Absurd { field: "state_of_charge", .. }));
+        let power = BatteryHealthFields { power_w: f64::INFINITY, ..health(1e6) };
+        assert!(matches!(refused(power), TelemetryReject::BadNumber { field: "power_w", .. }));
+        let tokens = BatteryHealthFields { expected_remaining_tokens: f64::NAN, ..health(1e6) };
+        assert!(matches!(refused(tokens), TelemetryReject::BadNumber { field: "expected_remaining_tokens", .. }));
+        // Another UAV's name on this UAV's topic.
+        assert!(matches!(validate_battery_health(&health(1e6), "uav2"), Err(TelemetryReject::WrongUav { .. })));
+    }
+
+    #[test]
+    fn heartbeats_are_checked_before_the_scheduler_uses_them() {
+        let hb = HeartbeatFields {
+            uav_id: "uav1",
+            layer_start: 0,
+            layer_end: 8,
+            replica_start: 8,
+            replica_end: 10,
+            compute_ms_per_layer: 0.4,
+            compute_s_total: 12.0,
+        };
+        assert_eq!(validate_heartbeat(&hb, "uav1", 30), Ok(()));
+        assert_eq!(
+            validate_heartbeat(&HeartbeatFields { layer_end: 0, replica_start: 0, replica_end: 0, ..hb }, "uav1", 30),
+            Ok(())
+        );
+        assert!(matches!(validate_heartbeat(&hb, "uav3", 30), Err(TelemetryReject::WrongUav { .. })));
+        assert!(matches!(validate_heartbeat(&hb, "uav1", 9), Err(TelemetryReject::BadInterval { end: 10, .. })));
+        let around_the_gateway =
+            HeartbeatFields { layer_start: 25, layer_end: 35, replica_start: 29, replica_end: 1, ..hb };
+        assert_eq!(validate_heartbeat(&around_the_gateway, "uav1", 30), Ok(()));
+        let too_long = HeartbeatFields { layer_start: 25, layer_end: 56, ..hb };
+        assert!(matches!(validate_heartbeat(&too_long, "uav1", 30), Err(TelemetryReject::BadInterval { .. })));
+        let reversed = HeartbeatFields { layer_start: 9, ..hb };
+        assert!(matches!(
+            validate_heartbeat(&reversed, "uav1", 30),
+            Err(TelemetryReject::BadInterval { start: 9, .. })
+        ));
+        let nan = HeartbeatFields { compute_s_total: f64::NAN, ..hb };
+        assert!(matches!(validate_heartbeat(&nan, "uav1", 30), Err(TelemetryReject::BadNumber { .. })));
+        let negative = HeartbeatFields { compute_ms_per_layer: -1.0, ..hb };
+        assert!(matches!(validate_heartbeat(&negative, "uav1", 30), Err(TelemetryReject::BadNumber { .. })));
+    }
+
+    #[test]
+    fn rejects_log_at_powers_of_two() {
+        let mut r = Rejects::default();
+        let logged: Vec<u64> = (1..=20).filter(|_| r.note()).collect();
+        assert_eq!((logged, r.count), (vec![1, 2, 4, 8, 16], 20));
+    }
+
+    #[test]
+    fn telemetry_rejects_count_per_uav_and_kind() {
+        let mut r = TelemetryRejects::default();
+        assert_eq!(r.note("uav1", TelemetryKind::Heartbeat), Some(1));
+        assert_eq!(r.note("uav1", TelemetryKind::Heartbeat), Some(2));
+        assert_eq!(r.note("uav1", TelemetryKind::Heartbeat), None);
+        assert_eq!(r.note("uav1", TelemetryKind::BatteryHealth), Some(1));
+        assert_eq!((r.count("uav1", TelemetryKind::Heartbeat), r.count("uav2", TelemetryKind::Heartbeat)), (3, 0));
+    }
+
+    #[test]
+    fn a_uav_declared_failed_rejoins_once_heard_without_a_gap_for_a_while() {
+        let t0 = Instant::now();
+        let s = |x: f64| t0 + Duration::from_secs_f64(x);
+        let (timeout, rejoin) = (Duration::from_secs(2), Duration::from_secs(1));
+        let mut m = Membership::new(timeout, rejoin);
+        let mut heard = BTreeMap::new();
+        let beat = |heard: &mut BTreeMap<String, Heard>, uav: &str, seq: u64, at: f64| {
+            let prev = heard.get(uav).copied();
+            let mut h = Heard::next(prev, seq, s(at), timeout);
+            h.battery = true;
+            heard.insert(uav.to_string(), h);
+        };
+        // uav1 beats every 0.5 s throughout; uav2 as given.
+        let members_at = |m: &mut Membership, heard: &mut BTreeMap<String, Heard>, at: f64| {
+            beat(heard, "uav1", (at * 20.0) as u64, at);
+            m.members(heard, s(at))
+        };
+        for i in 0..=20 {
+            beat(&mut heard, "uav2", i, i as f64 * 0.05);
+        }
+        assert_eq!(members_at(&mut m, &mut heard, 1.0), names(&["uav1", "uav2"]));
+        // uav2 flies out of range at 1.0 s, is declared failed at 2.0 s, comes back at 5.0 s with
+        // its sequence far ahead (it kept beating while cut off).
+        m.declare_failed("uav2", s(2.0));
+        assert_eq!(members_at(&mut m, &mut heard, 2.0), names(&["uav1"]));
+        beat(&mut heard, "uav2", 100, 5.0);
+        assert_eq!(heard["uav2"].since, s(5.0), "a silence starts a new run");
+        assert_eq!(members_at(&mut m, &mut heard, 5.0), names(&["uav1"]), "one heartbeat back is not enough");
+        beat(&mut heard, "uav2", 101, 5.6);
+        assert_eq!(members_at(&mut m, &mut heard, 5.6), names(&["uav1"]));
+        // Out again before a second had passed (the edge of range): the run starts over.
+        beat(&mut heard, "uav2", 140, 8.0);
+        assert_eq!(members_at(&mut m, &mut heard, 8.5), names(&["uav1"]));
+        beat(&mut heard, "uav2", 160, 9.0);
+        assert_eq!(members_at(&mut m, &mut heard, 9.0), names(&["uav1", "uav2"]), "heard for 1 s without a gap");
+        assert!(!m.is_out("uav2"));
+
+        // A false declaration (it never went silent): back one rejoin period after it.
+        m.declare_failed("uav1", s(9.0));
+        assert_eq!(members_at(&mut m, &mut heard, 9.5), names(&["uav2"]));
+        beat(&mut heard, "uav2", 180, 10.0);
+        assert_eq!(members_at(&mut m, &mut heard, 10.0), names(&["uav1", "uav2"]));
+
+        // Retired for its battery: out until it restarts (its sequence starts over).
+        m.retire("uav2", 180);
+        beat(&mut heard, "uav2", 181, 10.5);
+        assert_eq!(members_at(&mut m, &mut heard, 11.0), names(&["uav1"]));
+        beat(&mut heard, "uav2", 1, 12.0);
+        assert_eq!(members_at(&mut m, &mut heard, 12.0), names(&["uav1", "uav2"]));
+        // Silent longer than the member timeout, or without battery health: not planned.
+        assert_eq!(members_at(&mut m, &mut heard, 14.5), names(&["uav1"]));
+        beat(&mut heard, "uav2", 2, 14.5);
+        heard.get_mut("uav2").unwrap().battery = false;
+        assert_eq!(members_at(&mut m, &mut heard, 14.5), names(&["uav1"]));
     }
 
     #[test]

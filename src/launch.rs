@@ -48,6 +48,8 @@ impl NodeProcess {
             a.push(f.display().to_string());
         }
         for (k, v) in &self.params {
+            // rcl refuses `-p name:=`; YAML's '' is the empty string a launch file's value="" is.
+            let v = if v.is_empty() { "''" } else { v.as_str() };
             a.push("-p".into());
             a.push(format!("{k}:={v}"));
         }
@@ -267,10 +269,12 @@ mod tests {
         assert!(fqns.contains(&"/aerokv/scheduler".to_string()));
         assert!(fqns.contains(&"/uav4/shard_executor".to_string()));
         let bm3 = nodes.iter().find(|n| n.fqn() == "/uav3/battery_monitor").expect("uav3");
-        assert_eq!(bm3.params, vec![("initial_soc".to_string(), "0.6".to_string())]);
+        assert_eq!(bm3.params[0], ("initial_soc".to_string(), "0.6".to_string()));
         assert_eq!(bm3.params_files, vec![share().join("config/uav.yaml")]);
         let args = bm3.ros_args();
         assert!(args.windows(2).any(|w| w[0] == "-r" && w[1] == "__ns:=/uav3"), "{args:?}");
+        // An empty value reaches rcl as YAML's empty string (rcl refuses `-p name:=`).
+        assert!(args.windows(2).any(|w| w[0] == "-p" && w[1] == "px4_namespace:=''"), "{args:?}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - this crate (`aerokv`): the CLI (`cli`) and, with the `ros` feature, the ROS 2 nodes
 //!   (`src/bin/*`), thin adapters from messages to the pure crates.
 pub mod bag;
+pub mod battery;
 pub mod cli;
 pub mod control;
 pub mod dataplane;
@@ -16,6 +17,7 @@ pub mod detector;
 pub mod launch;
 pub mod os;
 pub mod params;
+pub mod radio;
 #[cfg(feature = "ros")]
 pub mod ros;
 pub mod supervisor;

@@ -134,6 +134,15 @@ impl RosArgs {
             merged.insert(Value::String(k.clone()), value);
             origin = format!("-p {k}:={v}");
         }
+        // Every ROS node has `use_sim_time`; a launch under a simulator sets it on all of them.
+        // These nodes time their work by the wall clock (their timeouts are about real processes
+        // and their stamps are compared across processes), so it is checked and set aside.
+        if let Some(v) = merged.remove("use_sim_time") {
+            if !v.is_bool() {
+                let message = format!("expected true or false, not {v:?}");
+                return Err(ParamError::Field { origin, field: "use_sim_time".into(), message });
+            }
+        }
         from_mapping(merged, &origin)
     }
 }
@@ -297,6 +306,18 @@ mod tests {
         assert_eq!(err, format!("{}: field `period_s`: must be positive, got -2", f.0.display()));
         let ok = args(&f.0, &["-p", "period_s:=3.0"]).load::<Checked<P>>("node").expect("valid");
         assert_eq!(ok.0.period_s, 3.0);
+    }
+
+    #[test]
+    fn use_sim_time_is_accepted_when_boolean() {
+        let f = write("/**:\n  ros__parameters:\n    use_sim_time: true\n    uav_id: y\n");
+        let p: P = args(&f.0, &[]).load("node").expect("load");
+        assert_eq!(p.uav_id, "y");
+        let err = args(&f.0, &["-p", "use_sim_time:=later"]).load::<P>("node").unwrap_err();
+        assert!(err.to_string().contains("use_sim_time"), "{err}");
+        // An empty value, as the launcher passes it.
+        let p: P = args(&f.0, &["-p", "uav_id:=''"]).load("node").expect("load");
+        assert_eq!(p.uav_id, "");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Starts the processes of a launch description on this machine and stops them by their ids
 //! (SIGTERM, then SIGKILL after a grace period). Used by `aerokv launch` and `aerokv swarm`.
 use crate::launch::NodeProcess;
+use crate::radio::netns::Netns;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -89,11 +90,20 @@ impl Supervisor {
 
     /// Starts one node; its output goes to `<log_dir>/<ns>_<name>.log` (or is inherited).
     pub fn start(&mut self, node: &NodeProcess) -> Result<u32, SupervisorError> {
+        self.start_in(node, None)
+    }
+
+    /// Starts one node inside a network namespace (a host of an emulated radio network), or in
+    /// this process's own with `None`.
+    pub fn start_in(&mut self, node: &NodeProcess, netns: Option<&Netns>) -> Result<u32, SupervisorError> {
         let exe = self.bin_dir.join(&node.executable);
         if !exe.is_file() {
             return Err(SupervisorError::MissingExecutable(exe));
         }
         let mut cmd = Command::new(&exe);
+        if let Some(ns) = netns {
+            ns.enter_on_exec(&mut cmd);
+        }
         cmd.args(node.ros_args()).stdin(Stdio::null());
         // A node must not outlive its launcher, even one that was SIGKILLed.
         signal_when_parent_dies(&mut cmd, libc::SIGTERM);

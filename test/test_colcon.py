@@ -49,6 +49,12 @@ def test_colcon_installs_binaries_launch_files_config_and_interfaces(colcon_inst
     assert list(prefix.glob("lib/python3.11/site-packages/aerokv/msg/_heartbeat.py"))
 
 
+def test_colcon_builds_without_px4_msgs_when_the_workspace_has_none(colcon_install):
+    prefix, _ = colcon_install
+    cache = (prefix.parent.parent / "build" / "aerokv" / "CMakeCache.txt").read_text()
+    assert "px4_msgs_DIR:PATH=px4_msgs_DIR-NOTFOUND" in cache
+
+
 def test_installed_node_publishes_to_rclpy(colcon_install, rclpy_node, procs):
     from aerokv.msg import BatteryHealth
 

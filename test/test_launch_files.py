@@ -20,6 +20,8 @@ SCHEMA = {
     "push-ros-namespace": {"namespace"},
 }
 CARGO_BINS = set(re.findall(r'\[\[bin\]\]\s*name\s*=\s*"([^"]+)"', (ROOT / "Cargo.toml").read_text()))
+# Other packages' nodes (ros_gz_bridge) must be run dependencies of this package.
+EXEC_DEPENDS = {d.text for d in ET.parse(ROOT / "package.xml").getroot() if d.tag in ("exec_depend", "depend")}
 
 
 def resolve(text, args):
@@ -41,7 +43,9 @@ def test_launch_file_is_ros2_launch_xml_and_references_exist(path):
         allowed = SCHEMA[el.tag] | ({"value"} if parent_include else set())
         assert set(el.attrib) <= allowed, f"{path.name}: <{el.tag}> has {set(el.attrib) - allowed}"
     for node in root.iter("node"):
-        assert node.get("pkg") == "aerokv"
+        if node.get("pkg") != "aerokv":
+            assert node.get("pkg") in EXEC_DEPENDS, f"{path.name}: package {node.get('pkg')} is not in package.xml"
+            continue
         assert node.get("exec") in CARGO_BINS, f"{path.name}: no executable {node.get('exec')}"
         for p in node.iter("param"):
             if p.get("from"):

@@ -53,7 +53,7 @@ def manifest(v):
 @pytest.mark.parametrize("v", VARIANTS)
 def test_manifest_follows_contract(v):
     m = manifest(v)
-    assert m["format"] == 1
+    assert m["format"] == 2  # 2: KV caches updated in place (GroupQueryAttention)
     assert m["variant"] == v
     assert m["model"].startswith("SmolLM2-135M-Instruct")
     assert m["chat_template"] == CHAT
@@ -116,7 +116,7 @@ def test_graph_inputs_outputs_follow_contract(v):
             return vi.name, t.elem_type, [x.dim_value or x.dim_param for x in t.shape.dim]
         return [sig(x) for x in g.graph.input], [sig(x) for x in g.graph.output]
 
-    F, I = TensorProto.FLOAT, TensorProto.INT64
+    F, I, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     ins, outs = io(os.path.join(d, "embed.onnx"))
     assert [(n, t) for n, t, _ in ins] == [("input_ids", I)] and outs[0][:2] == ("hidden", F)
     assert outs[0][2][0] == 1 and outs[0][2][2] == a["hidden"]
@@ -125,10 +125,14 @@ def test_graph_inputs_outputs_follow_contract(v):
     for e in (e for e in m["files"] if e["kind"] == "layers"):
         ins, outs = io(os.path.join(d, e["name"]))
         r = range(e["start"], e["end"])
-        assert [n for n, _, _ in ins] == ["hidden", "position_ids"] + [f"past_{k}_{i}" for i in r for k in ("key", "value")]
+        step = ["hidden", "seqlens_k", "total_sequence_length", "rope_cos", "rope_sin"]
+        assert [n for n, _, _ in ins] == step + [f"past_{k}_{i}" for i in r for k in ("key", "value")]
         assert [n for n, _, _ in outs] == ["hidden_out"] + [f"present_{k}_{i}" for i in r for k in ("key", "value")]
-        for n, t, shape in ins[2:] + outs[1:]:
+        assert [(t, shape) for _, t, shape in ins[1:3]] == [(I32, [1]), (I32, [])]
+        assert all(t == F and shape[1] == a["head_dim"] // 2 for _, t, shape in ins[3:5])
+        for n, t, shape in ins[5:] + outs[1:]:
             assert t == F and shape[0] == 1 and shape[1] == a["kv_heads"] and shape[3] == a["head_dim"], (n, shape)
+            assert shape[2] == "C", (n, shape)  # past and present: the same buffer of the cache's capacity
 
 
 def test_q4_weights_are_exactly_the_gguf_q4_1_weights():
@@ -267,7 +271,8 @@ def test_tiny_runs_and_kv_grows():
     ids = [1, 4093, 198, 1780, 314, 260, 3575, 2]
     batch = m.forward(ids)
     assert batch.shape == (len(ids), a["vocab"]) and np.isfinite(batch).all()
-    assert m.past[a["layers"] - 1][0].shape == (1, a["kv_heads"], len(ids), a["head_dim"])
+    assert m.past[a["layers"] - 1][0].shape == (1, a["kv_heads"], 512, a["head_dim"])  # the capacity
+    assert np.any(m.past[a["layers"] - 1][0][:, :, len(ids) - 1]) and not np.any(m.past[a["layers"] - 1][0][:, :, len(ids):])
     # one token at a time gives the same logits as the batch (causal mask and positions agree)
     m.reset()
     steps = np.array([m.forward([t])[-1] for t in ids])

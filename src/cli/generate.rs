@@ -106,6 +106,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "load_s": model.load_time().as_secs_f64(),
             "weight_bytes": memory.weight_bytes + model.gateway.weight_bytes(),
             "kv_bytes_per_token": memory.kv_bytes_per_token,
+            "kv_capacity_tokens": model.shard.kv_capacity(),
+            "kv_reserved_bytes": memory.kv_reserved_bytes,
             "peak_rss_bytes": crate::os::peak_rss_bytes(),
             "preempted_per_token": preempted as f64 / generation.tokens.len().max(1) as f64,
         });

@@ -15,6 +15,10 @@ pub struct LaunchArgs {
     /// Write each node's output to DIR/<namespace>_<node>.log instead of this terminal.
     #[arg(long)]
     pub log_dir: Option<PathBuf>,
+    /// Start nothing: print the processes the file describes, one JSON object per line
+    /// (package, executable, fully qualified name, ROS arguments).
+    #[arg(long)]
+    pub print: bool,
 }
 
 pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
@@ -26,6 +30,13 @@ pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
         .map(|s| s.split_once(":=").with_context(|| format!("launch argument `{s}`: expected name:=value")))
         .collect::<anyhow::Result<_>>()?;
     let nodes = Launcher::new(&share).load(&file, &pairs)?;
+    if a.print {
+        for n in &nodes {
+            let line = serde_json::json!({"package": n.package, "executable": n.executable, "fqn": n.fqn(), "args": n.ros_args()});
+            println!("{line}");
+        }
+        return Ok(());
+    }
     let mut sup = Supervisor::new(bin_dir(), a.log_dir);
     for n in &nodes {
         let pid = sup.start(n)?;

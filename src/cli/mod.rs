@@ -6,6 +6,8 @@ pub mod launch;
 pub mod sim;
 #[cfg(feature = "ros")]
 pub mod swarm;
+#[cfg(feature = "ros")]
+pub mod swarm_radio;
 
 /// Logs go to stderr (stdout carries answers and JSON); `RUST_LOG` overrides the level.
 pub fn init_tracing() {

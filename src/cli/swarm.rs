@@ -8,12 +8,14 @@
 //! once the first 256 prompt tokens are through the swarm (in the middle of a long prompt's
 //! prefill); the JSON output then lists, per failure, the detection, recovery and next-token times
 //! measured from the kill. A long prompt's progress (`/aerokv/progress`) goes to stderr.
+use super::swarm_radio::Radio;
 use crate::launch::{Launcher, NodeProcess};
 use crate::supervisor::{bin_dir, share_dir, Supervisor};
 use anyhow::Context;
 use futures::StreamExt;
-use r2r::aerokv::msg::{Assignment, PromptProgress, TokenChunk};
+use r2r::aerokv::msg::{Assignment, Heartbeat, PromptProgress, TokenChunk};
 use r2r::aerokv::srv::Generate;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -42,7 +44,8 @@ pub struct SwarmArgs {
     /// Parameter file for every UAV's nodes (default: the package's config/uav.yaml).
     #[arg(long)]
     pub uav_params: Option<PathBuf>,
-    /// Parameter file for the scheduler and the watchdog (default: config/swarm.yaml).
+    /// Parameter file for the scheduler and the watchdog (default: config/swarm.yaml; with
+    /// --radio, config/radio/swarm-params.yaml).
     #[arg(long)]
     pub swarm_params: Option<PathBuf>,
     /// Sampling temperature (0 = greedy), top-p and seed.
@@ -64,6 +67,15 @@ pub struct SwarmArgs {
     /// Give up when the swarm is not ready after this many seconds.
     #[arg(long, default_value_t = 120.0)]
     pub ready_timeout_s: f64,
+    /// Run the control station and every UAV on hosts of their own (network namespaces) joined
+    /// by an emulated 802.11 ad-hoc network described by this scenario (config/radio/*.yaml).
+    /// The command must itself run inside `unshare -n`.
+    #[arg(long, value_name = "SCENARIO")]
+    pub radio: Option<PathBuf>,
+    /// With --radio: after the answer, wait this long for UAVs declared failed (and not killed)
+    /// to rejoin through a new plan.
+    #[arg(long, default_value_t = 30.0)]
+    pub rejoin_timeout_s: f64,
     /// Record the mission into this new bag directory (`aerokv bag record --mission`, started
     /// before the swarm and finished after it).
     #[arg(long, value_name = "DIR")]
@@ -201,7 +213,9 @@ fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
     let share = share_dir();
     let launcher = Launcher::new(&share);
     let n = a.uavs.to_string();
-    let swarm_params = a.swarm_params.as_ref().map(|p| p.display().to_string());
+    // Over the radio the watchdog and the planner need the radio's values.
+    let radio_params = a.radio.as_ref().map(|_| share.join("config/radio/swarm-params.yaml"));
+    let swarm_params = a.swarm_params.as_ref().or(radio_params.as_ref()).map(|p| p.display().to_string());
     let mut args = vec![("expected_uavs", n.as_str())];
     if let Some(p) = &swarm_params {
         args.push(("params_file", p.as_str()));
@@ -238,6 +252,11 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
     let log_dir =
         a.log_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("aerokv-swarm-{}", std::process::id())));
     let mut sup = Supervisor::new(bin_dir(), Some(log_dir.clone()));
+    // Built before any node starts and before this process has a thread or a DDS participant.
+    let mut radio = match &a.radio {
+        Some(scenario) => Some(Radio::up(scenario, a.uavs, &share_dir(), &log_dir)?),
+        None => None,
+    };
     let recorder = a.record.as_deref().map(|dir| Recorder::start(&a, dir, &log_dir)).transpose()?;
     eprintln!(
         "[swarm] starting {} nodes for {} UAVs (ROS_DOMAIN_ID={}), logs in {}",
@@ -246,12 +265,16 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
         std::env::var("ROS_DOMAIN_ID").unwrap_or_else(|_| "0".into()),
         log_dir.display()
     );
-    // A node that cannot start still leads to the stop below (of the others and the recorder).
-    let result = nodes
-        .iter()
-        .try_for_each(|n| sup.start(n).map(drop))
-        .map_err(anyhow::Error::from)
-        .and_then(|()| drive(&a, &mut sup, &mut kills));
+    for n in &nodes {
+        match &radio {
+            Some(r) => sup.start_in(n, Some(r.host_of(n)?))?,
+            None => sup.start(n)?,
+        };
+    }
+    if let Some(r) = &radio {
+        r.enter_control_station()?;
+    }
+    let result = drive(&a, &mut sup, &mut kills, radio.as_mut());
     let mut unclean = Vec::new();
     for (fqn, stopped) in sup.stop_all(Duration::from_secs(5)) {
         let killed = kills.iter().any(|k| k.at.is_some() && fqn == format!("/{}/shard_executor", k.uav));
@@ -262,17 +285,28 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
     if !unclean.is_empty() {
         eprintln!("[swarm] warning: not a clean exit: {} (see {})", unclean.join(", "), log_dir.display());
     }
+    // The emulator and the hosts' namespaces go last, after every node.
+    if let Some(report) = radio.as_mut().and_then(|r| r.net.stop_emulator()) {
+        eprintln!(
+            "[radio] emulator: {:.2} s of CPU in {:.1} s ({:.1} % of one core), max real-time lag {:.1} ms",
+            report.cpu_s,
+            report.wall_s,
+            100.0 * report.cpu_s / report.wall_s.max(1e-9),
+            report.stats.get("max_lag_ms").copied().unwrap_or(f64::NAN)
+        );
+    }
+    drop(radio);
     // After the nodes, so that the bag holds everything up to their end.
     let recorded = recorder.map(Recorder::finish).transpose();
     result.and(recorded.map(|_| ()))
 }
 
-fn drive(a: &SwarmArgs, sup: &mut Supervisor, kills: &mut [Kill]) -> anyhow::Result<()> {
+fn drive(a: &SwarmArgs, sup: &mut Supervisor, kills: &mut [Kill], radio: Option<&mut Radio>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let ctx = r2r::Context::create()?;
     let node = Arc::new(Mutex::new(r2r::Node::create(ctx, "aerokv_swarm_cli", "")?));
     let spin = crate::ros::SpinThread::start(node.clone())?;
-    let out = rt.block_on(session(a, node, sup, kills));
+    let out = rt.block_on(session(a, node, sup, kills, radio));
     spin.stop();
     out
 }
@@ -282,8 +316,24 @@ async fn session(
     node: Arc<Mutex<r2r::Node>>,
     sup: &mut Supervisor,
     kills: &mut [Kill],
+    mut radio: Option<&mut Radio>,
 ) -> anyhow::Result<()> {
     let lock = || node.lock().unwrap_or_else(|e| e.into_inner());
+    // Every UAV's latest heartbeat: how many messages of older epochs it has dropped (fenced).
+    let stale = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+    for i in 1..=a.uavs {
+        let uav = format!("uav{i}");
+        let mut beats =
+            lock().subscribe::<Heartbeat>(&crate::ros::names::heartbeat(&uav), crate::ros::names::telemetry())?;
+        let stale = stale.clone();
+        tokio::spawn(async move {
+            while let Some(hb) = beats.next().await {
+                let mut s = stale.lock().unwrap_or_else(|e| e.into_inner());
+                let n = s.entry(hb.uav_id).or_default();
+                *n = (*n).max(hb.stale_messages);
+            }
+        });
+    }
     let mut assignments =
         lock().subscribe::<Assignment>(crate::ros::names::ASSIGNMENT, crate::ros::names::latched())?;
     let mut tokens = lock().subscribe::<TokenChunk>(crate::ros::names::TOKENS, crate::ros::names::events())?;
@@ -322,6 +372,9 @@ async fn session(
         ..Default::default()
     };
     let call = client.request(&req)?;
+    if let Some(r) = radio.as_deref_mut() {
+        r.request_sent()?;
+    }
     tokio::pin!(call);
     let stdout = std::io::stdout();
     let mut last_progress_print: Option<Instant> = None;
@@ -350,6 +403,9 @@ async fn session(
             }
         }
     };
+    if let Some(r) = radio.as_deref_mut() {
+        r.answer_done();
+    }
     if !a.json {
         println!();
     }
@@ -359,7 +415,13 @@ async fn session(
     }
     let stats: serde_json::Value = serde_json::from_str(&response.stats_json).unwrap_or_default();
     let failures = failure_report(&stats, kills);
-    let out = serde_json::json!({
+    let last_epoch = stats["epochs"].as_array().and_then(|e| e.iter().filter_map(|e| e.as_u64()).max()).unwrap_or(0);
+    let rejoined = match radio.as_deref() {
+        Some(r) => await_rejoin(a, r, &failures, kills, last_epoch, &mut assignments).await,
+        None => Vec::new(),
+    };
+    let stale_messages = stale.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut out = serde_json::json!({
         "prompt_ids": response.prompt_ids,
         "tokens": response.token_ids,
         "text": response.text,
@@ -369,7 +431,12 @@ async fn session(
         "uavs": a.uavs,
         "failures": failures,
         "stats": stats,
+        "stale_messages": stale_messages,
     });
+    if let Some(r) = radio.as_deref() {
+        out["radio"] = r.report();
+        out["rejoined"] = serde_json::json!(rejoined);
+    }
     if let Some(path) = &a.report {
         std::fs::write(path, out.to_string()).with_context(|| format!("writing {}", path.display()))?;
     }
@@ -385,9 +452,73 @@ async fn session(
         for f in failures.as_array().into_iter().flatten() {
             eprintln!("[swarm] failure {f}");
         }
+        for r in &rejoined {
+            eprintln!("[swarm] rejoined {r}");
+        }
+        if let Some(r) = radio.as_deref() {
+            let e = &r.report()["emulator"];
+            eprintln!(
+                "[radio] emulator during the answer: {:.2} s of CPU in {:.1} s ({:.1} % of one core)",
+                e["answer_cpu_s"].as_f64().unwrap_or(f64::NAN),
+                e["answer_wall_s"].as_f64().unwrap_or(f64::NAN),
+                100.0 * e["answer_cpu_share"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
     }
     anyhow::ensure!(response.error.is_empty(), "generation failed: {}", response.error);
     Ok(())
+}
+
+/// With --radio, after the answer: waits until the scenario's movements are over and every UAV
+/// declared failed that was not killed (it flew out of range) is in a plan again, made after
+/// the request (the scheduler's plan for the next one). Returns, per UAV, the epoch and when (seconds on the
+/// mission clock).
+async fn await_rejoin(
+    a: &SwarmArgs,
+    radio: &Radio,
+    failures: &serde_json::Value,
+    kills: &[Kill],
+    last_epoch: u64,
+    assignments: &mut (impl futures::Stream<Item = Assignment> + Unpin),
+) -> Vec<serde_json::Value> {
+    let mut waiting: Vec<String> = failures
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["mode"] != "retirement")
+        .filter_map(|f| f["uav"].as_str().map(str::to_string))
+        .filter(|u| !kills.iter().any(|k| k.at.is_some() && k.uav == *u))
+        .collect();
+    waiting.dedup();
+    let mut out = Vec::new();
+    if waiting.is_empty() {
+        return out;
+    }
+    eprintln!("[swarm] waiting for {} to rejoin", waiting.join(", "));
+    let deadline = tokio::time::sleep(Duration::from_secs_f64(a.rejoin_timeout_s));
+    tokio::pin!(deadline);
+    while !waiting.is_empty() {
+        tokio::select! {
+            Some(asg) = assignments.next() => {
+                // Only a plan made after the request, once the scenario has brought it back.
+                if asg.epoch <= last_epoch || radio.mission_time_s() < radio.scenario.last_movement_s() {
+                    continue;
+                }
+                waiting.retain(|u| {
+                    let back = asg.ring.contains(u);
+                    if back {
+                        out.push(serde_json::json!({"uav": u, "epoch": asg.epoch, "mission_time_s": radio.mission_time_s(), "reason": asg.reason}));
+                    }
+                    !back
+                });
+            }
+            _ = &mut deadline => {
+                eprintln!("[swarm] warning: {} did not rejoin within {} s", waiting.join(", "), a.rejoin_timeout_s);
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// Per kill: detection, recovery and next-token times, from the kill (the scheduler reports

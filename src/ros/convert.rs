@@ -1,8 +1,9 @@
 //! Messages <-> the pure types. Payloads are raw little-endian f32 (`codec = "raw"`); the codec
 //! field lets f16/int8 encodings be added without changing the interfaces.
+use crate::control::{BatteryHealthFields, HeartbeatFields};
 use crate::dataplane::{Stage, SwarmPlan};
 use aerokv_engine::{Hidden, KvRows, LayerRows};
-use r2r::aerokv::msg::{Activation, Assignment, KvSnapshot, UavAssignment};
+use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, Heartbeat, KvSnapshot, UavAssignment};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
@@ -210,5 +211,30 @@ pub fn assignment(plan: &SwarmPlan, variant: &str, reason: &str) -> Assignment {
         resume_position: plan.resume_position as u32,
         replay_from: plan.replay_from as u32,
         auth: Default::default(), // signed by the publisher (crate::ros::auth)
+    }
+}
+
+/// The figures of a battery health report that [`crate::control::validate_battery_health`] checks.
+pub fn battery_health_fields(m: &BatteryHealth) -> BatteryHealthFields<'_> {
+    BatteryHealthFields {
+        uav_id: &m.uav_id,
+        energy_j: m.energy_j,
+        capacity_j: m.capacity_j,
+        state_of_charge: m.state_of_charge,
+        power_w: m.power_w,
+        expected_remaining_tokens: m.expected_remaining_tokens,
+    }
+}
+
+/// The figures of a heartbeat that [`crate::control::validate_heartbeat`] checks.
+pub fn heartbeat_fields(m: &Heartbeat) -> HeartbeatFields<'_> {
+    HeartbeatFields {
+        uav_id: &m.uav_id,
+        layer_start: m.layer_start,
+        layer_end: m.layer_end,
+        replica_start: m.replica_start,
+        replica_end: m.replica_end,
+        compute_ms_per_layer: m.compute_ms_per_layer,
+        compute_s_total: m.compute_s_total,
     }
 }

@@ -8,7 +8,7 @@ use ort::value::TensorRef;
 use tokenizers::Tokenizer;
 
 use crate::error::{EngineError, Result};
-use crate::manifest::{check_size, Architecture, FileKind, Manifest};
+use crate::manifest::{Architecture, FileKind, Manifest};
 use crate::runtime::Runtime;
 use crate::shard::Hidden;
 
@@ -36,17 +36,15 @@ impl Gateway {
     pub fn load(runtime: &Runtime, manifest: &Manifest) -> Result<Gateway> {
         let tok_entry = manifest.file_of_kind(FileKind::Tokenizer)?;
         let tok_path = manifest.path_of(&tok_entry.name);
-        check_size(&tok_path, tok_entry.bytes)?;
+        let embed_entry = manifest.file_of_kind(FileKind::Embed)?;
+        let head_entry = manifest.file_of_kind(FileKind::Head)?;
+        manifest.check_files([&tok_entry.name, &embed_entry.name, &head_entry.name].map(String::as_str))?;
         let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| EngineError::CorruptFile {
             path: tok_path.clone(),
             reason: format!("tokenizer cannot load it: {e}"),
         })?;
-        let embed_entry = manifest.file_of_kind(FileKind::Embed)?;
-        let head_entry = manifest.file_of_kind(FileKind::Head)?;
         let embed_file = manifest.path_of(&embed_entry.name);
         let head_file = manifest.path_of(&head_entry.name);
-        check_size(&embed_file, embed_entry.bytes)?;
-        check_size(&head_file, head_entry.bytes)?;
         let embed = runtime.open_session(&embed_file)?;
         let head = runtime.open_session(&head_file)?;
         Ok(Gateway {

@@ -97,8 +97,8 @@ pub mod shard;
 pub use error::{EngineError, Result};
 pub use gateway::{Detokenizer, Gateway};
 pub use manifest::{
-    models_root, Architecture, FileEntry, FileKind, LayerFile, Manifest, SpecialTokens, DEFAULT_VARIANT,
-    MANIFEST_FORMAT,
+    models_root, Architecture, FileEntry, FileKind, IntegrityReport, LayerFile, Manifest, SpecialTokens,
+    DEFAULT_VARIANT, INTEGRITY_CACHE, MANIFEST_FORMAT,
 };
 pub use model::{prompt_chunks, FinishReason, GenerateOptions, Generation, Model, TokenEvent, PREFILL_CHUNK_TOKENS};
 pub use runtime::{Runtime, RuntimeConfig};

@@ -1,14 +1,24 @@
 //! `manifest.json` of one model variant (docs/model-format.md): load, validate, verify.
-use std::io::Read;
+//!
+//! Every load checks the sha256 of the files it opens ([`Manifest::check_files`]). A file found
+//! good is remembered by its identity (device, inode, size, modification and change times) in
+//! the process and in `<variant>/.integrity-cache.json`; while that identity stands, the next
+//! check is a `stat`. Any write to the file changes its change time, so a modified file is always
+//! hashed again.
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{EngineError, Result};
 
 /// The manifest format this engine understands.
-pub const MANIFEST_FORMAT: u32 = 1;
+pub const MANIFEST_FORMAT: u32 = 2;
 
 /// Default variant (exact 4-bit weights, float32 activations).
 pub const DEFAULT_VARIANT: &str = "q4";
@@ -283,6 +293,7 @@ impl Manifest {
             weight_bytes: files.iter().map(|f| f.weight_bytes).sum(),
             kv_bytes_per_token: self.architecture.kv_bytes_per_token_per_layer() * (end - start) as u64,
             kv_bytes: 0,
+            kv_reserved_bytes: 0,
             loaded_rss_bytes: 0,
         })
     }
@@ -302,6 +313,56 @@ impl Manifest {
         Ok(())
     }
 
+    /// Checks size and sha256 of the named files against the manifest, hashing only those whose
+    /// identity changed since they were last found good (see the module documentation). The
+    /// first bad file is the error, named. Logs and returns what the check cost.
+    pub fn check_files<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<IntegrityReport> {
+        let started = Instant::now();
+        let cache_path = self.dir.join(INTEGRITY_CACHE);
+        let mut report = IntegrityReport::default();
+        let mut disk: Option<BTreeMap<String, GoodFile>> = None;
+        let mut found = Vec::new();
+        for name in names {
+            let entry = self.files.iter().find(|f| f.name == name).ok_or_else(|| EngineError::InvalidManifest {
+                path: self.dir.join("manifest.json"),
+                reason: format!("no file {name}"),
+            })?;
+            let path = self.path_of(name);
+            check_size(&path, entry.bytes)?;
+            let identity = FileIdentity::of(&path)?;
+            let good = GoodFile { identity, sha256: entry.sha256.to_ascii_lowercase() };
+            report.files += 1;
+            if verified().lock().unwrap_or_else(|e| e.into_inner()).get(&path) == Some(&good) {
+                continue;
+            }
+            let cached = disk.get_or_insert_with(|| read_cache(&cache_path));
+            if cached.get(name) != Some(&good) {
+                verify_file(&path, entry.bytes, &entry.sha256)?;
+                report.hashed_files += 1;
+                report.hashed_bytes += entry.bytes;
+                found.push((name.to_string(), good.clone()));
+            }
+            verified().lock().unwrap_or_else(|e| e.into_inner()).insert(path, good);
+        }
+        if let (Some(mut cache), false) = (disk, found.is_empty()) {
+            cache.extend(found);
+            // A read-only model directory only costs the next process its hashing.
+            if let Err(e) = write_cache(&cache_path, &cache) {
+                tracing::warn!(path = %cache_path.display(), "cannot write the integrity cache: {e}");
+            }
+        }
+        report.elapsed = started.elapsed();
+        if report.hashed_files > 0 {
+            tracing::info!(variant = %self.variant, files = report.files, hashed_files = report.hashed_files,
+                hashed_mb = report.hashed_bytes as f64 / 1e6, ms = report.elapsed.as_secs_f64() * 1e3,
+                "model files checked against the manifest (sha256)");
+        } else {
+            tracing::debug!(variant = %self.variant, files = report.files, ms = report.elapsed.as_secs_f64() * 1e3,
+                "model files unchanged since found good");
+        }
+        Ok(report)
+    }
+
     /// Checks size and sha256 of every file (reads all bytes; a few hundred MB for fp32).
     pub fn verify_files(&self) -> Result<()> {
         for f in &self.files {
@@ -311,7 +372,77 @@ impl Manifest {
     }
 }
 
-pub(crate) fn check_size(path: &Path, expected: u64) -> Result<()> {
+/// The integrity cache of a variant directory (not a manifest file: those never start with '.').
+pub const INTEGRITY_CACHE: &str = ".integrity-cache.json";
+
+/// What a [`Manifest::check_files`] cost.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IntegrityReport {
+    pub files: usize,
+    /// Files whose identity had changed (or was new), read and hashed.
+    pub hashed_files: usize,
+    pub hashed_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// What identifies a file's content without reading it: any write changes the change time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> Result<FileIdentity> {
+        let m = std::fs::metadata(path).map_err(|e| EngineError::io(path, e))?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// A file found to have the manifest's sha256 while it had this identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct GoodFile {
+    identity: FileIdentity,
+    sha256: String,
+}
+
+/// Files this process has found good, by path.
+fn verified() -> &'static Mutex<BTreeMap<PathBuf, GoodFile>> {
+    static VERIFIED: OnceLock<Mutex<BTreeMap<PathBuf, GoodFile>>> = OnceLock::new();
+    VERIFIED.get_or_init(Mutex::default)
+}
+
+/// The cache file's entries; an unreadable or garbled cache is an empty one (it only saves work).
+fn read_cache(path: &Path) -> BTreeMap<String, GoodFile> {
+    std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+/// Written beside the cache and renamed over it: readers see the old or the new file, whole.
+fn write_cache(path: &Path, cache: &BTreeMap<String, GoodFile>) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(cache).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn check_size(path: &Path, expected: u64) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|e| EngineError::io(path, e))?;
     if meta.len() != expected {
         return Err(EngineError::CorruptFile {

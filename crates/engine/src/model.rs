@@ -153,6 +153,8 @@ impl Model {
             });
         }
         self.shard.reset();
+        // One cache per layer for this request's longest context, allocated once.
+        self.shard.set_kv_capacity((prompt_ids.len() + options.max_tokens).min(limit))?;
         let mut sampler = Sampler::new(options.sampling);
         let layers = self.shard.layers().len().max(1);
         let mut tokens = Vec::new();

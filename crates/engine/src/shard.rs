@@ -1,14 +1,16 @@
 //! A contiguous interval of decoder layers with its per-layer KV caches.
-use std::borrow::Cow;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor, TensorRef};
+use ort::memory::Allocator;
+use ort::session::{IoBinding, Session};
+use ort::value::Tensor;
+use ort::AsPointer;
 
 use crate::error::{EngineError, Result};
-use crate::manifest::{check_size, Architecture, Manifest};
+use crate::manifest::{Architecture, Manifest};
 use crate::runtime::Runtime;
 
 /// Hidden states of `tokens` consecutive tokens, row-major `[tokens, width]` (the `[1, S, 576]`
@@ -73,14 +75,17 @@ impl Hidden {
     }
 }
 
-/// KV cache of one decoder layer: keys (after RoPE) and values of every token seen so far,
-/// `[1, kv_heads, len, head_dim]` each. Kept as ONNX Runtime values so that one step's
-/// `present_*` output feeds the next step's `past_*` input without a copy.
+/// KV cache of one decoder layer: keys (after RoPE) and values, `[1, kv_heads, capacity, head_dim]`
+/// each, allocated once (for the shard's [`Shard::kv_capacity`]) and updated in place: ONNX
+/// Runtime's GroupQueryAttention gets the same buffer as its `past_*` input and `present_*`
+/// output and writes each step's new rows after the `len` rows held. Rows from `len` on are
+/// unused (a truncation only moves `len`).
 pub struct LayerKv {
     layer: usize,
     len: usize,
-    key: Option<DynValue>,
-    value: Option<DynValue>,
+    /// `None` until the first step or import (a loaded shard that never runs costs nothing).
+    key: Option<Tensor<f32>>,
+    value: Option<Tensor<f32>>,
 }
 
 impl std::fmt::Debug for LayerKv {
@@ -180,17 +185,44 @@ pub struct ShardMemory {
     pub kv_bytes_per_token: u64,
     /// KV bytes held now.
     pub kv_bytes: u64,
+    /// KV bytes allocated: every layer's cache for [`Shard::kv_capacity`] tokens (0 before the
+    /// first step). Address space; pages become resident as rows are written.
+    pub kv_reserved_bytes: u64,
     /// Growth of the process's resident set while the sessions were created (0 if unknown).
     pub loaded_rss_bytes: u64,
 }
 
+/// One layers file: its session and the binding of its inputs and outputs to the shard's buffers.
 struct LayerPart {
     file: PathBuf,
     start: usize,
     end: usize,
     session: Session,
+    binding: IoBinding,
     /// Per layer of the file: (past_key, past_value, present_key, present_value) names.
     names: Vec<[String; 4]>,
+}
+
+/// What every step binds besides the KV caches: the hidden states passed from file to file (two
+/// buffers used in turn, so no file's output is copied into the next one's input), the step's
+/// position, and the RoPE tables.
+struct StepIo {
+    /// `[1, tokens, hidden]` each; part j reads `hidden[j % 2]` and writes `hidden[(j + 1) % 2]`.
+    hidden: Option<[Tensor<f32>; 2]>,
+    /// Tokens the hidden buffers are bound for (a step of another length binds new ones).
+    tokens: usize,
+    /// `[1]`: tokens held after the step, minus one (GQA's `seqlens_k`).
+    seqlens_k: Tensor<i32>,
+    /// Scalar: tokens held after the step.
+    total: Tensor<i32>,
+    rope: Arc<RopeTables>,
+}
+
+/// cos and sin of `position x inv_freq`, `[max_context, head_dim / 2]`, computed in float64 and
+/// rounded once; the same tables for every shard of a process (shared, 2 MB for SmolLM2).
+struct RopeTables {
+    cos: Tensor<f32>,
+    sin: Tensor<f32>,
 }
 
 /// A contiguous interval `[start, end)` of decoder layers loaded into ONNX Runtime, with one
@@ -202,11 +234,12 @@ pub struct Shard {
     end: usize,
     parts: Vec<LayerPart>,
     kv: Vec<LayerKv>,
+    kv_capacity: usize,
+    io: StepIo,
     weight_bytes: u64,
     loaded_rss_bytes: u64,
     load_time: Duration,
     last_compute: Duration,
-    empty_kv: DynValue,
 }
 
 impl std::fmt::Debug for Shard {
@@ -216,21 +249,30 @@ impl std::fmt::Debug for Shard {
             .field("layers", &(self.start..self.end))
             .field("files", &self.parts.iter().map(|p| p.file.display().to_string()).collect::<Vec<_>>())
             .field("kv_len", &self.kv_len())
+            .field("kv_capacity", &self.kv_capacity)
             .finish()
     }
 }
 
 impl Shard {
-    /// Loads the layer files covering exactly `layers` (their ends must be file boundaries).
+    /// Loads the layer files covering exactly `layers` (their ends must be file boundaries). The
+    /// KV capacity starts at the model's `max_context`; [`Shard::set_kv_capacity`] changes it.
     pub fn load(runtime: &Runtime, manifest: &Manifest, layers: Range<usize>) -> Result<Shard> {
         let files = manifest.layer_files_for(layers.start, layers.end)?;
         let arch = manifest.architecture.clone();
         let started = Instant::now();
         let rss_before = resident_bytes();
+        let io = StepIo {
+            hidden: None,
+            tokens: 0,
+            seqlens_k: small_tensor(&[1])?,
+            total: small_tensor(&[])?,
+            rope: rope_tables(&arch)?,
+        };
         let mut parts = Vec::with_capacity(files.len());
+        manifest.check_files(files.iter().map(|f| f.name.as_str()))?;
         for f in files {
             let path = manifest.path_of(&f.name);
-            check_size(&path, f.bytes)?;
             let session = runtime.open_session(&path)?;
             let names: Vec<[String; 4]> = (f.start..f.end)
                 .map(|i| {
@@ -243,27 +285,28 @@ impl Shard {
                 })
                 .collect();
             check_io(&session, &path, &names)?;
-            parts.push(LayerPart { file: path, start: f.start, end: f.end, session, names });
+            let binding = session.create_binding().map_err(|e| EngineError::ort("creating an I/O binding", e))?;
+            let mut part = LayerPart { file: path, start: f.start, end: f.end, session, binding, names };
+            bind_step_inputs(&mut part, &io)?;
+            parts.push(part);
         }
         let loaded_rss_bytes = resident_bytes().saturating_sub(rss_before);
         let load_time = started.elapsed();
-        let empty_kv = Tensor::from_array(([1usize, arch.kv_heads, 0, arch.head_dim], Vec::<f32>::new()))
-            .map_err(|e| EngineError::ort("creating an empty KV tensor", e))?
-            .into_dyn();
         tracing::debug!(variant = %manifest.variant, start = layers.start, end = layers.end, files = parts.len(),
             load_ms = load_time.as_secs_f64() * 1e3, "shard loaded");
         Ok(Shard {
             variant: manifest.variant.clone(),
+            kv_capacity: arch.max_context,
             arch,
             start: layers.start,
             end: layers.end,
             kv: (layers.start..layers.end).map(LayerKv::empty).collect(),
             parts,
+            io,
             weight_bytes: files.iter().map(|f| f.weight_bytes).sum(),
             loaded_rss_bytes,
             load_time,
             last_compute: Duration::ZERO,
-            empty_kv,
         })
     }
 
@@ -303,22 +346,116 @@ impl Shard {
         self.kv.iter().map(|k| k.len).min().unwrap_or(0)
     }
 
+    /// Tokens every layer's cache has room for: a request's prompt plus its answer must fit.
+    pub fn kv_capacity(&self) -> usize {
+        self.kv_capacity
+    }
+
+    /// Sizes every layer's cache for `tokens` tokens (1 ..= the model's `max_context`), e.g. a
+    /// request's prompt plus its maximum answer. The caches are allocated at the next step or
+    /// import; rows already held are kept (a capacity below them is refused). The capacity does
+    /// not change the arithmetic: a step gives the same bits in any cache large enough for it.
+    pub fn set_kv_capacity(&mut self, tokens: usize) -> Result<()> {
+        let limit = self.arch.max_context;
+        if tokens == 0 || tokens > limit {
+            return Err(EngineError::ContextOverflow { what: "a KV capacity".into(), tokens, limit });
+        }
+        let held = self.kv.iter().map(|k| k.len).max().unwrap_or(0);
+        if tokens < held {
+            return Err(EngineError::KvMismatch(format!("a KV capacity of {tokens} tokens below the {held} held")));
+        }
+        if tokens == self.kv_capacity {
+            return Ok(());
+        }
+        let (h, d, old) = (self.arch.kv_heads, self.arch.head_dim, self.kv_capacity);
+        let mut moved = Vec::with_capacity(self.kv.len());
+        for cache in &self.kv {
+            moved.push(match (&cache.key, &cache.value) {
+                (Some(k), Some(v)) if cache.len > 0 => {
+                    let (key, value) = (kv_buffer(tokens, h, d)?, kv_buffer(tokens, h, d)?);
+                    Some((
+                        copy_rows(k, old, key, tokens, cache.len, h, d),
+                        copy_rows(v, old, value, tokens, cache.len, h, d),
+                    ))
+                }
+                _ => None,
+            });
+        }
+        for (cache, buffers) in self.kv.iter_mut().zip(moved) {
+            (cache.key, cache.value) = match buffers {
+                Some((k, v)) => (Some(k), Some(v)),
+                None => (None, None),
+            };
+        }
+        self.kv_capacity = tokens;
+        self.allocate_kv()
+    }
+
     /// Weights and KV bytes of this shard.
     pub fn memory_bytes(&self) -> ShardMemory {
-        let per_token = self.arch.kv_bytes_per_token_per_layer() * (self.end - self.start) as u64;
-        let held: u64 = self.kv.iter().map(|k| k.len as u64).sum::<u64>() * self.arch.kv_bytes_per_token_per_layer();
+        let per_layer = self.arch.kv_bytes_per_token_per_layer();
+        let layers = (self.end - self.start) as u64;
+        let held: u64 = self.kv.iter().map(|k| k.len as u64).sum::<u64>() * per_layer;
+        let allocated = self.kv.iter().filter(|k| k.key.is_some()).count() as u64;
         ShardMemory {
             weight_bytes: self.weight_bytes,
-            kv_bytes_per_token: per_token,
+            kv_bytes_per_token: per_layer * layers,
             kv_bytes: held,
+            kv_reserved_bytes: allocated * self.kv_capacity as u64 * per_layer,
             loaded_rss_bytes: self.loaded_rss_bytes,
         }
     }
 
+    /// Allocates the caches that are not (for [`Shard::kv_capacity`] tokens) and binds every
+    /// layer's cache as its file's `past_*` input and `present_*` output.
+    fn allocate_kv(&mut self) -> Result<()> {
+        let (h, d, capacity) = (self.arch.kv_heads, self.arch.head_dim, self.kv_capacity);
+        for part in &mut self.parts {
+            for (layer, names) in (part.start..part.end).zip(&part.names) {
+                let cache = &mut self.kv[layer - self.start];
+                let fresh = cache.key.is_none() || cache.value.is_none();
+                if fresh {
+                    cache.key = Some(kv_buffer(capacity, h, d)?);
+                    cache.value = Some(kv_buffer(capacity, h, d)?);
+                }
+                let (Some(key), Some(value)) = (cache.key.as_mut(), cache.value.as_mut()) else {
+                    continue;
+                };
+                let bind = |e| EngineError::ort(format!("binding the KV cache of layer {layer}"), e);
+                part.binding.bind_input(names[0].as_str(), &*key).map_err(bind)?;
+                part.binding.bind_input(names[1].as_str(), &*value).map_err(bind)?;
+                part.binding.bind_output(names[2].as_str(), key).map_err(bind)?;
+                part.binding.bind_output(names[3].as_str(), value).map_err(bind)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Binds hidden-state buffers of `tokens` rows between the files (when the step length changes).
+    fn bind_hidden(&mut self, tokens: usize) -> Result<()> {
+        if self.io.tokens == tokens && self.io.hidden.is_some() {
+            return Ok(());
+        }
+        let shape = [1usize, tokens, self.arch.hidden];
+        let alloc = |e| EngineError::ort("allocating hidden-state buffers", e);
+        let mut buffers = [
+            Tensor::<f32>::new(&Allocator::default(), shape).map_err(alloc)?,
+            Tensor::<f32>::new(&Allocator::default(), shape).map_err(alloc)?,
+        ];
+        for (j, part) in self.parts.iter_mut().enumerate() {
+            let bind = |e| EngineError::ort(format!("binding the hidden states of {}", part.file.display()), e);
+            part.binding.bind_input("hidden", &buffers[j % 2]).map_err(bind)?;
+            part.binding.bind_output("hidden_out", &mut buffers[(j + 1) % 2]).map_err(bind)?;
+        }
+        self.io.hidden = Some(buffers);
+        self.io.tokens = tokens;
+        Ok(())
+    }
+
     /// Runs a chunk of `hidden.tokens()` tokens at absolute positions `position..position + S`
-    /// through every layer, appending S rows to every layer's KV cache. `position` must equal
-    /// [`Shard::kv_len`]. Replays must use the same chunks as the original run: a chunk of 5
-    /// tokens and 5 chunks of 1 token give slightly different floats.
+    /// through every layer, writing S rows into every layer's KV cache after the `position` held.
+    /// `position` must equal [`Shard::kv_len`]. Replays must use the same chunks as the original
+    /// run: a chunk of 5 tokens and 5 chunks of 1 token give slightly different floats.
     pub fn forward(&mut self, hidden: &Hidden, position: usize) -> Result<Hidden> {
         let s = hidden.tokens();
         let width = self.arch.hidden;
@@ -334,70 +471,36 @@ impl Shard {
                 k.layer, k.len
             )));
         }
-        let limit = self.arch.max_context;
+        let limit = self.kv_capacity;
         if position + s > limit {
             return Err(EngineError::ContextOverflow {
-                what: format!("position {position} + {s} new tokens"),
+                what: format!("position {position} + {s} new tokens (KV capacity)"),
                 tokens: position + s,
                 limit,
             });
         }
+        let total = i32::try_from(position + s)
+            .map_err(|_| EngineError::InvalidInput(format!("position {position} does not fit the graph's int32")))?;
         let started = Instant::now();
-        let positions: Vec<i64> = (position..position + s).map(|p| p as i64).collect();
-        let input_view = TensorRef::from_array_view(([1usize, s, width], hidden.as_slice()))
-            .map_err(|e| EngineError::ort("wrapping the hidden input", e))?;
-        let position_view = TensorRef::from_array_view(([1usize, s], positions.as_slice()))
-            .map_err(|e| EngineError::ort("wrapping the position ids", e))?;
-        let (parts, kv, empty_kv) = (&mut self.parts, &mut self.kv, &self.empty_kv);
-        let shard_start = self.start;
-        let mut carried: Option<DynValue> = None;
-        for part in parts.iter_mut() {
-            let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(2 + 2 * part.names.len());
-            let hidden_in: SessionInputValue<'_> = match &carried {
-                Some(v) => v.into(),
-                None => (&*input_view).into(),
-            };
-            inputs.push((Cow::Borrowed("hidden"), hidden_in));
-            inputs.push((Cow::Borrowed("position_ids"), (&*position_view).into()));
-            for (layer, names) in (part.start..part.end).zip(&part.names) {
-                let cache = &kv[layer - shard_start];
-                let key = cache.key.as_ref().unwrap_or(empty_kv);
-                let value = cache.value.as_ref().unwrap_or(empty_kv);
-                inputs.push((Cow::Borrowed(names[0].as_str()), key.into()));
-                inputs.push((Cow::Borrowed(names[1].as_str()), value.into()));
-            }
-            let mut outputs = part
-                .session
-                .run(inputs)
+        if self.kv.iter().any(|k| k.key.is_none()) {
+            self.allocate_kv()?;
+        }
+        self.bind_hidden(s)?;
+        // Bound by reference: writing into these tensors is what the next run reads.
+        self.io.seqlens_k.extract_tensor_mut().1[0] = total - 1;
+        self.io.total.extract_tensor_mut().1[0] = total;
+        let buffers = self.io.hidden.as_mut().ok_or_else(|| EngineError::InvalidInput("no hidden buffers".into()))?;
+        buffers[0].extract_tensor_mut().1.copy_from_slice(hidden.as_slice());
+        for part in &mut self.parts {
+            part.session
+                .run_binding(&part.binding)
                 .map_err(|e| EngineError::ort(format!("running {}", part.file.display()), e))?;
-            let out = outputs.remove("hidden_out").ok_or_else(|| missing_output(&part.file, "hidden_out"))?;
-            let mut presents = Vec::with_capacity(part.names.len());
-            for names in &part.names {
-                let key = outputs.remove(&names[2]).ok_or_else(|| missing_output(&part.file, &names[2]))?;
-                let value = outputs.remove(&names[3]).ok_or_else(|| missing_output(&part.file, &names[3]))?;
-                presents.push((key, value));
-            }
-            drop(outputs);
-            for ((layer, names), (key, value)) in (part.start..part.end).zip(&part.names).zip(presents) {
-                let expected = [1, self.arch.kv_heads as i64, (position + s) as i64, self.arch.head_dim as i64];
-                check_shape(&key, &expected, &part.file, &names[2])?;
-                check_shape(&value, &expected, &part.file, &names[3])?;
-                let cache = &mut kv[layer - shard_start];
-                cache.key = Some(key);
-                cache.value = Some(value);
-                cache.len = position + s;
-            }
-            carried = Some(out);
         }
-        let out = carried.ok_or_else(|| EngineError::InvalidInput("shard has no layers".into()))?;
-        let (shape, data) = out.try_extract_tensor::<f32>().map_err(|e| EngineError::ort("reading hidden_out", e))?;
-        if shape.len() != 3 || shape[0] != 1 || shape[1] != s as i64 || shape[2] != width as i64 {
-            return Err(EngineError::CorruptFile {
-                path: self.parts.last().map(|p| p.file.clone()).unwrap_or_default(),
-                reason: format!("hidden_out has shape {shape:?}, expected [1, {s}, {width}]"),
-            });
+        for cache in &mut self.kv {
+            cache.len = position + s;
         }
-        let result = Hidden::new(data.to_vec(), width)?;
+        let out = &buffers[self.parts.len() % 2];
+        let result = Hidden::new(out.extract_tensor().1.to_vec(), width)?;
         self.last_compute = started.elapsed();
         Ok(result)
     }
@@ -424,8 +527,8 @@ impl Shard {
                     cache.len
                 )));
             }
-            let key = slice_rows(cache.key.as_ref(), cache.len, tokens.clone(), h, d)?;
-            let value = slice_rows(cache.value.as_ref(), cache.len, tokens.clone(), h, d)?;
+            let key = read_rows(cache.key.as_ref(), self.kv_capacity, tokens.clone(), h, d);
+            let value = read_rows(cache.value.as_ref(), self.kv_capacity, tokens.clone(), h, d);
             out.push(LayerRows { layer, key, value });
         }
         Ok(KvRows { token_start: tokens.start, tokens: tokens.len(), kv_heads: h, head_dim: d, layers: out })
@@ -470,64 +573,51 @@ impl Shard {
                     rows.token_start, l.layer
                 )));
             }
-            if rows.token_start + rows.tokens > self.arch.max_context {
+            if rows.token_start + rows.tokens > self.kv_capacity {
                 return Err(EngineError::ContextOverflow {
-                    what: "imported KV".into(),
+                    what: "imported KV (KV capacity)".into(),
                     tokens: rows.token_start + rows.tokens,
-                    limit: self.arch.max_context,
+                    limit: self.kv_capacity,
                 });
             }
         }
-        // Build every new tensor first so a failure leaves the shard untouched.
-        let mut updates = Vec::with_capacity(rows.layers.len());
-        for l in &rows.layers {
-            let cache = &self.kv[l.layer - self.start];
-            let old_key = slice_rows(cache.key.as_ref(), cache.len, 0..cache.len, h, d)?;
-            let old_value = slice_rows(cache.value.as_ref(), cache.len, 0..cache.len, h, d)?;
-            let len = cache.len + rows.tokens;
-            let key = kv_tensor(concat_rows(&old_key, cache.len, &l.key, rows.tokens, h, d), len, h, d)?;
-            let value = kv_tensor(concat_rows(&old_value, cache.len, &l.value, rows.tokens, h, d), len, h, d)?;
-            updates.push((l.layer, key, value, len));
+        // Everything is checked: from here on nothing fails but the allocation, which changes no row.
+        if rows.layers.iter().any(|l| self.kv[l.layer - self.start].key.is_none()) {
+            self.allocate_kv()?;
         }
-        for (layer, key, value, len) in updates {
-            let cache = &mut self.kv[layer - self.start];
-            cache.key = Some(key);
-            cache.value = Some(value);
-            cache.len = len;
+        let capacity = self.kv_capacity;
+        for l in &rows.layers {
+            let cache = &mut self.kv[l.layer - self.start];
+            let span = rows.token_start..rows.token_start + rows.tokens;
+            if let (Some(key), Some(value)) = (cache.key.as_mut(), cache.value.as_mut()) {
+                write_rows(key, capacity, span.clone(), &l.key, h, d);
+                write_rows(value, capacity, span, &l.value, h, d);
+            }
+            cache.len = rows.token_start + rows.tokens;
         }
         Ok(())
     }
 
     /// Drops KV rows from position `len` on, in every layer (no-op for layers holding fewer).
+    /// Nothing is copied: the next step writes over the dropped rows.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
-        let (h, d) = (self.arch.kv_heads, self.arch.head_dim);
         for cache in &mut self.kv {
-            if cache.len <= len {
-                continue;
-            }
-            if len == 0 {
-                *cache = LayerKv::empty(cache.layer);
-                continue;
-            }
-            let key = kv_tensor(slice_rows(cache.key.as_ref(), cache.len, 0..len, h, d)?, len, h, d)?;
-            let value = kv_tensor(slice_rows(cache.value.as_ref(), cache.len, 0..len, h, d)?, len, h, d)?;
-            cache.key = Some(key);
-            cache.value = Some(value);
-            cache.len = len;
+            cache.len = cache.len.min(len);
         }
         Ok(())
     }
 
-    /// Clears every KV cache (a new request).
+    /// Clears every KV cache (a new request); the buffers stay allocated.
     pub fn reset(&mut self) {
         for cache in &mut self.kv {
-            *cache = LayerKv::empty(cache.layer);
+            cache.len = 0;
         }
     }
 
     /// Joins `next` (which must start where this shard ends, same variant and KV length) onto
-    /// this shard, e.g. when a replica of a successor's head becomes native layers.
-    pub fn join(mut self, next: Shard) -> Result<Shard> {
+    /// this shard, e.g. when a replica of a successor's head becomes native layers. The joined
+    /// shard keeps this shard's KV capacity.
+    pub fn join(mut self, mut next: Shard) -> Result<Shard> {
         if next.start != self.end || next.variant != self.variant {
             return Err(EngineError::InvalidInput(format!(
                 "cannot join [{}, {}) of `{}` after [{}, {}) of `{}`",
@@ -541,20 +631,149 @@ impl Shard {
                 next.kv_len()
             )));
         }
+        next.set_kv_capacity(self.kv_capacity)?;
+        for part in &mut next.parts {
+            bind_step_inputs(part, &self.io)?;
+        }
         self.end = next.end;
         self.parts.extend(next.parts);
         self.kv.extend(next.kv);
         self.weight_bytes += next.weight_bytes;
         self.loaded_rss_bytes += next.loaded_rss_bytes;
         self.load_time += next.load_time;
+        // The hidden buffers are bound again (to this shard's) at the next step.
+        self.io.hidden = None;
         Ok(self)
+    }
+}
+
+/// Binds the step's position and the RoPE tables of `io` as the inputs of `part`.
+fn bind_step_inputs(part: &mut LayerPart, io: &StepIo) -> Result<()> {
+    let bind = |e| EngineError::ort(format!("binding the inputs of {}", part.file.display()), e);
+    part.binding.bind_input("seqlens_k", &io.seqlens_k).map_err(bind)?;
+    part.binding.bind_input("total_sequence_length", &io.total).map_err(bind)?;
+    part.binding.bind_input("rope_cos", &io.rope.cos).map_err(bind)?;
+    part.binding.bind_input("rope_sin", &io.rope.sin).map_err(bind)?;
+    Ok(())
+}
+
+fn small_tensor(shape: &[usize]) -> Result<Tensor<i32>> {
+    let mut t = Tensor::<i32>::new(&Allocator::default(), shape.to_vec())
+        .map_err(|e| EngineError::ort("allocating a step input", e))?;
+    t.extract_tensor_mut().1.fill(0);
+    Ok(t)
+}
+
+/// The process's RoPE tables for `arch` (built once per rope base, head size and length).
+fn rope_tables(arch: &Architecture) -> Result<Arc<RopeTables>> {
+    type Key = (u64, usize, usize);
+    static TABLES: Mutex<Vec<(Key, Arc<RopeTables>)>> = Mutex::new(Vec::new());
+    let key = (arch.rope_base.to_bits(), arch.head_dim, arch.max_context);
+    let mut tables = TABLES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, t)) = tables.iter().find(|(k, _)| *k == key) {
+        return Ok(Arc::clone(t));
+    }
+    let half = arch.head_dim / 2;
+    let inv: Vec<f64> = (0..half).map(|i| arch.rope_base.powf(-((2 * i) as f64) / arch.head_dim as f64)).collect();
+    let mut cos = Vec::with_capacity(arch.max_context * half);
+    let mut sin = Vec::with_capacity(arch.max_context * half);
+    for position in 0..arch.max_context {
+        for f in &inv {
+            let angle = position as f64 * f;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let table = |data: Vec<f32>| {
+        let mut t = Tensor::<f32>::new(&Allocator::default(), [arch.max_context, half])
+            .map_err(|e| EngineError::ort("allocating the RoPE tables", e))?;
+        t.extract_tensor_mut().1.copy_from_slice(&data);
+        Ok::<_, EngineError>(t)
+    };
+    let t = Arc::new(RopeTables { cos: table(cos)?, sin: table(sin)? });
+    tables.push((key, Arc::clone(&t)));
+    Ok(t)
+}
+
+/// One layer's K or V buffer, `[1, h, capacity, d]`, not initialised: rows are written before
+/// they are read, and untouched pages never become resident, so a cache costs memory for the
+/// rows it holds, not for its capacity. (ort's `Tensor::new` zeroes the buffer, which would make
+/// all of it resident at once: 377 MB for 30 layers at 8,192 tokens.)
+fn kv_buffer(capacity: usize, h: usize, d: usize) -> Result<Tensor<f32>> {
+    let allocator = Allocator::default();
+    let shape = [1, h as i64, capacity as i64, d as i64];
+    let what = || format!("allocating a KV cache of {capacity} tokens");
+    let mut value = std::ptr::null_mut();
+    let api = ort::api();
+    // SAFETY: the default allocator lives for the process; `shape` outlives the call.
+    let status = unsafe {
+        (api.CreateTensorAsOrtValue)(
+            allocator.ptr().cast_mut(),
+            shape.as_ptr(),
+            shape.len(),
+            ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+            &mut value,
+        )
+    };
+    if !status.0.is_null() {
+        // SAFETY: a non-null status is a valid OrtStatus until released; its message is a C string.
+        let message = unsafe {
+            let text = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0)).to_string_lossy().into_owned();
+            (api.ReleaseStatus)(status.0);
+            text
+        };
+        return Err(EngineError::Ort { context: what(), message });
+    }
+    let value = std::ptr::NonNull::new(value)
+        .ok_or_else(|| EngineError::Ort { context: what(), message: "null value".into() })?;
+    // SAFETY: a tensor just created with this allocator; the value takes ownership of it.
+    let value: ort::value::DynValue = unsafe { ort::value::Value::from_ptr(value, Some(&allocator)) };
+    value.downcast().map_err(|e| EngineError::ort(what(), e))
+}
+
+/// The first `rows` rows of a `[1, h, from_capacity, d]` buffer copied into a new one.
+fn copy_rows(
+    from: &Tensor<f32>,
+    from_capacity: usize,
+    mut to: Tensor<f32>,
+    to_capacity: usize,
+    rows: usize,
+    h: usize,
+    d: usize,
+) -> Tensor<f32> {
+    let data = read_rows(Some(from), from_capacity, 0..rows, h, d);
+    write_rows(&mut to, to_capacity, 0..rows, &data, h, d);
+    to
+}
+
+/// Rows `tokens` of a `[1, h, capacity, d]` cache as `[h, tokens, d]`.
+fn read_rows(value: Option<&Tensor<f32>>, capacity: usize, tokens: Range<usize>, h: usize, d: usize) -> Vec<f32> {
+    let Some(value) = value else {
+        return Vec::new();
+    };
+    let data = value.extract_tensor().1;
+    let mut out = Vec::with_capacity(h * tokens.len() * d);
+    for head in 0..h {
+        let base = head * capacity * d;
+        out.extend_from_slice(&data[base + tokens.start * d..base + tokens.end * d]);
+    }
+    out
+}
+
+/// Writes `[h, tokens, d]` rows into a `[1, h, capacity, d]` cache at `tokens`.
+fn write_rows(value: &mut Tensor<f32>, capacity: usize, tokens: Range<usize>, rows: &[f32], h: usize, d: usize) {
+    let data = value.extract_tensor_mut().1;
+    let n = tokens.len() * d;
+    for head in 0..h {
+        let base = head * capacity * d;
+        data[base + tokens.start * d..base + tokens.end * d].copy_from_slice(&rows[head * n..(head + 1) * n]);
     }
 }
 
 fn check_io(session: &Session, path: &std::path::Path, names: &[[String; 4]]) -> Result<()> {
     let inputs: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
     let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-    let mut want_in = vec!["hidden", "position_ids"];
+    let mut want_in = vec!["hidden", "seqlens_k", "total_sequence_length", "rope_cos", "rope_sin"];
     let mut want_out = vec!["hidden_out"];
     for n in names {
         want_in.extend([n[0].as_str(), n[1].as_str()]);
@@ -579,39 +798,6 @@ fn check_io(session: &Session, path: &std::path::Path, names: &[[String; 4]]) ->
     Ok(())
 }
 
-fn missing_output(file: &std::path::Path, name: &str) -> EngineError {
-    EngineError::CorruptFile { path: file.to_path_buf(), reason: format!("run returned no `{name}`") }
-}
-
-fn check_shape(value: &DynValue, expected: &[i64; 4], file: &std::path::Path, name: &str) -> Result<()> {
-    let shape = value.try_extract_tensor::<f32>().map_err(|e| EngineError::ort(format!("reading {name}"), e))?.0;
-    if shape.len() != 4 || shape.iter().zip(expected).any(|(a, b)| a != b) {
-        return Err(EngineError::CorruptFile {
-            path: file.to_path_buf(),
-            reason: format!("{name} has shape {shape:?}, expected {expected:?}"),
-        });
-    }
-    Ok(())
-}
-
-/// Rows `tokens` of a `[1, h, len, d]` cache as `[h, tokens, d]`.
-fn slice_rows(value: Option<&DynValue>, len: usize, tokens: Range<usize>, h: usize, d: usize) -> Result<Vec<f32>> {
-    let n = tokens.len();
-    let Some(value) = value else {
-        return Ok(Vec::new());
-    };
-    let (_, data) = value.try_extract_tensor::<f32>().map_err(|e| EngineError::ort("reading a KV cache", e))?;
-    if data.len() != h * len * d || tokens.end > len {
-        return Err(EngineError::KvMismatch(format!("cache holds {} floats, expected {}", data.len(), h * len * d)));
-    }
-    let mut out = Vec::with_capacity(h * n * d);
-    for head in 0..h {
-        let base = head * len * d;
-        out.extend_from_slice(&data[base + tokens.start * d..base + tokens.end * d]);
-    }
-    Ok(out)
-}
-
 /// `[h, n0, d]` then `[h, n1, d]` -> `[h, n0 + n1, d]`.
 fn concat_rows(first: &[f32], n0: usize, second: &[f32], n1: usize, h: usize, d: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(h * (n0 + n1) * d);
@@ -620,12 +806,6 @@ fn concat_rows(first: &[f32], n0: usize, second: &[f32], n1: usize, h: usize, d:
         out.extend_from_slice(&second[head * n1 * d..(head + 1) * n1 * d]);
     }
     out
-}
-
-fn kv_tensor(data: Vec<f32>, len: usize, h: usize, d: usize) -> Result<DynValue> {
-    Ok(Tensor::from_array(([1usize, h, len, d], data))
-        .map_err(|e| EngineError::ort("creating a KV tensor", e))?
-        .into_dyn())
 }
 
 /// Resident set size of this process (Linux `/proc/self/statm`), 0 where unavailable.

@@ -47,6 +47,9 @@ fn q4_snapshot_then_replay_one_token_at_a_time_continues_identically() {
     // from the snapshot and replays the buffered tail inputs, chunk by chunk.
     let mut replica_head = Shard::load(&rt, &m, 12..20).unwrap();
     let mut tail = Shard::load(&rt, &m, 20..30).unwrap();
+    // A cache with just the room the request needs: the capacity does not change the bits.
+    let final_len = final_kv.token_start + final_kv.tokens;
+    tail.set_kv_capacity(final_len).unwrap();
     tail.import_kv(&snapshot).unwrap();
     let mut buffered = Vec::new();
     for (chunk, io) in trace.stage_io.iter().enumerate() {
@@ -63,6 +66,9 @@ fn q4_snapshot_then_replay_one_token_at_a_time_continues_identically() {
     // The promoted replica and the recovered tail become one native interval of the successor.
     let joined = replica_head.join(tail).unwrap();
     assert_eq!(joined.layers(), 12..30);
+    // The joined shard has the replica's (larger) capacity, with the recovered rows moved over.
+    assert_eq!(joined.kv_capacity(), m.architecture.max_context);
+    assert_eq!(joined.export_kv(20..30, 0..final_len).unwrap(), final_kv);
 }
 
 #[test]

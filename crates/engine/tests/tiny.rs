@@ -285,3 +285,61 @@ fn missing_and_corrupt_parts_name_the_file_and_the_fix() {
     assert!(matches!(err, EngineError::MissingFile { .. }) && err.to_string().contains("manifest.json"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn in_place_cache_capacity_truncate_and_regrow_keep_the_bits() {
+    let rt = runtime();
+    let m = manifest("tiny");
+    let mut gw = aerokv_engine::Gateway::load(&rt, &m).unwrap();
+    let prompt = gw.encode_chat(PROMPT).unwrap();
+    let layers = m.architecture.layers;
+    let steps = 10;
+    let mut roomy = shards(&rt, &m, &[layers]);
+    assert_eq!(roomy[0].kv_capacity(), m.architecture.max_context);
+    let reference = run_pipeline(&mut gw, &mut roomy, &prompt, steps);
+    let end = roomy[0].kv_len();
+
+    // A cache with exactly the room the request needs computes the same bits.
+    let mut tight = shards(&rt, &m, &[layers]);
+    tight[0].set_kv_capacity(end).unwrap();
+    let trace = run_pipeline(&mut gw, &mut tight, &prompt, steps);
+    assert_eq!(trace.tokens, reference.tokens);
+    assert_bit_identical(&final_hidden(&trace), &final_hidden(&reference), "tight capacity");
+    let full = roomy[0].export_kv(0..layers, 0..end).unwrap();
+    assert_eq!(tight[0].export_kv(0..layers, 0..end).unwrap(), full);
+    let per_token_layer = m.architecture.kv_bytes_per_token_per_layer();
+    assert_eq!(tight[0].memory_bytes().kv_reserved_bytes, (layers * end) as u64 * per_token_layer);
+    // ... and refuses a step past its room, naming the capacity.
+    let width = m.architecture.hidden;
+    let err = tight[0].forward(&Hidden::new(vec![0.1; width], width).unwrap(), end).unwrap_err();
+    assert!(matches!(err, EngineError::ContextOverflow { limit, .. } if limit == end), "{err}");
+    assert_eq!(tight[0].kv_len(), end);
+
+    // Truncation only moves the length: the replayed chunks overwrite the dropped rows in place
+    // and give the original outputs and rows again.
+    let cut_chunk = 4;
+    let cut = reference.positions[cut_chunk];
+    tight[0].truncate(cut).unwrap();
+    assert_eq!(tight[0].kv_len(), cut);
+    // Rows written after the cut and dropped again must not leak into the replay.
+    let other = Hidden::new(vec![0.25; 3 * width], width).unwrap();
+    tight[0].forward(&other, cut).unwrap();
+    tight[0].truncate(cut).unwrap();
+    for chunk in cut_chunk..reference.stage_io.len() {
+        let (input, output) = &reference.stage_io[chunk][0];
+        let out = tight[0].forward(input, reference.positions[chunk]).unwrap();
+        assert!(out.bit_identical(output), "chunk {chunk} after truncation differs");
+    }
+    assert_eq!(tight[0].export_kv(0..layers, 0..end).unwrap(), full);
+
+    // Growing keeps the rows; shrinking below them is refused and changes nothing.
+    let err = tight[0].set_kv_capacity(end - 1).unwrap_err();
+    assert!(matches!(err, EngineError::KvMismatch(_)), "{err}");
+    tight[0].set_kv_capacity(end + 8).unwrap();
+    assert_eq!(tight[0].export_kv(0..layers, 0..end).unwrap(), full);
+    assert!(tight[0].set_kv_capacity(m.architecture.max_context + 1).is_err());
+    let next = gw.embed(&[reference.tokens[steps]]).unwrap();
+    let a = tight[0].forward(&next, end).unwrap();
+    let b = roomy[0].forward(&next, end).unwrap();
+    assert!(a.bit_identical(&b), "a step after growing the cache differs");
+}

@@ -36,8 +36,31 @@ fn perr(path: &Path, e: impl std::fmt::Display) -> SimError {
     SimError::Plot { path: path.display().to_string(), reason: e.to_string() }
 }
 
+/// One labelled line per series on a linear chart (e.g. the engine benchmark's time per token
+/// against the context length).
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), SimError> {
+    let ids: BTreeMap<u32, Vec<(f64, f64)>> = (0u32..).zip(series.iter().map(|(_, pts)| pts.clone())).collect();
+    let labels: Vec<String> = series.iter().map(|(name, _)| name.clone()).collect();
+    lines(path, title, xlabel, ylabel, &ids, &[], Legend::Named(&labels))
+}
+
+/// How series are named in the legend.
+#[derive(Clone, Copy)]
+enum Legend<'a> {
+    None,
+    /// "uav <id>"
+    Uavs,
+    /// The series' own names, in id order.
+    Named(&'a [String]),
+}
+
 /// One line per series on a linear chart, with optional vertical markers.
-#[allow(clippy::too_many_arguments)]
 fn lines(
     path: &Path,
     title: &str,
@@ -45,8 +68,9 @@ fn lines(
     ylabel: &str,
     series: &BTreeMap<u32, Vec<(f64, f64)>>,
     markers: &[f64],
-    legend: bool,
+    legend: Legend<'_>,
 ) -> Result<(), SimError> {
+    let legend_on = !matches!(legend, Legend::None);
     let text = font_ok();
     let xmax = series.values().flatten().map(|p| p.0).fold(0.0, f64::max).max(1e-9);
     let ymax = series.values().flatten().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.05;
@@ -76,11 +100,16 @@ fn lines(
         let s = chart
             .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
             .map_err(|e| perr(path, e))?;
-        if text && legend {
-            s.label(format!("uav {id}")).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color));
+        let label = match legend {
+            Legend::None => None,
+            Legend::Uavs => Some(format!("uav {id}")),
+            Legend::Named(names) => names.get(i).cloned(),
+        };
+        if let (true, Some(label)) = (text, label) {
+            s.label(label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color));
         }
     }
-    if text && legend && series.len() <= 20 {
+    if text && legend_on && series.len() <= 20 {
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
@@ -109,7 +138,7 @@ pub fn method_plots(dir: &Path, method: &str, rows: &[UavRow], recs: &[RecoveryR
             .filter_map(|&t| rows.iter().find(|r| r.method == method && r.token as f64 == t).map(|r| r.time_s))
             .collect()
     };
-    let legend = energy.len() <= 20;
+    let legend = if energy.len() <= 20 { Legend::Uavs } else { Legend::None };
     lines(
         &dir.join(format!("energy_{method}.png")),
         &format!("{method}: energy per UAV (failures in red)"),

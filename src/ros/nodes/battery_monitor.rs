@@ -1,21 +1,29 @@
 //! `battery_monitor`: one per UAV. Publishes remaining energy, power, state of charge and
 //! expected remaining tokens on `/<uav>/battery`, and `/diagnostics`. Sources: a built-in
-//! discharge simulation (flight power, the executor's reported compute time, TX bytes), or
-//! `sensor_msgs/BatteryState` (Gazebo via ros_gz_bridge, MAVROS), which takes over when it arrives.
+//! discharge simulation (flight power, the executor's reported compute time, TX bytes),
+//! `sensor_msgs/BatteryState` (Gazebo via ros_gz_bridge, MAVROS), which takes over when it
+//! arrives, or PX4's `px4_msgs/BatteryStatus` over uXRCE-DDS (feature `px4`). Readings are mapped
+//! and checked by [`crate::battery`]; refused ones are counted and shown in `/diagnostics`.
+use crate::battery::{self, Px4Warning, Reading, Rejected, SocField, Source};
+use crate::control::Rejects;
 use crate::ros::{names, now_stamp, NodeContext};
 use r2r::aerokv::msg::{BatteryHealth, Heartbeat};
 use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
 use r2r::sensor_msgs::msg::BatteryState;
 use serde::Deserialize;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+const FROM_BATTERY_STATE: &str = "sensor_msgs/BatteryState";
+const FROM_PX4: &str = "px4_msgs/BatteryStatus";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Params {
     /// Defaults to the node's namespace (`/uav3/battery_monitor` -> "uav3").
     pub uav_id: String,
-    /// "auto" (simulate until a BatteryState arrives), "simulation" or "battery_state".
-    pub source: String,
+    /// auto (simulate until a BatteryState arrives), simulation, battery_state or px4.
+    pub source: Source,
     pub capacity_j: f64,
     pub initial_soc: f64,
     pub flight_power_w: f64,
@@ -31,13 +39,21 @@ pub struct Params {
     pub battery_state_topic: String,
     /// "best_effort" (Gazebo bridge, MAVROS) or "reliable".
     pub battery_state_qos: String,
+    /// Where a BatteryState's charge is read: percentage (0..1), percent (0..100) or charge.
+    pub battery_state_soc: SocField,
+    /// PX4's topic, and the vehicle's namespace in a multi-vehicle setup (`px4_1`).
+    pub px4_topic: String,
+    pub px4_namespace: String,
+    /// From this PX4 warning on (low, critical, emergency, failed; never) the UAV has no energy
+    /// left for the swarm.
+    pub px4_empty_at_warning: Px4Warning,
 }
 
 impl Default for Params {
     fn default() -> Self {
         Params {
             uav_id: String::new(),
-            source: "auto".into(),
+            source: Source::Auto,
             capacity_j: 2.7e6,
             initial_soc: 1.0,
             flight_power_w: 80.0,
@@ -49,6 +65,10 @@ impl Default for Params {
             token_period_s: 0.1,
             battery_state_topic: "battery_state".into(),
             battery_state_qos: "best_effort".into(),
+            battery_state_soc: SocField::Percentage,
+            px4_topic: "/fmu/out/battery_status".into(),
+            px4_namespace: String::new(),
+            px4_empty_at_warning: Px4Warning::Emergency,
         }
     }
 }
@@ -56,15 +76,14 @@ impl Default for Params {
 impl Params {
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            matches!(self.source.as_str(), "auto" | "simulation" | "battery_state"),
-            "parameter `source` must be auto, simulation or battery_state, not {:?}",
-            self.source
-        );
-        anyhow::ensure!(
             matches!(self.battery_state_qos.as_str(), "best_effort" | "reliable"),
             "parameter `battery_state_qos` must be best_effort or reliable"
         );
-        anyhow::ensure!(self.capacity_j > 0.0, "parameter `capacity_j` must be positive");
+        anyhow::ensure!(
+            self.capacity_j > 0.0 && self.capacity_j <= battery::MAX_CAPACITY_J,
+            "parameter `capacity_j` must be positive and at most {} J (the scheduler refuses more)",
+            battery::MAX_CAPACITY_J
+        );
         anyhow::ensure!((0.0..=1.0).contains(&self.initial_soc), "parameter `initial_soc` must be within 0..1");
         anyhow::ensure!(
             self.link_rate_bps > 0.0 && self.time_scale > 0.0 && self.publish_period_s > 0.0,
@@ -99,11 +118,32 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     } else {
         format!("/{}/{}", p.uav_id, p.battery_state_topic)
     };
-    let mut battery_states = ctx.subscribe::<BatteryState>(&bs_topic, bs_qos)?;
-    tracing::info!(uav = %p.uav_id, source = %p.source, battery_state_topic = %bs_topic, "battery monitor up");
+    // Every reading, mapped and checked, with the source it came from.
+    let (readings_tx, mut readings) = mpsc::unbounded_channel::<(&'static str, Result<Reading, Rejected>)>();
+    if matches!(p.source, Source::Auto | Source::BatteryState) {
+        let mut rx = ctx.subscribe::<BatteryState>(&bs_topic, bs_qos)?;
+        let (tx, soc_field) = (readings_tx.clone(), p.battery_state_soc);
+        tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                let _ =
+                    tx.send((FROM_BATTERY_STATE, battery::from_battery_state(&battery_state_fields(&m), soc_field)));
+            }
+        });
+        tracing::info!(uav = %p.uav_id, source = ?p.source, topic = %bs_topic, "battery monitor up");
+    }
+    if p.source == Source::Px4 {
+        let topic = battery::px4_topic(&p.px4_namespace, &p.px4_topic).map_err(anyhow::Error::msg)?;
+        let empty_at = (p.px4_empty_at_warning != Px4Warning::None).then_some(p.px4_empty_at_warning);
+        subscribe_px4(&ctx, &topic, empty_at, readings_tx.clone())?;
+        tracing::info!(uav = %p.uav_id, %topic, "battery monitor up, following PX4");
+    }
+    drop(readings_tx);
 
     let mut energy_j = p.capacity_j * p.initial_soc;
-    let mut external: Option<BatteryState> = None;
+    let simulated = matches!(p.source, Source::Auto | Source::Simulation);
+    let mut external: Option<(Reading, &'static str)> = None;
+    let mut rejects = Rejects::default();
+    let mut last_rejected: Option<Rejected> = None;
     let mut usage = ExecutorUsage::default();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(p.publish_period_s));
     let mut last_tick = Instant::now();
@@ -118,7 +158,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
                     let d_tokens = hb.kv_tokens.saturating_sub(prev.kv_tokens) as f64;
                     let d_compute = (hb.compute_s_total - prev.compute_s_total).max(0.0);
                     let d_tx = hb.tx_bytes_total.saturating_sub(prev.tx_bytes_total) as f64;
-                    if p.source != "battery_state" && external.is_none() {
+                    if simulated && external.is_none() {
                         // Compute and radio energy of the interval, at the battery-aware power level.
                         let soc = energy_j / p.capacity_j;
                         let compute_w = p.inference_power_w * inference_power_fraction(soc);
@@ -132,33 +172,45 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
                 }
                 usage.last = Some((now, hb));
             }
-            Some(bs) = battery_states.recv() => {
-                if p.source != "simulation" {
-                    if external.is_none() { tracing::info!(uav = %p.uav_id, "sensor_msgs/BatteryState received: it is now the battery source"); }
-                    external = Some(bs);
+            Some((from, reading)) = readings.recv() => match reading {
+                Ok(r) => {
+                    if external.is_none() { tracing::info!(uav = %p.uav_id, "{from} received: it is now the battery source"); }
+                    external = Some((r, from));
+                    last_rejected = None;
                 }
-            }
+                Err(why) => {
+                    if rejects.note() {
+                        tracing::warn!(uav = %p.uav_id, count = rejects.count, "{from} refused, the last good reading stands: {why}");
+                    }
+                    last_rejected = Some(why);
+                }
+            },
             _ = ticker.tick() => {
                 let dt = last_tick.elapsed().as_secs_f64();
                 last_tick = Instant::now();
                 let soc;
                 let source;
                 let power_w;
-                if let Some(bs) = &external {
-                    soc = if bs.percentage.is_finite() { f64::from(bs.percentage).clamp(0.0, 1.0) } else { energy_j / p.capacity_j };
-                    energy_j = soc * p.capacity_j;
-                    let measured = f64::from(bs.voltage) * f64::from(bs.current);
-                    power_w = if measured.is_finite() && measured != 0.0 { measured.abs() } else { p.flight_power_w };
-                    source = "sensor_msgs/BatteryState";
+                let mut capacity_j = p.capacity_j;
+                if let Some((r, from)) = &external {
+                    capacity_j = r.capacity_j.unwrap_or(p.capacity_j);
+                    soc = r.soc;
+                    energy_j = soc * capacity_j;
+                    power_w = r.power_w.unwrap_or(p.flight_power_w);
+                    source = *from;
                 } else {
-                    if p.source != "battery_state" {
+                    if simulated {
                         energy_j -= p.flight_power_w * dt * p.time_scale;
                     }
                     energy_j = energy_j.max(0.0);
                     soc = energy_j / p.capacity_j;
                     let period = usage.token_period_s.unwrap_or(p.token_period_s);
                     power_w = p.flight_power_w + p.inference_power_w * inference_power_fraction(soc) * (usage.compute_s_per_token / period).min(1.0);
-                    source = if p.source == "battery_state" { "sensor_msgs/BatteryState" } else { "simulation" };
+                    source = match p.source {
+                        Source::BatteryState => FROM_BATTERY_STATE,
+                        Source::Px4 => FROM_PX4,
+                        Source::Auto | Source::Simulation => "simulation",
+                    };
                 }
                 let period = usage.token_period_s.unwrap_or(p.token_period_s);
                 let energy_per_token = p.flight_power_w * period
@@ -169,26 +221,43 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
                     uav_id: p.uav_id.clone(),
                     stamp: now_stamp(),
                     energy_j,
-                    capacity_j: p.capacity_j,
+                    capacity_j,
                     state_of_charge: soc as f32,
                     power_w,
                     expected_remaining_tokens: expected_tokens,
                     source: source.into(),
                 };
                 if let Err(e) = health_pub.publish(&msg) { tracing::warn!("publish battery health: {e}"); }
-                let _ = diag_pub.publish(&diagnostics(&p.uav_id, &msg));
+                let warning = external.as_ref().and_then(|(r, _)| r.warning);
+                let _ = diag_pub.publish(&diagnostics(&p.uav_id, &msg, rejects, last_rejected.as_ref(), warning));
             }
         }
     }
 }
 
-fn diagnostics(uav: &str, h: &BatteryHealth) -> DiagnosticArray {
+fn diagnostics(
+    uav: &str,
+    h: &BatteryHealth,
+    rejects: Rejects,
+    last_rejected: Option<&Rejected>,
+    warning: Option<Px4Warning>,
+) -> DiagnosticArray {
     let (level, message) = match h.state_of_charge {
         s if s <= 0.0 => (DiagnosticStatus::ERROR as u8, "battery empty"),
         s if s < 0.2 => (DiagnosticStatus::WARN as u8, "battery low: inference at floor power"),
+        _ if last_rejected.is_some() => {
+            (DiagnosticStatus::WARN as u8, "battery readings refused: the last good one stands")
+        }
         _ => (DiagnosticStatus::OK as u8, "ok"),
     };
     let kv = |k: &str, v: String| KeyValue { key: k.into(), value: v };
+    let mut extra = vec![kv("rejected_readings", rejects.count.to_string())];
+    if let Some(why) = last_rejected {
+        extra.push(kv("last_rejected", why.to_string()));
+    }
+    if let Some(w) = warning {
+        extra.push(kv("px4_warning", format!("{w:?}").to_lowercase()));
+    }
     DiagnosticArray {
         header: r2r::std_msgs::msg::Header { stamp: h.stamp.clone(), frame_id: String::new() },
         status: vec![DiagnosticStatus {
@@ -202,7 +271,10 @@ fn diagnostics(uav: &str, h: &BatteryHealth) -> DiagnosticArray {
                 kv("power_w", format!("{:.1}", h.power_w)),
                 kv("expected_remaining_tokens", format!("{:.0}", h.expected_remaining_tokens)),
                 kv("source", h.source.clone()),
-            ],
+            ]
+            .into_iter()
+            .chain(extra)
+            .collect(),
         }],
     }
 }
@@ -211,4 +283,54 @@ fn diagnostics(uav: &str, h: &BatteryHealth) -> DiagnosticArray {
 /// (docs/design.md §4), so that the monitor and the planner agree.
 fn inference_power_fraction(soc: f64) -> f64 {
     aerokv_plan::power_fraction(soc, &aerokv_plan::PowerModel::default())
+}
+
+fn battery_state_fields(m: &BatteryState) -> battery::BatteryStateFields {
+    battery::BatteryStateFields {
+        present: m.present,
+        percentage: m.percentage,
+        voltage: m.voltage,
+        current: m.current,
+        charge: m.charge,
+        capacity: m.capacity,
+    }
+}
+
+/// Follows PX4's battery status. PX4 publishes it best effort, transient local, keep last: a
+/// reliable subscriber would never match. A best-effort writer hands no history to a late reader
+/// (measured with Fast DDS), so a volatile reader loses nothing and also matches a volatile writer.
+#[cfg(feature = "px4")]
+fn subscribe_px4(
+    ctx: &NodeContext,
+    topic: &str,
+    empty_at: Option<Px4Warning>,
+    tx: mpsc::UnboundedSender<(&'static str, Result<Reading, Rejected>)>,
+) -> anyhow::Result<()> {
+    use r2r::px4_msgs::msg::BatteryStatus;
+    let qos = r2r::QosProfile::sensor_data();
+    let mut rx = ctx.subscribe::<BatteryStatus>(topic, qos)?;
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            let fields = battery::Px4Fields {
+                connected: m.connected,
+                remaining: m.remaining,
+                voltage_v: m.voltage_v,
+                current_a: m.current_a,
+                warning: m.warning,
+                full_charge_capacity_wh: m.full_charge_capacity_wh,
+            };
+            let _ = tx.send((FROM_PX4, battery::from_px4(&fields, empty_at)));
+        }
+    });
+    Ok(())
+}
+
+#[cfg(not(feature = "px4"))]
+fn subscribe_px4(
+    _: &NodeContext,
+    _: &str,
+    _: Option<Px4Warning>,
+    _: mpsc::UnboundedSender<(&'static str, Result<Reading, Rejected>)>,
+) -> anyhow::Result<()> {
+    anyhow::bail!("parameter `source` is px4, but this build has no px4_msgs (cargo feature `px4`)")
 }

@@ -4,7 +4,7 @@
 //! `/aerokv/generate` and streams `/aerokv/tokens`; recovers from failures (failover, or an exact
 //! restart when the state to fail over is not there) and retires UAVs before their batteries die.
 use super::discovery::uavs_with_topic;
-use crate::control::{ring_order, Airframe, Controller, ModelSize, Planned, Telemetry};
+use crate::control::{self, Airframe, Controller, Heard, Membership, ModelSize, Planned, Telemetry, TelemetryKind};
 use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
 use crate::detector::FailureReason;
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
@@ -64,6 +64,9 @@ pub struct Params {
     pub lifetime_target_factor: f64,
     /// A UAV whose heartbeat is older than this is not counted as up.
     pub member_timeout_s: f64,
+    /// A UAV declared failed that is heard again without a gap for this long is a member again
+    /// (it rejoins through the next plan).
+    pub rejoin_after_s: f64,
     /// How long executors may take to apply a plan.
     pub ready_timeout_s: f64,
     /// A pipeline step that takes longer (with no failure declared) fails the request.
@@ -100,6 +103,7 @@ impl Default for Params {
             snapshot_periods: vec![1, 2, 4, 8, 16, 32, 64],
             lifetime_target_factor: 0.0,
             member_timeout_s: 1.0,
+            rejoin_after_s: 1.0,
             ready_timeout_s: 60.0,
             step_timeout_s: 30.0,
             replan_period_s: 1.0,
@@ -122,6 +126,7 @@ impl Params {
             ("recovery_deadline_s", self.recovery_deadline_s),
             ("weight_load_bps", self.weight_load_bps),
             ("member_timeout_s", self.member_timeout_s),
+            ("rejoin_after_s", self.rejoin_after_s),
             ("ready_timeout_s", self.ready_timeout_s),
             ("step_timeout_s", self.step_timeout_s),
             ("replan_period_s", self.replan_period_s),
@@ -146,7 +151,11 @@ impl Params {
 #[derive(Default)]
 struct Live {
     beats: BTreeMap<String, (Instant, Heartbeat)>,
+    /// Unbroken runs of heartbeats, for membership.
+    heard: BTreeMap<String, Heard>,
     battery: BTreeMap<String, BatteryHealth>,
+    /// Telemetry refused by the checks in `control` (wrong UAV, non-finite or absurd figures).
+    rejects: control::TelemetryRejects,
 }
 
 /// Why a generation could not go on.
@@ -190,11 +199,8 @@ struct Scheduler {
     max_context: usize,
     live: Arc<Mutex<Live>>,
     watched: BTreeSet<String>,
-    /// Declared failed, with the heartbeat sequence seen then. It rejoins (through a new plan)
-    /// once it has been heard from for a while again, or restarted (its count starts over).
-    failed: BTreeMap<String, u64>,
-    /// Retired for its battery: rejoins only as a new process (recharged).
-    retired: BTreeMap<String, u64>,
+    /// Who may be planned: UAVs declared failed or retired are kept out until they are back.
+    membership: Membership,
     assign_pub: SignedPublisher<Assignment>,
     auth: Arc<NodeAuth>,
     token_pub: r2r::Publisher<TokenChunk>,
@@ -250,6 +256,8 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
     let failures = verified(ctx.subscribe(names::FAILURES, names::events())?, auth.clone(), NodeAuth::accept_failure);
     let mut service = ctx.lock().create_service::<Generate::Service>(names::GENERATE, r2r::QosProfile::default())?;
+    let (member_timeout, rejoin_after) =
+        (Duration::from_secs_f64(p.member_timeout_s), Duration::from_secs_f64(p.rejoin_after_s));
     let mut s = Scheduler {
         assign_pub: SignedPublisher::new(
             ctx.publisher(names::ASSIGNMENT, names::latched())?,
@@ -267,8 +275,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         max_context: manifest.architecture.max_context,
         live: Arc::default(),
         watched: BTreeSet::new(),
-        failed: BTreeMap::new(),
-        retired: BTreeMap::new(),
+        membership: Membership::new(member_timeout, rejoin_after),
         activation_pubs: Publishers::default(),
         outputs,
         failures,
@@ -344,45 +351,50 @@ impl Scheduler {
             self.activation_pub(&names::stage_input(&uav))?;
             let mut beats = self.ctx.subscribe::<Heartbeat>(&names::heartbeat(&uav), names::telemetry())?;
             let mut battery = self.ctx.subscribe::<BatteryHealth>(&names::battery(&uav), names::telemetry())?;
-            let live = self.live.clone();
-            let u = uav.clone();
+            let (live, u, layers) = (self.live.clone(), uav.clone(), self.controller.model.num_layers);
+            let member_timeout = self.membership.member_timeout;
             tokio::spawn(async move {
                 while let Some(hb) = beats.recv().await {
-                    live.lock().unwrap_or_else(|e| e.into_inner()).beats.insert(u.clone(), (Instant::now(), hb));
+                    let now = Instant::now();
+                    let checked = control::validate_heartbeat(&convert::heartbeat_fields(&hb), &u, layers);
+                    let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
+                    if !live.rejects.passed(&u, TelemetryKind::Heartbeat, checked) {
+                        continue;
+                    }
+                    let mut heard = Heard::next(live.heard.get(&u).copied(), hb.sequence, now, member_timeout);
+                    heard.battery = live.battery.contains_key(&u);
+                    live.heard.insert(u.clone(), heard);
+                    live.beats.insert(u.clone(), (now, hb));
                 }
             });
-            let live = self.live.clone();
+            let (live, u) = (self.live.clone(), uav.clone());
             tokio::spawn(async move {
                 while let Some(b) = battery.recv().await {
-                    live.lock().unwrap_or_else(|e| e.into_inner()).battery.insert(b.uav_id.clone(), b);
+                    let checked = control::validate_battery_health(&convert::battery_health_fields(&b), &u);
+                    let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
+                    if live.rejects.passed(&u, TelemetryKind::BatteryHealth, checked) {
+                        live.battery.insert(u.clone(), b);
+                    }
                 }
             });
         }
         Ok(())
     }
 
-    /// UAVs with a recent heartbeat and battery health, not declared failed, in ring order.
+    /// UAVs with a recent heartbeat and battery health (not empty), not kept out, in ring order.
     fn members(&mut self) -> Vec<String> {
-        let timeout = Duration::from_secs_f64(self.p.member_timeout_s);
-        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        const REJOIN_BEATS: u64 = 20;
-        self.failed.retain(|uav, seq| {
-            live.beats.get(uav).is_none_or(|(_, hb)| hb.sequence >= *seq && hb.sequence < *seq + REJOIN_BEATS)
-        });
-        self.retired.retain(|uav, seq| live.beats.get(uav).is_none_or(|(_, hb)| hb.sequence >= *seq));
-        let mut m: Vec<String> = live
-            .beats
-            .iter()
-            .filter(|(uav, (t, _))| {
-                t.elapsed() < timeout
-                    && live.battery.contains_key(*uav)
-                    && !self.failed.contains_key(*uav)
-                    && !self.retired.contains_key(*uav)
-            })
-            .map(|(uav, _)| uav.clone())
-            .collect();
-        drop(live);
-        ring_order(&mut m);
+        let (heard, depleted): (_, Vec<String>) = {
+            let live = self.lock();
+            let depleted = live
+                .battery
+                .iter()
+                .filter(|(_, b)| control::is_depleted(&convert::battery_health_fields(b)))
+                .map(|(uav, _)| uav.clone())
+                .collect();
+            (live.heard.clone(), depleted)
+        };
+        let mut m = self.membership.members(&heard, Instant::now());
+        m.retain(|uav| !depleted.contains(uav));
         m
     }
 
@@ -405,11 +417,18 @@ impl Scheduler {
 
     /// Takes a failure event; false when this scheduler heard from the UAV so recently that the
     /// declaration cannot be right (the watchdog's view was stale: a stalled process, not a dead
-    /// drone). A dead executor has been silent for the whole timeout when it is declared.
+    /// drone). A dead executor has been silent for the whole timeout when it is declared. A
+    /// declaration made in an older epoch is dropped (and counted): it may be about a UAV that
+    /// has since rejoined; the watchdog declares a UAV that stays silent again in the new epoch.
     fn note_failure(&mut self, ev: &FailureEvent) -> bool {
-        let (seq, age, sent) =
-            self.lock().beats.get(&ev.uav_id).map_or((0, f64::INFINITY, f64::NEG_INFINITY), |(t, hb)| {
-                (hb.sequence, t.elapsed().as_secs_f64(), stamp_secs(&hb.stamp))
+        if ev.epoch < self.epoch {
+            self.stale_dropped += 1;
+            tracing::info!(uav = %ev.uav_id, epoch = ev.epoch, current = self.epoch, "failure declaration of an older epoch dropped");
+            return false;
+        }
+        let (age, sent) =
+            self.lock().beats.get(&ev.uav_id).map_or((f64::INFINITY, f64::NEG_INFINITY), |(t, hb)| {
+                (t.elapsed().as_secs_f64(), stamp_secs(&hb.stamp))
             });
         let reason = match ev.reason.parse::<FailureReason>() {
             Ok(r) => r,
@@ -427,7 +446,7 @@ impl Scheduler {
                 return false;
             }
         }
-        self.failed.insert(ev.uav_id.clone(), seq);
+        self.membership.declare_failed(&ev.uav_id, Instant::now());
         tracing::warn!(uav = %ev.uav_id, reason = %ev.reason, "failure noted");
         true
     }
@@ -1018,7 +1037,7 @@ impl Scheduler {
                 self.recover(run, &uav, "retirement").await?;
                 // It stays out of plans until it restarts (recharged, as a new process).
                 let seq = self.lock().beats.get(&uav).map_or(0, |(_, hb)| hb.sequence);
-                self.retired.insert(uav, seq);
+                self.membership.retire(&uav, seq);
             }
             Ok(None) => {}
             Err(e) => tracing::debug!("retirement check: {e}"),

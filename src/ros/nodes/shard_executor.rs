@@ -84,6 +84,8 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let root = if p.models_dir.is_empty() { models_root() } else { p.models_dir.clone().into() };
     let runtime = Runtime::init(RuntimeConfig::with_threads(p.threads))?;
     let manifest = Manifest::load_variant(&root, &p.variant)?;
+    // A failover may bring any layer here: a corrupt layer file stops the executor before it serves.
+    manifest.check_files(manifest.layer_files.iter().map(|f| f.name.as_str()))?;
     let host = ShardHost::new(runtime, manifest, p.uav_id.clone())?;
     let auth = NodeAuth::load(&p.keystore, Role::ShardExecutor, Some(&p.uav_id))?;
     auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
@@ -272,6 +274,14 @@ impl Worker {
             }
             if let Some(pred) = plan.pred(&self.uav).map(|s| s.uav.clone()).filter(|s| *s != self.uav) {
                 self.ensure_replay(&pred)?;
+            }
+            // If the successor fails, its own successor takes over its layers and this stage's
+            // output goes there: a publisher made now is matched before a failover needs it
+            // (over a radio, matching a new one cost the first step after recovery ~2 s).
+            if let Some(next) = plan.succ(&self.uav).and_then(|s| plan.succ(&s.uav)).map(|s| s.uav.clone()) {
+                if next != self.uav && me.start + me.len < plan.num_layers {
+                    self.activation_pub(&names::stage_input(&next))?;
+                }
             }
         }
         let emits = self.host.apply_plan(plan)?;

@@ -3,10 +3,11 @@
 //! [`Watchdog`]. Declarations go to `/aerokv/failures`, every UAV's state (alive, suspected with
 //! its phi, declared) to `/diagnostics` and the log.
 use super::discovery::uavs_with_topic;
+use crate::control::{self, TelemetryKind, TelemetryRejects};
 use crate::detector::{Event, Health, UavReport, Watchdog, WatchdogParams};
 use crate::params::Checked;
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
-use crate::ros::{names, now_stamp, stamp_secs, unix_now, NodeContext};
+use crate::ros::{convert, names, now_stamp, stamp_secs, unix_now, NodeContext};
 use aerokv_auth::Role;
 use r2r::aerokv::msg::{BatteryHealth, FailureEvent, Heartbeat};
 use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
@@ -20,10 +21,11 @@ pub type Params = Checked<WatchdogParams>;
 /// How often every UAV's state goes to `/diagnostics` (and at every change).
 const DIAGNOSTICS_PERIOD: Duration = Duration::from_secs(1);
 
-/// A message and when it arrived (stamped on receipt: the check loop may be busy).
+/// A message from a UAV's topic (the UAV the topic belongs to), stamped on receipt: the check
+/// loop may be busy.
 enum Seen {
-    Heartbeat(Heartbeat, Instant),
-    Battery(BatteryHealth, Instant),
+    Heartbeat(String, Heartbeat, Instant),
+    Battery(String, BatteryHealth, Instant),
 }
 
 pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
@@ -43,6 +45,7 @@ pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
     };
     let origin = Instant::now();
     let secs = |t: Instant| t.saturating_duration_since(origin).as_secs_f64();
+    let mut rejects = TelemetryRejects::default();
     let mut check = tokio::time::interval(Duration::from_secs_f64(p.check_period_s));
     let mut report = tokio::time::interval(DIAGNOSTICS_PERIOD);
     tracing::info!(?p, "watchdog up");
@@ -56,12 +59,12 @@ pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
                 w.assignment(a.epoch, a.ring);
                 Vec::new()
             }
-            Some(seen) = seen_rx.recv() => take(&mut w, seen, secs),
+            Some(seen) = seen_rx.recv() => take(&mut w, &mut rejects, seen, secs),
             _ = check.tick() => {
                 // Judge only on what has arrived: take everything queued first.
                 let mut events = Vec::new();
                 while let Ok(seen) = seen_rx.try_recv() {
-                    events.extend(take(&mut w, seen, secs));
+                    events.extend(take(&mut w, &mut rejects, seen, secs));
                 }
                 events.extend(w.check(secs(Instant::now())));
                 events
@@ -87,9 +90,25 @@ pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn take(w: &mut Watchdog, seen: Seen, secs: impl Fn(Instant) -> f64) -> Vec<Event> {
+/// A heartbeat or battery report for the detector. Reports that fail their check (another UAV's
+/// name, non-finite or absurd figures) are counted and change nothing.
+fn take(w: &mut Watchdog, rejects: &mut TelemetryRejects, seen: Seen, secs: impl Fn(Instant) -> f64) -> Vec<Event> {
+    // The watchdog loads no model: any interval length passes here (the scheduler checks them).
+    let (uav, kind, checked) = match &seen {
+        Seen::Heartbeat(uav, hb, _) => {
+            (uav, TelemetryKind::Heartbeat, control::validate_heartbeat(&convert::heartbeat_fields(hb), uav, u32::MAX))
+        }
+        Seen::Battery(uav, b, _) => (
+            uav,
+            TelemetryKind::BatteryHealth,
+            control::validate_battery_health(&convert::battery_health_fields(b), uav),
+        ),
+    };
+    if !rejects.passed(uav, kind, checked) {
+        return Vec::new();
+    }
     match seen {
-        Seen::Heartbeat(hb, at) => {
+        Seen::Heartbeat(_, hb, at) => {
             let events = w.heartbeat(&hb.uav_id, hb.sequence, secs(at));
             if events.iter().any(|e| matches!(e, Event::Heard { .. })) {
                 // Late at the sender or on the way? (Same clock on one machine; a guide elsewhere.)
@@ -98,7 +117,7 @@ fn take(w: &mut Watchdog, seen: Seen, secs: impl Fn(Instant) -> f64) -> Vec<Even
             }
             events
         }
-        Seen::Battery(b, at) => w.battery(&b.uav_id, b.energy_j, secs(at)).into_iter().collect(),
+        Seen::Battery(_, b, at) => w.battery(&b.uav_id, b.energy_j, secs(at)).into_iter().collect(),
     }
 }
 
@@ -133,6 +152,9 @@ fn publish_event(out: &SignedPublisher<FailureEvent>, event: Event) {
 /// Every UAV's state on `/diagnostics`: OK alive, WARN suspected, ERROR declared, with phi and
 /// the model behind it.
 fn publish_diagnostics(out: &r2r::Publisher<DiagnosticArray>, uavs: &[UavReport]) {
+    if uavs.is_empty() {
+        return; // nothing heard yet: an empty array tells a diagnostics reader nothing
+    }
     let kv = |k: &str, v: String| KeyValue { key: k.into(), value: v };
     let status = uavs
         .iter()
@@ -176,10 +198,9 @@ fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period:
             if watched.contains(uav) {
                 continue;
             }
-            match forward(ctx, &names::heartbeat(uav), uav, seen, |hb: &Heartbeat| &hb.uav_id, Seen::Heartbeat)
-                .and_then(|()| {
-                    forward(ctx, &names::battery(uav), uav, seen, |b: &BatteryHealth| &b.uav_id, Seen::Battery)
-                }) {
+            match forward(ctx, &names::heartbeat(uav), uav, seen, Seen::Heartbeat)
+                .and_then(|()| forward(ctx, &names::battery(uav), uav, seen, Seen::Battery))
+            {
                 Ok(()) => {
                     tracing::info!(%uav, "watching");
                     watched.insert(uav.clone());
@@ -193,25 +214,20 @@ fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period:
     }
 }
 
-/// Forwards `uav`'s heartbeats or battery reports from `topic`, stamped on receipt. The topic
-/// names the UAV: a message that claims to be another one is dropped.
+/// Forwards `uav`'s heartbeats or battery reports from `topic`, with the topic's UAV, stamped on
+/// receipt.
 fn forward<T: r2r::WrappedTypesupport + Send + 'static>(
     ctx: &NodeContext,
     topic: &str,
     uav: &str,
     tx: &mpsc::UnboundedSender<Seen>,
-    claimed: fn(&T) -> &String,
-    wrap: fn(T, Instant) -> Seen,
+    wrap: fn(String, T, Instant) -> Seen,
 ) -> anyhow::Result<()> {
     let mut rx = ctx.subscribe::<T>(topic, names::telemetry())?;
     let (tx, uav) = (tx.clone(), uav.to_string());
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
-            if *claimed(&m) != uav {
-                tracing::warn!(%uav, claimed = %claimed(&m), "message on this UAV's topic names another UAV: dropped");
-                continue;
-            }
-            if tx.send(wrap(m, Instant::now())).is_err() {
+            if tx.send(wrap(uav.clone(), m, Instant::now())).is_err() {
                 break;
             }
         }
