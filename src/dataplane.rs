@@ -10,6 +10,14 @@
 //! last stage fails, the first stage takes its layers). Such a stage has two inputs per token:
 //! its predecessor's output and, at layer 0, the gateway's embedding; recovering its tail
 //! replays both (the gateway's part comes from the scheduler).
+//!
+//! Activations travel encoded with the plan's activation codec (`aerokv_codec`). With a lossy
+//! codec, what enters every layer but the first of the model is the previous layer's output as
+//! that codec delivers it, whether a hop lies between the two layers or not. The arithmetic then
+//! does not depend on which UAV holds which layers: a failover moves hops (a promoted replica
+//! runs across a former hop, a new hop appears inside a former stage) and the answer stays that
+//! of the same codec without the failure. Replays carry the very bytes the stage was fed.
+use aerokv_codec::{ActivationCodec, CodecError, Encoded};
 use aerokv_engine::{prompt_chunks, EngineError, Hidden, KvRows, LayerRows, Manifest, Runtime, Shard};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -18,6 +26,10 @@ use std::time::Duration;
 pub enum DataPlaneError {
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("an activation in codec {got}, but the plan's codec is {want}")]
+    CodecMismatch { got: ActivationCodec, want: ActivationCodec },
     #[error("invalid plan: {0}")]
     Plan(String),
     #[error("layer {layer} is assigned to {uav} but {uav} holds no state for it at token {position}")]
@@ -169,15 +181,15 @@ pub fn step_at<'a>(prompt: &'a [u32], generated: &'a [u32], position: usize) -> 
 /// Something to send.
 #[derive(Debug)]
 pub enum Emit {
-    /// Hidden states entering layer `boundary`; `to` is its owner, `None` = back to the gateway.
-    Activation { to: Option<String>, boundary: usize, request_id: u64, position: usize, hidden: Hidden },
+    /// Hidden states entering layer `boundary`, encoded; `to` is its owner, `None` = back to the gateway.
+    Activation { to: Option<String>, boundary: usize, request_id: u64, position: usize, hidden: Encoded },
     /// KV rows for `holder`: a boundary snapshot of this UAV's tail (to its successor) or the
     /// seed of a new head replica (to its predecessor).
     Kv { holder: String, request_id: u64, rows: KvRows },
     /// Buffered inputs of the failed successor's tail entering layer `boundary`, for its
     /// recovering successor. All of them in one message (bursts of small messages overflow
     /// subscription queues), as `(position, chunk)` in order.
-    Replay { failed: String, to: String, boundary: usize, request_id: u64, chunks: Vec<(usize, Hidden)> },
+    Replay { failed: String, to: String, boundary: usize, request_id: u64, chunks: Vec<(usize, Encoded)> },
 }
 
 /// Recovery work waiting for state from other UAVs.
@@ -204,7 +216,7 @@ struct PendingReplay {
 #[derive(Debug)]
 struct Segment {
     layers: Vec<usize>,
-    chunks: BTreeMap<usize, Hidden>,
+    chunks: BTreeMap<usize, Encoded>,
 }
 
 impl PendingReplay {
@@ -231,8 +243,10 @@ pub struct ShardHost {
     plan: Option<SwarmPlan>,
     pieces: BTreeMap<usize, Shard>,
     request_id: u64,
-    /// Inputs of the successor's tail (outputs of its head replica), by position.
-    buffer: BTreeMap<usize, Hidden>,
+    /// Inputs of the successor's tail (outputs of its head replica), by position, as encoded
+    /// for the tail: a replay sends these bytes, which decode to exactly what the tail was fed.
+    buffer: BTreeMap<usize, Encoded>,
+    codec: ActivationCodec,
     /// The predecessor's tail snapshot, accumulated, and the epoch of its latest part.
     pred_snapshot: Option<KvRows>,
     pred_snapshot_epoch: u64,
@@ -256,6 +270,7 @@ impl ShardHost {
             pieces: BTreeMap::new(),
             request_id: 0,
             buffer: BTreeMap::new(),
+            codec: ActivationCodec::Raw,
             pred_snapshot: None,
             pred_snapshot_epoch: 0,
             snapshot_sent_until: 0,
@@ -266,6 +281,9 @@ impl ShardHost {
 
     pub fn plan(&self) -> Option<&SwarmPlan> {
         self.plan.as_ref()
+    }
+    pub fn architecture(&self) -> &aerokv_engine::Architecture {
+        &self.manifest.architecture
     }
     pub fn epoch(&self) -> u64 {
         self.plan.as_ref().map_or(0, |p| p.epoch)
@@ -306,7 +324,30 @@ impl ShardHost {
                 m.weight_bytes + m.kv_bytes
             })
             .sum::<u64>()
-            + self.buffer.values().map(|h| (h.as_slice().len() * 4) as u64).sum::<u64>()
+            + self.buffer.values().map(|h| h.bytes().len() as u64).sum::<u64>()
+    }
+
+    /// The swarm's activation codec (the assignment's). Every UAV must use the same one. The KV
+    /// held for a request was computed under the codec it had: a change forgets it, so that a
+    /// plan resuming that request fails (state lost) instead of mixing two arithmetics.
+    pub fn set_activation_codec(&mut self, codec: ActivationCodec) {
+        if codec != self.codec {
+            tracing::info!(from = %self.codec, to = %codec, "activation codec changed");
+            self.codec = codec;
+            self.forget_context();
+        }
+    }
+
+    /// An input as this UAV's layers see it (and checks it is in the plan's codec).
+    fn decode(&self, e: &Encoded) -> Result<Hidden> {
+        if e.codec() != self.codec {
+            return Err(DataPlaneError::CodecMismatch { got: e.codec(), want: self.codec });
+        }
+        Ok(Hidden::new(e.decode()?, e.width())?)
+    }
+
+    fn encode(&self, h: &Hidden) -> Result<Encoded> {
+        Ok(Encoded::encode(self.codec, h.as_slice(), h.width())?)
     }
 
     fn load(&self, layer: usize) -> Result<Shard> {
@@ -371,10 +412,10 @@ impl ShardHost {
             if let Some(failed) = old.succ(&self.uav).filter(|s| s.uav != self.uav && new.stage(&s.uav).is_none()) {
                 if let (Some(to), Some(boundary)) = (old.succ(&failed.uav), old.tail_input_from_pred(failed)) {
                     // From the step that holds `replay_from`: the rest is in the snapshot.
-                    let chunks: Vec<(usize, Hidden)> = self
+                    let chunks: Vec<(usize, Encoded)> = self
                         .buffer
                         .range(..p)
-                        .filter(|(&pos, h)| pos + h.tokens() > new.replay_from)
+                        .filter(|(&pos, h)| pos + h.rows() > new.replay_from)
                         .map(|(&pos, h)| (pos, h.clone()))
                         .collect();
                     if to.uav == self.uav {
@@ -488,7 +529,7 @@ impl ShardHost {
                     if pos != at {
                         break;
                     }
-                    at += h.tokens();
+                    at += h.rows();
                 }
                 at >= p
             };
@@ -500,14 +541,8 @@ impl ShardHost {
                 tracing::info!(failed = %r.failed, layers = ?seg.layers, from = r.from, to = p, chunks = seg.chunks.len(), "replaying buffered inputs through the recovered tail");
                 for (&pos, h) in seg.chunks.range(r.from..p) {
                     // One chunk at a time, as the failed UAV computed them (exactness).
-                    let mut x = h.clone();
-                    for layer in &seg.layers {
-                        let shard = self
-                            .pieces
-                            .get_mut(layer)
-                            .ok_or_else(|| DataPlaneError::Plan(format!("restored layer {layer} vanished")))?;
-                        x = shard.forward(&x, pos)?;
-                    }
+                    let x = self.decode(h)?;
+                    run_layers(&mut self.pieces, self.codec, &seg.layers, x, pos)?;
                 }
             }
         }
@@ -567,7 +602,7 @@ impl ShardHost {
         request_id: u64,
         boundary: usize,
         position: usize,
-        hidden: &Hidden,
+        input: &Encoded,
     ) -> Result<Vec<Emit>> {
         // Runs once per token: the route comes from a borrow of the plan, not a copy of it.
         let (misrouted, end, to, num_layers) = {
@@ -582,19 +617,18 @@ impl ShardHost {
             let to = if end == plan.num_layers { None } else { plan.owner(end).map(|s| s.uav.clone()) };
             (misrouted, end, to, plan.num_layers)
         };
-        self.new_request(request_id);
         if let Some(why) = misrouted {
             return Err(DataPlaneError::Plan(why));
         }
-        let mut x = hidden.clone();
+        // Decoded before anything changes: a malformed message leaves the state as it was.
+        let x = self.decode(input)?;
+        self.new_request(request_id);
         let started = std::time::Instant::now();
-        for layer in boundary..end {
-            let shard =
-                self.pieces.get_mut(&layer).ok_or_else(|| DataPlaneError::Plan(format!("layer {layer} not loaded")))?;
-            x = shard.forward(&x, position)?;
-        }
-        self.account(started.elapsed(), end - boundary, hidden.tokens());
-        Ok(vec![Emit::Activation { to, boundary: end % num_layers, request_id, position, hidden: x }])
+        let layers: Vec<usize> = (boundary..end).collect();
+        let y = run_layers(&mut self.pieces, self.codec, &layers, x, position)?;
+        let hidden = self.encode(&y)?;
+        self.account(started.elapsed(), end - boundary, input.rows());
+        Ok(vec![Emit::Activation { to, boundary: end % num_layers, request_id, position, hidden }])
     }
 
     /// The successor's input: compute its head replica and buffer the output (its tail's input).
@@ -603,7 +637,7 @@ impl ShardHost {
         request_id: u64,
         boundary: usize,
         position: usize,
-        hidden: &Hidden,
+        input: &Encoded,
     ) -> Result<()> {
         let succ_has_tail = match self.plan.as_ref().map(|p| (p, p.succ(&self.uav))) {
             Some((plan, Some(succ)))
@@ -614,21 +648,16 @@ impl ShardHost {
             _ => return Ok(()),
         };
         let head = self.replica_layers();
+        let x = self.decode(input)?;
         self.new_request(request_id);
         let started = std::time::Instant::now();
-        let mut x = hidden.clone();
-        for layer in &head {
-            let shard = self
-                .pieces
-                .get_mut(layer)
-                .ok_or_else(|| DataPlaneError::Plan(format!("replica layer {layer} not loaded")))?;
-            x = shard.forward(&x, position)?;
-        }
-        self.account(started.elapsed(), head.len(), hidden.tokens());
+        let y = run_layers(&mut self.pieces, self.codec, &head, x, position)?;
+        self.account(started.elapsed(), head.len(), input.rows());
         // With no head (K = 0) the tail's input is the stage input itself. A tail that starts
         // at layer 0 is fed by the gateway: the scheduler replays it.
         if succ_has_tail {
-            self.buffer.insert(position, x);
+            let tail_input = if head.is_empty() { input.clone() } else { self.encode(&y)? };
+            self.buffer.insert(position, tail_input);
         }
         Ok(())
     }
@@ -681,7 +710,7 @@ impl ShardHost {
 
     /// Inputs of a failed UAV's tail entering layer `boundary`, for the replay: buffered by its
     /// predecessor, or the gateway's embeddings for the layers after the gateway.
-    pub fn on_replay(&mut self, failed: &str, boundary: usize, chunks: Vec<(usize, Hidden)>) -> Result<Vec<Emit>> {
+    pub fn on_replay(&mut self, failed: &str, boundary: usize, chunks: Vec<(usize, Encoded)>) -> Result<Vec<Emit>> {
         tracing::debug!(
             failed,
             boundary,
@@ -733,6 +762,26 @@ impl ShardHost {
             self.usage.last_ms_per_layer = took.as_secs_f64() * 1e3 / layers as f64;
         }
     }
+}
+
+/// Runs `x` through `layers` in order and returns the last one's output. Every layer after the
+/// first is fed its predecessor's output as `codec` delivers it (module comment: exactness).
+/// With no layers, `x` itself.
+fn run_layers(
+    pieces: &mut BTreeMap<usize, Shard>,
+    codec: ActivationCodec,
+    layers: &[usize],
+    mut x: Hidden,
+    position: usize,
+) -> Result<Hidden> {
+    for (i, layer) in layers.iter().enumerate() {
+        if i > 0 && !codec.is_exact() {
+            x = Hidden::new(codec.round_trip(x.as_slice(), x.width())?, x.width())?;
+        }
+        let shard = pieces.get_mut(layer).ok_or_else(|| DataPlaneError::Plan(format!("layer {layer} not loaded")))?;
+        x = shard.forward(&x, position)?;
+    }
+    Ok(x)
 }
 
 fn layer_rows(rows: &KvRows, layer: usize) -> Option<&LayerRows> {

@@ -90,7 +90,7 @@ def test_watchdog_declares_a_silent_uav_and_an_empty_battery_once(rclpy_node, pr
     assert [e.reason for e in silent] == ["heartbeat_timeout"] and silent[0].silence_s >= 0.15, silent
     assert "UAV declared failed uav=uav7" in watchdog.output() and "evidence=Phi" in watchdog.output()
     assert spin_until(rclpy_node, lambda: states["aerokv/uav7/heartbeat"].level == DiagnosticStatus.ERROR, 3), states
-    assert "names another UAV: dropped" in watchdog.output()
+    assert "telemetry refused: it names \"uav9\" but came on \"uav7\"" in watchdog.output()
     assert "aerokv/uav9/heartbeat" not in states
 
     def empty():

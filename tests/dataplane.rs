@@ -3,9 +3,12 @@
 //! prompt's chunks (several steps in flight, as the scheduler sends them), the survivors apply the
 //! failover plan (replica promoted, snapshot restored, buffered activations replayed from where
 //! the snapshot ends, as the successor reports it) and the answer continues exactly as one shard
-//! of all layers computes it. Uses the `tiny` variant
+//! of all layers computes it. With a lossy activation codec (f16, int8) every hop carries the
+//! codec's bytes and the answer is that of one process that feeds every layer its predecessor's
+//! output through the codec, with or without the failure. Uses the `tiny` variant
 //! (random weights, 4 layers, same graph) and the real ONNX Runtime.
 use aerokv::dataplane::{gateway_steps, step_at, Emit, ShardHost, Stage, SwarmPlan};
+use aerokv_codec::{ActivationCodec, Encoded};
 use aerokv_engine::{
     argmax, prompt_chunks, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Shard, PREFILL_CHUNK_TOKENS,
 };
@@ -37,6 +40,10 @@ struct Swarm {
     queue: VecDeque<(String, Emit)>,
     /// Every replayed input chunk, `(position, tokens)`: what crossed the link for a failover.
     replayed: Vec<(usize, usize)>,
+    codec: ActivationCodec,
+    /// Activation payload bytes and tokens of every hop between UAVs and the gateway.
+    hop_bytes: usize,
+    hop_tokens: usize,
 }
 
 impl Swarm {
@@ -52,8 +59,18 @@ impl Swarm {
         assert!(self.hosts.values().all(ShardHost::ready), "every host holds its layers after the plan");
     }
 
+    fn new(hosts: impl IntoIterator<Item = (String, ShardHost)>, codec: ActivationCodec) -> Swarm {
+        let mut hosts: BTreeMap<String, ShardHost> = hosts.into_iter().collect();
+        for h in hosts.values_mut() {
+            h.set_activation_codec(codec);
+        }
+        Swarm { hosts, queue: VecDeque::new(), replayed: Vec::new(), codec, hop_bytes: 0, hop_tokens: 0 }
+    }
+
     /// The stage input goes to its owner and to the holder of the owner's head replica.
-    fn input(&mut self, plan: &SwarmPlan, to: &str, boundary: usize, request: u64, position: usize, hidden: &Hidden) {
+    fn input(&mut self, plan: &SwarmPlan, to: &str, boundary: usize, request: u64, position: usize, hidden: &Encoded) {
+        self.hop_bytes += hidden.bytes().len();
+        self.hop_tokens += hidden.rows();
         if let Some(pred) = plan.pred(to).map(|s| s.uav.clone()).filter(|p| p != to) {
             if let Some(h) = self.hosts.get_mut(&pred) {
                 h.on_successor_input(request, boundary, position, hidden).unwrap();
@@ -70,7 +87,11 @@ impl Swarm {
         let plan = self.hosts.values().next()?.plan()?.clone();
         while let Some((from, e)) = self.queue.pop_front() {
             match e {
-                Emit::Activation { to: None, hidden, .. } => return Some(hidden),
+                Emit::Activation { to: None, hidden, .. } => {
+                    self.hop_bytes += hidden.bytes().len();
+                    self.hop_tokens += hidden.rows();
+                    return Some(Hidden::new(hidden.decode().unwrap(), hidden.width()).unwrap());
+                }
                 Emit::Activation { to: Some(to), boundary, request_id, position, hidden } => {
                     self.input(&plan, &to, boundary, request_id, position, &hidden)
                 }
@@ -81,7 +102,7 @@ impl Swarm {
                     }
                 }
                 Emit::Replay { failed, to, boundary, chunks, .. } => {
-                    self.replayed.extend(chunks.iter().map(|(pos, h)| (*pos, h.tokens())));
+                    self.replayed.extend(chunks.iter().map(|(pos, h)| (*pos, h.rows())));
                     let emits = self.hosts.get_mut(&to).unwrap().on_replay(&failed, boundary, chunks).unwrap();
                     self.queue.extend(emits.into_iter().map(|e| (to.clone(), e)));
                 }
@@ -93,7 +114,8 @@ impl Swarm {
     /// The gateway sends a step to the owner of layer 0.
     fn send(&mut self, plan: &SwarmPlan, gateway: &mut Gateway, ids: &[u32], position: usize) {
         let first = plan.first().unwrap().uav.clone();
-        self.input(plan, &first, 0, plan.request_id, position, &gateway.embed(ids).unwrap());
+        let embedded = encode(self.codec, &gateway.embed(ids).unwrap());
+        self.input(plan, &first, 0, plan.request_id, position, &embedded);
     }
 
     /// A UAV dies: the activations on their way are of the old epoch, which the survivors drop.
@@ -108,18 +130,46 @@ impl Swarm {
 /// positions, up to the whole window past the resume position.
 const WINDOW: usize = 3;
 
-/// Greedy tokens of one shard holding every layer, fed the prompt in the same chunks.
-fn reference(rt: &Runtime, m: &Manifest, gateway: &mut Gateway, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut all = Shard::load(rt, m, 0..m.architecture.layers).unwrap();
-    let mut last = None;
+fn encode(codec: ActivationCodec, h: &Hidden) -> Encoded {
+    Encoded::encode(codec, h.as_slice(), h.width()).unwrap()
+}
+
+/// `h` as a receiver decodes it.
+fn through(codec: ActivationCodec, h: Hidden) -> Hidden {
+    Hidden::new(codec.round_trip(h.as_slice(), h.width()).unwrap(), h.width()).unwrap()
+}
+
+/// Greedy tokens of one process, fed the prompt in the same chunks. Raw: one shard holding every
+/// layer. A lossy codec: one shard per layer, each fed its predecessor's output (the gateway's
+/// embedding for the first) through the codec, and the last output through it to the LM head.
+fn reference(
+    rt: &Runtime,
+    m: &Manifest,
+    gateway: &mut Gateway,
+    prompt: &[u32],
+    n: usize,
+    codec: ActivationCodec,
+) -> Vec<u32> {
+    let l = m.architecture.layers;
+    let mut shards: Vec<Shard> = if codec.is_exact() {
+        vec![Shard::load(rt, m, 0..l).unwrap()]
+    } else {
+        (0..l).map(|i| Shard::load(rt, m, i..i + 1).unwrap()).collect()
+    };
+    let mut forward = |gateway: &mut Gateway, ids: &[u32], position: usize| {
+        let mut x = gateway.embed(ids).unwrap();
+        for s in shards.iter_mut() {
+            x = s.forward(&through(codec, x), position).unwrap();
+        }
+        argmax(&gateway.logits(&through(codec, x)).unwrap()).unwrap()
+    };
+    let mut next = 0;
     for (position, ids) in prompt_chunks(prompt) {
-        last = Some(all.forward(&gateway.embed(ids).unwrap(), position).unwrap());
+        next = forward(gateway, ids, position);
     }
-    let mut next = argmax(&gateway.logits(&last.unwrap()).unwrap()).unwrap();
     let mut out = vec![next];
     for position in prompt.len()..prompt.len() + n - 1 {
-        let h = all.forward(&gateway.embed(&[next]).unwrap(), position).unwrap();
-        next = argmax(&gateway.logits(&h).unwrap()).unwrap();
+        next = forward(gateway, &[next], position);
         out.push(next);
     }
     out
@@ -152,6 +202,9 @@ enum Kill {
 
 /// A run with a failure: the answer, one shard of all layers' answer, and the failover's replay.
 struct Outcome {
+    /// Activation bytes per token and hop, and the model's hidden width.
+    hop_bytes_per_token: f64,
+    width: usize,
     got: Vec<u32>,
     want: Vec<u32>,
     resume_position: usize,
@@ -170,13 +223,25 @@ fn assert_unchanged_by_kills(
     after: &[usize],
     n: usize,
 ) -> Vec<(Kill, Outcome)> {
+    assert_unchanged_by_kills_with(ActivationCodec::Raw, before, failed, recovery, after, n)
+}
+
+fn assert_unchanged_by_kills_with(
+    codec: ActivationCodec,
+    before: &SwarmPlan,
+    failed: &str,
+    recovery: &SwarmPlan,
+    after: &[usize],
+    n: usize,
+) -> Vec<(Kill, Outcome)> {
     let mut cases: Vec<(&str, Kill)> =
         after.iter().flat_map(|&t| [(SHORT, Kill::AfterTokens(t)), (LONG, Kill::AfterTokens(t))]).collect();
     cases.extend([(LONG, Kill::BeforePromptChunk(1)), (LONG, Kill::BeforePromptChunk(2))]);
     let mut outcomes = Vec::new();
     for (user, kill) in cases {
-        let o = run_with_failure(user, before.clone(), failed, kill, recovery.clone(), n);
-        let case = format!("{failed} killed {kill:?}, long prompt {}, {before:?}", user == LONG);
+        let o = run_with_failure(codec, user, before.clone(), failed, kill, recovery.clone(), n);
+        let case = format!("{codec}: {failed} killed {kill:?}, long prompt {}, {before:?}", user == LONG);
+        assert_eq!(o.hop_bytes_per_token, codec.row_bytes(o.width) as f64, "{case}");
         assert_eq!(o.got, o.want, "{case}");
         assert!(o.replayed.iter().all(|&(pos, len)| pos + len > o.replay_from && pos < o.resume_position), "{case}");
         outcomes.push((kill, o));
@@ -184,12 +249,20 @@ fn assert_unchanged_by_kills(
     outcomes
 }
 
-fn run_with_failure(user: &str, plan: SwarmPlan, failed: &str, kill: Kill, recovery: SwarmPlan, n: usize) -> Outcome {
+fn run_with_failure(
+    codec: ActivationCodec,
+    user: &str,
+    plan: SwarmPlan,
+    failed: &str,
+    kill: Kill,
+    recovery: SwarmPlan,
+    n: usize,
+) -> Outcome {
     let rt = runtime();
     let m = Manifest::load_variant(models(), "tiny").unwrap();
     let mut gateway = Gateway::load(&rt, &m).unwrap();
     let prompt = gateway.encode_chat(user).unwrap();
-    let want = reference(&rt, &m, &mut gateway, &prompt, n);
+    let want = reference(&rt, &m, &mut gateway, &prompt, n, codec);
     let kill_at = match kill {
         Kill::AfterTokens(t) => prompt.len() + t - 1,
         Kill::BeforePromptChunk(c) => {
@@ -198,9 +271,8 @@ fn run_with_failure(user: &str, plan: SwarmPlan, failed: &str, kill: Kill, recov
         }
     };
 
-    let hosts =
-        plan.stages.iter().map(|s| (s.uav.clone(), ShardHost::new(rt.clone(), m.clone(), &s.uav).unwrap())).collect();
-    let mut swarm = Swarm { hosts, queue: VecDeque::new(), replayed: Vec::new() };
+    let hosts = plan.stages.iter().map(|s| (s.uav.clone(), ShardHost::new(rt.clone(), m.clone(), &s.uav).unwrap()));
+    let mut swarm = Swarm::new(hosts, codec);
     swarm.apply(&plan, None);
     // The steps as the scheduler sends them: the prompt's chunks, then one token each.
     let mut got: Vec<u32> = Vec::new();
@@ -225,7 +297,7 @@ fn run_with_failure(user: &str, plan: SwarmPlan, failed: &str, kill: Kill, recov
                 request_id: current.request_id,
                 chunks: gateway_steps(&prompt, &got, replay_from, position)
                     .into_iter()
-                    .map(|(pos, ids)| (pos, gateway.embed(ids).unwrap()))
+                    .map(|(pos, ids)| (pos, encode(codec, &gateway.embed(ids).unwrap())))
                     .collect(),
             });
             swarm.apply(&next, embeddings);
@@ -248,7 +320,9 @@ fn run_with_failure(user: &str, plan: SwarmPlan, failed: &str, kill: Kill, recov
             }
         }
     }
-    Outcome { got, want, resume_position: kill_at, replay_from, replayed: swarm.replayed }
+    let hop_bytes_per_token = swarm.hop_bytes as f64 / swarm.hop_tokens as f64;
+    let width = m.architecture.hidden;
+    Outcome { got, want, resume_position: kill_at, replay_from, replayed: swarm.replayed, hop_bytes_per_token, width }
 }
 
 #[test]
@@ -275,7 +349,7 @@ fn the_snapshot_a_successor_reports_is_never_more_than_it_could_restore() {
     let stages = vec![stage("uav1", 0, 1, 0, 0), stage("uav2", 1, 2, 1, 2), stage("uav3", 3, 1, 0, 1)];
     let first = plan(1, 9, 0, stages.clone());
     let hosts = ["uav1", "uav2", "uav3"].map(|u| (u.to_string(), ShardHost::new(rt.clone(), m.clone(), u).unwrap()));
-    let mut swarm = Swarm { hosts: hosts.into_iter().collect(), queue: VecDeque::new(), replayed: Vec::new() };
+    let mut swarm = Swarm::new(hosts, ActivationCodec::Raw);
     swarm.apply(&first, None);
     let prompt = gateway.encode_chat(SHORT).unwrap();
     swarm.send(&first, &mut gateway, &prompt, 0);
@@ -339,6 +413,49 @@ fn a_stage_around_the_gateway_whose_replica_reaches_the_gateway_dies() {
         let recovery = plan(2, 6, 0, vec![stage("uav1", 0, 2, 0, t), stage("uav2", 2, 2, 0, t)]);
         assert_unchanged_by_kills(&before, "uav3", &recovery, &[1, 7], 12);
     }
+}
+
+#[test]
+fn with_a_lossy_codec_a_failover_gives_the_answer_of_the_same_codec_without_it() {
+    // The hops move: uav1 runs its own layer and uav2's promoted head without a hop between them,
+    // uav3 gets a new hop inside uav2's former stage, replays carry encoded bytes; the answer
+    // stays that of every layer fed through the codec (the reference).
+    for codec in [ActivationCodec::F16, ActivationCodec::Int8] {
+        let before =
+            plan(1, 1, 0, vec![stage("uav1", 0, 1, 1, 0), stage("uav2", 1, 2, 1, 2), stage("uav3", 3, 1, 0, 1)]);
+        let recovery = plan(2, 1, 0, vec![stage("uav1", 0, 2, 1, 1), stage("uav3", 2, 2, 1, 1)]);
+        assert_unchanged_by_kills_with(codec, &before, "uav2", &recovery, &[7], 14);
+        // The first stage: its predecessor buffered the gateway's encoded input (K = 0).
+        let before =
+            plan(1, 4, 0, vec![stage("uav1", 0, 1, 0, 2), stage("uav2", 1, 2, 0, 2), stage("uav3", 3, 1, 0, 2)]);
+        let recovery = plan(2, 4, 0, vec![stage("uav2", 0, 3, 0, 2), stage("uav3", 3, 1, 0, 2)]);
+        assert_unchanged_by_kills_with(codec, &before, "uav1", &recovery, &[6], 12);
+        // Around the gateway: the buffer and the gateway's embeddings are replayed.
+        let before =
+            plan(1, 5, 0, vec![stage("uav1", 1, 1, 0, 2), stage("uav2", 2, 1, 0, 2), stage("uav3", 3, 2, 0, 2)]);
+        let recovery = plan(2, 5, 0, vec![stage("uav1", 3, 3, 0, 2), stage("uav2", 2, 1, 0, 2)]);
+        assert_unchanged_by_kills_with(codec, &before, "uav3", &recovery, &[5], 12);
+    }
+}
+
+#[test]
+fn an_activation_in_another_codec_than_the_plans_is_refused() {
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let width = m.architecture.hidden;
+    let mut host = ShardHost::new(rt, m, "uav1").unwrap();
+    host.set_activation_codec(ActivationCodec::Int8);
+    host.apply_plan(plan(1, 1, 0, vec![stage("uav1", 0, 4, 0, 0)])).unwrap();
+    let raw = Encoded::encode(ActivationCodec::Raw, &vec![0.5; width], width).unwrap();
+    let e = host.on_input(1, 0, 0, &raw).unwrap_err().to_string();
+    assert!(e.contains("codec raw, but the plan's codec is int8"), "{e}");
+    let int8 = Encoded::encode(ActivationCodec::Int8, &vec![0.5; width], width).unwrap();
+    let out = host.on_input(1, 0, 0, &int8).unwrap();
+    assert!(matches!(&out[..], [Emit::Activation { to: None, hidden, .. }] if hidden.codec() == ActivationCodec::Int8));
+    // A codec change forgets the request's KV: resuming it is refused, not computed differently.
+    host.set_activation_codec(ActivationCodec::F16);
+    let e = host.apply_plan(plan(2, 1, 1, vec![stage("uav1", 0, 4, 0, 0)])).unwrap_err().to_string();
+    assert!(e.contains("holds no state"), "{e}");
 }
 
 #[test]

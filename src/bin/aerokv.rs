@@ -18,6 +18,8 @@ enum Command {
     Keys(aerokv::cli::keys::KeysArgs),
     /// Start the nodes of a ROS 2 XML launch file on this machine (a `ros2 launch` stand-in).
     Launch(aerokv::cli::launch::LaunchArgs),
+    /// Measure the wire codecs on the real model in one process (bytes, CPU, agreement with raw).
+    Codecs(aerokv::cli::codecs::CodecsArgs),
     /// Start a swarm on this machine, generate through it (optionally killing drones), stop it.
     #[cfg(feature = "ros")]
     Swarm(aerokv::cli::swarm::SwarmArgs),
@@ -32,6 +34,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => aerokv::cli::generate::run(args),
         Command::Sim(args) => aerokv::cli::sim::run(args),
         Command::Launch(args) => aerokv::cli::launch::run(args),
+        Command::Codecs(args) => aerokv::cli::codecs::run(args),
         Command::Keys(args) => aerokv::cli::keys::run(args),
         #[cfg(feature = "ros")]
         Command::Swarm(args) => aerokv::cli::swarm::run(args),

@@ -67,6 +67,13 @@ pub struct SwarmArgs {
     /// Give up when the swarm is not ready after this many seconds.
     #[arg(long, default_value_t = 120.0)]
     pub ready_timeout_s: f64,
+    /// The swarm's activation codec: raw, f16, int8 (the scheduler's `activation_codec`,
+    /// overriding the parameter file).
+    #[arg(long, value_name = "CODEC")]
+    pub codec: Option<aerokv_codec::ActivationCodec>,
+    /// Every UAV's KV codec: raw, zstd (the executors' `kv_codec`, overriding the parameter file).
+    #[arg(long, value_name = "CODEC")]
+    pub kv_codec: Option<aerokv_codec::KvCodec>,
     /// Run the control station and every UAV on hosts of their own (network namespaces) joined
     /// by an emulated 802.11 ad-hoc network described by this scenario (config/radio/*.yaml).
     /// The command must itself run inside `unshare -n`.
@@ -241,6 +248,13 @@ fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
             args.push(("initial_soc", soc.as_str()));
         }
         nodes.extend(launcher.load(&share.join("launch/uav.launch.xml"), &args)?);
+    }
+    for n in &mut nodes {
+        match (n.executable.as_str(), a.codec, a.kv_codec) {
+            ("scheduler", Some(c), _) => n.params.push(("activation_codec".into(), c.to_string())),
+            ("shard_executor", _, Some(c)) => n.params.push(("kv_codec".into(), c.to_string())),
+            _ => {}
+        }
     }
     Ok(nodes)
 }

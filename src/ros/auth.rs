@@ -207,6 +207,7 @@ fn encode_assignment(e: &mut Encoder, a: &Assignment) {
         e.str(&u.uav_id).u32(u.layer_start).u32(u.layer_end).u32(u.overlap_layers).u32(u.snapshot_period);
     });
     e.str(&a.reason).u64(a.request_id).u32(a.resume_position).u32(a.replay_from);
+    e.str(&a.activation_codec);
 }
 
 fn encode_failure(e: &mut Encoder, f: &FailureEvent) {
@@ -245,6 +246,7 @@ mod tests {
             "request_id",
             "resume_position",
             "replay_from",
+            "activation_codec",
         ];
         expected.sort();
         assert_eq!(a, expected);
@@ -278,7 +280,7 @@ mod tests {
             ..Default::default()
         };
         scheduler.sign_assignment(&mut a);
-        let tamper: [fn(&mut Assignment); 12] = [
+        let tamper: [fn(&mut Assignment); 13] = [
             |a| a.epoch += 1,
             |a| a.stamp.nanosec += 1,
             |a| a.model_variant.push('x'),
@@ -291,6 +293,7 @@ mod tests {
             |a| a.request_id += 1,
             |a| a.resume_position += 1,
             |a| a.replay_from += 1,
+            |a| a.activation_codec.push('x'),
         ];
         for t in tamper {
             let mut forged = a.clone();
@@ -310,7 +313,7 @@ mod tests {
         scheduler.sign_failure(&mut by_scheduler);
         assert!(!uav1.accept_failure(&by_scheduler), "a failure declared by the scheduler counted");
         let c = uav1.counters();
-        assert_eq!((c.accepted, c.bad_signature, c.replayed, c.wrong_role), (1, 12, 1, 1));
+        assert_eq!((c.accepted, c.bad_signature, c.replayed, c.wrong_role), (1, 13, 1, 1));
         assert!(uav1.admits_uav("uav2") && !uav1.admits_uav("uav3"));
         std::fs::remove_dir_all(&tmp).unwrap();
     }

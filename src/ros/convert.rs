@@ -1,38 +1,23 @@
-//! Messages <-> the pure types. Payloads are raw little-endian f32 (`codec = "raw"`); the codec
-//! field lets f16/int8 encodings be added without changing the interfaces.
+//! Messages <-> the pure types. Activation payloads are encoded with the swarm's activation
+//! codec (raw f32, f16, int8; `aerokv_codec`), KV rows with the sender's lossless KV codec (raw,
+//! zstd); `codec` names it, `dtype` is always "f32" (what the payload decodes to). Everything a
+//! message declares is checked before anything is allocated from it.
 use crate::control::{BatteryHealthFields, HeartbeatFields};
 use crate::dataplane::{Stage, SwarmPlan};
-use aerokv_engine::{Hidden, KvRows, LayerRows};
+use aerokv_codec::{check_dtype, ActivationCodec, CodecError, Encoded, KvCodec, DTYPE};
+use aerokv_engine::{Architecture, Hidden, KvRows, LayerRows};
 use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, Heartbeat, KvSnapshot, UavAssignment};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
-    #[error("unsupported codec {codec:?} / dtype {dtype:?} (this build decodes raw f32)")]
-    Codec { codec: String, dtype: String },
+    #[error(transparent)]
+    Codec(#[from] CodecError),
     #[error("payload of {bytes} bytes does not match shape {shape:?}")]
     Shape { bytes: usize, shape: Vec<u32> },
+    #[error("KV rows {what}")]
+    KvShape { what: String },
     #[error(transparent)]
     Engine(#[from] aerokv_engine::EngineError),
-}
-
-fn f32s_to_bytes(v: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * 4);
-    for x in v {
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out
-}
-
-fn bytes_to_f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-}
-
-fn check_codec(codec: &str, dtype: &str) -> Result<(), ConvertError> {
-    if codec == "raw" && dtype == "f32" {
-        Ok(())
-    } else {
-        Err(ConvertError::Codec { codec: codec.into(), dtype: dtype.into() })
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -43,20 +28,20 @@ pub fn activation(
     position: usize,
     boundary: usize,
     source: &str,
-    h: &Hidden,
+    h: &Encoded,
 ) -> Activation {
     Activation {
         epoch,
         request_id,
         step,
         position: position as u32,
-        token_count: h.tokens() as u32,
+        token_count: h.rows() as u32,
         layer_boundary: boundary as u32,
         source: source.into(),
-        shape: vec![1, h.tokens() as u32, h.width() as u32],
-        dtype: "f32".into(),
-        codec: "raw".into(),
-        payload: f32s_to_bytes(h.as_slice()),
+        shape: vec![1, h.rows() as u32, h.width() as u32],
+        dtype: DTYPE.into(),
+        codec: h.codec().name().into(),
+        payload: h.bytes().to_vec(),
         chunk_tokens: Vec::new(),
         stamp: crate::ros::now_stamp(),
     }
@@ -68,58 +53,65 @@ pub fn packed_activation(
     request_id: u64,
     boundary: usize,
     source: &str,
-    chunks: &[(usize, Hidden)],
+    chunks: &[(usize, Encoded)],
 ) -> Result<Activation, ConvertError> {
-    let width = chunks.first().map_or(1, |(_, h)| h.width());
-    let mut data = Vec::with_capacity(chunks.iter().map(|(_, h)| h.as_slice().len()).sum());
-    for (_, h) in chunks {
-        data.extend_from_slice(h.as_slice());
-    }
+    let all = Encoded::concat(chunks.iter().map(|(_, h)| h))?;
     let position = chunks.first().map_or(0, |(p, _)| *p);
-    let mut msg = activation(epoch, request_id, 0, position, boundary, source, &Hidden::new(data, width)?);
-    msg.chunk_tokens = chunks.iter().map(|(_, h)| h.tokens() as u32).collect();
+    let mut msg = activation(epoch, request_id, 0, position, boundary, source, &all);
+    msg.chunk_tokens = chunks.iter().map(|(_, h)| h.rows() as u32).collect();
     Ok(msg)
 }
 
 /// The chunks of a packed message, with their positions (consecutive from `position`).
-pub fn unpack(a: &Activation) -> Result<Vec<(usize, Hidden)>, ConvertError> {
-    let all = hidden(a)?;
+pub fn unpack(a: &Activation) -> Result<Vec<(usize, Encoded)>, ConvertError> {
+    let all = encoded(a)?;
     if a.chunk_tokens.is_empty() {
         return Ok(vec![(a.position as usize, all)]);
     }
-    if a.chunk_tokens.iter().map(|&t| t as usize).sum::<usize>() != all.tokens() {
-        return Err(ConvertError::Shape { bytes: a.payload.len(), shape: a.chunk_tokens.clone() });
-    }
-    let mut out = Vec::with_capacity(a.chunk_tokens.len());
-    let (mut row, mut position) = (0, a.position as usize);
-    for &t in &a.chunk_tokens {
-        out.push((position, all.rows(row..row + t as usize)?));
-        row += t as usize;
-        position += t as usize;
+    let rows: Vec<usize> = a.chunk_tokens.iter().map(|&t| t as usize).collect();
+    let mut position = a.position as usize;
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in all.split(&rows)? {
+        let rows = chunk.rows();
+        out.push((position, chunk));
+        position += rows;
     }
     Ok(out)
 }
 
-pub fn hidden(a: &Activation) -> Result<Hidden, ConvertError> {
-    check_codec(&a.codec, &a.dtype)?;
-    let width = *a.shape.last().unwrap_or(&0) as usize;
-    let expected = a.shape.iter().map(|&d| d as usize).product::<usize>() * 4;
-    if a.shape.len() != 3 || expected != a.payload.len() || a.shape[1] != a.token_count {
+/// The payload of an activation, checked against its declared codec, dtype and shape.
+pub fn encoded(a: &Activation) -> Result<Encoded, ConvertError> {
+    check_dtype(&a.dtype)?;
+    let codec: ActivationCodec = a.codec.parse()?;
+    if a.shape.len() != 3 || a.shape[0] != 1 || a.shape[1] != a.token_count {
         return Err(ConvertError::Shape { bytes: a.payload.len(), shape: a.shape.clone() });
     }
-    Ok(Hidden::new(bytes_to_f32s(&a.payload), width)?)
+    Ok(Encoded::from_wire(codec, a.shape[1] as usize, a.shape[2] as usize, a.payload.clone())?)
 }
 
-pub fn kv_snapshot(epoch: u64, request_id: u64, source: &str, holder: &str, rows: &KvRows) -> KvSnapshot {
-    let mut payload = Vec::with_capacity(rows.byte_len());
+/// The hidden states an activation carries, decoded.
+pub fn hidden(a: &Activation) -> Result<Hidden, ConvertError> {
+    let e = encoded(a)?;
+    Ok(Hidden::new(e.decode()?, e.width())?)
+}
+
+pub fn kv_snapshot(
+    epoch: u64,
+    request_id: u64,
+    source: &str,
+    holder: &str,
+    rows: &KvRows,
+    codec: KvCodec,
+) -> Result<KvSnapshot, ConvertError> {
+    let mut all = Vec::with_capacity(rows.byte_len() / 4);
     for l in &rows.layers {
-        payload.extend(f32s_to_bytes(&l.key));
-        payload.extend(f32s_to_bytes(&l.value));
+        all.extend_from_slice(&l.key);
+        all.extend_from_slice(&l.value);
     }
     // Layers are contiguous in pipeline order; past the last layer the range wraps (mod L).
     let lo = rows.layers.first().map_or(0, |l| l.layer as u32);
     let hi = lo + rows.layers.len() as u32;
-    KvSnapshot {
+    Ok(KvSnapshot {
         epoch,
         request_id,
         source: source.into(),
@@ -130,40 +122,45 @@ pub fn kv_snapshot(epoch: u64, request_id: u64, source: &str, holder: &str, rows
         token_end: (rows.token_start + rows.tokens) as u32,
         kv_heads: rows.kv_heads as u32,
         head_dim: rows.head_dim as u32,
-        dtype: "f32".into(),
-        codec: "raw".into(),
-        payload,
+        dtype: DTYPE.into(),
+        codec: codec.name().into(),
+        payload: codec.encode(&all)?,
         stamp: crate::ros::now_stamp(),
-    }
+    })
 }
 
-/// The layers of a snapshot are `[layer_start, layer_end)` modulo `num_layers`, each K then V.
-pub fn kv_rows(m: &KvSnapshot, num_layers: usize) -> Result<KvRows, ConvertError> {
-    check_codec(&m.codec, &m.dtype)?;
-    let tokens = m.token_end.saturating_sub(m.token_start) as usize;
-    let per = m.kv_heads as usize * tokens * m.head_dim as usize;
+/// The layers of a snapshot are `[layer_start, layer_end)` modulo the model's layer count, each K
+/// then V. Its shape must be the model's (`arch`): the size it declares, and so what decoding may
+/// allocate, is at most the KV of every layer at the longest context.
+pub fn kv_rows(m: &KvSnapshot, arch: &Architecture) -> Result<KvRows, ConvertError> {
+    check_dtype(&m.dtype)?;
+    let codec: KvCodec = m.codec.parse()?;
     let layers = m.layer_end.saturating_sub(m.layer_start) as usize;
-    if m.payload.len() != layers * 2 * per * 4 {
-        return Err(ConvertError::Shape {
-            bytes: m.payload.len(),
-            shape: vec![m.layer_start, m.layer_end, m.token_start, m.token_end],
-        });
+    let (start, end) = (m.token_start as usize, m.token_end as usize);
+    let bad = |what: String| Err(ConvertError::KvShape { what });
+    if m.kv_heads as usize != arch.kv_heads || m.head_dim as usize != arch.head_dim {
+        return bad(format!(
+            "of {} heads x {}, the model has {} x {}",
+            m.kv_heads, m.head_dim, arch.kv_heads, arch.head_dim
+        ));
     }
-    let all = bytes_to_f32s(&m.payload);
+    if layers == 0 || layers > arch.layers || m.layer_start as usize >= arch.layers {
+        return bad(format!("of layers [{}, {}) in a model of {}", m.layer_start, m.layer_end, arch.layers));
+    }
+    if start >= end || end > arch.max_context {
+        return bad(format!("of tokens [{start}, {end}) (context {})", arch.max_context));
+    }
+    let tokens = end - start;
+    let per = arch.kv_heads * tokens * arch.head_dim;
+    let all = codec.decode(&m.payload, layers * 2 * per)?;
     let rows = (0..layers)
         .map(|i| LayerRows {
-            layer: (m.layer_start as usize + i) % num_layers.max(1),
+            layer: (m.layer_start as usize + i) % arch.layers,
             key: all[2 * i * per..(2 * i + 1) * per].to_vec(),
             value: all[(2 * i + 1) * per..(2 * i + 2) * per].to_vec(),
         })
         .collect();
-    Ok(KvRows {
-        token_start: m.token_start as usize,
-        tokens,
-        kv_heads: m.kv_heads as usize,
-        head_dim: m.head_dim as usize,
-        layers: rows,
-    })
+    Ok(KvRows { token_start: start, tokens, kv_heads: arch.kv_heads, head_dim: arch.head_dim, layers: rows })
 }
 
 pub fn plan(a: &Assignment) -> SwarmPlan {
@@ -187,9 +184,19 @@ pub fn plan(a: &Assignment) -> SwarmPlan {
     }
 }
 
+/// The swarm's activation codec an assignment names (empty: raw, as before the field existed).
+pub fn assignment_codec(a: &Assignment) -> Result<ActivationCodec, ConvertError> {
+    if a.activation_codec.is_empty() {
+        Ok(ActivationCodec::Raw)
+    } else {
+        Ok(a.activation_codec.parse()?)
+    }
+}
+
 /// Stage intervals that wrap around the gateway are sent as `layer_end > num_layers`.
-pub fn assignment(plan: &SwarmPlan, variant: &str, reason: &str) -> Assignment {
+pub fn assignment(plan: &SwarmPlan, variant: &str, reason: &str, codec: ActivationCodec) -> Assignment {
     Assignment {
+        activation_codec: codec.name().into(),
         epoch: plan.epoch,
         stamp: crate::ros::now_stamp(),
         model_variant: variant.into(),

@@ -148,9 +148,12 @@ impl Channel {
 pub struct Traffic {
     /// Elements of one token's hidden state (576 for SmolLM2-135M).
     pub hidden_size: f64,
-    /// Bytes per element of activations and KV rows on the link (the codec: 4 raw f32, 2 f16,
-    /// ~1 + scales for int8).
+    /// Bytes per element of activations on the link: the activation codec's
+    /// (`aerokv_codec::ActivationCodec::bytes_per_element`: 4 raw, 2 f16, 1 + 4/576 int8).
     pub bytes_per_element: f64,
+    /// Bytes per element of KV snapshot rows: lossless whatever the activation codec
+    /// (`aerokv_codec::KvCodec::bytes_per_element`: 4 raw, ~3.4 zstd).
+    pub kv_bytes_per_element: f64,
     /// Headers of one message (middleware and its own fields), bytes.
     pub message_overhead_bytes: f64,
     /// One heartbeat, bytes, and how often each UAV sends one.
@@ -165,6 +168,7 @@ impl Default for Traffic {
         Traffic {
             hidden_size: 576.0,
             bytes_per_element: 4.0,
+            kv_bytes_per_element: KV_BYTES_PER_ELEMENT,
             message_overhead_bytes: 120.0,
             heartbeat_bytes: 200.0,
             heartbeat_period_s: 0.05,
@@ -175,7 +179,7 @@ impl Default for Traffic {
 
 impl Traffic {
     pub fn validate(&self) -> Result<()> {
-        let ok = [self.hidden_size, self.bytes_per_element, self.heartbeat_period_s]
+        let ok = [self.hidden_size, self.bytes_per_element, self.kv_bytes_per_element, self.heartbeat_period_s]
             .iter()
             .all(|v| v.is_finite() && *v > 0.0)
             && [self.message_overhead_bytes, self.heartbeat_bytes, self.gateway_s]
@@ -238,7 +242,7 @@ pub fn predict_tokens_per_s(
     let m = order.len();
     let l = layout.num_layers();
     let act = traffic.activation_bytes();
-    let kv_bytes = model.kv_bytes_per_token_layer / KV_BYTES_PER_ELEMENT * traffic.bytes_per_element;
+    let kv_bytes = model.kv_bytes_per_token_layer / KV_BYTES_PER_ELEMENT * traffic.kv_bytes_per_element;
     // The gateway's own link: the slowest member's rate (it flies with them).
     let gateway_rate = swarm.uavs.iter().map(|u| u.link_bps).fold(f64::INFINITY, f64::min);
     let mut compute_s = traffic.gateway_s;

@@ -10,6 +10,7 @@ use crate::detector::FailureReason;
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
 use aerokv_auth::Role;
+use aerokv_codec::{ActivationCodec, Encoded};
 use aerokv_engine::{
     models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
 };
@@ -77,6 +78,9 @@ pub struct Params {
     pub retirement: bool,
     /// ... once it has fewer than this many tokens left (it serves until then).
     pub retirement_horizon_tokens: u64,
+    /// How hidden states travel, for the whole swarm: "raw" (exact), "f16", "int8"
+    /// (docs/codecs.md). Sent to the executors with every assignment.
+    pub activation_codec: String,
     /// Keystore directory (docs/security.md); empty: authentication off.
     pub keystore: String,
 }
@@ -109,13 +113,19 @@ impl Default for Params {
             replan_period_s: 1.0,
             retirement: true,
             retirement_horizon_tokens: 32,
+            activation_codec: "raw".into(),
             keystore: String::new(),
         }
     }
 }
 
 impl Params {
+    fn codec(&self) -> anyhow::Result<ActivationCodec> {
+        self.activation_codec.parse().map_err(|e| anyhow::anyhow!("parameter `activation_codec`: {e}"))
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
+        self.codec()?;
         anyhow::ensure!(self.expected_uavs >= 1, "parameter `expected_uavs` must be at least 1");
         anyhow::ensure!(self.threads >= 1, "parameter `threads` must be at least 1");
         anyhow::ensure!(self.max_tokens_limit >= 1, "parameter `max_tokens_limit` must be at least 1");
@@ -193,6 +203,7 @@ struct Incident {
 struct Scheduler {
     ctx: NodeContext,
     p: Params,
+    codec: ActivationCodec,
     gateway: Gateway,
     controller: Controller,
     own_layer_latency_s: f64,
@@ -268,6 +279,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         token_pub: ctx.publisher::<TokenChunk>(names::TOKENS, names::events())?,
         progress_pub: ctx.publisher::<PromptProgress>(names::PROGRESS, names::events())?,
         ctx: ctx.clone(),
+        codec: p.codec()?,
         p,
         gateway,
         controller: Controller::new(config, airframe, model),
@@ -452,7 +464,7 @@ impl Scheduler {
     }
 
     fn publish(&mut self, planned: Planned, reason: &str) -> anyhow::Result<()> {
-        let msg = convert::assignment(&planned.plan, &self.p.variant, reason);
+        let msg = convert::assignment(&planned.plan, &self.p.variant, reason, self.codec);
         let layout: Vec<String> =
             planned.plan.stages.iter().map(|s| format!("{}[{}+{} K{} T{}]", s.uav, s.start, s.len, s.k, s.t)).collect();
         tracing::info!(epoch = planned.plan.epoch, reason, resume = planned.plan.resume_position, layout = %layout.join(" "), min_expected_tokens = planned.protection.min_expected_tokens, "assignment published");
@@ -557,6 +569,7 @@ impl Scheduler {
             if run.tokens.len() > 1 && decode_s > 0.0 { (run.tokens.len() - 1) as f64 / decode_s } else { 0.0 };
         let stats = serde_json::json!({
             "request_id": run.request_id,
+            "activation_codec": self.codec.name(),
             "epochs": run.epochs,
             "incidents": run.incidents,
             "stale_dropped": self.stale_dropped,
@@ -797,15 +810,22 @@ impl Scheduler {
         let mut in_flight = run.in_flight();
         while in_flight < window {
             let Some(ids) = run.step_at(run.sent_until) else { break };
-            let hidden = self.gateway.embed(ids).map_err(|e| Interrupt::Fatal(format!("embedding: {e}")))?;
+            let hidden = self.embed(ids)?;
             let msg = convert::activation(epoch, run.request_id, 0, run.sent_until, 0, "gateway", &hidden);
             let publisher = self.activation_pub(&topic).map_err(|e| Interrupt::Fatal(e.to_string()))?;
             publisher.publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {topic}: {e}")))?;
-            run.sent_until += hidden.tokens();
+            run.sent_until += hidden.rows();
             run.sent_at = Some(Instant::now());
             in_flight += 1;
         }
         Ok(())
+    }
+
+    /// The embeddings of `ids`, encoded as they travel.
+    fn embed(&mut self, ids: &[u32]) -> Result<Encoded, Interrupt> {
+        let hidden = self.gateway.embed(ids).map_err(|e| Interrupt::Fatal(format!("embedding: {e}")))?;
+        Encoded::encode(self.codec, hidden.as_slice(), hidden.width())
+            .map_err(|e| Interrupt::Fatal(format!("encoding the embeddings: {e}")))
     }
 
     /// The publisher of a stage input or replay topic.
@@ -820,8 +840,8 @@ impl Scheduler {
     fn replay_embeddings(&mut self, run: &Run, failed: &str, from: usize) -> Result<(), Interrupt> {
         let mut chunks = Vec::new();
         for (position, ids) in gateway_steps(&run.prompt_ids, &run.tokens, from, run.position) {
-            let hidden = self.gateway.embed(ids).map_err(|e| Interrupt::Fatal(format!("embedding: {e}")))?;
-            chunks.push((position, hidden));
+            // Encoded again: the same bytes the stage was fed (the codecs are deterministic).
+            chunks.push((position, self.embed(ids)?));
         }
         let msg = convert::packed_activation(self.epoch, run.request_id, 0, "gateway", &chunks)
             .map_err(|e| Interrupt::Fatal(format!("replay of {failed}'s embeddings: {e}")))?;
@@ -848,8 +868,14 @@ impl Scheduler {
                         tracing::debug!(epoch = msg.epoch, position = msg.position, "stale output dropped");
                         continue;
                     }
-                    self.hops.push(hop_ms(&msg.stamp));
-                    return convert::hidden(&msg).map_err(|e| Interrupt::Fatal(format!("output of the last stage: {e}")));
+                    match convert::hidden(&msg) {
+                        Ok(h) => {
+                            self.hops.push(hop_ms(&msg.stamp));
+                            return Ok(h);
+                        }
+                        // Not the stage's output (that one decodes): keep waiting for it.
+                        Err(e) => tracing::warn!(source = %msg.source, "undecodable output ignored: {e}"),
+                    }
                 }
                 Some(ev) = self.failures.recv() => {
                     if self.note_failure(&ev) && self.in_plan(&ev.uav_id) {

@@ -7,6 +7,7 @@ use crate::dataplane::{Emit, ShardHost};
 use crate::ros::auth::{NodeAuth, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::{convert, names, now_stamp, shutdown_phase, NodeContext, ShutdownPhase, SPIN_TIMEOUT};
 use aerokv_auth::Role;
+use aerokv_codec::KvCodec;
 use aerokv_engine::{models_root, Manifest, Runtime, RuntimeConfig};
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
@@ -28,6 +29,9 @@ pub struct Params {
     /// ONNX Runtime intra-op threads. Every executor must use the same value: replicas and
     /// replays are only bit-identical under identical settings.
     pub threads: usize,
+    /// How this UAV's KV snapshots and seeds travel: "raw" or "zstd" (lossless; every receiver
+    /// decodes either, so UAVs may differ). The activation codec is the swarm's (scheduler).
+    pub kv_codec: String,
     /// Keystore directory (docs/security.md); empty: authentication off.
     pub keystore: String,
 }
@@ -40,6 +44,7 @@ impl Default for Params {
             models_dir: String::new(),
             variant: "q4".into(),
             threads: 1,
+            kv_codec: "raw".into(),
             keystore: String::new(),
         }
     }
@@ -81,6 +86,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     }
     anyhow::ensure!(!p.uav_id.is_empty(), "parameter `uav_id` is empty and the node has no namespace");
     anyhow::ensure!(p.heartbeat_period_s > 0.0, "parameter `heartbeat_period_s` must be positive");
+    let kv_codec: KvCodec = p.kv_codec.parse().map_err(|e| anyhow::anyhow!("parameter `kv_codec`: {e}"))?;
     let root = if p.models_dir.is_empty() { models_root() } else { p.models_dir.clone().into() };
     let runtime = Runtime::init(RuntimeConfig::with_threads(p.threads))?;
     let manifest = Manifest::load_variant(&root, &p.variant)?;
@@ -104,6 +110,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
         ctx: ctx.clone(),
         uav: p.uav_id.clone(),
         host,
+        kv_codec,
         status: status.clone(),
         inbox: SelectAll::new(),
         subscribed: BTreeSet::new(),
@@ -159,6 +166,7 @@ struct Worker {
     ctx: NodeContext,
     uav: String,
     host: ShardHost,
+    kv_codec: KvCodec,
     status: Arc<Mutex<Status>>,
     /// Every subscription's messages, drained after each spin.
     inbox: SelectAll<BoxStream<'static, Event>>,
@@ -233,7 +241,7 @@ impl Worker {
                 r
             }
             Event::Input { owner, msg } => self.on_input(&owner, &msg),
-            Event::Kv(m) if m.holder == self.uav => convert::kv_rows(&m, self.host.plan().map_or(1, |p| p.num_layers))
+            Event::Kv(m) if m.holder == self.uav => convert::kv_rows(&m, self.host.architecture())
                 .map_err(anyhow::Error::from)
                 .and_then(|rows| Ok(self.host.on_kv(&m.source, m.request_id, rows)?))
                 .and_then(|emits| self.emit(emits)),
@@ -259,6 +267,7 @@ impl Worker {
 
     fn on_assignment(&mut self, a: Assignment) -> anyhow::Result<()> {
         let plan = convert::plan(&a);
+        self.host.set_activation_codec(convert::assignment_codec(&a)?);
         tracing::info!(epoch = a.epoch, reason = %a.reason, resume = a.resume_position, stage = ?plan.stage(&self.uav), "new assignment");
         self.status.lock().unwrap_or_else(|e| e.into_inner()).hb.state = "loading".into();
         // Subscribe before anything is sent in this epoch (publishers keep a transient-local history).
@@ -295,13 +304,13 @@ impl Worker {
     }
 
     fn on_input(&mut self, owner: &str, msg: &Activation) -> anyhow::Result<()> {
-        let h = convert::hidden(msg)?;
+        let h = convert::encoded(msg)?;
         let (req, boundary, pos) = (msg.request_id, msg.layer_boundary as usize, msg.position as usize);
         if owner == self.uav {
             self.hops.push(crate::ros::hop_ms(&msg.stamp));
             let before = crate::os::thread_preemptions();
             let output = self.host.on_input(req, boundary, pos, &h)?;
-            if h.tokens() == 1 {
+            if h.rows() == 1 {
                 self.decode_steps += 1;
                 self.preempted_in_decode += crate::os::thread_preemptions().saturating_sub(before);
             }
@@ -327,8 +336,8 @@ impl Worker {
                     }
                 }
                 Emit::Kv { holder, request_id, rows } => {
-                    let msg = convert::kv_snapshot(epoch, request_id, &self.uav, &holder, &rows);
-                    tracing::debug!(%holder, layers = ?(msg.layer_start, msg.layer_end), tokens = ?(msg.token_start, msg.token_end), "kv rows sent");
+                    let msg = convert::kv_snapshot(epoch, request_id, &self.uav, &holder, &rows, self.kv_codec)?;
+                    tracing::debug!(%holder, layers = ?(msg.layer_start, msg.layer_end), tokens = ?(msg.token_start, msg.token_end), codec = %self.kv_codec, bytes = msg.payload.len(), raw_bytes = rows.byte_len(), "kv rows sent");
                     self.count_tx(msg.payload.len());
                     self.publishers.kv.get(&self.ctx, &names::kv_inbox(&holder), names::data_plane())?.publish(&msg)?;
                 }
