@@ -106,7 +106,7 @@ export FASTDDS_DEFAULT_PROFILES_FILE="$ROOT/config/fastdds_shm.xml"
 unset ROS_AUTOMATIC_DISCOVERY_RANGE
 export ROS_DOMAIN_ID="\${ROS_DOMAIN_ID:-0}"
 export LIBCLANG_PATH="$(ls -d /usr/lib/llvm-*/lib 2>/dev/null | sort -V | tail -1)"
-export IDL_PACKAGE_FILTER="builtin_interfaces;rcl_interfaces;unique_identifier_msgs;action_msgs;service_msgs;type_description_interfaces;std_msgs;sensor_msgs;diagnostic_msgs;geometry_msgs;aerokv;px4_msgs"
+export IDL_PACKAGE_FILTER="builtin_interfaces;rcl_interfaces;unique_identifier_msgs;action_msgs;service_msgs;type_description_interfaces;std_msgs;sensor_msgs;diagnostic_msgs;geometry_msgs;rosgraph_msgs;aerokv;px4_msgs"
 export ORT_DYLIB_PATH="$ORT_LIB"
 export AEROKV_MODELS="$ROOT/models/generated"
 ENVEOF

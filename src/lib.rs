@@ -8,6 +8,7 @@
 //!   sampling. Pure Rust, no ROS.
 //! - this crate (`aerokv`): the CLI (`cli`) and, with the `ros` feature, the ROS 2 nodes
 //!   (`src/bin/*`), thin adapters from messages to the pure crates.
+pub mod bag;
 pub mod battery;
 pub mod cli;
 pub mod control;

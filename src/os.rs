@@ -23,3 +23,20 @@ pub fn thread_preemptions() -> u64 {
     }
     u64::try_from(usage.ru_nivcsw).unwrap_or(0)
 }
+
+static STOP_SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn note_stop_signal(_: libc::c_int) {
+    STOP_SIGNALLED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Turns SIGINT and SIGTERM into a flag that a loop polls (for a process that must finish its
+/// work, e.g. close a file properly, instead of dying on the signal).
+pub fn stop_on_signals() -> &'static std::sync::atomic::AtomicBool {
+    // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, note_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, note_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+    }
+    &STOP_SIGNALLED
+}

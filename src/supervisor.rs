@@ -57,6 +57,20 @@ impl std::fmt::Display for Stopped {
     }
 }
 
+/// The child started by `cmd` gets `signal` when the thread that starts it ends.
+pub fn signal_when_parent_dies(cmd: &mut Command, signal: i32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; it only marks the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 pub struct Running {
     pub node: NodeProcess,
     pub child: Child,
@@ -92,16 +106,7 @@ impl Supervisor {
         }
         cmd.args(node.ros_args()).stdin(Stdio::null());
         // A node must not outlive its launcher, even one that was SIGKILLed.
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe; it only marks the child.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        signal_when_parent_dies(&mut cmd, libc::SIGTERM);
         if let Some(dir) = &self.log_dir {
             let _ = std::fs::create_dir_all(dir);
             let file = dir.join(format!("{}.log", node.fqn().trim_start_matches('/').replace('/', "_")));

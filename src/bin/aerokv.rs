@@ -1,4 +1,4 @@
-//! `aerokv`: the command-line entry point (generate, sim, launch, keys, swarm).
+//! `aerokv`: the command-line entry point (generate, sim, launch, keys, swarm, bag).
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -23,6 +23,8 @@ enum Command {
     /// Start a swarm on this machine, generate through it (optionally killing drones), stop it.
     #[cfg(feature = "ros")]
     Swarm(aerokv::cli::swarm::SwarmArgs),
+    /// Record, play and check rosbag2 bags (MCAP) of missions.
+    Bag(aerokv::cli::bag::BagArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +38,7 @@ fn main() -> std::process::ExitCode {
         Command::Keys(args) => aerokv::cli::keys::run(args),
         #[cfg(feature = "ros")]
         Command::Swarm(args) => aerokv::cli::swarm::run(args),
+        Command::Bag(args) => aerokv::cli::bag::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

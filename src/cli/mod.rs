@@ -1,4 +1,5 @@
 //! Subcommands of the `aerokv` CLI. Each file owns one subcommand: its `clap::Args` and `run`.
+pub mod bag;
 pub mod codecs;
 pub mod generate;
 pub mod keys;

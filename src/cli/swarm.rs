@@ -83,6 +83,69 @@ pub struct SwarmArgs {
     /// to rejoin through a new plan.
     #[arg(long, default_value_t = 30.0)]
     pub rejoin_timeout_s: f64,
+    /// Record the mission into this new bag directory (`aerokv bag record --mission`, started
+    /// before the swarm and finished after it).
+    #[arg(long, value_name = "DIR")]
+    pub record: Option<PathBuf>,
+    /// With --record: also the data plane's activations (stage inputs, replays).
+    #[arg(long, requires = "record")]
+    pub record_activations: bool,
+    /// With --record: also the KV rows (snapshots and replica seeds).
+    #[arg(long, requires = "record")]
+    pub record_kv_rows: bool,
+}
+
+/// `aerokv bag record --mission` as a process of its own, so that recording never competes with
+/// this process's ROS node, and a SIGINT finishes the bag.
+struct Recorder {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl Recorder {
+    fn start(a: &SwarmArgs, dir: &std::path::Path, log_dir: &std::path::Path) -> anyhow::Result<Self> {
+        if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            anyhow::bail!("--record {}: not empty (a bag is written into a new directory)", dir.display());
+        }
+        std::fs::create_dir_all(log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+        let log_path = log_dir.join("bag_recorder.log");
+        let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+        let exe = std::env::current_exe().context("finding the aerokv executable")?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["bag", "record", "--mission", "-o"]).arg(dir).stdin(std::process::Stdio::null());
+        if a.record_activations {
+            cmd.arg("--activations");
+        }
+        if a.record_kv_rows {
+            cmd.arg("--kv-rows");
+        }
+        cmd.stdout(log.try_clone()?).stderr(log);
+        // SIGTERM: an orphaned recorder still finishes its bag.
+        crate::supervisor::signal_when_parent_dies(&mut cmd, libc::SIGTERM);
+        let child = cmd.spawn().context("starting the bag recorder")?;
+        eprintln!("[swarm] recording the mission into {} (pid {})", dir.display(), child.id());
+        Ok(Recorder { child, dir: dir.to_path_buf() })
+    }
+
+    /// SIGINT, then waits for the bag to be finished.
+    fn finish(mut self) -> anyhow::Result<()> {
+        // SAFETY: kill(2) on the pid of our own child, not reaped yet.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::ensure!(status.success(), "the bag recorder for {} ended with {status}", self.dir.display());
+                eprintln!("[swarm] mission recorded in {}", self.dir.display());
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                anyhow::bail!("the bag recorder for {} did not finish within 20 s", self.dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// When `--kill` strikes.
@@ -208,6 +271,7 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
         Some(scenario) => Some(Radio::up(scenario, a.uavs, &share_dir(), &log_dir)?),
         None => None,
     };
+    let recorder = a.record.as_deref().map(|dir| Recorder::start(&a, dir, &log_dir)).transpose()?;
     eprintln!(
         "[swarm] starting {} nodes for {} UAVs (ROS_DOMAIN_ID={}), logs in {}",
         nodes.len(),
@@ -246,7 +310,9 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
         );
     }
     drop(radio);
-    result
+    // After the nodes, so that the bag holds everything up to their end.
+    let recorded = recorder.map(Recorder::finish).transpose();
+    result.and(recorded.map(|_| ()))
 }
 
 fn drive(a: &SwarmArgs, sup: &mut Supervisor, kills: &mut [Kill], radio: Option<&mut Radio>) -> anyhow::Result<()> {

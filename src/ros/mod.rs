@@ -1,6 +1,7 @@
 //! ROS 2 side of AeroKV (feature `ros`): the node runtime, topic names and QoS, message
 //! conversions, and the four nodes. Each node is a thin adapter from messages to the pure crates.
 pub mod auth;
+pub mod bag;
 pub mod convert;
 pub mod names;
 pub mod nodes;

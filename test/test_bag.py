@@ -1,0 +1,252 @@
+"""Missions on record: `aerokv bag record | play` and `aerokv swarm --record` against `rosbags`, an
+independent rosbag2 implementation (pure Python), and rclpy as an independent ROS 2 program.
+
+Bags AeroKV writes are opened by `rosbags` and every message decoded, AeroKV's own message types
+only from the definitions embedded in the bag; bags `rosbags` writes are played by AeroKV. Every
+swarm and node here is real (DDS over shared memory, the real model).
+"""
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import BIN, ROOT, spin_until
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+rosbags = pytest.importorskip("rosbags")
+from rosbags.highlevel import AnyReader  # noqa: E402
+from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime  # noqa: E402
+from rosbags.rosbag2 import StoragePlugin, Writer  # noqa: E402
+from rosbags.rosbag2.enums import CompressionFormat, CompressionMode  # noqa: E402
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore  # noqa: E402
+
+EVENTS = QoSProfile(depth=100, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
+INFINITE = QosTime(9223372036, 854775807)
+
+
+def qos(reliability, durability, depth=10):
+    return Qos(QosHistory.KEEP_LAST, depth, reliability, durability, INFINITE, INFINITE, QosLiveliness.AUTOMATIC,
+               INFINITE, False)
+
+
+def read_all(bag: Path):
+    """Every message of a bag, decoded by rosbags with a typestore that knows only the standard
+    ROS 2 types: AeroKV's types can come only from the definitions inside the bag."""
+    base = get_typestore(Stores.ROS2_JAZZY)
+    assert "aerokv/msg/Heartbeat" not in base.types
+    out = []
+    with AnyReader([bag], default_typestore=base) as reader:
+        for conn, stamp, raw in reader.messages():
+            out.append((conn.topic, stamp, reader.deserialize(raw, conn.msgtype)))
+        connections = {c.topic: c for c in reader.connections}
+    return out, connections
+
+
+def rosbags_typestore():
+    """Standard types plus AeroKV's TokenChunk, from its .msg file (for writing bags with rosbags)."""
+    ts = get_typestore(Stores.ROS2_JAZZY)
+    ts.register(get_types_from_msg((ROOT / "msg" / "TokenChunk.msg").read_text(), "aerokv/msg/TokenChunk"))
+    return ts
+
+
+def write_rosbags_bag(path: Path, n=10, spacing_ns=100_000_000, compression=None):
+    """A bag written by rosbags: std_msgs/String on /chatter (best effort) and aerokv TokenChunk on
+    /aerokv/tokens (reliable, transient local), alternating, `spacing_ns` apart."""
+    ts = rosbags_typestore()
+    String, Chunk = ts.types["std_msgs/msg/String"], ts.types["aerokv/msg/TokenChunk"]
+    start = 1_700_000_000_000_000_000
+    w = Writer(path, version=9, storage_plugin=StoragePlugin.MCAP)
+    if compression:
+        w.set_compression(compression, CompressionFormat.ZSTD)
+    with w:
+        chatter = w.add_connection("/chatter", String.__msgtype__, typestore=ts,
+                                   offered_qos_profiles=[qos(QosReliability.BEST_EFFORT, QosDurability.VOLATILE)])
+        tokens = w.add_connection("/aerokv/tokens", Chunk.__msgtype__, typestore=ts,
+                                  offered_qos_profiles=[qos(QosReliability.RELIABLE, QosDurability.TRANSIENT_LOCAL, 100)])
+        for i in range(n):
+            t = start + i * spacing_ns
+            if i % 2 == 0:
+                w.write(chatter, t, ts.serialize_cdr(String(data=f"message {i}"), String.__msgtype__))
+            else:
+                msg = Chunk(request_id=7, index=i, token_id=1000 + i, text=f" t{i}", done=False, finish_reason="", epoch=3)
+                w.write(tokens, t, ts.serialize_cdr(msg, Chunk.__msgtype__))
+    return start, n, spacing_ns
+
+
+def bag_cli(*args, timeout=60):
+    return subprocess.run([BIN / "aerokv", "bag", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_swarm_mission_with_a_kill_is_recorded_and_decodes_in_rosbags(ros_domain, tmp_path):
+    bag = tmp_path / "mission"
+    r = subprocess.run([BIN / "aerokv", "swarm", "--json", "--uavs", "3", "--user", "What is a drone?",
+                        "--max-tokens", "20", "--kill", "uav2:8", "--record", bag, "--log-dir", tmp_path / "logs"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    answer = json.loads(r.stdout)
+    assert [f["uav"] for f in answer["failures"]] == ["uav2"], answer["failures"]
+    # A finished bag: metadata.yaml beside one .mcap, nothing left under a temporary name.
+    assert sorted(p.name for p in bag.iterdir()) == ["metadata.yaml", "mission_0.mcap"]
+
+    messages, connections = read_all(bag)
+    topics = {t for t, _, _ in messages}
+    for uav in ("uav1", "uav2", "uav3"):
+        assert {f"/{uav}/heartbeat", f"/{uav}/battery"} <= topics, sorted(topics)
+    assert {"/aerokv/assignment", "/aerokv/failures", "/aerokv/tokens", "/diagnostics"} <= topics, sorted(topics)
+    # Activations and KV rows only when asked.
+    assert not any(t.endswith(("/input", "/kv", "/replay")) for t in topics), sorted(topics)
+    # rosbags' counts (from metadata.yaml) match what it decoded.
+    for topic, conn in connections.items():
+        assert conn.msgcount == sum(1 for t, _, _ in messages if t == topic), topic
+    # Receive stamps never go backwards (one recorder thread stamps on arrival).
+    stamps = [s for _, s, _ in messages]
+    assert stamps == sorted(stamps)
+    # QoS as offered: assignments latched and reliable, telemetry best effort.
+    asg_qos = connections["/aerokv/assignment"].ext.offered_qos_profiles[0]
+    assert (asg_qos.reliability, asg_qos.durability) == (QosReliability.RELIABLE, QosDurability.TRANSIENT_LOCAL)
+    assert connections["/uav1/heartbeat"].ext.offered_qos_profiles[0].reliability == QosReliability.BEST_EFFORT
+
+    # Every declaration the watchdog published (on a loaded machine that can include UAVs declared
+    # silent while the swarm starts, at epoch 0, which the scheduler ignores); uav2's kill once.
+    failures = [m for t, _, m in messages if t == "/aerokv/failures"]
+    killed = [f for f in failures if f.uav_id == "uav2" and f.epoch > 0]
+    assert [f.reason for f in killed] == ["heartbeat_timeout"], failures
+    assignments = [m for t, _, m in messages if t == "/aerokv/assignment"]
+    epochs = [a.epoch for a in assignments]
+    assert epochs == sorted(set(epochs)), epochs
+    before = [a for a in assignments if a.epoch <= killed[0].epoch]
+    after = [a for a in assignments if "failure of uav2" in a.reason]
+    assert before and list(before[-1].ring) == ["uav1", "uav2", "uav3"], [(a.epoch, a.ring) for a in assignments]
+    assert after and "uav2" not in after[0].ring and after[0].epoch > killed[0].epoch
+    assert sum(u.layer_end - u.layer_start for u in after[0].uavs) == 30
+    # The token stream in the bag is the answer.
+    tokens = sorted((m.index, m.token_id) for t, _, m in messages if t == "/aerokv/tokens" and not m.done)
+    assert [tid for _, tid in tokens] == answer["tokens"]
+    beats = [m for t, _, m in messages if t == "/uav3/heartbeat"]
+    assert beats and all(b.uav_id == "uav3" for b in beats)
+
+
+def test_a_rosbags_bag_plays_in_order_with_its_timing_qos_and_clock(rclpy_node, procs, tmp_path):
+    from aerokv.msg import TokenChunk
+    from rosgraph_msgs.msg import Clock
+    from std_msgs.msg import String
+
+    bag = tmp_path / "written_by_rosbags"
+    start, n, spacing = write_rosbags_bag(bag)
+    got = []
+    clock = []
+    best_effort = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
+    rclpy_node.create_subscription(String, "/chatter", lambda m: got.append((time.monotonic(), m.data)), best_effort)
+    # Reliable + transient local: matches only if the player offers what the bag recorded.
+    rclpy_node.create_subscription(TokenChunk, "/aerokv/tokens", lambda m: got.append((time.monotonic(), m.text)), EVENTS)
+    rclpy_node.create_subscription(Clock, "/clock", lambda m: clock.append(m.clock.sec * 10**9 + m.clock.nanosec),
+                                   QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
+    t0 = time.monotonic()
+    player = procs([BIN / "aerokv", "bag", "play", bag, "--clock", "50", "--wait-for-subscribers"], "play")
+    assert spin_until(rclpy_node, lambda: player.p.poll() is not None, timeout=60), player.output()
+    wall = time.monotonic() - t0
+    spin_until(rclpy_node, lambda: len(got) == n, timeout=3)
+    assert player.p.returncode == 0, player.output()
+    # In order on each topic (DDS does not order messages across topics).
+    assert [text for _, text in got if text.startswith("message")] == [f"message {i}" for i in range(0, n, 2)], got
+    assert [text for _, text in got if text.startswith(" t")] == [f" t{i}" for i in range(1, n, 2)], got
+    got.sort()
+    gaps_ms = [round((b - a) * 1e3) for (a, _), (b, _) in zip(got, got[1:])]
+    print(f"\nrecorded spacing {spacing / 1e6:.0f} ms; received gaps (ms): {gaps_ms}")
+    # The player waits for each message's time: it cannot be done before the recorded span.
+    assert wall >= (n - 1) * spacing / 1e9, (wall, gaps_ms)
+    # /clock carries the bag's time, forwards only, over the bag's span.
+    assert clock and clock == sorted(clock), clock[:5]
+    assert start <= clock[0] and clock[-1] >= start + (n - 1) * spacing - 2 * 10**9 // 50, (clock[0], clock[-1])
+    assert "published 10 messages on 2 topics" in player.output()
+
+
+def test_play_picks_topics_and_loops_until_sigint(rclpy_node, procs, tmp_path):
+    from aerokv.msg import TokenChunk
+    from std_msgs.msg import String
+
+    bag = tmp_path / "loop"
+    write_rosbags_bag(bag, n=6, spacing_ns=20_000_000, compression=CompressionMode.STORAGE)  # zstd chunks
+    chatter, tokens = [], []
+    best_effort = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
+    rclpy_node.create_subscription(String, "/chatter", lambda m: chatter.append(m.data), best_effort)
+    rclpy_node.create_subscription(TokenChunk, "/aerokv/tokens", lambda m: tokens.append(m.text), EVENTS)
+    player = procs([BIN / "aerokv", "bag", "play", bag, "--loop", "--topics", "/chatter", "--rate", "2",
+                    "--wait-for-subscribers"], "play")
+    # Three /chatter messages per pass: more than three means it played again from the start.
+    assert spin_until(rclpy_node, lambda: len(chatter) >= 9, timeout=30), (chatter, player.output())
+    assert player.stop(signal.SIGINT) == 0, player.output()
+    assert chatter[:6] == ["message 0", "message 2", "message 4"] * 2
+    assert tokens == []
+
+
+def test_recorder_finishes_its_bag_on_sigterm_and_a_killed_one_leaves_no_bag(rclpy_node, procs, tmp_path):
+    from std_msgs.msg import String
+
+    pub = rclpy_node.create_publisher(String, "/bag_test/chatter", EVENTS)
+    bags = {"sigterm": tmp_path / "sigterm", "sigkill": tmp_path / "sigkill"}
+    recorders = {k: procs([BIN / "aerokv", "bag", "record", "-o", d, "/bag_test/chatter", "/bag_test/never"], k)
+                 for k, d in bags.items()}
+    # Both recorders subscribe once they see the publisher.
+    assert spin_until(rclpy_node, lambda: pub.get_subscription_count() == 2, timeout=30), [r.output() for r in recorders.values()]
+    sent = []
+    for i in range(40):
+        sent.append(f"hello {i}")
+        pub.publish(String(data=sent[-1]))
+        spin_until(rclpy_node, lambda: False, timeout=0.02)
+    time.sleep(2.0)
+    assert recorders["sigterm"].stop(signal.SIGTERM) == 0, recorders["sigterm"].output()
+    out = recorders["sigterm"].output()
+    assert "/bag_test/never never appeared" in out, out
+    messages, connections = read_all(bags["sigterm"])
+    assert [m.data for _, _, m in messages] == sent, out
+    assert connections["/bag_test/chatter"].ext.offered_qos_profiles[0].durability == QosDurability.TRANSIENT_LOCAL
+
+    recorders["sigkill"].stop(signal.SIGKILL)
+    assert not (bags["sigkill"] / "metadata.yaml").exists()
+    r = bag_cli("play", bags["sigkill"])
+    assert r.returncode != 0
+    assert f"{bags['sigkill']}: incomplete bag: no metadata.yaml" in r.stderr, r.stderr
+    assert "sigkill_0.mcap.partial" in r.stderr, r.stderr
+
+
+def test_truncated_and_corrupt_bags_fail_with_the_file_and_offset(ros_domain, tmp_path):
+    def fresh(name, **kw):
+        bag = tmp_path / name
+        write_rosbags_bag(bag, **kw)
+        return bag, bag / f"{name}.mcap"
+
+    # Truncated: the file ends inside a record.
+    bag, mcap = fresh("truncated")
+    data = mcap.read_bytes()
+    mcap.write_bytes(data[: len(data) * 2 // 3])
+    for cmd in ("play", "info"):
+        r = bag_cli(cmd, bag)
+        assert r.returncode != 0, r.stderr
+        assert f"{mcap}: truncated at byte offset " in r.stderr, r.stderr
+        offset = int(r.stderr.split("truncated at byte offset ")[1].split(":")[0])
+        assert 0 < offset < len(data) * 2 // 3
+
+    # Corrupt: a channel whose message encoding is not cdr (its chunk's offset is named).
+    bag, mcap = fresh("encoding")
+    data = mcap.read_bytes()
+    assert data.count(b"\x03\x00\x00\x00cdr") >= 2  # in the data section, and again in the summary
+    mcap.write_bytes(data.replace(b"\x03\x00\x00\x00cdr", b"\x03\x00\x00\x00xdr", 1))
+    r = bag_cli("play", bag)
+    assert r.returncode != 0 and f"{mcap}: corrupt at byte offset " in r.stderr and "`xdr`, not cdr" in r.stderr, r.stderr
+
+    # Corrupt: garbage inside a zstd-compressed chunk.
+    bag, mcap = fresh("garbage", compression=CompressionMode.STORAGE)
+    data = bytearray(mcap.read_bytes())
+    chunk = data.index(b"zstd") + 4 + 8 + 8  # past the compression name and the compressed size
+    data[chunk:chunk + 24] = b"\xff" * 24
+    mcap.write_bytes(bytes(data))
+    r = bag_cli("play", bag)
+    assert r.returncode != 0 and f"{mcap}: corrupt at byte offset " in r.stderr, r.stderr
+
+    # The untouched bag plays (nothing else differs).
+    bag, _ = fresh("intact")
+    r = bag_cli("info", bag)
+    assert r.returncode == 0 and "| aerokv/msg/TokenChunk | 5 messages (reliable, transient_local)" in r.stdout, r.stdout
