@@ -62,7 +62,8 @@ if [ ! -f "$VENV/.aerokv-fixups" ]; then
   # 3. The wheels' exported cmake files point at the build machine's Python.
   py_inc=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
   np_inc=$("$VENV/bin/python" -c 'import numpy; print(numpy.get_include())')
-  grep -rl --include='*.cmake' '/opt/python/cp311-cp311' "$VENV/share" 2>/dev/null | while read -r f; do
+  # Nothing left to rewrite is fine (a venv whose requirements changed is fixed up again).
+  { grep -rl --include='*.cmake' '/opt/python/cp311-cp311' "$VENV/share" 2>/dev/null || true; } | while read -r f; do
     sed -i -e "s#/opt/python/cp311-cp311/include/python3.11#$py_inc#g" \
            -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include#$np_inc#g" \
            -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/core/include#$np_inc#g" "$f"
