@@ -256,7 +256,8 @@ pub struct Heard {
     /// no restart of the sequence).
     pub since: Instant,
     pub last: Instant,
-    /// Its battery health has arrived too (the planner needs it).
+    /// Its battery health has arrived too (the planner needs it) and is not empty (an empty
+    /// battery leaves the membership).
     pub battery: bool,
 }
 

@@ -374,7 +374,8 @@ impl Scheduler {
                         continue;
                     }
                     let mut heard = Heard::next(live.heard.get(&u).copied(), hb.sequence, now, member_timeout);
-                    heard.battery = live.battery.contains_key(&u);
+                    heard.battery =
+                        live.battery.get(&u).is_some_and(|b| !control::is_depleted(&convert::battery_health_fields(b)));
                     live.heard.insert(u.clone(), heard);
                     live.beats.insert(u.clone(), (now, hb));
                 }
@@ -395,19 +396,8 @@ impl Scheduler {
 
     /// UAVs with a recent heartbeat and battery health (not empty), not kept out, in ring order.
     fn members(&mut self) -> Vec<String> {
-        let (heard, depleted): (_, Vec<String>) = {
-            let live = self.lock();
-            let depleted = live
-                .battery
-                .iter()
-                .filter(|(_, b)| control::is_depleted(&convert::battery_health_fields(b)))
-                .map(|(uav, _)| uav.clone())
-                .collect();
-            (live.heard.clone(), depleted)
-        };
-        let mut m = self.membership.members(&heard, Instant::now());
-        m.retain(|uav| !depleted.contains(uav));
-        m
+        let heard = self.lock().heard.clone();
+        self.membership.members(&heard, Instant::now())
     }
 
     fn telemetry(&self) -> BTreeMap<String, Telemetry> {
