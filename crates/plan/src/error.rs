@@ -41,6 +41,8 @@ pub enum PlanError {
     LayersLost { lost: Vec<LayerInterval>, reason: String },
     #[error("no state-constrained layout over the survivors: {0}")]
     NoReconfiguration(String),
+    #[error("uav {uav} cannot take over: after the recovery it would hold {layers} layers needing {need_bytes:.0} bytes (weights and KV), its budget is {budget_bytes:.0}")]
+    RecoveryMemory { uav: UavId, layers: u32, need_bytes: f64, budget_bytes: f64 },
 }
 
 pub type Result<T> = std::result::Result<T, PlanError>;

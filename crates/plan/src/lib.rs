@@ -54,8 +54,8 @@ pub use initial::{plan_initial_layout, plan_initial_layout_with, uniform_layout,
 pub use protection::{plan_fixed, plan_protection, plan_protection_beam, plan_protection_relaxed, FixedPolicy};
 pub use radio::{predict_tokens_per_s, Channel, RadioPrediction, Traffic};
 pub use recovery::{
-    held_state, plan_failover, plan_recovery, reconfigure, retirement_candidates, retirements_due, Failover,
-    Reconfiguration, RecoveryContext, RecoveryPlan, TailSource,
+    check_recovery_memory, held_state, plan_failover, plan_recovery, reconfigure, retirement_candidates,
+    retirements_due, Failover, Reconfiguration, RecoveryContext, RecoveryPlan, TailSource,
 };
 pub use types::{
     LayerInterval, Layout, ModelSpec, PlanConfig, PowerModel, Protection, ProtectionPlan, Ring, SwarmState, UavId,

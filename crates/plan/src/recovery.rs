@@ -467,6 +467,7 @@ pub fn plan_failover(
 ) -> Result<Failover> {
     let recovery = plan_recovery(swarm, model, layout, ring, plan, failed, ctx)?;
     let held = held_state(layout, plan, &recovery.layout);
+    check_recovery_memory(swarm, model, &held)?;
     let reconfiguration = reconfigure(swarm, model, &recovery.layout, &recovery.ring, &held)?;
     let protection = if recovery.ring.len() < 2 {
         ProtectionPlan::none(&reconfiguration.layout)
@@ -481,6 +482,23 @@ pub fn plan_failover(
         }
     };
     Ok(Failover { recovery, reconfiguration, protection })
+}
+
+/// Before anything is committed: right after the recovery every survivor holds its `held`
+/// layers (native, the failed UAV's head or tail it takes over, the replica it keeps) with their
+/// weights and the KV of the whole request. A survivor whose memory cannot hold that is named
+/// instead of running out of memory mid-answer (a plan made with `recoverable_memory` off, or a
+/// budget that has shrunk since the plan).
+pub fn check_recovery_memory(swarm: &SwarmState, model: &ModelSpec, held: &[(UavId, LayerInterval)]) -> Result<()> {
+    let per_layer = model.weight_bytes_per_layer + model.total_tokens as f64 * model.kv_bytes_per_token_layer;
+    for &(u, iv) in held {
+        let budget = swarm.uav(u)?.memory_bytes;
+        let need = f64::from(iv.len()) * per_layer;
+        if need > budget * (1.0 + 1e-12) {
+            return Err(PlanError::RecoveryMemory { uav: u, layers: iv.len(), need_bytes: need, budget_bytes: budget });
+        }
+    }
+    Ok(())
 }
 
 /// UAVs whose expected remaining tokens (under the current plan) fall below the request's

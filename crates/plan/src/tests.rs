@@ -220,6 +220,23 @@ proptest! {
     }
 
     #[test]
+    fn a_recoverable_plan_always_passes_the_recovery_memory_check(
+        (swarm, m, layout) in small_case(),
+        failed_at in 0usize..5,
+    ) {
+        let ring = layout.ring();
+        prop_assume!(swarm.config.recoverable_memory);
+        let Ok(plan) = plan_protection(&swarm, &m, &layout, &ring) else { return Ok(()) };
+        let failed = ring.order()[failed_at % ring.len()];
+        let survivors = SwarmState {
+            uavs: swarm.uavs.iter().filter(|u| u.id != failed).cloned().collect(),
+            config: swarm.config.clone(),
+        };
+        let r = plan_failover(&survivors, &m, &layout, &ring, &plan, failed, RecoveryContext::default());
+        prop_assert!(!matches!(r, Err(PlanError::RecoveryMemory { .. })), "{r:?}");
+    }
+
+    #[test]
     fn relaxed_p1_never_fails((swarm, m, layout) in small_case()) {
         let ring = layout.ring();
         let plan = plan_protection_relaxed(&swarm, &m, &layout, &ring).unwrap();
@@ -451,6 +468,32 @@ fn p2_reports_lost_layers() {
     let lay1 = Layout::from_counts(6, &one, &[6]).unwrap();
     let r = plan_recovery(&swarm, &md, &lay1, &one, &ProtectionPlan::none(&lay1), 0, RecoveryContext::default());
     assert!(matches!(r, Err(PlanError::LayersLost { .. })), "{r:?}");
+}
+
+#[test]
+fn a_failover_that_does_not_fit_memory_names_the_uav() {
+    // 3 layers each, memory for 4: uav 2 cannot also take uav 1's 3-layer tail (no replica).
+    let uavs: Vec<UavState> = (0..3).map(|i| uav(i, 1e5, 4.5, 0.02)).collect();
+    let swarm = SwarmState { uavs, config: cfg(30.0, vec![1]) };
+    let md = model(9, 100);
+    let ring = Ring::new(vec![0, 1, 2]).unwrap();
+    let layout = Layout::from_counts(9, &ring, &[3, 3, 3]).unwrap();
+    let plan = ProtectionPlan::none(&layout);
+    let survivors =
+        SwarmState { uavs: swarm.uavs.iter().filter(|u| u.id != 1).cloned().collect(), config: swarm.config };
+    let r = plan_failover(&survivors, &md, &layout, &ring, &plan, 1, RecoveryContext::default());
+    match r {
+        Err(PlanError::RecoveryMemory { uav: 2, layers: 6, need_bytes, budget_bytes }) => {
+            assert!((need_bytes - 6.0 * 1.1).abs() < 1e-9 && budget_bytes == 4.5);
+        }
+        other => panic!("{other:?}"),
+    }
+    // with room for it, the same failover is planned
+    let roomy = SwarmState {
+        uavs: survivors.uavs.iter().map(|u| UavState { memory_bytes: 7.0, ..u.clone() }).collect(),
+        config: survivors.config.clone(),
+    };
+    assert!(plan_failover(&roomy, &md, &layout, &ring, &plan, 1, RecoveryContext::default()).is_ok());
 }
 
 #[test]
