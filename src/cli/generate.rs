@@ -37,7 +37,8 @@ pub struct GenerateArgs {
     /// PRNG seed (with --temperature); the same seed gives the same tokens.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Check the sha256 of every model file before loading.
+    /// Re-hash every model file before loading, ignoring the integrity cache (every load checks
+    /// the files against the manifest anyway, re-hashing only files whose identity changed).
     #[arg(long)]
     pub verify: bool,
     /// Write the first generated token's logits (float32, .npy) to FILE: used by
