@@ -376,6 +376,11 @@ impl Watchdog {
         Watchdog { p, uavs: BTreeMap::new(), epoch: 0, ring: None, declared: HashSet::new(), last_check: None }
     }
 
+    /// The latest epoch it follows.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// A new assignment: its epoch (never goes back) and its ring.
     pub fn assignment(&mut self, epoch: u64, ring: impl IntoIterator<Item = String>) {
         let ring: BTreeSet<String> = ring.into_iter().collect();
