@@ -349,7 +349,7 @@ mod tests {
             package: "aerokv".into(),
             executable: "scheduler".into(),
             name: "scheduler".into(),
-            namespace: "aerokv".into(),
+            namespace: "/aerokv".into(),
             params_files: files,
             params: params.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
         }

@@ -95,3 +95,23 @@ def test_scheduler_restart_and_watchdog_death(rclpy_node, procs, tmp_path):
     assert "uav2" not in {s["uav"] for s in stats["layout"]}
     log = scheduler.output()
     assert "WATCHDOG SILENT" in log and "declared failed by the scheduler" in log
+
+
+def test_a_node_that_fails_at_start_up_ends_launch_and_swarm_at_once(ros_domain, tmp_path):
+    """A bad value in a parameter file: `aerokv launch` and `aerokv swarm` end at once (long before
+    their ready timeout) naming the node, its exit, the file and line that set the key (not the
+    launch's own `-p` overrides), and the node's last log lines."""
+    bad = tmp_path / "bad.yaml"
+    text = (ROOT / "config/swarm.yaml").read_text()
+    assert "step_timeout_s: 30.0" in text
+    bad.write_text(text.replace("step_timeout_s: 30.0", "step_timeout_s: -5.0"))
+    line = next(i + 1 for i, l in enumerate(bad.read_text().splitlines()) if "step_timeout_s" in l)
+    cause = f"cause: parameter `step_timeout_s`, set by {bad}:{line}"
+    launch = subprocess.run([BIN / "aerokv", "launch", ROOT / "launch/control.launch.xml", f"params_file:={bad}",
+                             "expected_uavs:=4", "--log-dir", tmp_path / "launch"], capture_output=True, text=True, timeout=60)
+    assert launch.returncode != 0, launch.stderr
+    assert "/aerokv/scheduler exited during start-up: exit code 1" in launch.stderr and cause in launch.stderr, launch.stderr
+    assert "must be positive, not -5" in launch.stderr and "last lines of" in launch.stderr, launch.stderr
+    swarm = subprocess.run([BIN / "aerokv", "swarm", "--uavs", "1", "--swarm-params", bad, "--user", PROMPT,
+                            "--ready-timeout-s", "600", "--log-dir", tmp_path / "swarm"], capture_output=True, text=True, timeout=120)
+    assert swarm.returncode != 0 and cause in swarm.stderr, swarm.stderr

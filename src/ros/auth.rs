@@ -31,7 +31,7 @@ impl NodeAuth {
     pub fn load(keystore: &str, role: Role, uav: Option<&str>) -> anyhow::Result<Arc<Self>> {
         let id = NodeId::of(role, uav)?;
         if keystore.is_empty() {
-            tracing::warn!(identity = %id, "AUTHENTICATION OFF: parameter `keystore` is empty; unsigned assignments and failure declarations are accepted from anyone (docs/security.md)");
+            tracing::warn!(identity = %id, "AUTHENTICATION OFF: parameter `keystore` is empty; unsigned messages (plans, failure declarations, telemetry, activations) are accepted from anyone (docs/security.md)");
             return Ok(Arc::new(NodeAuth { id: id.to_string(), signer: None, verifier: None }));
         }
         let ks = Keystore::open(keystore.as_ref()).context("parameter `keystore`")?;
