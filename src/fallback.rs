@@ -40,9 +40,12 @@ pub struct Fallback {
     timeout_s: f64,
     /// When the watchdog was last heard (or when this started, if never).
     watchdog_last: f64,
+    /// When any executor was last heard.
+    executor_last: f64,
     ever_heard: bool,
     dead: bool,
-    /// Declarations made while the watchdog was alive: released if it turns out dead.
+    /// Declarations of the detector not released yet: they count once the watchdog is dead and
+    /// other executors are heard while the UAV is silent.
     held: Vec<Declaration>,
     /// Declarations that counted.
     pub declared: u64,
@@ -55,6 +58,7 @@ impl Fallback {
             detector: Watchdog::new(p),
             timeout_s,
             watchdog_last: now,
+            executor_last: f64::NEG_INFINITY,
             ever_heard: false,
             dead: false,
             held: Vec::new(),
@@ -68,6 +72,7 @@ impl Fallback {
     }
 
     pub fn heartbeat(&mut self, uav: &str, sequence: u64, now: f64) {
+        self.executor_last = self.executor_last.max(now);
         for e in self.detector.heartbeat(uav, sequence, now) {
             if let Event::Heard { uav, .. } = e {
                 // Heard again: a held declaration about it is void.
@@ -76,10 +81,9 @@ impl Fallback {
         }
     }
 
-    pub fn battery(&mut self, uav: &str, energy_j: f64, now: f64) -> Option<Change> {
-        match self.detector.battery(uav, energy_j, now) {
-            Some(Event::Declared(d)) => self.counted(d),
-            _ => None,
+    pub fn battery(&mut self, uav: &str, energy_j: f64, now: f64) {
+        if let Some(Event::Declared(d)) = self.detector.battery(uav, energy_j, now) {
+            self.held.push(d);
         }
     }
 
@@ -88,9 +92,12 @@ impl Fallback {
         self.held.retain(|d| d.epoch >= epoch);
     }
 
+    /// Dead: silent for longer than the timeout while executors were heard for the whole
+    /// timeout after its last heartbeat. A scheduler that heard nobody (its own process or
+    /// network stalled) cannot tell, and keeps counting on the watchdog.
     pub fn health(&self, now: f64) -> WatchdogHealth {
         let silent_s = (now - self.watchdog_last).max(0.0);
-        if silent_s > self.timeout_s {
+        if silent_s > self.timeout_s && self.executor_last - self.watchdog_last > self.timeout_s {
             WatchdogHealth::Dead { silent_s, ever_heard: self.ever_heard }
         } else {
             WatchdogHealth::Alive { silent_s }
@@ -100,20 +107,19 @@ impl Fallback {
     /// Judges the watchdog's and every member's silence at `now`; call every check period.
     pub fn check(&mut self, now: f64) -> Vec<Change> {
         let mut out = Vec::new();
-        let health = self.health(now);
-        match (self.dead, health) {
+        for e in self.detector.check(now) {
+            match e {
+                Event::Declared(d) => self.held.push(d),
+                // This process was not listening: that time is nobody's silence, the watchdog's
+                // neither.
+                Event::Stalled { lag_s } => self.watchdog_last = (self.watchdog_last + lag_s).min(now),
+                _ => {}
+            }
+        }
+        match (self.dead, self.health(now)) {
             (false, WatchdogHealth::Dead { silent_s, .. }) => {
                 self.dead = true;
                 out.push(Change::WatchdogSilent { silent_s });
-                // Still silent since the fallback declared them: they count now.
-                let held = std::mem::take(&mut self.held);
-                let reports = self.detector.report(now);
-                for d in held {
-                    if reports.iter().any(|r| r.uav == d.uav && r.health == Health::Declared) {
-                        self.declared += 1;
-                        out.push(Change::Declared(d));
-                    }
-                }
             }
             (true, WatchdogHealth::Alive { silent_s }) => {
                 self.dead = false;
@@ -121,22 +127,28 @@ impl Fallback {
             }
             _ => {}
         }
-        for e in self.detector.check(now) {
-            if let Event::Declared(d) = e {
-                out.extend(self.counted(d));
+        if self.dead && !self.held.is_empty() {
+            let reports = self.detector.report(now);
+            let still_declared = |uav: &str| reports.iter().any(|r| r.uav == uav && r.health == Health::Declared);
+            // Another member heard well within this one's silence: not a deaf scheduler.
+            let corroborated = |d: &Declaration| {
+                let Some(mine) = d.silence_s else { return true };
+                let others: Vec<f64> = reports
+                    .iter()
+                    .filter(|r| r.uav != d.uav && r.health != Health::Declared)
+                    .map(|r| r.silence_s)
+                    .collect();
+                others.is_empty() || others.iter().any(|&s| s < mine / 2.0)
+            };
+            let (release, keep): (Vec<Declaration>, Vec<Declaration>) =
+                std::mem::take(&mut self.held).into_iter().partition(|d| corroborated(d));
+            self.held = keep.into_iter().filter(|d| still_declared(&d.uav)).collect();
+            for d in release.into_iter().filter(|d| d.silence_s.is_none() || still_declared(&d.uav)) {
+                self.declared += 1;
+                out.push(Change::Declared(d));
             }
         }
         out
-    }
-
-    fn counted(&mut self, d: Declaration) -> Option<Change> {
-        if self.dead {
-            self.declared += 1;
-            Some(Change::Declared(d))
-        } else {
-            self.held.push(d);
-            None
-        }
     }
 }
 
@@ -220,14 +232,29 @@ mod tests {
     }
 
     #[test]
+    fn a_scheduler_that_hears_nobody_does_not_take_over() {
+        let mut f = fallback();
+        let mut c = beat(&mut f, 0.0, 1.0, 10.0, 10.0);
+        // Nothing arrives for 2 s (this process or its network stalled), then everyone again.
+        for i in 0..100 {
+            c.extend(f.check(1.0 + i as f64 * 0.02));
+        }
+        c.extend(beat(&mut f, 3.0, 4.0, 10.0, 10.0));
+        assert!(!c.iter().any(|c| matches!(c, Change::WatchdogSilent { .. } | Change::Declared(_))), "{c:?}");
+        assert_eq!(f.declared, 0);
+    }
+
+    #[test]
     fn the_watchdog_comes_back() {
         let mut f = fallback();
         let mut c = beat(&mut f, 0.0, 2.5, 10.0, 0.5);
         c.extend(beat(&mut f, 2.5, 3.0, 10.0, 10.0));
         assert!(c.iter().any(|c| matches!(c, Change::WatchdogBack { .. })), "{c:?}");
         assert!(!f.health(3.0).is_dead());
-        // Never heard at all: dead after the timeout since start.
-        let f = Fallback::new(WatchdogParams::default(), 1.0, 0.0);
+        // Never heard at all: dead once executors were heard for the timeout.
+        let mut f = Fallback::new(WatchdogParams::default(), 1.0, 0.0);
+        assert!(!f.health(1.5).is_dead(), "nobody heard");
+        f.heartbeat("uav1", 1, 1.2);
         assert_eq!(f.health(1.5), WatchdogHealth::Dead { silent_s: 1.5, ever_heard: false });
     }
 }

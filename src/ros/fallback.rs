@@ -78,15 +78,21 @@ pub fn spawn(
                     }
                     Vec::new()
                 }
-                Some(input) = rx.recv() => apply(&mut f, input, secs),
+                Some(input) = rx.recv() => {
+                    apply(&mut f, input, secs);
+                    Vec::new()
+                }
                 _ = check.tick() => {
                     // Judge only on what has arrived: take everything queued first.
-                    let mut changes = Vec::new();
                     while let Ok(input) = rx.try_recv() {
-                        changes.extend(apply(&mut f, input, secs));
+                        apply(&mut f, input, secs);
                     }
-                    changes.extend(f.check(secs(Instant::now())));
-                    changes
+                    while let Ok(hb) = beats.try_recv() {
+                        if auth.accept_watchdog_heartbeat(&hb) {
+                            f.watchdog_heartbeat(secs(Instant::now()));
+                        }
+                    }
+                    f.check(secs(Instant::now()))
                 }
                 _ = report.tick() => {
                     publish_diagnostics(&diagnostics, f.health(secs(Instant::now())), f.declared);
@@ -131,13 +137,12 @@ pub fn spawn(
     Ok(Handle { tx, status })
 }
 
-fn apply(f: &mut Fallback, input: Input, secs: impl Fn(Instant) -> f64) -> Vec<Change> {
+fn apply(f: &mut Fallback, input: Input, secs: impl Fn(Instant) -> f64) {
     match input {
         Input::Heartbeat(uav, seq, at) => f.heartbeat(&uav, seq, secs(at)),
-        Input::Battery(uav, energy, at) => return f.battery(&uav, energy, secs(at)).into_iter().collect(),
+        Input::Battery(uav, energy, at) => f.battery(&uav, energy, secs(at)),
         Input::Assignment(epoch, ring) => f.assignment(epoch, ring),
     }
-    Vec::new()
 }
 
 fn publish_diagnostics(out: &r2r::Publisher<DiagnosticArray>, health: WatchdogHealth, declared: u64) {
