@@ -376,6 +376,11 @@ impl Watchdog {
         Watchdog { p, uavs: BTreeMap::new(), epoch: 0, ring: None, declared: HashSet::new(), last_check: None }
     }
 
+    /// The latest epoch it follows.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// A new assignment: its epoch (never goes back) and its ring.
     pub fn assignment(&mut self, epoch: u64, ring: impl IntoIterator<Item = String>) {
         let ring: BTreeSet<String> = ring.into_iter().collect();
@@ -407,9 +412,12 @@ impl Watchdog {
                 d.health = Health::Alive;
                 out.push(Event::Heard { uav: uav.to_string(), was: Health::Suspected, silence_s });
             }
-            // Back after a declaration: a new member, with a fresh history.
+            // Back after a declaration: a new member, with a fresh history. Its next silence is
+            // a new failure, declared again even in the same epoch (the first declaration may
+            // have been refused as false by the scheduler, which heard it meanwhile).
             Health::Declared => {
                 *d = Detector::new(p, now, sequence);
+                self.declared.remove(&(self.epoch, uav.to_string()));
                 out.push(Event::Heard { uav: uav.to_string(), was: Health::Declared, silence_s });
             }
         }

@@ -14,6 +14,8 @@ pub mod cli;
 pub mod control;
 pub mod dataplane;
 pub mod detector;
+pub mod epoch;
+pub mod fallback;
 pub mod launch;
 pub mod os;
 pub mod params;

@@ -121,10 +121,15 @@ impl RosArgs {
     pub fn load<P: DeserializeOwned>(&self, default_name: &str) -> Result<P, ParamError> {
         let fqn = self.fqn(default_name);
         let mut merged = Mapping::new();
+        // Where each value came from: an error names the file (or override) that set the field.
+        let mut origins = std::collections::BTreeMap::new();
         let mut origin = String::from("parameters");
         for file in &self.params_files {
             let section = read_sections(file, &fqn)?;
             for (k, v) in section {
+                if let Some(k) = k.as_str() {
+                    origins.insert(k.to_string(), file.display().to_string());
+                }
                 merged.insert(k, v);
             }
             origin = file.display().to_string();
@@ -132,7 +137,7 @@ impl RosArgs {
         for (k, v) in &self.overrides {
             let value: Value = serde_yaml::from_str(v).unwrap_or_else(|_| Value::String(v.clone()));
             merged.insert(Value::String(k.clone()), value);
-            origin = format!("-p {k}:={v}");
+            origins.insert(k.clone(), format!("-p {k}:={v}"));
         }
         // Every ROS node has `use_sim_time`; a launch under a simulator sets it on all of them.
         // These nodes time their work by the wall clock (their timeouts are about real processes
@@ -140,10 +145,18 @@ impl RosArgs {
         if let Some(v) = merged.remove("use_sim_time") {
             if !v.is_bool() {
                 let message = format!("expected true or false, not {v:?}");
+                let origin = origins.get("use_sim_time").cloned().unwrap_or(origin);
                 return Err(ParamError::Field { origin, field: "use_sim_time".into(), message });
             }
         }
-        from_mapping(merged, &origin)
+        from_mapping(merged, &origin).map_err(|e| match e {
+            ParamError::Field { field, message, origin } => {
+                let top = field.split(['.', '[']).next().unwrap_or(&field);
+                let origin = origins.get(top).cloned().unwrap_or(origin);
+                ParamError::Field { origin, field, message }
+            }
+            e => e,
+        })
     }
 }
 
@@ -306,6 +319,11 @@ mod tests {
         assert_eq!(err, format!("{}: field `period_s`: must be positive, got -2", f.0.display()));
         let ok = args(&f.0, &["-p", "period_s:=3.0"]).load::<Checked<P>>("node").expect("valid");
         assert_eq!(ok.0.period_s, 3.0);
+        // An override of another field (a launch file's) is not blamed for the file's value.
+        let err = args(&f.0, &["-p", "uav_id:=x"]).load::<Checked<P>>("node").unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{}: field `period_s`", f.0.display())), "{err}");
+        let err = args(&f.0, &["-p", "period_s:=-1.0"]).load::<Checked<P>>("node").unwrap_err().to_string();
+        assert!(err.starts_with("-p period_s:=-1.0: field `period_s`"), "{err}");
     }
 
     #[test]

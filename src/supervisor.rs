@@ -107,9 +107,8 @@ impl Supervisor {
         cmd.args(node.ros_args()).stdin(Stdio::null());
         // A node must not outlive its launcher, even one that was SIGKILLed.
         signal_when_parent_dies(&mut cmd, libc::SIGTERM);
-        if let Some(dir) = &self.log_dir {
+        if let (Some(dir), Some(file)) = (&self.log_dir, self.log_file(node)) {
             let _ = std::fs::create_dir_all(dir);
-            let file = dir.join(format!("{}.log", node.fqn().trim_start_matches('/').replace('/', "_")));
             match std::fs::File::create(&file) {
                 Ok(f) => {
                     let f2 = f.try_clone().map_err(|source| SupervisorError::Spawn { exe: exe.clone(), source })?;
@@ -123,6 +122,26 @@ impl Supervisor {
         tracing::debug!(node = %node.fqn(), pid, "started");
         self.running.push(Running { node: node.clone(), child });
         Ok(pid)
+    }
+
+    /// Where `node`'s output goes (with a log directory).
+    pub fn log_file(&self, node: &NodeProcess) -> Option<PathBuf> {
+        let name = format!("{}.log", node.fqn().trim_start_matches('/').replace('/', "_"));
+        self.log_dir.as_ref().map(|d| d.join(name))
+    }
+
+    /// The first process that has ended (any way, or only by a non-zero exit code of its own
+    /// when `own_failures_only`: not killed by a signal), with [`startup_report`].
+    pub fn failed_to_start(&mut self, own_failures_only: bool) -> Option<String> {
+        let (fqn, status) = self.exited().into_iter().find(|(_, status)| {
+            let stopped = Stopped::from(*status);
+            !own_failures_only || matches!(stopped, Stopped::Exited(code) if code != 0)
+        })?;
+        let r = self.running.iter().find(|r| r.node.fqn() == fqn)?;
+        let path = self.log_file(&r.node);
+        let text = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok());
+        let log = path.as_deref().zip(text.as_deref());
+        Some(startup_report(&r.node, Stopped::from(status), log))
     }
 
     pub fn pid_of(&self, fqn: &str) -> Option<u32> {
@@ -189,6 +208,60 @@ impl Drop for Supervisor {
             self.stop_all(Duration::from_secs(3));
         }
     }
+}
+
+/// Lines of a node's log shown when it fails to start.
+pub const LOG_TAIL_LINES: usize = 12;
+
+/// Why a node that exited during start-up did: its name, how it ended, the last lines of its log
+/// and, when the log blames a parameter, where that parameter's value came from (the `-p`
+/// override of the launch, which wins, or the last parameter file that sets it).
+pub fn startup_report(node: &NodeProcess, stopped: Stopped, log: Option<(&Path, &str)>) -> String {
+    let mut out = format!("{} exited during start-up: {stopped}", node.fqn());
+    if let Some(key) = log.and_then(|(_, text)| blamed_parameter(text)) {
+        match parameter_source(node, &key) {
+            Some(source) => out += &format!("\n  cause: parameter `{key}`, set by {source}"),
+            None => out += &format!("\n  cause: parameter `{key}` (its default: no parameter file sets it)"),
+        }
+    }
+    if let Some((path, text)) = log {
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+        out += &format!("\n  last lines of {}:", path.display());
+        for l in tail {
+            out += &format!("\n    {l}");
+        }
+    }
+    out
+}
+
+/// The parameter a node's log names as wrong: "field `x`" (a parameter file refused when it is
+/// read) or "parameter `x`" (a value the node refused), the last such mention.
+fn blamed_parameter(log: &str) -> Option<String> {
+    log.lines().rev().find_map(|line| {
+        ["field `", "parameter `"].iter().find_map(|marker| {
+            let rest = &line[line.find(marker)? + marker.len()..];
+            let key = rest.split('`').next()?;
+            let key = key.split(['.', '[']).next()?;
+            (!key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')).then(|| key.to_string())
+        })
+    })
+}
+
+/// Where `key`'s value comes from for `node`: its `-p` override, or the last parameter file with
+/// the key in a section (the file and line).
+fn parameter_source(node: &NodeProcess, key: &str) -> Option<String> {
+    if let Some((k, v)) = node.params.iter().rev().find(|(k, _)| k == key) {
+        return Some(format!("the override `-p {k}:={v}`"));
+    }
+    node.params_files.iter().rev().find_map(|file| {
+        let text = std::fs::read_to_string(file).ok()?;
+        let line = text.lines().position(|l| {
+            let t = l.trim_start();
+            l.starts_with(' ') && t.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with(':'))
+        })?;
+        Some(format!("{}:{}", file.display(), line + 1))
+    })
 }
 
 /// Where our launch/ and config/ live: `$AEROKV_SHARE`, else the installed `share/aerokv` next to
@@ -265,4 +338,45 @@ fn mapped_shm_files() -> std::collections::HashSet<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(files: Vec<PathBuf>, params: Vec<(&str, &str)>) -> NodeProcess {
+        NodeProcess {
+            package: "aerokv".into(),
+            executable: "scheduler".into(),
+            name: "scheduler".into(),
+            namespace: "/aerokv".into(),
+            params_files: files,
+            params: params.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+        }
+    }
+
+    #[test]
+    fn a_start_up_failure_names_the_file_and_key_at_fault() {
+        let dir = std::env::temp_dir().join(format!("aerokv-startup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("swarm.yaml"), dir.join("override.yaml"));
+        std::fs::write(&a, "/**/scheduler:\n  ros__parameters:\n    threads: 1\n    step_timeout_s: 30.0\n").unwrap();
+        std::fs::write(&b, "/**/scheduler:\n  ros__parameters:\n    step_timeout_s: -1.0\n").unwrap();
+        let n = node(vec![a.clone(), b.clone()], vec![("expected_uavs", "4"), ("use_sim_time", "false")]);
+        let log = "INFO starting\nError: parameter `step_timeout_s` must be positive, not -1\n";
+        let r = startup_report(&n, Stopped::Exited(1), Some((Path::new("/logs/aerokv_scheduler.log"), log)));
+        assert!(r.starts_with("/aerokv/scheduler exited during start-up: exit code 1"), "{r}");
+        // The later file wins, and the command-line overrides are not blamed.
+        assert!(r.contains(&format!("cause: parameter `step_timeout_s`, set by {}:3", b.display())), "{r}");
+        assert!(r.contains("    Error: parameter `step_timeout_s` must be positive"), "{r}");
+        let log = "Error: /x/swarm.yaml: field `expected_uavs`: invalid type\n";
+        let r = startup_report(&n, Stopped::Exited(1), Some((Path::new("l"), log)));
+        assert!(r.contains("cause: parameter `expected_uavs`, set by the override `-p expected_uavs:=4`"), "{r}");
+        let r = startup_report(&n, Stopped::Signal(11), Some((Path::new("l"), "Error: parameter `threadz` is odd")));
+        assert!(r.contains("(its default: no parameter file sets it)") && r.contains("signal 11"), "{r}");
+        let long: String = (0..40).map(|i| format!("line {i}\n")).collect();
+        let r = startup_report(&n, Stopped::Exited(101), Some((Path::new("l"), &long)));
+        assert!(r.contains("line 39") && r.contains("line 28") && !r.contains("line 27\n"), "{r}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

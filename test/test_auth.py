@@ -17,6 +17,8 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profi
 
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
 EVENTS = QoSProfile(depth=100, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
+DATA_PLANE = QoSProfile(depth=8, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
+SENSOR = qos_profile_sensor_data
 UAVS = ["uav1", "uav2", "uav3", "uav4"]
 PROMPT = "What is a drone?"
 MAX_TOKENS = 48
@@ -66,7 +68,7 @@ def test_keys_init_show_and_refusals(tmp_path):
 
 
 def test_forged_plans_and_failure_declarations_are_dropped_and_counted(rclpy_node, procs, reference, tmp_path):
-    from aerokv.msg import Assignment, Auth, FailureEvent, Heartbeat, UavAssignment
+    from aerokv.msg import Activation, Assignment, Auth, BatteryHealth, FailureEvent, Heartbeat, UavAssignment
     from aerokv.srv import Generate
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 
@@ -88,6 +90,12 @@ def test_forged_plans_and_failure_declarations_are_dropped_and_counted(rclpy_nod
                                        qos_profile_sensor_data)
     rclpy_node.create_subscription(DiagnosticArray, "/diagnostics",
                                    lambda m: diags.update({s.name: s for s in m.status}), 10)
+    # Genuine messages, to be replayed later: a stage output to the gateway, a battery report.
+    genuine_out, genuine_battery = {}, {}
+    rclpy_node.create_subscription(Activation, "/aerokv/gateway/input",
+                                   lambda m: genuine_out.update(a=m) if m.auth.signature else None, DATA_PLANE)
+    rclpy_node.create_subscription(BatteryHealth, "/uav1/battery",
+                                   lambda m: genuine_battery.update(b=m) if m.auth.signature else None, qos_profile_sensor_data)
     assert spin_until(rclpy_node, lambda: "a" in latest and len(latest["a"].ring) == 4, 90), launches[0].output()
     genuine = latest["a"]
     assert genuine.auth.sender == "aerokv/scheduler" and len(genuine.auth.signature) == 64
@@ -150,13 +158,12 @@ def test_forged_plans_and_failure_declarations_are_dropped_and_counted(rclpy_nod
     stats = json.loads(r.stats_json)
     assert [s["uav"] for s in stats["layout"]] == list(genuine.ring), stats["layout"]
 
-    # Nothing forged was applied or accepted: the executors accepted only the scheduler's plans
-    # (numbered 1, 2, ...; a plan replaced unread by the next one is never seen) and follow its
-    # epoch, not the forged one.
+    # Nothing forged was applied: the executors follow the scheduler's epoch, not the forged one
+    # (they accept its plans and their neighbours' signed activations and KV rows).
     genuine_epochs = latest["a"].epoch
     assert genuine_epochs < takeover.epoch
     for u in UAVS:
-        assert 1 <= counters(u)["accepted"] <= genuine_epochs and beats[u].epoch <= genuine_epochs, (u, beats[u])
+        assert counters(u)["accepted"] >= 1 and beats[u].epoch <= genuine_epochs, (u, beats[u])
 
     def diag(name):
         values = {kv.key: kv.value for kv in diags[name].values} if name in diags else {}
@@ -169,6 +176,73 @@ def test_forged_plans_and_failure_declarations_are_dropped_and_counted(rclpy_nod
     dropped = {"not_signed": 1, "bad_signature": 1, "wrong_role": 1, "unknown_sender": 0, "replayed": 0, "malformed": 0}
     assert spin_until(rclpy_node, lambda: diag(scheduler) == dropped, 10), diag(scheduler)
     assert diags[scheduler].level == DiagnosticStatus.WARN and "3 message(s) dropped" in diags[scheduler].message
+    assert stats["auth"]["accepted"] > 0, stats["auth"]
+
+    # Every other kind of message, forged or replayed while the next request runs: each one is
+    # published until the node that reads it has counted it under its reason.
+    future = client.call_async(Generate.Request(user=PROMPT, max_tokens=MAX_TOKENS))
+    publishers = {}
+
+    def pub(kind, topic, qos):
+        if topic not in publishers:
+            publishers[topic] = rclpy_node.create_publisher(kind, topic, qos)
+        return publishers[topic]
+
+    def executor_count(uav, reason):
+        return counters(uav)[reason] if uav in beats else 0
+
+    def forge(kind, topic, qos, msg, reason, reader):
+        # reader: the /diagnostics status of the node that must count it, or an executor's UAV id
+        count = (lambda: executor_count(reader, reason)) if reader in UAVS else (lambda: diag(reader).get(reason, 0))
+        before, p = count(), pub(kind, topic, qos)
+        for _ in range(30):
+            p.publish(msg)
+            if spin_until(rclpy_node, lambda: count() > before, 1.0):
+                return
+        pytest.fail(f"{topic} {reason}: not counted by {reader}: {diag(reader) if reader not in UAVS else counters(reader)}")
+
+    assert spin_until(rclpy_node, lambda: "a" in genuine_out and "b" in genuine_battery, 30)
+    out = genuine_out["a"]
+    garbage = lambda sender: Auth(sender=sender, counter=2**62, signature=bytes(range(64)))
+    forged_output = lambda auth, **kw: Activation(**{**{f: getattr(out, f) for f in out.get_fields_and_field_types()},
+                                                     "epoch": out.epoch + 1000, "auth": auth, **kw})
+    gateway, battery_of, heartbeat_of = "/aerokv/gateway/input", "/{}/battery".format, "/{}/heartbeat".format
+    cases = [
+        # stage outputs reaching the gateway (the answer's next token): unsigned, attributed to
+        # another UAV than the signer, signed with garbage, and a genuine one replayed
+        (Activation, gateway, DATA_PLANE, forged_output(Auth()), "not_signed", scheduler),
+        (Activation, gateway, DATA_PLANE, forged_output(garbage("uav1/shard_executor"), source="uav2"), "wrong_role", scheduler),
+        (Activation, gateway, DATA_PLANE, forged_output(garbage(f"{out.source}/shard_executor")), "bad_signature", scheduler),
+        (Activation, gateway, DATA_PLANE, out, "replayed", scheduler),
+        # a stage input to uav1, posing as the gateway
+        (Activation, "/uav1/input", DATA_PLANE, forged_output(garbage("aerokv/watchdog"), source="gateway"), "wrong_role", "uav1"),
+        # heartbeat and battery of a UAV that is not on the roster
+        (Heartbeat, heartbeat_of("uav9"), SENSOR, Heartbeat(uav_id="uav9", sequence=1, state="ready",
+                                                            auth=garbage("uav9/shard_executor")), "unknown_sender", watchdog),
+        (BatteryHealth, battery_of("uav9"), SENSOR, BatteryHealth(uav_id="uav9", energy_j=1e6, capacity_j=2e6), "not_signed", watchdog),
+        # absurd telemetry for roster UAVs: an empty battery that would retire uav3, a heartbeat
+        # that would keep uav2 "alive" with a huge epoch
+        (BatteryHealth, battery_of("uav3"), SENSOR, BatteryHealth(uav_id="uav3", energy_j=float("nan"), capacity_j=-1.0),
+         "not_signed", scheduler),
+        (Heartbeat, heartbeat_of("uav2"), SENSOR, Heartbeat(uav_id="uav2", epoch=2**63, sequence=2**40, state="ready",
+                                                            auth=garbage("uav2/shard_executor")), "bad_signature", scheduler),
+        (Heartbeat, heartbeat_of("uav2"), SENSOR, Heartbeat(uav_id="uav2", epoch=2**63, auth=garbage("uav1/shard_executor")),
+         "wrong_role", watchdog),
+        # genuine telemetry replayed
+        (Heartbeat, heartbeat_of("uav1"), SENSOR, beats["uav1"], "replayed", scheduler),
+        (BatteryHealth, battery_of("uav1"), SENSOR, genuine_battery["b"], "replayed", watchdog),
+    ]
+    for case in cases:
+        forge(*case)
+    assert spin_until(rclpy_node, future.done, timeout=180), launches[0].output()
+    r = future.result()
+    assert r.accepted and list(r.token_ids) == reference["tokens"], (r.error, r.text)
+    assert "uav9" not in {s["uav"] for s in json.loads(r.stats_json)["layout"]}
+    # the next request after all of it
+    again = client.call_async(Generate.Request(user=PROMPT, max_tokens=MAX_TOKENS))
+    assert spin_until(rclpy_node, again.done, timeout=180), launches[0].output()
+    assert list(again.result().token_ids) == reference["tokens"], again.result().error
+    assert all(beats[u].epoch < 2**63 for u in UAVS)
 
     for launch in launches:
         assert launch.stop(signal.SIGINT) == 0, launch.output()

@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import BIN, ROOT, spin_until
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -45,9 +46,11 @@ def read_all(bag: Path):
 
 
 def rosbags_typestore():
-    """Standard types plus AeroKV's TokenChunk, from its .msg file (for writing bags with rosbags)."""
+    """Standard types plus AeroKV's TokenChunk (and the Auth it carries), from their .msg files (for
+    writing bags with rosbags)."""
     ts = get_typestore(Stores.ROS2_JAZZY)
-    ts.register(get_types_from_msg((ROOT / "msg" / "TokenChunk.msg").read_text(), "aerokv/msg/TokenChunk"))
+    for name in ["Auth", "TokenChunk"]:
+        ts.register(get_types_from_msg((ROOT / "msg" / f"{name}.msg").read_text(), f"aerokv/msg/{name}"))
     return ts
 
 
@@ -55,7 +58,7 @@ def write_rosbags_bag(path: Path, n=10, spacing_ns=100_000_000, compression=None
     """A bag written by rosbags: std_msgs/String on /chatter (best effort) and aerokv TokenChunk on
     /aerokv/tokens (reliable, transient local), alternating, `spacing_ns` apart."""
     ts = rosbags_typestore()
-    String, Chunk = ts.types["std_msgs/msg/String"], ts.types["aerokv/msg/TokenChunk"]
+    String, Chunk, Auth = (ts.types[t] for t in ["std_msgs/msg/String", "aerokv/msg/TokenChunk", "aerokv/msg/Auth"])
     start = 1_700_000_000_000_000_000
     w = Writer(path, version=9, storage_plugin=StoragePlugin.MCAP)
     if compression:
@@ -70,7 +73,8 @@ def write_rosbags_bag(path: Path, n=10, spacing_ns=100_000_000, compression=None
             if i % 2 == 0:
                 w.write(chatter, t, ts.serialize_cdr(String(data=f"message {i}"), String.__msgtype__))
             else:
-                msg = Chunk(request_id=7, index=i, token_id=1000 + i, text=f" t{i}", done=False, finish_reason="", epoch=3)
+                msg = Chunk(request_id=7, index=i, token_id=1000 + i, text=f" t{i}", done=False, finish_reason="", epoch=3,
+                            auth=Auth(sender="", counter=0, signature=np.zeros(0, dtype=np.uint8)))
                 w.write(tokens, t, ts.serialize_cdr(msg, Chunk.__msgtype__))
     return start, n, spacing_ns
 

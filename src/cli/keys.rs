@@ -107,6 +107,7 @@ fn bench(b: &BenchArgs) -> anyhow::Result<()> {
             signs_per_token: u + 1.0,
             verifies_per_token: u + 2.0,
         },
+        // Verified by a client that checks the stream (no swarm node reads it).
         Traffic { what: "token chunk", bytes: 120, signs_per_token: 1.0, verifies_per_token: 1.0 },
         Traffic {
             what: "KV snapshot, T tokens of a tail",
@@ -114,18 +115,26 @@ fn bench(b: &BenchArgs) -> anyhow::Result<()> {
             signs_per_token: u / t,
             verifies_per_token: u / t,
         },
-        // 20 Hz per executor, read by the watchdog and the scheduler.
+        // 20 Hz per executor, read by the watchdog, the scheduler and the UAV's battery monitor.
         Traffic {
             what: "heartbeat (20 Hz)",
             bytes: 200,
             signs_per_token: 20.0 * u * per_s,
-            verifies_per_token: 40.0 * u * per_s,
+            verifies_per_token: 60.0 * u * per_s,
         },
+        // 2 Hz per battery monitor, read by the watchdog and the scheduler.
         Traffic {
             what: "battery (2 Hz)",
             bytes: 160,
             signs_per_token: 2.0 * u * per_s,
             verifies_per_token: 4.0 * u * per_s,
+        },
+        // The watchdog's own, 10 Hz, read by the scheduler.
+        Traffic {
+            what: "watchdog heartbeat (10 Hz)",
+            bytes: 150,
+            signs_per_token: 10.0 * per_s,
+            verifies_per_token: 10.0 * per_s,
         },
         Traffic { what: "assignment", bytes: 400, signs_per_token: 0.0, verifies_per_token: 0.0 },
     ];

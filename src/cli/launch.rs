@@ -6,6 +6,9 @@ use anyhow::Context;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// A node that exits with an error this soon after the launch started failed to start.
+const STARTUP_WINDOW: Duration = Duration::from_secs(60);
+
 #[derive(clap::Args)]
 pub struct LaunchArgs {
     /// Launch file (a name such as `swarm.launch.xml` is looked up in the package's launch/).
@@ -42,8 +45,9 @@ pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
         let pid = sup.start(n)?;
         eprintln!("[launch] {} (pid {pid})", n.fqn());
     }
+    let started = std::time::Instant::now();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
+    let failed_start = rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut poll = tokio::time::interval(Duration::from_millis(200));
         loop {
@@ -51,6 +55,13 @@ pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
                 _ = poll.tick() => {
+                    // A node that fails by itself while starting ends the launch at once; one
+                    // killed by a signal later is a failure for the swarm to handle, not this.
+                    if started.elapsed() < STARTUP_WINDOW {
+                        if let Some(report) = sup.failed_to_start(true) {
+                            return anyhow::Ok(Some(report));
+                        }
+                    }
                     for (fqn, status) in sup.exited() {
                         eprintln!("[launch] {fqn} exited: {status}");
                     }
@@ -58,8 +69,12 @@ pub fn run(a: LaunchArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        anyhow::Ok(())
+        anyhow::Ok(None)
     })?;
+    if let Some(report) = failed_start {
+        sup.stop_all(Duration::from_secs(5));
+        anyhow::bail!("{report}");
+    }
     let mut failed = 0;
     for (fqn, stopped) in sup.stop_all(Duration::from_secs(5)) {
         eprintln!("[launch] {fqn} stopped: {stopped}");

@@ -361,8 +361,11 @@ async fn session(
     tokio::pin!(deadline);
     tokio::pin!(available);
     let (mut served, mut planned) = (false, false);
+    // A node that exits while the swarm starts ends the command at once (not at the deadline).
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
     while !(served && planned) {
         tokio::select! {
+            _ = poll.tick() => {}
             r = &mut available, if !served => { r?; served = true; }
             Some(asg) = assignments.next() => {
                 planned = asg.ring.len() >= a.uavs;
@@ -370,8 +373,8 @@ async fn session(
             }
             _ = &mut deadline => anyhow::bail!("the swarm was not ready after {} s (service up: {served}, all UAVs planned: {planned})", a.ready_timeout_s),
         }
-        if let Some((fqn, status)) = sup.exited().into_iter().next() {
-            anyhow::bail!("{fqn} exited while starting: {status}");
+        if let Some(report) = sup.failed_to_start(false) {
+            anyhow::bail!("{report}");
         }
     }
     eprintln!("[swarm] ready in {:.1} s", started.elapsed().as_secs_f64());

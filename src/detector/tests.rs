@@ -227,6 +227,10 @@ fn heartbeat_declarations_are_once_per_epoch_and_only_for_members() {
         w.report(13.0).iter().find(|r| r.uav == "uav1").map(|r| (r.health, r.samples)),
         Some((Health::Alive, 2))
     );
+    // ... and silent again in the same epoch: a new failure, declared again.
+    beat(&mut w, "uav1", 0.05, 13.0, 15.0, 2);
+    let again = silence(&mut w, 15.0, 17.0);
+    assert!(matches!(declared(&again)[..], [d] if d.epoch == 2 && d.uav == "uav1"), "{again:?}");
 }
 
 #[test]

@@ -1,10 +1,14 @@
 //! Authentication at the nodes' publish and receive points (docs/security.md): the canonical
 //! bytes of the signed messages, signing before publishing, verifying on receipt (dropping and
 //! counting what fails), and the counters on `/diagnostics`.
-use crate::ros::{names, now_stamp, NodeContext};
+use crate::ros::names::{self, GATEWAY_SOURCE};
+use crate::ros::{now_stamp, NodeContext};
 use aerokv_auth::{Auth, Claim, Counts, Encoder, Keystore, NodeId, Rejection, Role, Roster, Signer, Verifier};
 use anyhow::Context;
-use r2r::aerokv::msg::{self as m, Assignment, AuthCounters, FailureEvent};
+use r2r::aerokv::msg::{
+    self as m, Activation, Assignment, AuthCounters, BatteryHealth, FailureEvent, Heartbeat, KvSnapshot,
+    PromptProgress, TokenChunk,
+};
 use r2r::builtin_interfaces::msg::Time;
 use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
 use std::sync::{Arc, Mutex};
@@ -27,7 +31,7 @@ impl NodeAuth {
     pub fn load(keystore: &str, role: Role, uav: Option<&str>) -> anyhow::Result<Arc<Self>> {
         let id = NodeId::of(role, uav)?;
         if keystore.is_empty() {
-            tracing::warn!(identity = %id, "AUTHENTICATION OFF: parameter `keystore` is empty; unsigned assignments and failure declarations are accepted from anyone (docs/security.md)");
+            tracing::warn!(identity = %id, "AUTHENTICATION OFF: parameter `keystore` is empty; unsigned messages (plans, failure declarations, telemetry, activations) are accepted from anyone (docs/security.md)");
             return Ok(Arc::new(NodeAuth { id: id.to_string(), signer: None, verifier: None }));
         }
         let ks = Keystore::open(keystore.as_ref()).context("parameter `keystore`")?;
@@ -48,10 +52,15 @@ impl NodeAuth {
 
     /// True when the message may be used; a dropped one is counted and logged (rate-limited).
     fn accept(&self, topic: &str, auth: &m::Auth, body: impl FnOnce(&mut Encoder)) -> bool {
+        self.accept_from(topic, auth, None, body)
+    }
+
+    /// [`Self::accept`] for a message that names its author in a field: the sender must be it.
+    fn accept_from(&self, topic: &str, auth: &m::Auth, author: Option<&str>, body: impl FnOnce(&mut Encoder)) -> bool {
         let Some(verifier) = &self.verifier else { return true };
         let mut v = verifier.lock().unwrap_or_else(|e| e.into_inner());
         let claim = Claim { sender: &auth.sender, counter: auth.counter, signature: &auth.signature };
-        match v.verify(topic, claim, body) {
+        match v.verify_attributed(topic, claim, author, body) {
             Ok(_) => true,
             Err(why) => {
                 let n = v.counts().rejected(why);
@@ -75,6 +84,59 @@ impl NodeAuth {
     }
     pub fn accept_failure(&self, f: &FailureEvent) -> bool {
         self.accept(names::FAILURES, &f.auth, |e| encode_failure(e, f))
+    }
+
+    /// Heartbeats: an executor's on `/<uav>/heartbeat` (its `uav_id` is the sender's UAV), the
+    /// watchdog's on `/aerokv/watchdog/heartbeat`.
+    pub fn sign_heartbeat(&self, topic: &str, h: &mut Heartbeat) {
+        h.auth = self.sign(topic, |e| encode_heartbeat(e, h));
+    }
+    pub fn accept_heartbeat(&self, topic: &str, h: &Heartbeat) -> bool {
+        let author = NodeId::of(Role::ShardExecutor, Some(&h.uav_id)).map(|id| id.to_string()).unwrap_or_default();
+        self.accept_from(topic, &h.auth, Some(&author), |e| encode_heartbeat(e, h))
+    }
+    pub fn accept_watchdog_heartbeat(&self, h: &Heartbeat) -> bool {
+        self.accept(names::WATCHDOG_HEARTBEAT, &h.auth, |e| encode_heartbeat(e, h))
+    }
+    pub fn sign_battery(&self, topic: &str, b: &mut BatteryHealth) {
+        b.auth = self.sign(topic, |e| encode_battery(e, b));
+    }
+    pub fn accept_battery(&self, topic: &str, b: &BatteryHealth) -> bool {
+        let author = NodeId::of(Role::BatteryMonitor, Some(&b.uav_id)).map(|id| id.to_string()).unwrap_or_default();
+        self.accept_from(topic, &b.auth, Some(&author), |e| encode_battery(e, b))
+    }
+    /// Stage inputs and outputs, replays: `source` is the sending UAV, or "gateway" (the
+    /// scheduler).
+    pub fn sign_activation(&self, topic: &str, a: &mut Activation) {
+        a.auth = self.sign(topic, |e| encode_activation(e, a));
+    }
+    pub fn accept_activation(&self, topic: &str, a: &Activation) -> bool {
+        let author = if a.source == GATEWAY_SOURCE {
+            NodeId::of(Role::Scheduler, None)
+        } else {
+            NodeId::of(Role::ShardExecutor, Some(&a.source))
+        };
+        let author = author.map(|id| id.to_string()).unwrap_or_default();
+        self.accept_from(topic, &a.auth, Some(&author), |e| encode_activation(e, a))
+    }
+    pub fn sign_kv(&self, topic: &str, k: &mut KvSnapshot) {
+        k.auth = self.sign(topic, |e| encode_kv(e, k));
+    }
+    pub fn accept_kv(&self, topic: &str, k: &KvSnapshot) -> bool {
+        let author = NodeId::of(Role::ShardExecutor, Some(&k.source)).map(|id| id.to_string()).unwrap_or_default();
+        self.accept_from(topic, &k.auth, Some(&author), |e| encode_kv(e, k))
+    }
+    pub fn sign_token(&self, t: &mut TokenChunk) {
+        t.auth = self.sign(names::TOKENS, |e| encode_token(e, t));
+    }
+    pub fn accept_token(&self, t: &TokenChunk) -> bool {
+        self.accept(names::TOKENS, &t.auth, |e| encode_token(e, t))
+    }
+    pub fn sign_progress(&self, p: &mut PromptProgress) {
+        p.auth = self.sign(names::PROGRESS, |e| encode_progress(e, p));
+    }
+    pub fn accept_progress(&self, p: &PromptProgress) -> bool {
+        self.accept(names::PROGRESS, &p.auth, |e| encode_progress(e, p))
     }
 
     /// A UAV may be planned only if it is on the roster (any UAV when authentication is off).
@@ -109,6 +171,17 @@ impl NodeAuth {
             replayed: c.rejected(Rejection::Replayed),
             malformed: c.rejected(Rejection::Malformed),
         }
+    }
+
+    /// The counters for `stats_json`: accepted, and dropped per reason.
+    pub fn counters_json(&self) -> serde_json::Value {
+        let c = self.counts();
+        let mut map = serde_json::Map::new();
+        map.insert("accepted".into(), c.accepted.into());
+        for why in Rejection::ALL {
+            map.insert(why.name().into(), c.rejected(why).into());
+        }
+        serde_json::Value::Object(map)
     }
 
     /// The counters as one `/diagnostics` status, named `aerokv/auth/<identity>`.
@@ -215,6 +288,55 @@ fn encode_failure(e: &mut Encoder, f: &FailureEvent) {
     encode_time(e, &f.stamp);
 }
 
+fn encode_u32s(e: &mut Encoder, v: &[u32]) {
+    e.seq(v, |e, x| {
+        e.u32(*x);
+    });
+}
+
+fn encode_heartbeat(e: &mut Encoder, h: &Heartbeat) {
+    e.str("aerokv/msg/Heartbeat").str(&h.uav_id).u64(h.epoch).u64(h.sequence).str(&h.state);
+    e.u32(h.layer_start).u32(h.layer_end).u32(h.replica_start).u32(h.replica_end).u32(h.kv_tokens);
+    e.u64(h.request_id).u32(h.pred_snapshot_tokens).f64(h.compute_ms_per_layer).f64(h.compute_s_total);
+    e.u64(h.tx_bytes_total).u64(h.memory_bytes).u64(h.stale_messages);
+    encode_time(e, &h.stamp);
+    let c = &h.auth_counters;
+    e.u64(c.accepted).u64(c.not_signed).u64(c.unknown_sender).u64(c.wrong_role);
+    e.u64(c.bad_signature).u64(c.replayed).u64(c.malformed);
+}
+
+fn encode_battery(e: &mut Encoder, b: &BatteryHealth) {
+    e.str("aerokv/msg/BatteryHealth").str(&b.uav_id);
+    encode_time(e, &b.stamp);
+    e.f64(b.energy_j).f64(b.capacity_j).f32(b.state_of_charge).f64(b.power_w).f64(b.expected_remaining_tokens);
+    e.str(&b.source);
+}
+
+fn encode_activation(e: &mut Encoder, a: &Activation) {
+    e.str("aerokv/msg/Activation").u64(a.epoch).u64(a.request_id).u32(a.step).u32(a.position);
+    e.u32(a.token_count).u32(a.layer_boundary).str(&a.source);
+    encode_u32s(e, &a.shape);
+    e.str(&a.dtype).str(&a.codec).bytes(&a.payload);
+    encode_u32s(e, &a.chunk_tokens);
+    encode_time(e, &a.stamp);
+}
+
+fn encode_kv(e: &mut Encoder, k: &KvSnapshot) {
+    e.str("aerokv/msg/KvSnapshot").u64(k.epoch).u64(k.request_id).str(&k.source).str(&k.holder);
+    e.u32(k.layer_start).u32(k.layer_end).u32(k.token_start).u32(k.token_end).u32(k.kv_heads).u32(k.head_dim);
+    e.str(&k.dtype).str(&k.codec).bytes(&k.payload);
+    encode_time(e, &k.stamp);
+}
+
+fn encode_token(e: &mut Encoder, t: &TokenChunk) {
+    e.str("aerokv/msg/TokenChunk").u64(t.request_id).u32(t.index).i32(t.token_id).str(&t.text);
+    e.bool(t.done).str(&t.finish_reason).u64(t.epoch);
+}
+
+fn encode_progress(e: &mut Encoder, p: &PromptProgress) {
+    e.str("aerokv/msg/PromptProgress").u64(p.request_id).u32(p.done).u32(p.total).u64(p.epoch);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +378,89 @@ mod tests {
         let mut f = fields(&FailureEvent::default());
         f.sort();
         assert_eq!(f, ["auth", "epoch", "reason", "silence_s", "stamp", "uav_id"]);
+        // The other signed messages: every field (the encoders follow the .msg order).
+        fn same<T: serde::Serialize>(msg: &T, expected: &[&str]) {
+            let (mut got, mut expected) = (fields(msg), expected.to_vec());
+            got.sort();
+            expected.sort();
+            assert_eq!(got, expected);
+        }
+        let h = [
+            "uav_id",
+            "epoch",
+            "sequence",
+            "state",
+            "layer_start",
+            "layer_end",
+            "replica_start",
+            "replica_end",
+            "kv_tokens",
+            "request_id",
+            "pred_snapshot_tokens",
+            "compute_ms_per_layer",
+            "compute_s_total",
+            "tx_bytes_total",
+            "memory_bytes",
+            "stale_messages",
+            "stamp",
+            "auth_counters",
+            "auth",
+        ];
+        same(&Heartbeat::default(), &h);
+        same(
+            &AuthCounters::default(),
+            &["accepted", "not_signed", "unknown_sender", "wrong_role", "bad_signature", "replayed", "malformed"],
+        );
+        let b = [
+            "uav_id",
+            "stamp",
+            "energy_j",
+            "capacity_j",
+            "state_of_charge",
+            "power_w",
+            "expected_remaining_tokens",
+            "source",
+            "auth",
+        ];
+        same(&BatteryHealth::default(), &b);
+        let a = [
+            "epoch",
+            "request_id",
+            "step",
+            "position",
+            "token_count",
+            "layer_boundary",
+            "source",
+            "shape",
+            "dtype",
+            "codec",
+            "payload",
+            "chunk_tokens",
+            "stamp",
+            "auth",
+        ];
+        same(&Activation::default(), &a);
+        let k = [
+            "epoch",
+            "request_id",
+            "source",
+            "holder",
+            "layer_start",
+            "layer_end",
+            "token_start",
+            "token_end",
+            "kv_heads",
+            "head_dim",
+            "dtype",
+            "codec",
+            "payload",
+            "stamp",
+            "auth",
+        ];
+        same(&KvSnapshot::default(), &k);
+        let t = ["request_id", "index", "token_id", "text", "done", "finish_reason", "epoch", "auth"];
+        same(&TokenChunk::default(), &t);
+        same(&PromptProgress::default(), &["request_id", "done", "total", "epoch", "auth"]);
     }
 
     fn keystore(dir: &std::path::Path) -> (Arc<NodeAuth>, Arc<NodeAuth>, Arc<NodeAuth>) {
@@ -315,6 +520,29 @@ mod tests {
         let c = uav1.counters();
         assert_eq!((c.accepted, c.bad_signature, c.replayed, c.wrong_role), (1, 13, 1, 1));
         assert!(uav1.admits_uav("uav2") && !uav1.admits_uav("uav3"));
+        // Data plane: an activation is the sender's own (`source`), and every field is signed.
+        let topic = names::stage_input("uav2");
+        let mut act = Activation { source: "uav1".into(), payload: vec![1, 2, 3], ..Default::default() };
+        uav1.sign_activation(&topic, &mut act);
+        let mut moved = act.payload.clone();
+        moved[0] ^= 1;
+        assert!(!scheduler.accept_activation(&topic, &Activation { payload: moved, ..act.clone() }));
+        assert!(!scheduler.accept_activation(&topic, &Activation { source: "uav2".into(), ..act.clone() }));
+        assert!(scheduler.accept_activation(&topic, &act));
+        let mut gw = Activation { source: GATEWAY_SOURCE.into(), ..Default::default() };
+        uav1.sign_activation(&topic, &mut gw);
+        assert!(!scheduler.accept_activation(&topic, &gw), "an executor posing as the gateway");
+        scheduler.sign_activation(&topic, &mut gw);
+        assert!(uav1.accept_activation(&topic, &gw));
+        // A heartbeat for uav2 signed by uav1's executor, on uav2's topic or on its own.
+        let mut hb = Heartbeat { uav_id: "uav2".into(), ..Default::default() };
+        uav1.sign_heartbeat(&names::heartbeat("uav2"), &mut hb);
+        assert!(!scheduler.accept_heartbeat(&names::heartbeat("uav2"), &hb));
+        let mut own = Heartbeat { uav_id: "uav1".into(), ..Default::default() };
+        uav1.sign_heartbeat(&names::heartbeat("uav1"), &mut own);
+        assert!(scheduler.accept_heartbeat(&names::heartbeat("uav1"), &own));
+        let counts = scheduler.counters();
+        assert_eq!((counts.accepted, counts.bad_signature, counts.wrong_role), (3, 2, 3), "{counts:?}");
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 

@@ -44,6 +44,7 @@ pub fn activation(
         payload: h.bytes().to_vec(),
         chunk_tokens: Vec::new(),
         stamp: crate::ros::now_stamp(),
+        auth: Default::default(),
     }
 }
 
@@ -126,6 +127,7 @@ pub fn kv_snapshot(
         codec: codec.name().into(),
         payload: codec.encode(&all)?,
         stamp: crate::ros::now_stamp(),
+        auth: Default::default(),
     })
 }
 

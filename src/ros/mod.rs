@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod bag;
 pub mod convert;
+pub mod fallback;
 pub mod names;
 pub mod nodes;
 pub mod runtime;

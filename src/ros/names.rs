@@ -6,6 +6,10 @@ use r2r::QosProfile;
 pub const SWARM_NS: &str = "/aerokv";
 pub const ASSIGNMENT: &str = "/aerokv/assignment";
 pub const FAILURES: &str = "/aerokv/failures";
+/// The watchdog's own heartbeat: the scheduler notices its death (docs/security.md §5).
+pub const WATCHDOG_HEARTBEAT: &str = "/aerokv/watchdog/heartbeat";
+/// `Activation.source` of the gateway's messages (the scheduler's embeddings).
+pub const GATEWAY_SOURCE: &str = "gateway";
 pub const TOKENS: &str = "/aerokv/tokens";
 /// How much of a request's prompt has gone through the swarm (long prompts take seconds).
 pub const PROGRESS: &str = "/aerokv/progress";

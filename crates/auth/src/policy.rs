@@ -22,7 +22,7 @@ pub fn rule(topic: &str) -> Option<Rule> {
     if ns == SWARM_NAMESPACE {
         return match leaf {
             "assignment" | "tokens" | "progress" => any(&[Scheduler]),
-            "failures" => any(&[Watchdog]),
+            "failures" | "watchdog/heartbeat" => any(&[Watchdog]),
             "gateway/input" => any(&[ShardExecutor]),
             _ => None,
         };
@@ -51,6 +51,7 @@ mod tests {
     fn authority_lines() {
         assert_eq!(rule("/aerokv/assignment").unwrap().roles, &[Role::Scheduler]);
         assert_eq!(rule("/aerokv/failures").unwrap().roles, &[Role::Watchdog]);
+        assert_eq!(rule("/aerokv/watchdog/heartbeat").unwrap().roles, &[Role::Watchdog]);
         assert!(rule("/uav2/heartbeat").unwrap().own_uav_only);
         assert!(!rule("/uav2/input").unwrap().own_uav_only);
         assert_eq!(rule("/aerokv/unknown"), None);

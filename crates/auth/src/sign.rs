@@ -292,12 +292,31 @@ impl Verifier {
         claim: Claim<'_>,
         body: impl FnOnce(&mut Encoder),
     ) -> Result<Member, Rejection> {
-        let outcome = self.check(topic, claim, body);
+        self.verify_attributed(topic, claim, None, body)
+    }
+
+    /// [`Self::verify`] for a message that names its own author in a field (an activation's
+    /// `source`, a heartbeat's `uav_id`): the sender must be `author`, or it is
+    /// [`Rejection::WrongRole`] (a member signing what it attributes to another).
+    pub fn verify_attributed(
+        &mut self,
+        topic: &str,
+        claim: Claim<'_>,
+        author: Option<&str>,
+        body: impl FnOnce(&mut Encoder),
+    ) -> Result<Member, Rejection> {
+        let outcome = self.check(topic, claim, author, body);
         self.counts.record(outcome.as_ref().map(|_| ()).map_err(|e| *e));
         outcome
     }
 
-    fn check(&mut self, topic: &str, claim: Claim<'_>, body: impl FnOnce(&mut Encoder)) -> Result<Member, Rejection> {
+    fn check(
+        &mut self,
+        topic: &str,
+        claim: Claim<'_>,
+        author: Option<&str>,
+        body: impl FnOnce(&mut Encoder),
+    ) -> Result<Member, Rejection> {
         if claim.sender.is_empty() && claim.signature.is_empty() {
             return Err(Rejection::Unsigned);
         }
@@ -306,7 +325,7 @@ impl Verifier {
         let member = self.roster.get(claim.sender).ok_or(Rejection::UnknownSender)?.clone();
         let rule = policy::rule(topic).ok_or(Rejection::WrongRole)?;
         let own_topic = !rule.own_uav_only || member.uav().is_some_and(|u| Some(u) == policy::topic_uav(topic));
-        if !rule.roles.contains(&member.role) || !own_topic {
+        if !rule.roles.contains(&member.role) || !own_topic || author.is_some_and(|a| a != claim.sender) {
             return Err(Rejection::WrongRole);
         }
         let key = (id, topic.to_string());
@@ -361,6 +380,23 @@ mod tests {
 
     fn claim(a: &Auth) -> Claim<'_> {
         Claim { sender: &a.sender, counter: a.counter, signature: &a.signature }
+    }
+
+    #[test]
+    fn a_message_attributed_to_another_member_is_wrong_role() {
+        let mut s = swarm();
+        let topic = "/uav2/input";
+        // uav1's executor signs an activation whose `source` says uav2.
+        let a = s.uav1.sign(topic, body(1));
+        let r = s.verifier.verify_attributed(topic, claim(&a), Some("uav2/shard_executor"), body(1));
+        assert_eq!(r.err(), Some(Rejection::WrongRole));
+        let a = s.uav1.sign(topic, body(2));
+        assert!(s.verifier.verify_attributed(topic, claim(&a), Some("uav1/shard_executor"), body(2)).is_ok());
+        // The scheduler feeds the first stage as the gateway.
+        let g = s.scheduler.sign(topic, body(3));
+        assert!(s.verifier.verify_attributed(topic, claim(&g), Some("aerokv/scheduler"), body(3)).is_ok());
+        assert_eq!(s.verifier.counts().rejected(Rejection::WrongRole), 1);
+        let _ = &s.watchdog;
     }
 
     #[test]

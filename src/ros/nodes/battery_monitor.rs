@@ -6,7 +6,9 @@
 //! and checked by [`crate::battery`]; refused ones are counted and shown in `/diagnostics`.
 use crate::battery::{self, Px4Warning, Reading, Rejected, SocField, Source};
 use crate::control::Rejects;
+use crate::ros::auth::{NodeAuth, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::{names, now_stamp, NodeContext};
+use aerokv_auth::Role;
 use r2r::aerokv::msg::{BatteryHealth, Heartbeat};
 use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
 use r2r::sensor_msgs::msg::BatteryState;
@@ -47,6 +49,8 @@ pub struct Params {
     /// From this PX4 warning on (low, critical, emergency, failed; never) the UAV has no energy
     /// left for the swarm.
     pub px4_empty_at_warning: Px4Warning,
+    /// Keystore directory (docs/security.md); empty: authentication off.
+    pub keystore: String,
 }
 
 impl Default for Params {
@@ -69,6 +73,7 @@ impl Default for Params {
             px4_topic: "/fmu/out/battery_status".into(),
             px4_namespace: String::new(),
             px4_empty_at_warning: Px4Warning::Emergency,
+            keystore: String::new(),
         }
     }
 }
@@ -108,7 +113,10 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
         p.uav_id = ctx.namespace.clone();
     }
     anyhow::ensure!(!p.uav_id.is_empty(), "parameter `uav_id` is empty and the node has no namespace");
-    let health_pub = ctx.publisher::<BatteryHealth>(&names::battery(&p.uav_id), names::telemetry())?;
+    let auth = NodeAuth::load(&p.keystore, Role::BatteryMonitor, Some(&p.uav_id))?;
+    auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
+    let (battery_topic, heartbeat_topic) = (names::battery(&p.uav_id), names::heartbeat(&p.uav_id));
+    let health_pub = ctx.publisher::<BatteryHealth>(&battery_topic, names::telemetry())?;
     let diag_pub = ctx.publisher::<DiagnosticArray>(names::DIAGNOSTICS, r2r::QosProfile::default())?;
     let mut heartbeats = ctx.subscribe::<Heartbeat>(&names::heartbeat(&p.uav_id), names::telemetry())?;
     let bs_qos =
@@ -154,6 +162,9 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
             _ = &mut shutdown => return Ok(()),
             Some(hb) = heartbeats.recv() => {
                 let now = Instant::now();
+                if !auth.accept_heartbeat(&heartbeat_topic, &hb) {
+                    continue;
+                }
                 if let Some((t0, prev)) = &usage.last {
                     let d_tokens = hb.kv_tokens.saturating_sub(prev.kv_tokens) as f64;
                     let d_compute = (hb.compute_s_total - prev.compute_s_total).max(0.0);
@@ -217,7 +228,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
                     + p.inference_power_w * inference_power_fraction(soc) * usage.compute_s_per_token
                     + p.tx_power_w * usage.tx_bytes_per_token * 8.0 / p.link_rate_bps;
                 let expected_tokens = if energy_per_token > 0.0 { energy_j / energy_per_token } else { f64::INFINITY };
-                let msg = BatteryHealth {
+                let mut msg = BatteryHealth {
                     uav_id: p.uav_id.clone(),
                     stamp: now_stamp(),
                     energy_j,
@@ -226,7 +237,9 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
                     power_w,
                     expected_remaining_tokens: expected_tokens,
                     source: source.into(),
+                    ..Default::default()
                 };
+                auth.sign_battery(&battery_topic, &mut msg);
                 if let Err(e) = health_pub.publish(&msg) { tracing::warn!("publish battery health: {e}"); }
                 let warning = external.as_ref().and_then(|(r, _)| r.warning);
                 let _ = diag_pub.publish(&diagnostics(&p.uav_id, &msg, rejects, last_rejected.as_ref(), warning));

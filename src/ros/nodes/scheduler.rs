@@ -7,7 +7,9 @@ use super::discovery::uavs_with_topic;
 use crate::control::{self, Airframe, Controller, Heard, Membership, ModelSize, Planned, Telemetry, TelemetryKind};
 use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
 use crate::detector::FailureReason;
+use crate::epoch::{self as epochs, EpochClock, ExecutorState, Readiness};
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
+use crate::ros::fallback::{self, Input};
 use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
 use aerokv_auth::Role;
 use aerokv_codec::{ActivationCodec, Encoded};
@@ -28,6 +30,10 @@ use tokio::sync::mpsc;
 /// flowing through the stages as a pipeline). Well below the data plane's DDS history (8) and
 /// r2r's subscription queue (10), which drop what overflows.
 const MAX_STEPS_IN_FLIGHT: usize = 4;
+
+/// A (re)started scheduler plans once it heard `expected_uavs` executors' heartbeats, or after
+/// this many member timeouts of listening (docs/design.md, "Epochs").
+const EPOCH_SETTLE_TIMEOUTS: f64 = 2.0;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -166,6 +172,10 @@ struct Live {
     battery: BTreeMap<String, BatteryHealth>,
     /// Telemetry refused by the checks in `control` (wrong UAV, non-finite or absurd figures).
     rejects: control::TelemetryRejects,
+    /// Epochs issued and reported: a (re)started scheduler continues above the swarm's.
+    clock: Option<EpochClock>,
+    /// The highest request id an executor reported: a restarted scheduler numbers above it.
+    max_request_id: u64,
 }
 
 /// Why a generation could not go on.
@@ -175,6 +185,8 @@ enum Interrupt {
     Failed(String),
     #[error("{0}")]
     Fatal(String),
+    #[error("{uav} runs epoch {epoch}, above this plan's")]
+    Superseded { uav: String, epoch: u64 },
 }
 
 /// One failure (or retirement) during a request, for `stats_json` and `aerokv swarm --json`.
@@ -214,8 +226,10 @@ struct Scheduler {
     membership: Membership,
     assign_pub: SignedPublisher<Assignment>,
     auth: Arc<NodeAuth>,
-    token_pub: r2r::Publisher<TokenChunk>,
-    progress_pub: r2r::Publisher<PromptProgress>,
+    token_pub: SignedPublisher<TokenChunk>,
+    progress_pub: SignedPublisher<PromptProgress>,
+    /// Failure detection while the watchdog is silent.
+    fallback: fallback::Handle,
     /// Stage inputs, and replays of the embeddings a stage around the gateway was fed; by topic.
     activation_pubs: Publishers<Activation>,
     /// The last stage's outputs, read straight from the subscription (not through a draining
@@ -262,22 +276,46 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     };
     tracing::info!(variant = %p.variant, layers = arch.layers, layer_ms = own_layer_latency_s * 1e3, "gateway loaded");
 
-    let outputs = ctx.lock().subscribe::<Activation>(names::GATEWAY_INPUT, names::data_plane())?.boxed();
     let auth = NodeAuth::load(&p.keystore, Role::Scheduler, None)?;
     auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
-    let failures = verified(ctx.subscribe(names::FAILURES, names::events())?, auth.clone(), NodeAuth::accept_failure);
+    let outputs = {
+        let auth = auth.clone();
+        let stream = ctx.lock().subscribe::<Activation>(names::GATEWAY_INPUT, names::data_plane())?;
+        stream.filter(move |m| futures::future::ready(auth.accept_activation(names::GATEWAY_INPUT, m))).boxed()
+    };
+    // The watchdog's declarations, and the scheduler's own while the watchdog is silent.
+    let (failures_tx, failures) = mpsc::unbounded_channel();
+    let fallback = fallback::spawn(&ctx, auth.clone(), failures_tx.clone())?;
+    let mut declared =
+        verified(ctx.subscribe(names::FAILURES, names::events())?, auth.clone(), NodeAuth::accept_failure);
+    tokio::spawn(async move {
+        while let Some(ev) = declared.recv().await {
+            if failures_tx.send(ev).is_err() {
+                break;
+            }
+        }
+    });
     let mut service = ctx.lock().create_service::<Generate::Service>(names::GENERATE, r2r::QosProfile::default())?;
     let (member_timeout, rejoin_after) =
         (Duration::from_secs_f64(p.member_timeout_s), Duration::from_secs_f64(p.rejoin_after_s));
     let mut s = Scheduler {
+        fallback,
         assign_pub: SignedPublisher::new(
             ctx.publisher(names::ASSIGNMENT, names::latched())?,
             auth.clone(),
             NodeAuth::sign_assignment,
         ),
-        auth,
-        token_pub: ctx.publisher::<TokenChunk>(names::TOKENS, names::events())?,
-        progress_pub: ctx.publisher::<PromptProgress>(names::PROGRESS, names::events())?,
+        auth: auth.clone(),
+        token_pub: SignedPublisher::new(
+            ctx.publisher(names::TOKENS, names::events())?,
+            auth.clone(),
+            NodeAuth::sign_token,
+        ),
+        progress_pub: SignedPublisher::new(
+            ctx.publisher(names::PROGRESS, names::events())?,
+            auth.clone(),
+            NodeAuth::sign_progress,
+        ),
         ctx: ctx.clone(),
         codec: p.codec()?,
         p,
@@ -297,6 +335,12 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         stale_dropped: 0,
         hops: Vec::new(),
     };
+    // Listen to the executors before the first plan (docs/design.md, "Epochs").
+    s.lock().clock = Some(EpochClock::new(
+        Instant::now(),
+        Duration::from_secs_f64(EPOCH_SETTLE_TIMEOUTS * s.p.member_timeout_s),
+        s.p.expected_uavs,
+    ));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(s.p.replan_period_s.min(0.25)));
     let mut last_replan = Instant::now();
     let shutdown = ctx.shutdown();
@@ -352,6 +396,42 @@ impl Scheduler {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Has this scheduler listened long enough to know the swarm's epoch?
+    fn settled(&self) -> bool {
+        self.lock().clock.as_ref().is_none_or(|c| c.settled(Instant::now()))
+    }
+
+    /// Waits (bounded) until [`Self::settled`].
+    async fn await_settled(&mut self) {
+        // Ends by the clock's bound at the latest.
+        while !self.settled() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The epoch the next plan will get (above everything issued or heard).
+    fn next_epoch(&self) -> u64 {
+        self.lock().clock.as_ref().map_or(self.epoch + 1, EpochClock::peek)
+    }
+
+    /// The last heartbeat of every stage of `plan`.
+    fn reports(&self, plan: &SwarmPlan) -> Vec<(String, Option<epochs::Report>)> {
+        let live = self.lock();
+        plan.stages
+            .iter()
+            .map(|s| {
+                let r = live.beats.get(&s.uav).map(|(at, hb)| epochs::Report {
+                    epoch: hb.epoch,
+                    state: ExecutorState::parse(&hb.state),
+                    request_id: hb.request_id,
+                    kv_tokens: hb.kv_tokens,
+                    age: at.elapsed(),
+                });
+                (s.uav.clone(), r)
+            })
+            .collect()
+    }
+
     /// Subscribes to the heartbeats and battery health of UAVs that appeared.
     fn discover(&mut self) -> anyhow::Result<()> {
         for uav in uavs_with_topic(&self.ctx, "heartbeat") {
@@ -365,9 +445,13 @@ impl Scheduler {
             let mut battery = self.ctx.subscribe::<BatteryHealth>(&names::battery(&uav), names::telemetry())?;
             let (live, u, layers) = (self.live.clone(), uav.clone(), self.controller.model.num_layers);
             let member_timeout = self.membership.member_timeout;
+            let (auth, topic, fallback) = (self.auth.clone(), names::heartbeat(&uav), self.fallback.tx.clone());
             tokio::spawn(async move {
                 while let Some(hb) = beats.recv().await {
                     let now = Instant::now();
+                    if !auth.accept_heartbeat(&topic, &hb) {
+                        continue;
+                    }
                     let checked = control::validate_heartbeat(&convert::heartbeat_fields(&hb), &u, layers);
                     let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
                     if !live.rejects.passed(&u, TelemetryKind::Heartbeat, checked) {
@@ -377,15 +461,27 @@ impl Scheduler {
                     heard.battery =
                         live.battery.get(&u).is_some_and(|b| !control::is_depleted(&convert::battery_health_fields(b)));
                     live.heard.insert(u.clone(), heard);
+                    if let Some(c) = live.clock.as_mut() {
+                        if c.observe(&u, hb.epoch) {
+                            tracing::info!(uav = %u, epoch = hb.epoch, "an executor runs a later epoch than this scheduler issued");
+                        }
+                    }
+                    live.max_request_id = live.max_request_id.max(hb.request_id);
+                    let _ = fallback.send(Input::Heartbeat(u.clone(), hb.sequence, now));
                     live.beats.insert(u.clone(), (now, hb));
                 }
             });
             let (live, u) = (self.live.clone(), uav.clone());
+            let (auth, topic, fallback) = (self.auth.clone(), names::battery(&uav), self.fallback.tx.clone());
             tokio::spawn(async move {
                 while let Some(b) = battery.recv().await {
+                    if !auth.accept_battery(&topic, &b) {
+                        continue;
+                    }
                     let checked = control::validate_battery_health(&convert::battery_health_fields(&b), &u);
                     let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
                     if live.rejects.passed(&u, TelemetryKind::BatteryHealth, checked) {
+                        let _ = fallback.send(Input::Battery(u.clone(), b.energy_j, Instant::now()));
                         live.battery.insert(u.clone(), b);
                     }
                 }
@@ -453,12 +549,20 @@ impl Scheduler {
         true
     }
 
-    fn publish(&mut self, planned: Planned, reason: &str) -> anyhow::Result<()> {
+    /// Publishes a plan under a new epoch, above every epoch issued or heard.
+    fn publish(&mut self, mut planned: Planned, reason: &str) -> anyhow::Result<()> {
+        let epoch = match self.lock().clock.as_mut() {
+            Some(c) => c.issue()?,
+            None => self.epoch + 1,
+        };
+        planned.plan.epoch = epoch;
+        self.epoch = epoch;
         let msg = convert::assignment(&planned.plan, &self.p.variant, reason, self.codec);
         let layout: Vec<String> =
             planned.plan.stages.iter().map(|s| format!("{}[{}+{} K{} T{}]", s.uav, s.start, s.len, s.k, s.t)).collect();
         tracing::info!(epoch = planned.plan.epoch, reason, resume = planned.plan.resume_position, layout = %layout.join(" "), min_expected_tokens = planned.protection.min_expected_tokens, "assignment published");
         self.assign_pub.publish(&msg)?;
+        self.fallback.send(Input::Assignment(epoch, msg.ring.clone()));
         // Ready before a failure needs it: matching a new publisher costs the recovery time.
         let plan = &planned.plan;
         for s in plan.stages.iter().filter(|s| plan.tail_needs_gateway_replay(s)) {
@@ -475,14 +579,14 @@ impl Scheduler {
         if members.len() < self.p.expected_uavs && self.current.is_none() {
             return Ok(());
         }
-        if members.is_empty() {
+        if members.is_empty() || !self.settled() {
             return Ok(());
         }
         let telemetry = self.telemetry();
-        let candidate = self.controller.initial(&members, &telemetry, self.p.plan_tokens, self.epoch + 1, 0)?;
-        let changed = self.current.as_ref().is_none_or(|c| c.plan.stages != candidate.plan.stages);
+        let candidate = self.controller.initial(&members, &telemetry, self.p.plan_tokens, self.next_epoch(), 0)?;
+        let behind = self.lock().clock.as_ref().and_then(EpochClock::behind);
+        let changed = behind.is_some() || self.current.as_ref().is_none_or(|c| c.plan.stages != candidate.plan.stages);
         if changed {
-            self.epoch += 1;
             let reason = if self.current.is_none() { "initial" } else { "battery or membership change" };
             self.publish(candidate, reason)?;
         }
@@ -530,11 +634,14 @@ impl Scheduler {
             Ok(s) => s,
             Err(e) => return self.refuse(e.to_string()),
         };
+        self.await_settled().await;
         let members = self.members();
         if members.is_empty() {
             return self.refuse("no UAV is up (no heartbeat and battery health from any shard executor)".into());
         }
-        self.request_id += 1;
+        // Above any request an executor still holds (a restarted scheduler starts from 0).
+        let reported = self.lock().max_request_id;
+        self.request_id = self.request_id.max(reported) + 1;
         let mut run = Run::new(self.request_id, prompt_ids, req.max_tokens as usize, sampling);
         run.ignore_eos = req.ignore_eos;
         let result = self.generate(&mut run).await;
@@ -552,6 +659,7 @@ impl Scheduler {
             done: true,
             finish_reason: finish.clone(),
             epoch: self.epoch,
+            ..Default::default()
         });
         let text = self.gateway.decode(&run.tokens).unwrap_or_default();
         let decode_s = run.first_token_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
@@ -563,6 +671,8 @@ impl Scheduler {
             "epochs": run.epochs,
             "incidents": run.incidents,
             "stale_dropped": self.stale_dropped,
+            "watchdog": self.fallback.status(),
+            "auth": self.auth.counters_json(),
             "prefill_s": run.prefill_s,
             "gateway_hop_ms": percentiles(&std::mem::take(&mut self.hops)),
             "steps": step_stats(&run.steps),
@@ -767,8 +877,13 @@ impl Scheduler {
     fn report_progress(&self, run: &Run, done: usize) {
         let total = run.prompt_ids.len();
         tracing::debug!(request = run.request_id, done, total, "prompt progress");
-        let msg =
-            PromptProgress { request_id: run.request_id, done: done as u32, total: total as u32, epoch: self.epoch };
+        let msg = PromptProgress {
+            request_id: run.request_id,
+            done: done as u32,
+            total: total as u32,
+            epoch: self.epoch,
+            ..Default::default()
+        };
         if let Err(e) = self.progress_pub.publish(&msg) {
             tracing::warn!("publish prompt progress: {e}");
         }
@@ -784,6 +899,7 @@ impl Scheduler {
             done: false,
             finish_reason: String::new(),
             epoch: self.epoch,
+            ..Default::default()
         };
         if let Err(e) = self.token_pub.publish(&chunk) {
             tracing::warn!("publish token: {e}");
@@ -801,7 +917,9 @@ impl Scheduler {
         while in_flight < window {
             let Some(ids) = run.step_at(run.sent_until) else { break };
             let hidden = self.embed(ids)?;
-            let msg = convert::activation(epoch, run.request_id, 0, run.sent_until, 0, "gateway", &hidden);
+            let mut msg =
+                convert::activation(epoch, run.request_id, 0, run.sent_until, 0, names::GATEWAY_SOURCE, &hidden);
+            self.auth.sign_activation(&topic, &mut msg);
             let publisher = self.activation_pub(&topic).map_err(|e| Interrupt::Fatal(e.to_string()))?;
             publisher.publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {topic}: {e}")))?;
             run.sent_until += hidden.rows();
@@ -833,9 +951,10 @@ impl Scheduler {
             // Encoded again: the same bytes the stage was fed (the codecs are deterministic).
             chunks.push((position, self.embed(ids)?));
         }
-        let msg = convert::packed_activation(self.epoch, run.request_id, 0, "gateway", &chunks)
+        let mut msg = convert::packed_activation(self.epoch, run.request_id, 0, names::GATEWAY_SOURCE, &chunks)
             .map_err(|e| Interrupt::Fatal(format!("replay of {failed}'s embeddings: {e}")))?;
         let topic = names::replay(failed);
+        self.auth.sign_activation(&topic, &mut msg);
         tracing::info!(
             failed,
             steps = chunks.len(),
@@ -873,7 +992,10 @@ impl Scheduler {
                     }
                 }
                 _ = &mut deadline => {
-                    return Err(Interrupt::Fatal(format!("no output for position {} within {} s and no failure declared", run.position, self.p.step_timeout_s)));
+                    let plan = self.current.as_ref().map(|c| c.plan.clone()).ok_or_else(|| Interrupt::Fatal("no plan".into()))?;
+                    let reports = self.reports(&plan);
+                    let why = epochs::diagnose_stall(plan.epoch, run.request_id, reports.iter().map(|(u, r)| (u.as_str(), r.as_ref())), self.membership.member_timeout);
+                    return Err(Interrupt::Fatal(format!("no output for position {} within {} s and no failure declared; {why}", run.position, self.p.step_timeout_s)));
                 }
             }
         }
@@ -900,7 +1022,7 @@ impl Scheduler {
                 run.total_tokens(),
                 run.position,
                 snapshot,
-                self.epoch + 1,
+                self.next_epoch(),
                 graceful,
             )
             .map_err(|e| e.to_string());
@@ -912,7 +1034,7 @@ impl Scheduler {
             mode: if graceful { "retirement" } else { "failover" }.into(),
             resume_position: run.position,
             replay_from: 0,
-            epoch: self.epoch + 1,
+            epoch: self.next_epoch(),
             detected_at,
             recovered_at: 0.0,
             next_token_at: 0.0,
@@ -923,8 +1045,8 @@ impl Scheduler {
             Ok(planned) if planned.plan.resume_position > 0 => {
                 incident.planned_recovery_s = planned.protection.worst_recovery_s;
                 incident.replay_from = planned.plan.replay_from;
-                self.epoch += 1;
                 self.publish(planned, &format!("{reason} of {failed}")).map_err(|e| Interrupt::Fatal(e.to_string()))?;
+                incident.epoch = self.epoch;
                 run.epochs.push(self.epoch);
                 if needs_embeddings {
                     self.replay_embeddings(run, failed, incident.replay_from)?;
@@ -932,7 +1054,7 @@ impl Scheduler {
                 match self.wait_ready().await {
                     Ok(()) => None,
                     Err(Interrupt::Failed(other)) => Some(format!("another failure during recovery: {other}")),
-                    Err(Interrupt::Fatal(why)) => Some(format!("failover did not complete: {why}")),
+                    Err(e) => Some(format!("failover did not complete: {e}")),
                 }
             }
             Ok(_) => Some("the failure came during the prompt's first chunk: nothing to recover".to_string()),
@@ -983,15 +1105,17 @@ impl Scheduler {
             let telemetry = self.telemetry();
             let planned = self
                 .controller
-                .initial(&members, &telemetry, run.total_tokens(), self.epoch + 1, run.request_id)
+                .initial(&members, &telemetry, run.total_tokens(), self.next_epoch(), run.request_id)
                 .map_err(|e| Interrupt::Fatal(format!("the swarm cannot serve this request: {e}")))?;
-            self.epoch += 1;
             self.publish(planned, reason).map_err(|e| Interrupt::Fatal(e.to_string()))?;
             run.epochs.push(self.epoch);
             match self.wait_ready().await {
                 Ok(()) => return Ok(()),
                 Err(Interrupt::Failed(uav)) => {
                     tracing::warn!(%uav, "failed while the plan was applied: planning again")
+                }
+                Err(Interrupt::Superseded { uav, epoch }) => {
+                    tracing::warn!(%uav, epoch, "an executor runs a later epoch: planning again above it")
                 }
                 Err(e) => return Err(e),
             }
@@ -1011,23 +1135,18 @@ impl Scheduler {
                     }
                 }
                 _ = poll.tick() => {
-                    let live = self.lock();
-                    let mut waiting = Vec::new();
-                    for s in &plan.stages {
-                        match live.beats.get(&s.uav) {
-                            Some((_, hb)) if hb.epoch == plan.epoch && hb.state.starts_with("error") => {
-                                return Err(Interrupt::Fatal(format!("{} cannot apply epoch {}: {}", s.uav, plan.epoch, hb.state)));
-                            }
-                            Some((_, hb)) if hb.epoch >= plan.epoch && hb.state == "ready" => {}
-                            _ => waiting.push(s.uav.clone()),
+                    let reports = self.reports(&plan);
+                    match epochs::readiness(plan.epoch, reports.iter().map(|(u, r)| (u.as_str(), r.as_ref()))) {
+                        Readiness::Ready => return Ok(()),
+                        Readiness::Superseded { uav, epoch } => return Err(Interrupt::Superseded { uav, epoch }),
+                        Readiness::Refused { uav, why } => {
+                            return Err(Interrupt::Fatal(format!("{uav} cannot apply epoch {}: {why}", plan.epoch)));
                         }
-                    }
-                    drop(live);
-                    if waiting.is_empty() {
-                        return Ok(());
-                    }
-                    if Instant::now() > deadline {
-                        return Err(Interrupt::Fatal(format!("{} not ready with epoch {} after {} s", waiting.join(", "), plan.epoch, self.p.ready_timeout_s)));
+                        Readiness::Waiting(lags) if Instant::now() > deadline => {
+                            let lags: Vec<String> = lags.iter().map(ToString::to_string).collect();
+                            return Err(Interrupt::Fatal(format!("not ready with epoch {} after {} s: {}", plan.epoch, self.p.ready_timeout_s, lags.join("; "))));
+                        }
+                        Readiness::Waiting(_) => {}
                     }
                 }
             }

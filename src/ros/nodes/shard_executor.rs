@@ -106,6 +106,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let status = Arc::new(Mutex::new(Status {
         hb: Heartbeat { uav_id: p.uav_id.clone(), state: "waiting".into(), ..Default::default() },
     }));
+    let (hb_auth, hb_topic) = (auth.clone(), names::heartbeat(&p.uav_id));
     let mut worker = Worker {
         ctx: ctx.clone(),
         uav: p.uav_id.clone(),
@@ -139,6 +140,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
                 let mut hb = status.lock().unwrap_or_else(|e| e.into_inner()).hb.clone();
                 hb.sequence = sequence;
                 hb.stamp = now_stamp();
+                hb_auth.sign_heartbeat(&hb_topic, &mut hb);
                 if let Err(e) = hb_pub.publish(&hb) { tracing::warn!("publish heartbeat: {e}"); }
                 if worker.is_finished() { anyhow::bail!("the data-plane worker stopped"); }
             }
@@ -212,9 +214,14 @@ impl Worker {
     }
 
     fn handle_event(&mut self, ev: Event) {
-        if matches!(&ev, Event::Assignment(a) if !self.auth.accept_assignment(a)) {
+        if !self.authentic(&ev) {
             return;
         }
+        self.handle_checked(ev);
+    }
+
+    /// An event that passed [`Self::authentic`].
+    fn handle_checked(&mut self, ev: Event) {
         let current = self.host.epoch();
         let epoch = ev.epoch();
         let is_assignment = matches!(ev, Event::Assignment(_));
@@ -265,6 +272,17 @@ impl Worker {
         }
     }
 
+    /// Signed by whom it says (dropped and counted otherwise; docs/security.md). Messages of an
+    /// epoch not applied yet are checked once, when they arrive.
+    fn authentic(&self, ev: &Event) -> bool {
+        match ev {
+            Event::Assignment(a) => self.auth.accept_assignment(a),
+            Event::Input { owner, msg } => self.auth.accept_activation(&names::stage_input(owner), msg),
+            Event::Replay { failed, msg } => self.auth.accept_activation(&names::replay(failed), msg),
+            Event::Kv(k) => self.auth.accept_kv(&names::kv_inbox(&self.uav), k),
+        }
+    }
+
     fn on_assignment(&mut self, a: Assignment) -> anyhow::Result<()> {
         let plan = convert::plan(&a);
         self.host.set_activation_codec(convert::assignment_codec(&a)?);
@@ -298,7 +316,7 @@ impl Worker {
         // Messages that arrived before their assignment.
         let early = std::mem::take(&mut self.early);
         for ev in early {
-            self.handle_event(ev);
+            self.handle_checked(ev);
         }
         Ok(())
     }
@@ -328,7 +346,8 @@ impl Worker {
             match e {
                 Emit::Activation { to, boundary, request_id, position, hidden } => {
                     let topic = to.as_deref().map_or(names::GATEWAY_INPUT.to_string(), names::stage_input);
-                    let msg = convert::activation(epoch, request_id, 0, position, boundary, &self.uav, &hidden);
+                    let mut msg = convert::activation(epoch, request_id, 0, position, boundary, &self.uav, &hidden);
+                    self.auth.sign_activation(&topic, &mut msg);
                     self.count_tx(msg.payload.len());
                     self.activation_pub(&topic)?.publish(&msg)?;
                     if self.feeds_successor && to.is_some() {
@@ -336,17 +355,21 @@ impl Worker {
                     }
                 }
                 Emit::Kv { holder, request_id, rows } => {
-                    let msg = convert::kv_snapshot(epoch, request_id, &self.uav, &holder, &rows, self.kv_codec)?;
+                    let mut msg = convert::kv_snapshot(epoch, request_id, &self.uav, &holder, &rows, self.kv_codec)?;
+                    let topic = names::kv_inbox(&holder);
+                    self.auth.sign_kv(&topic, &mut msg);
                     tracing::debug!(%holder, layers = ?(msg.layer_start, msg.layer_end), tokens = ?(msg.token_start, msg.token_end), codec = %self.kv_codec, bytes = msg.payload.len(), raw_bytes = rows.byte_len(), "kv rows sent");
                     self.count_tx(msg.payload.len());
-                    self.publishers.kv.get(&self.ctx, &names::kv_inbox(&holder), names::data_plane())?.publish(&msg)?;
+                    self.publishers.kv.get(&self.ctx, &topic, names::data_plane())?.publish(&msg)?;
                 }
                 Emit::Replay { failed, to, boundary, request_id, chunks } => {
-                    let msg = convert::packed_activation(epoch, request_id, boundary, &self.uav, &chunks)?;
+                    let mut msg = convert::packed_activation(epoch, request_id, boundary, &self.uav, &chunks)?;
+                    let topic = names::replay(&failed);
+                    self.auth.sign_activation(&topic, &mut msg);
                     let (tokens, bytes) = (msg.token_count, msg.payload.len());
                     tracing::info!(%failed, %to, chunks = chunks.len(), tokens, bytes, "replay of the tail's inputs sent");
                     self.count_tx(msg.payload.len());
-                    self.activation_pub(&names::replay(&failed))?.publish(&msg)?;
+                    self.activation_pub(&topic)?.publish(&msg)?;
                 }
             }
         }

@@ -7,11 +7,13 @@ use crate::control::{self, TelemetryKind, TelemetryRejects};
 use crate::detector::{Event, Health, UavReport, Watchdog, WatchdogParams};
 use crate::params::Checked;
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
+use crate::ros::fallback::WATCHDOG_HEARTBEAT_PERIOD;
 use crate::ros::{convert, names, now_stamp, stamp_secs, unix_now, NodeContext};
 use aerokv_auth::Role;
 use r2r::aerokv::msg::{BatteryHealth, FailureEvent, Heartbeat};
 use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -35,13 +37,18 @@ pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
         SignedPublisher::new(ctx.publisher(names::FAILURES, names::events())?, auth.clone(), NodeAuth::sign_failure);
     let diagnostics = ctx.publisher::<DiagnosticArray>(names::DIAGNOSTICS, r2r::QosProfile::default())?;
     let mut assignments =
-        verified(ctx.subscribe(names::ASSIGNMENT, names::latched_reader())?, auth, NodeAuth::accept_assignment);
+        verified(ctx.subscribe(names::ASSIGNMENT, names::latched_reader())?, auth.clone(), NodeAuth::accept_assignment);
+    // Its own heartbeat: the scheduler notices the watchdog's death (docs/security.md §5).
+    let beat_pub = ctx.publisher::<Heartbeat>(names::WATCHDOG_HEARTBEAT, names::heartbeat_qos())?;
+    let mut beat = tokio::time::interval(WATCHDOG_HEARTBEAT_PERIOD);
+    let mut sequence = 0;
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
     // The discovery thread ends at the node's shutdown and is joined before the node returns (it
     // must not be inside the node when ROS shuts down).
     let discovery = {
         let (ctx, seen, period) = (ctx.clone(), seen_tx.clone(), Duration::from_secs_f64(p.discovery_period_s));
-        tokio::task::spawn_blocking(move || watch_new_uavs(&ctx, &seen, period))
+        let auth = auth.clone();
+        tokio::task::spawn_blocking(move || watch_new_uavs(&ctx, &auth, &seen, period))
     };
     let origin = Instant::now();
     let secs = |t: Instant| t.saturating_duration_since(origin).as_secs_f64();
@@ -71,6 +78,13 @@ pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
             }
             _ = report.tick() => {
                 publish_diagnostics(&diagnostics, &w.report(secs(Instant::now())));
+                Vec::new()
+            }
+            _ = beat.tick() => {
+                sequence += 1;
+                let mut hb = Heartbeat { uav_id: "watchdog".into(), epoch: w.epoch(), sequence, state: "watching".into(), stamp: now_stamp(), ..Default::default() };
+                auth.sign_heartbeat(names::WATCHDOG_HEARTBEAT, &mut hb);
+                if let Err(e) = beat_pub.publish(&hb) { tracing::warn!("publish the watchdog's heartbeat: {e}"); }
                 Vec::new()
             }
         };
@@ -190,7 +204,7 @@ fn publish_diagnostics(out: &r2r::Publisher<DiagnosticArray>, uavs: &[UavReport]
 /// Subscribes to the heartbeats and battery health of every UAV that appears. Runs on a blocking
 /// thread of its own: discovery waits for the node lock (up to one spin timeout), and in the
 /// check loop that wait postponed declarations.
-fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period: Duration) {
+fn watch_new_uavs(ctx: &NodeContext, auth: &Arc<NodeAuth>, seen: &mpsc::UnboundedSender<Seen>, period: Duration) {
     let runtime = tokio::runtime::Handle::current();
     let mut watched = BTreeSet::new();
     loop {
@@ -198,9 +212,10 @@ fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period:
             if watched.contains(uav) {
                 continue;
             }
-            match forward(ctx, &names::heartbeat(uav), uav, seen, Seen::Heartbeat)
-                .and_then(|()| forward(ctx, &names::battery(uav), uav, seen, Seen::Battery))
-            {
+            match forward(ctx, auth, &names::heartbeat(uav), uav, seen, NodeAuth::accept_heartbeat, Seen::Heartbeat)
+                .and_then(|()| {
+                    forward(ctx, auth, &names::battery(uav), uav, seen, NodeAuth::accept_battery, Seen::Battery)
+                }) {
                 Ok(()) => {
                     tracing::info!(%uav, "watching");
                     watched.insert(uav.clone());
@@ -214,19 +229,24 @@ fn watch_new_uavs(ctx: &NodeContext, seen: &mpsc::UnboundedSender<Seen>, period:
     }
 }
 
-/// Forwards `uav`'s heartbeats or battery reports from `topic`, with the topic's UAV, stamped on
-/// receipt.
+/// Forwards `uav`'s heartbeats or battery reports from `topic` (those signed by that UAV's node),
+/// with the topic's UAV, stamped on receipt.
 fn forward<T: r2r::WrappedTypesupport + Send + 'static>(
     ctx: &NodeContext,
+    auth: &Arc<NodeAuth>,
     topic: &str,
     uav: &str,
     tx: &mpsc::UnboundedSender<Seen>,
+    accept: fn(&NodeAuth, &str, &T) -> bool,
     wrap: fn(String, T, Instant) -> Seen,
 ) -> anyhow::Result<()> {
     let mut rx = ctx.subscribe::<T>(topic, names::telemetry())?;
-    let (tx, uav) = (tx.clone(), uav.to_string());
+    let (tx, uav, auth, topic) = (tx.clone(), uav.to_string(), auth.clone(), topic.to_string());
     tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
+            if !accept(&auth, &topic, &m) {
+                continue;
+            }
             if tx.send(wrap(uav.clone(), m, Instant::now())).is_err() {
                 break;
             }
