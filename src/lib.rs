@@ -15,6 +15,7 @@ pub mod control;
 pub mod dataplane;
 pub mod detector;
 pub mod launch;
+pub mod linkrate;
 pub mod os;
 pub mod params;
 pub mod radio;
