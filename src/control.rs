@@ -5,8 +5,8 @@
 use crate::dataplane::{Stage, SwarmPlan};
 use aerokv_plan::{
     plan_failover, plan_initial_layout, plan_protection, plan_protection_relaxed, predict_tokens_per_s,
-    retirements_due, Channel, Layout, ModelSpec, PlanConfig, PlanError, ProtectionPlan, RadioPrediction,
-    RecoveryContext, Ring, SwarmState, Traffic, UavId, UavState,
+    retirements_due, Layout, ModelSpec, PlanConfig, PlanError, ProtectionPlan, RadioPrediction, RecoveryContext, Ring,
+    SwarmState, Traffic, UavId, UavState,
 };
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -231,7 +231,7 @@ impl Controller {
         let members: Vec<String> = current.plan.stages.iter().map(|s| s.uav.clone()).collect();
         let swarm = self.swarm(&members, telemetry)?;
         let spec = self.spec(1, 0);
-        let channel = self.config.channel.clone().unwrap_or_else(Channel::default);
+        let channel = self.config.channel.clone().unwrap_or_default();
         Ok(predict_tokens_per_s(&swarm, &spec, &current.layout, &current.ring, &current.protection, &channel, traffic)?)
     }
 
@@ -720,7 +720,7 @@ mod tests {
     #[test]
     fn the_prediction_follows_the_codec_and_the_measured_link_rate() {
         let mut c = controller();
-        c.config.channel = Some(Channel { frame_loss: 0.05, ..Channel::default() });
+        c.config.channel = Some(aerokv_plan::Channel { frame_loss: 0.05, ..Default::default() });
         let m = names(&["uav1", "uav2", "uav3"]);
         let mut t = telemetry(&["uav1", "uav2", "uav3"], &[2.7e6; 3]);
         let p = c.initial(&m, &t, 64, 1, 1).unwrap();
