@@ -42,7 +42,7 @@ bench-swarm: build
 bench-recovery: build
 	@$(ENV) $(BENCH_NET) python3 scripts/bench_swarm.py recovery
 
-# The swarm over the emulated radio, per scenario and codec (~20 min; BENCH_ARGS=--quick: ~6 min).
+# The swarm over the emulated radio, per scenario and codec (17 runs, ~4 min here; BENCH_ARGS=--quick: 7 runs, ~1.5 min).
 bench-radio: build
 	@$(ENV) $(BENCH_NET) python3 scripts/bench_radio.py $(BENCH_ARGS)
 
