@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 ENV := source scripts/env.sh &&
 
-.PHONY: help setup build test demo demo-radio bench-engine bench-planner bench-swarm bench-recovery clean
+.PHONY: help setup build test demo demo-radio bench-engine bench-planner bench-swarm bench-recovery bench-radio clean
 
 help:
 	@echo "make demo           set up, build, run a 4-drone swarm on this machine"
@@ -11,7 +11,7 @@ help:
 	@echo "make test           set up, build, run every test"
 	@echo "make setup          install Debian packages, the ROS 2 + ONNX Runtime venv, interfaces, model parts"
 	@echo "make build          release binaries (target/release/aerokv and the four nodes)"
-	@echo "make bench-engine | bench-planner | bench-swarm | bench-recovery"
+	@echo "make bench-engine | bench-planner | bench-swarm | bench-recovery | bench-radio [BENCH_ARGS=--quick]"
 
 setup:
 	@scripts/setup.sh
@@ -41,6 +41,10 @@ bench-swarm: build
 
 bench-recovery: build
 	@$(ENV) $(BENCH_NET) python3 scripts/bench_swarm.py recovery
+
+# The swarm over the emulated radio, per scenario and codec (17 runs, ~4 min here; BENCH_ARGS=--quick: 7 runs, ~1.5 min).
+bench-radio: build
+	@$(ENV) $(BENCH_NET) python3 scripts/bench_radio.py $(BENCH_ARGS)
 
 bench-planner: setup
 	@$(ENV) cargo run --release -q -p aerokv-sim --bin bench-planner

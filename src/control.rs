@@ -4,8 +4,9 @@
 //! follow. UAVs are named (`uav3`) on the wire and numbered in the planning core.
 use crate::dataplane::{Stage, SwarmPlan};
 use aerokv_plan::{
-    plan_failover, plan_initial_layout, plan_protection, plan_protection_relaxed, retirements_due, Layout, ModelSpec,
-    PlanConfig, PlanError, ProtectionPlan, RecoveryContext, Ring, SwarmState, UavId, UavState,
+    plan_failover, plan_initial_layout, plan_protection, plan_protection_relaxed, predict_tokens_per_s,
+    retirements_due, Layout, ModelSpec, PlanConfig, PlanError, ProtectionPlan, RadioPrediction, RecoveryContext, Ring,
+    SwarmState, Traffic, UavId, UavState,
 };
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -50,6 +51,8 @@ pub struct Telemetry {
     pub capacity_j: f64,
     /// Decode latency of one layer at full power, seconds (measured).
     pub layer_latency_s: f64,
+    /// Its link's rate, bit/s, when measured (`crate::linkrate::LinkRates`); else the airframe's.
+    pub link_bps: Option<f64>,
 }
 
 /// A plan in both forms: the core's (for the next failover) and the executors'.
@@ -93,7 +96,7 @@ impl Controller {
                 energy_j: t.energy_j.max(0.0),
                 capacity_j: t.capacity_j.max(t.energy_j).max(1.0),
                 memory_bytes: self.airframe.memory_bytes,
-                link_bps: self.airframe.link_bps,
+                link_bps: t.link_bps.unwrap_or(self.airframe.link_bps),
                 flight_power_w: self.airframe.flight_power_w,
                 compute_power_w: self.airframe.compute_power_w,
                 layer_latency_s: t.layer_latency_s,
@@ -214,6 +217,22 @@ impl Controller {
         let spec = self.spec(total_tokens, tokens_done);
         let c = retirements_due(&swarm, &spec, &current.layout, &current.ring, &current.protection, horizon_tokens)?;
         Ok(c.first().map(|&id| self.name(id)))
+    }
+
+    /// The cost model's decoding tokens/s for `current` over the radio channel (the planner's
+    /// channel, or a loss-free one), with the members' telemetry (link rates) and `traffic` (the
+    /// activation codec's bytes, the gateway's time).
+    pub fn predict(
+        &mut self,
+        current: &Planned,
+        telemetry: &BTreeMap<String, Telemetry>,
+        traffic: &Traffic,
+    ) -> Result<RadioPrediction> {
+        let members: Vec<String> = current.plan.stages.iter().map(|s| s.uav.clone()).collect();
+        let swarm = self.swarm(&members, telemetry)?;
+        let spec = self.spec(1, 0);
+        let channel = self.config.channel.clone().unwrap_or_default();
+        Ok(predict_tokens_per_s(&swarm, &spec, &current.layout, &current.ring, &current.protection, &channel, traffic)?)
     }
 
     fn planned(
@@ -360,6 +379,8 @@ pub struct HeartbeatFields<'a> {
     pub replica_end: u32,
     pub compute_ms_per_layer: f64,
     pub compute_s_total: f64,
+    /// Goodput of the bulk data it received, bit/s; 0 until measured (`crate::linkrate`).
+    pub link_goodput_bps: f64,
 }
 
 /// Why a telemetry message was not taken.
@@ -459,6 +480,14 @@ pub fn validate_heartbeat(
     }
     number("compute_ms_per_layer", m.compute_ms_per_layer)?;
     number("compute_s_total", m.compute_s_total)?;
+    let goodput = number("link_goodput_bps", m.link_goodput_bps)?;
+    if goodput > crate::linkrate::MAX_GOODPUT_BPS {
+        return Err(TelemetryReject::Absurd {
+            field: "link_goodput_bps",
+            value: goodput,
+            limit: crate::linkrate::MAX_GOODPUT_BPS,
+        });
+    }
     Ok(())
 }
 
@@ -546,7 +575,9 @@ mod tests {
         names
             .iter()
             .zip(energy)
-            .map(|(n, &e)| (n.to_string(), Telemetry { energy_j: e, capacity_j: 2.7e6, layer_latency_s: 2e-3 }))
+            .map(|(n, &e)| {
+                (n.to_string(), Telemetry { energy_j: e, capacity_j: 2.7e6, layer_latency_s: 2e-3, link_bps: None })
+            })
             .collect()
     }
 
@@ -650,6 +681,7 @@ mod tests {
             replica_end: 10,
             compute_ms_per_layer: 0.4,
             compute_s_total: 12.0,
+            link_goodput_bps: 0.0,
         };
         assert_eq!(validate_heartbeat(&hb, "uav1", 30), Ok(()));
         assert_eq!(
@@ -672,6 +704,44 @@ mod tests {
         assert!(matches!(validate_heartbeat(&nan, "uav1", 30), Err(TelemetryReject::BadNumber { .. })));
         let negative = HeartbeatFields { compute_ms_per_layer: -1.0, ..hb };
         assert!(matches!(validate_heartbeat(&negative, "uav1", 30), Err(TelemetryReject::BadNumber { .. })));
+        let measured = HeartbeatFields { link_goodput_bps: 18e6, ..hb };
+        assert_eq!(validate_heartbeat(&measured, "uav1", 30), Ok(()));
+        for bad in [f64::NAN, -1.0, f64::INFINITY] {
+            let goodput = HeartbeatFields { link_goodput_bps: bad, ..hb };
+            assert!(matches!(
+                validate_heartbeat(&goodput, "uav1", 30),
+                Err(TelemetryReject::BadNumber { field: "link_goodput_bps", .. })
+            ));
+        }
+        let absurd = HeartbeatFields { link_goodput_bps: 1e15, ..hb };
+        assert!(matches!(validate_heartbeat(&absurd, "uav1", 30), Err(TelemetryReject::Absurd { .. })));
+    }
+
+    #[test]
+    fn the_prediction_follows_the_codec_and_the_measured_link_rate() {
+        let mut c = controller();
+        c.config.channel = Some(aerokv_plan::Channel { frame_loss: 0.05, ..Default::default() });
+        let m = names(&["uav1", "uav2", "uav3"]);
+        let mut t = telemetry(&["uav1", "uav2", "uav3"], &[2.7e6; 3]);
+        let p = c.initial(&m, &t, 64, 1, 1).unwrap();
+        let raw = crate::linkrate::traffic(aerokv_codec::ActivationCodec::Raw, 576, 0.002);
+        let int8 = crate::linkrate::traffic(aerokv_codec::ActivationCodec::Int8, 576, 0.002);
+        let at_configured = c.predict(&p, &t, &raw).unwrap();
+        // Fewer bytes per token: less airtime, more tokens/s.
+        let smaller = c.predict(&p, &t, &int8).unwrap();
+        assert!(smaller.activation_airtime_s < at_configured.activation_airtime_s / 2.0);
+        assert!(smaller.tokens_per_s > at_configured.tokens_per_s);
+        // A measured slow link (6 Mbit/s instead of 20) costs airtime; the planner sees it too.
+        for v in t.values_mut() {
+            v.link_bps = Some(6e6);
+        }
+        let slow = c.predict(&p, &t, &raw).unwrap();
+        assert!(slow.activation_airtime_s > 2.0 * at_configured.activation_airtime_s);
+        assert!(slow.tokens_per_s < at_configured.tokens_per_s);
+        assert!(c.swarm(&m, &t).unwrap().uavs.iter().all(|u| u.link_bps == 6e6));
+        // A UAV outside the telemetry cannot be predicted.
+        t.remove("uav2");
+        assert!(matches!(c.predict(&p, &t, &raw), Err(ControlError::NoTelemetry(_))));
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod detector;
 pub mod epoch;
 pub mod fallback;
 pub mod launch;
+pub mod linkrate;
 pub mod os;
 pub mod params;
 pub mod radio;

@@ -119,3 +119,47 @@ def test_a_uav_out_of_range_fails_over_is_fenced_and_rejoins(radio):
     assert back and back[0]["epoch"] > max(a["stats"]["epochs"]), a["rejoined"]
     print(f"\npartition: declared {out[0]['token']} tokens in, next token {out[0]['next_token_s']:.2f} s after "
           f"the declaration; fenced {a['stale_messages']} + scheduler {a['stats']['stale_dropped']}; rejoined {back}")
+
+
+def declared_by_the_watchdog(log_dir) -> list[str]:
+    """Every UAV the watchdog declared failed during a run (its log), declarations the scheduler
+    ignored included."""
+    lines = "".join(p.read_text(errors="replace") for p in Path(log_dir).rglob("*watchdog*.log")).splitlines()
+    return [line.split(" uav=")[1].split()[0] for line in lines if "UAV declared failed" in line and " uav=" in line]
+
+
+@pytest.fixture(scope="module")
+def codec_answers():
+    """Per activation codec, the greedy answer of one process computing as the swarm does
+    (`aerokv codecs`, docs/codecs.md)."""
+    r = subprocess.run([BIN / "aerokv", "codecs", "--max-tokens", "40", "--json", "--user", QUESTION],
+                       capture_output=True, text=True, timeout=600, check=True)
+    return {c: f["prompts"][0]["tokens"] for c, f in json.loads(r.stdout)["activation_codecs"].items()}
+
+
+def test_at_a_lossy_distance_no_healthy_uav_is_declared_and_the_answer_is_exact(radio, tmp_path):
+    # lossy.yaml: hosts 20-40 m apart and 5 % of received frames lost.
+    a = radio("lossy", "--uavs", 3, "--user", QUESTION, "--max-tokens", 40)
+    same_answer(a, generate(40))
+    assert a["failures"] == [] and declared_by_the_watchdog(tmp_path / "lossy") == [], a["failures"]
+    p = a["stats"]["prediction"]
+    assert p["model"]["tokens_per_s"] > 0 and p["activation_bytes_per_token"] > 576 * 4, p
+    print(f"\nlossy: {a['tokens_per_s']:.1f} tokens/s (the cost model: {p['model']['tokens_per_s']:.1f}), step round "
+          f"trip {a['stats']['steps']['round_trip_ms']}, links {p['link_bps']}")
+
+
+@pytest.mark.parametrize("codec, kv_codec", [("f16", "raw"), ("int8", "zstd")])
+def test_a_kill_at_a_lossy_distance_changes_nothing_under_each_codec(radio, tmp_path, codec_answers, codec, kv_codec):
+    # The answer with a kill is the codec's answer without one: the one process computing as the
+    # swarm does (test_codecs.py shows the shared-memory swarm gives it too). No healthy UAV is
+    # declared failed at this distance and loss.
+    a = radio("lossy", "--uavs", 3, "--user", QUESTION, "--max-tokens", 40, "--codec", codec, "--kv-codec", kv_codec,
+              "--kill", "uav2:10")
+    assert a["stats"]["activation_codec"] == codec
+    assert a["tokens"] == codec_answers[codec], (codec, a["text"], a["failures"], a["_stderr"][-3000:])
+    assert [(f["uav"], f["mode"]) for f in a["failures"]] == [("uav2", "failover")], a["failures"]
+    assert set(declared_by_the_watchdog(tmp_path / "lossy")) == {"uav2"}
+    # The cost model took the codec's bytes per token.
+    row = {"f16": 576 * 2, "int8": 576 + 4}[codec]
+    assert a["stats"]["prediction"]["activation_bytes_per_token"] == row + 120, a["stats"]["prediction"]
+    print(f"\n{codec} kill on lossy: next token {a['failures'][0]['next_token_s']:.2f} s after the kill")

@@ -303,6 +303,7 @@ fn encode_heartbeat(e: &mut Encoder, h: &Heartbeat) {
     let c = &h.auth_counters;
     e.u64(c.accepted).u64(c.not_signed).u64(c.unknown_sender).u64(c.wrong_role);
     e.u64(c.bad_signature).u64(c.replayed).u64(c.malformed);
+    e.f64(h.link_goodput_bps);
 }
 
 fn encode_battery(e: &mut Encoder, b: &BatteryHealth) {
@@ -404,6 +405,7 @@ mod tests {
             "stale_messages",
             "stamp",
             "auth_counters",
+            "link_goodput_bps",
             "auth",
         ];
         same(&Heartbeat::default(), &h);

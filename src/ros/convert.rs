@@ -245,5 +245,6 @@ pub fn heartbeat_fields(m: &Heartbeat) -> HeartbeatFields<'_> {
         replica_end: m.replica_end,
         compute_ms_per_layer: m.compute_ms_per_layer,
         compute_s_total: m.compute_s_total,
+        link_goodput_bps: m.link_goodput_bps,
     }
 }

@@ -140,6 +140,30 @@ impl Channel {
         let payload = self.mtu_bytes - self.ip_udp_overhead_bytes;
         payload * 8.0 / self.message_airtime_s(payload, rate_bps)
     }
+
+    /// The PHY rate whose effective rate ([`Self::effective_rate_bps`]) is `goodput_bps`: what a
+    /// measured payload rate means for the model's per-UAV `link_bps`. Goodput above what any PHY
+    /// rate up to `max_rate_bps` carries (the MAC's fixed costs cap it) gives `max_rate_bps`; a
+    /// goodput that is not a positive number gives `None`.
+    pub fn rate_for_goodput_bps(&self, goodput_bps: f64, max_rate_bps: f64) -> Option<f64> {
+        if !(goodput_bps.is_finite() && goodput_bps > 0.0 && max_rate_bps.is_finite() && max_rate_bps > 0.0) {
+            return None;
+        }
+        if self.effective_rate_bps(max_rate_bps) <= goodput_bps {
+            return Some(max_rate_bps);
+        }
+        // The effective rate grows with the PHY rate: bisect on a log scale.
+        let (mut lo, mut hi) = (goodput_bps.min(max_rate_bps) * 1e-3, max_rate_bps);
+        for _ in 0..100 {
+            let mid = (lo * hi).sqrt();
+            if self.effective_rate_bps(mid) < goodput_bps {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Some(hi)
+    }
 }
 
 /// What crosses the channel besides the planner's KV rows.
@@ -364,6 +388,21 @@ mod tests {
         let eff = c.effective_rate_bps(54e6);
         assert!(eff > 25e6 && eff < 35e6, "{eff}");
         assert!(c.effective_rate_bps(24e6) < 24e6);
+    }
+
+    #[test]
+    fn a_measured_goodput_gives_back_the_phy_rate_that_carries_it() {
+        let c = Channel { frame_loss: 0.05, ..Channel::default() };
+        for rate in [1e6, 6e6, 24e6, 54e6] {
+            let goodput = c.effective_rate_bps(rate);
+            let back = c.rate_for_goodput_bps(goodput, 1e9).expect("a rate");
+            assert!((back / rate - 1.0).abs() < 1e-6, "{rate}: {back}");
+        }
+        // More than the MAC can carry at the highest rate: that rate.
+        assert_eq!(c.rate_for_goodput_bps(1e9, 54e6), Some(54e6));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(c.rate_for_goodput_bps(bad, 54e6), None, "{bad}");
+        }
     }
 
     #[test]

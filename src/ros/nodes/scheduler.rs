@@ -8,6 +8,7 @@ use crate::control::{self, Airframe, Controller, Heard, Membership, ModelSize, P
 use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
 use crate::detector::FailureReason;
 use crate::epoch::{self as epochs, EpochClock, ExecutorState, Readiness};
+use crate::linkrate::LinkRates;
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::fallback::{self, Input};
 use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
@@ -243,6 +244,10 @@ struct Scheduler {
     stale_dropped: u64,
     /// Latency of the last hop (last stage -> gateway) of every step, ms.
     hops: Vec<f64>,
+    /// Per UAV, the measured link rate the planner uses (the executors' heartbeats).
+    links: Mutex<LinkRates>,
+    /// Elements of one token's hidden state.
+    hidden: usize,
 }
 
 pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
@@ -267,6 +272,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         lifetime_target_factor: (p.lifetime_target_factor > 0.0).then_some(p.lifetime_target_factor),
         channel: p.shared_channel.then(|| Channel { frame_loss: p.frame_loss, ..Channel::default() }),
     };
+    let links = LinkRates::new(p.link_rate_bps, config.channel.clone().unwrap_or_default());
     let airframe = Airframe {
         flight_power_w: p.flight_power_w,
         compute_power_w: p.inference_power_w,
@@ -334,6 +340,8 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         request_id: 0,
         stale_dropped: 0,
         hops: Vec::new(),
+        links: Mutex::new(links),
+        hidden: arch.hidden,
     };
     // Listen to the executors before the first plan (docs/design.md, "Epochs").
     s.lock().clock = Some(EpochClock::new(
@@ -498,6 +506,11 @@ impl Scheduler {
 
     fn telemetry(&self) -> BTreeMap<String, Telemetry> {
         let live = self.lock();
+        // Measured link rates plan only over a radio (shared memory is no link to plan with).
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        for (uav, (_, hb)) in live.beats.iter().filter(|_| self.p.shared_channel) {
+            links.observe(uav, hb.link_goodput_bps);
+        }
         live.battery
             .iter()
             .map(|(uav, b)| {
@@ -507,6 +520,7 @@ impl Scheduler {
                     energy_j: b.energy_j,
                     capacity_j: b.capacity_j,
                     layer_latency_s: self.own_layer_latency_s,
+                    link_bps: links.measured(uav),
                 };
                 (uav.clone(), t)
             })
@@ -593,6 +607,32 @@ impl Scheduler {
         Ok(())
     }
 
+    /// The cost model's tokens/s for the current plan with the activation codec's bytes and the
+    /// gateway's mean time per step in `steps`: with the link rates the planner uses (measured
+    /// where measured) and with the configured rate.
+    fn prediction(&mut self, steps: &[Step]) -> serde_json::Value {
+        let Some(current) = self.current.clone() else { return serde_json::Value::Null };
+        let gateway_s = steps.iter().map(|s| s.gateway_ms).sum::<f64>() / steps.len().max(1) as f64 / 1e3;
+        let traffic = crate::linkrate::traffic(self.codec, self.hidden, gateway_s);
+        let telemetry = self.telemetry();
+        let configured: BTreeMap<String, Telemetry> =
+            telemetry.iter().map(|(u, t)| (u.clone(), Telemetry { link_bps: None, ..*t })).collect();
+        match (
+            self.controller.predict(&current, &telemetry, &traffic),
+            self.controller.predict(&current, &configured, &traffic),
+        ) {
+            (Ok(p), Ok(c)) => serde_json::json!({
+                "model": p,
+                "configured_rate_tokens_per_s": c.tokens_per_s,
+                "activation_bytes_per_token": traffic.activation_bytes(),
+                "gateway_s": traffic.gateway_s,
+                "link_bps": current.plan.stages.iter().map(|s| (s.uav.clone(), telemetry.get(&s.uav).and_then(|t| t.link_bps))).collect::<BTreeMap<_, _>>(),
+                "configured_link_bps": self.p.link_rate_bps,
+            }),
+            (Err(e), _) | (_, Err(e)) => serde_json::json!({"error": e.to_string()}),
+        }
+    }
+
     fn refuse(&self, why: String) -> Generate::Response {
         tracing::warn!("request refused: {why}");
         Generate::Response { accepted: false, error: why, ..Default::default() }
@@ -676,6 +716,7 @@ impl Scheduler {
             "prefill_s": run.prefill_s,
             "gateway_hop_ms": percentiles(&std::mem::take(&mut self.hops)),
             "steps": step_stats(&run.steps),
+            "prediction": self.prediction(&run.steps),
             "layout": self.current.as_ref().map(|c| c.plan.stages.iter().map(|s| serde_json::json!({"uav": s.uav, "start": s.start, "layers": s.len, "k": s.k, "t": s.t})).collect::<Vec<_>>()),
         });
         let (accepted, error) = match result {

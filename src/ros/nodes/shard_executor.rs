@@ -4,6 +4,7 @@
 //! that owns the [`ShardHost`] and spins the node itself: DDS wakes it directly when an
 //! activation arrives. The async side only heartbeats and handles shutdown.
 use crate::dataplane::{Emit, ShardHost};
+use crate::linkrate::Goodput;
 use crate::ros::auth::{NodeAuth, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::{convert, names, now_stamp, shutdown_phase, NodeContext, ShutdownPhase, SPIN_TIMEOUT};
 use aerokv_auth::Role;
@@ -123,6 +124,8 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
         decode_steps: 0,
         preempted_in_decode: 0,
         auth,
+        goodput: Goodput::default(),
+        sent: Sent::default(),
     };
     worker.subscribe(names::ASSIGNMENT.to_string(), names::latched_reader(), Event::Assignment)?;
     worker.subscribe(names::kv_inbox(&p.uav_id), names::data_plane(), Event::Kv)?;
@@ -188,6 +191,20 @@ struct Worker {
     decode_steps: u64,
     preempted_in_decode: u64,
     auth: Arc<NodeAuth>,
+    /// Goodput of the bulk data received (reported in the heartbeat; docs/radio.md).
+    goodput: Goodput,
+    sent: Sent,
+}
+
+/// Payload bytes sent, by kind (logged at the end: `make bench-radio` reads them).
+#[derive(Default)]
+struct Sent {
+    decode_activation_bytes: u64,
+    decode_activations: u64,
+    activation_bytes: u64,
+    kv_bytes: u64,
+    kv_raw_bytes: u64,
+    replay_bytes: u64,
 }
 
 impl Worker {
@@ -211,6 +228,17 @@ impl Worker {
             let preempted_per_step = self.preempted_in_decode as f64 / self.decode_steps.max(1) as f64;
             tracing::info!(hops = self.hops.len(), p50_ms = %p["p50"], p99_ms = %p["p99"], ms_per_layer_token, preempted_per_step, "activation hop latency");
         }
+        let s = &self.sent;
+        tracing::info!(
+            decode_activation_bytes = s.decode_activation_bytes,
+            decode_activations = s.decode_activations,
+            activation_bytes = s.activation_bytes,
+            kv_bytes = s.kv_bytes,
+            kv_raw_bytes = s.kv_raw_bytes,
+            replay_bytes = s.replay_bytes,
+            link_goodput_bps = self.goodput.bps(),
+            "payload bytes sent"
+        );
     }
 
     fn handle_event(&mut self, ev: Event) {
@@ -236,6 +264,14 @@ impl Worker {
                 self.early.push(ev);
                 return;
             }
+        }
+        let received = match &ev {
+            Event::Input { msg, .. } | Event::Replay { msg, .. } => Some((&msg.source, msg.payload.len(), &msg.stamp)),
+            Event::Kv(m) => Some((&m.source, m.payload.len(), &m.stamp)),
+            Event::Assignment(_) => None,
+        };
+        if let Some((source, bytes, stamp)) = received {
+            self.goodput.observe(source, bytes, crate::ros::stamp_secs(stamp), crate::ros::unix_now());
         }
         let result = match ev {
             Event::Assignment(a) if a.epoch <= current.max(self.failed_epoch) => Ok(()),
@@ -349,6 +385,11 @@ impl Worker {
                     let mut msg = convert::activation(epoch, request_id, 0, position, boundary, &self.uav, &hidden);
                     self.auth.sign_activation(&topic, &mut msg);
                     self.count_tx(msg.payload.len());
+                    self.sent.activation_bytes += msg.payload.len() as u64;
+                    if hidden.rows() == 1 {
+                        self.sent.decode_activation_bytes += msg.payload.len() as u64;
+                        self.sent.decode_activations += 1;
+                    }
                     self.activation_pub(&topic)?.publish(&msg)?;
                     if self.feeds_successor && to.is_some() {
                         self.host.on_successor_input(request_id, boundary, position, &hidden)?;
@@ -360,6 +401,8 @@ impl Worker {
                     self.auth.sign_kv(&topic, &mut msg);
                     tracing::debug!(%holder, layers = ?(msg.layer_start, msg.layer_end), tokens = ?(msg.token_start, msg.token_end), codec = %self.kv_codec, bytes = msg.payload.len(), raw_bytes = rows.byte_len(), "kv rows sent");
                     self.count_tx(msg.payload.len());
+                    self.sent.kv_bytes += msg.payload.len() as u64;
+                    self.sent.kv_raw_bytes += rows.byte_len() as u64;
                     self.publishers.kv.get(&self.ctx, &topic, names::data_plane())?.publish(&msg)?;
                 }
                 Emit::Replay { failed, to, boundary, request_id, chunks } => {
@@ -369,6 +412,7 @@ impl Worker {
                     let (tokens, bytes) = (msg.token_count, msg.payload.len());
                     tracing::info!(%failed, %to, chunks = chunks.len(), tokens, bytes, "replay of the tail's inputs sent");
                     self.count_tx(msg.payload.len());
+                    self.sent.replay_bytes += msg.payload.len() as u64;
                     self.activation_pub(&topic)?.publish(&msg)?;
                 }
             }
@@ -429,6 +473,7 @@ impl Worker {
         hb.pred_snapshot_tokens = self.host.pred_snapshot_tokens() as u32;
         hb.compute_ms_per_layer = self.host.usage.last_ms_per_layer;
         hb.compute_s_total = self.host.usage.compute.as_secs_f64();
+        hb.link_goodput_bps = self.goodput.bps();
         hb.memory_bytes = self.host.memory_bytes();
         hb.auth_counters = self.auth.counters();
         if !hb.state.starts_with("error") {

@@ -1,0 +1,207 @@
+//! Measured link rates for the planner's cost model, without ROS.
+//!
+//! Executors measure the goodput of the bulk data they receive (prompt chunks, KV snapshot rows,
+//! replays: messages of at least [`Goodput::MIN_BYTES`]) as payload bits over the time the link
+//! was busy with each (see [`Goodput`]), and report the median of the latest samples in their
+//! heartbeats (`Heartbeat.link_goodput_bps`, 0 until measured). Sender stamps and receipt are
+//! compared on one clock: on separate drones that needs synchronised clocks (GNSS or PTP). On one 802.11 channel the rate between two
+//! hosts is the same both ways, so a UAV's figure stands for its link. The scheduler turns it into
+//! the PHY rate the cost model takes ([`aerokv_plan::Channel::rate_for_goodput_bps`]) and keeps a
+//! planning rate per UAV that moves only on a real change ([`LinkRates`]), so that noise does not
+//! re-plan the idle swarm. Until a UAV has measured, its configured rate stands.
+use aerokv_codec::ActivationCodec;
+use aerokv_plan::{Channel, Traffic};
+use std::collections::{BTreeMap, VecDeque};
+
+/// Goodput of a UAV's incoming bulk data: the median of the last [`Goodput::WINDOW`] samples.
+///
+/// A sample is a bulk message's payload bits over the time the link was busy with it: from when
+/// it could start (its sender's stamp plus the link's base latency, or when the previous message
+/// from the same sender had arrived, if later: it waited behind that one) to its receipt. The base
+/// latency is the median transit of the small messages (decode steps) received: what a message
+/// costs beyond its bytes. Without the two corrections a burst of KV snapshot messages measures
+/// its own queue, and a message its fixed latency. A message that did not wait and was busy for
+/// less than the base latency makes no sample: the latency's noise would be the figure.
+#[derive(Debug, Clone, Default)]
+pub struct Goodput {
+    samples: VecDeque<f64>,
+    small: VecDeque<f64>,
+    /// Per sender, when its last message arrived (seconds, the receiver's clock).
+    last: BTreeMap<String, f64>,
+}
+
+impl Goodput {
+    /// Smaller messages measure latency, not rate.
+    pub const MIN_BYTES: usize = 16 * 1024;
+    pub const WINDOW: usize = 9;
+
+    /// Takes one message of `bytes` from `source`, stamped at `sent_s` by its sender and received
+    /// at `received_s` (seconds, one clock); returns the sample (bit/s) if it makes one: a bulk
+    /// message with a positive busy time.
+    pub fn observe(&mut self, source: &str, bytes: usize, sent_s: f64, received_s: f64) -> Option<f64> {
+        if !(sent_s.is_finite() && received_s.is_finite()) {
+            return None;
+        }
+        let previous = self.last.insert(source.to_string(), received_s);
+        let transit = received_s - sent_s;
+        if bytes < Self::MIN_BYTES {
+            if transit >= 0.0 {
+                push(&mut self.small, transit);
+            }
+            return None;
+        }
+        let base = median(&self.small);
+        let queued = previous.is_some_and(|p| p > sent_s + base);
+        let start = if queued { previous.unwrap_or(sent_s) } else { sent_s + base };
+        let busy = received_s - start;
+        // Not queued, and no longer than its latency: the latency's own noise, not a rate.
+        if busy <= 0.0 || (!queued && busy < base) {
+            return None;
+        }
+        let bps = bytes as f64 * 8.0 / busy;
+        push(&mut self.samples, bps);
+        Some(bps)
+    }
+
+    /// The median sample, bit/s; 0 before any (what the heartbeat carries for "not measured").
+    pub fn bps(&self) -> f64 {
+        median(&self.samples)
+    }
+}
+
+fn push(window: &mut VecDeque<f64>, v: f64) {
+    if window.len() == Goodput::WINDOW {
+        window.pop_front();
+    }
+    window.push_back(v);
+}
+
+/// The median (the upper one of an even count); 0 when empty.
+fn median(v: &VecDeque<f64>) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().collect();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The largest goodput a heartbeat may report, bit/s (shared memory on one host measures a few
+/// Gbit/s; more is not a measurement).
+pub const MAX_GOODPUT_BPS: f64 = 1e11;
+
+/// Per UAV, the link rate the planner uses: the configured rate until the UAV has measured, then
+/// the PHY rate its measured goodput implies over `channel`, capped at `max_rate_bps`. A new
+/// measurement replaces the planning rate only when it differs by more than `hysteresis`
+/// (a fraction) from it.
+#[derive(Debug, Clone)]
+pub struct LinkRates {
+    pub configured_bps: f64,
+    pub max_rate_bps: f64,
+    pub hysteresis: f64,
+    channel: Channel,
+    rates: BTreeMap<String, f64>,
+}
+
+impl LinkRates {
+    pub fn new(configured_bps: f64, channel: Channel) -> Self {
+        // 802.11n's fastest 20 MHz rate; a measurement never plans above it.
+        LinkRates { configured_bps, max_rate_bps: 72.2e6, hysteresis: 0.25, channel, rates: BTreeMap::new() }
+    }
+
+    /// Takes a UAV's reported goodput (0: not measured yet; ignored like any non-positive figure).
+    pub fn observe(&mut self, uav: &str, goodput_bps: f64) {
+        let Some(rate) = self.channel.rate_for_goodput_bps(goodput_bps, self.max_rate_bps) else { return };
+        match self.rates.get_mut(uav) {
+            Some(r) if (rate / *r - 1.0).abs() <= self.hysteresis => {}
+            Some(r) => *r = rate,
+            None => {
+                self.rates.insert(uav.to_string(), rate);
+            }
+        }
+    }
+
+    /// The measured rate to plan with for `uav`; `None` until it has measured (the configured
+    /// rate, [`Self::configured_bps`], stands).
+    pub fn measured(&self, uav: &str) -> Option<f64> {
+        self.rates.get(uav).copied()
+    }
+}
+
+/// What crosses the channel per token under activation codec `codec` (bytes per element from the
+/// codec itself), for hidden states of `width` elements, with the gateway's time per token.
+pub fn traffic(codec: ActivationCodec, width: usize, gateway_s: f64) -> Traffic {
+    Traffic {
+        hidden_size: width as f64,
+        bytes_per_element: codec.bytes_per_element(width),
+        gateway_s: if gateway_s.is_finite() && gateway_s >= 0.0 { gateway_s } else { 0.0 },
+        ..Traffic::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goodput_counts_bulk_messages_less_their_latency_and_queue() {
+        let mut g = Goodput::default();
+        assert_eq!(g.bps(), 0.0);
+        // A decode step: 3 ms of latency whatever its bytes, no sample.
+        assert_eq!(g.observe("uav1", 2304, 10.0, 10.003), None);
+        // 64 KiB that took 3 ms + 26.2 ms: 20 Mbit/s.
+        let took = 65536.0 * 8.0 / 20e6;
+        let s = g.observe("uav1", 65536, 11.0, 11.003 + took).expect("a sample");
+        assert!((s / 20e6 - 1.0).abs() < 1e-9, "{s}");
+        // The next message of a burst, stamped with the first, waited for it: its time starts when
+        // the first had arrived.
+        let s = g.observe("uav1", 65536, 11.0, 11.003 + 2.0 * took).expect("a sample");
+        assert!((s / 20e6 - 1.0).abs() < 1e-9, "{s}");
+        assert!((g.bps() / 20e6 - 1.0).abs() < 1e-9);
+        // Another sender's message starts on its own; one that came within twice the base
+        // latency makes no sample (the latency's noise would be the figure).
+        assert!(g.observe("gateway", 65536, 12.0, 12.002).is_none());
+        assert!(g.observe("gateway", 65536, 13.0, 13.005).is_none());
+        for bad in [f64::NAN, f64::INFINITY] {
+            assert_eq!(g.observe("uav1", 65536, bad, 13.0), None);
+            assert_eq!(g.observe("uav1", 65536, 13.0, bad), None);
+        }
+        // Only the latest samples count.
+        for i in 0..Goodput::WINDOW {
+            g.observe("uav2", 100_000, 20.0 + i as f64, 20.103 + i as f64);
+        }
+        assert!((g.bps() / 8e6 - 1.0).abs() < 1e-9, "{}", g.bps());
+    }
+
+    #[test]
+    fn link_rates_follow_measurements_with_hysteresis() {
+        let channel = Channel::default();
+        let mut r = LinkRates::new(20e6, channel.clone());
+        assert_eq!(r.measured("uav1"), None);
+        r.observe("uav1", 0.0);
+        assert_eq!(r.measured("uav1"), None, "0 means not measured");
+        let at12 = channel.effective_rate_bps(12e6);
+        r.observe("uav1", at12);
+        let rate = r.measured("uav1").expect("measured");
+        assert!((rate / 12e6 - 1.0).abs() < 1e-6, "{rate}");
+        // A 10 % wobble keeps the planning rate; halving it moves it.
+        r.observe("uav1", at12 * 1.1);
+        assert_eq!(r.measured("uav1"), Some(rate));
+        r.observe("uav1", channel.effective_rate_bps(6e6));
+        assert!((r.measured("uav1").expect("measured") / 6e6 - 1.0).abs() < 1e-6);
+        // Shared memory's gigabits plan at the fastest radio rate; other UAVs are not measured.
+        r.observe("uav2", 5e9);
+        assert_eq!(r.measured("uav2"), Some(r.max_rate_bps));
+        assert_eq!((r.measured("uav3"), r.configured_bps), (None, 20e6));
+    }
+
+    #[test]
+    fn traffic_carries_the_codecs_bytes() {
+        let raw = traffic(ActivationCodec::Raw, 576, 0.002);
+        let f16 = traffic(ActivationCodec::F16, 576, 0.002);
+        let int8 = traffic(ActivationCodec::Int8, 576, f64::NAN);
+        assert_eq!(raw.bytes_per_element, 4.0);
+        assert_eq!(f16.bytes_per_element, 2.0);
+        assert!((int8.bytes_per_element - (1.0 + 4.0 / 576.0)).abs() < 1e-12);
+        assert_eq!(int8.gateway_s, 0.0);
+        assert!(raw.activation_bytes() > f16.activation_bytes() && f16.activation_bytes() > int8.activation_bytes());
+        assert!(raw.validate().is_ok() && int8.validate().is_ok());
+    }
+}
