@@ -227,6 +227,47 @@ struct Outcome {
 /// (`n` tokens) against one shard of all layers: after each of `after` tokens of a short and of a
 /// long prompt, and in the middle of the long prompt (its recovery replays prompt chunks). Also
 /// checks that nothing the snapshot held was replayed. Returns the outcomes.
+/// The gateway's side of a run: steps sent as the scheduler sends them (the prompt's chunks, then
+/// one token each, up to [`WINDOW`] in flight) and the outputs turned into tokens.
+#[derive(Default)]
+struct Steps {
+    position: usize,
+    sent_until: usize,
+    in_flight: usize,
+}
+
+impl Steps {
+    /// Fills the window and takes the oldest step's output; true once `n` tokens are out.
+    fn next(
+        &mut self,
+        swarm: &mut Swarm,
+        plan: &SwarmPlan,
+        gateway: &mut Gateway,
+        prompt: &[u32],
+        got: &mut Vec<u32>,
+        n: usize,
+    ) -> bool {
+        while self.in_flight < WINDOW {
+            let Some(ids) = step_at(prompt, got, self.sent_until) else { break };
+            swarm.send(plan, gateway, ids, self.sent_until);
+            (self.sent_until, self.in_flight) = (self.sent_until + ids.len(), self.in_flight + 1);
+        }
+        let out = swarm.drain().expect("the last stage answers");
+        self.in_flight -= 1;
+        self.position += step_at(prompt, got, self.position).unwrap().len();
+        // The prompt's last chunk or a token: its output is the next token.
+        if self.position >= prompt.len() {
+            got.push(argmax(&gateway.logits(&out).unwrap()).unwrap());
+        }
+        got.len() == n
+    }
+
+    /// After a new plan the steps in flight are sent again from the resume position.
+    fn resume(&mut self) {
+        (self.sent_until, self.in_flight) = (self.position, 0);
+    }
+}
+
 fn assert_unchanged_by_kills(
     before: &SwarmPlan,
     failed: &str,
@@ -288,9 +329,10 @@ fn run_with_failure(
     // The steps as the scheduler sends them: the prompt's chunks, then one token each.
     let mut got: Vec<u32> = Vec::new();
     let mut current = plan;
-    let (mut position, mut sent_until, mut in_flight) = (0, 0, 0);
+    let mut steps = Steps::default();
     let mut replay_from = 0;
     loop {
+        let position = steps.position;
         if position == kill_at {
             // What the successor reports in its heartbeat, as the scheduler reads it.
             let succ = current.succ(failed).unwrap().uav.clone();
@@ -313,22 +355,10 @@ fn run_with_failure(
             });
             swarm.apply(&next, embeddings);
             current = next;
-            (sent_until, in_flight) = (position, 0);
+            steps.resume();
         }
-        while in_flight < WINDOW {
-            let Some(ids) = step_at(&prompt, &got, sent_until) else { break };
-            swarm.send(&current, &mut gateway, ids, sent_until);
-            (sent_until, in_flight) = (sent_until + ids.len(), in_flight + 1);
-        }
-        let out = swarm.drain().expect("the last stage answers");
-        in_flight -= 1;
-        position += step_at(&prompt, &got, position).unwrap().len();
-        if position >= prompt.len() {
-            // The prompt's last chunk or a token: its output is the next token.
-            got.push(argmax(&gateway.logits(&out).unwrap()).unwrap());
-            if got.len() == n {
-                break;
-            }
+        if steps.next(&mut swarm, &current, &mut gateway, &prompt, &mut got, n) {
+            break;
         }
     }
     let hop_bytes_per_token = swarm.hop_bytes as f64 / swarm.hop_tokens as f64;
@@ -561,10 +591,11 @@ fn a_replica_seeded_steps_after_the_plan_catches_up_and_protects_the_next_failov
     // (position to fail at, who, the plan after it)
     let mut failures = VecDeque::from([(prompt.len() + 3, "uav2", second), (prompt.len() + 9, "uav3", third)]);
     let (mut got, mut current) = (Vec::new(), first);
-    let (mut position, mut sent_until, mut in_flight) = (0, 0, 0);
+    let mut steps = Steps::default();
     let mut release_at = None;
     let mut served_while_pending = 0;
     loop {
+        let position = steps.position;
         if failures.front().is_some_and(|f| f.0 == position) {
             let (_, failed, mut next) = failures.pop_front().unwrap();
             let succ = current.succ(failed).unwrap().uav.clone();
@@ -577,7 +608,7 @@ fn a_replica_seeded_steps_after_the_plan_catches_up_and_protects_the_next_failov
             }
             swarm.apply(&next, None);
             current = next;
-            (sent_until, in_flight) = (position, 0);
+            steps.resume();
         }
         if release_at == Some(position) {
             assert!(swarm.hosts["uav1"].replica_pending(), "the seed was held back");
@@ -585,19 +616,8 @@ fn a_replica_seeded_steps_after_the_plan_catches_up_and_protects_the_next_failov
         } else {
             served_while_pending += usize::from(swarm.hosts.get("uav1").is_some_and(ShardHost::replica_pending));
         }
-        while in_flight < WINDOW {
-            let Some(ids) = step_at(&prompt, &got, sent_until) else { break };
-            swarm.send(&current, &mut gateway, ids, sent_until);
-            (sent_until, in_flight) = (sent_until + ids.len(), in_flight + 1);
-        }
-        let out = swarm.drain().expect("the last stage answers");
-        in_flight -= 1;
-        position += step_at(&prompt, &got, position).unwrap().len();
-        if position >= prompt.len() {
-            got.push(argmax(&gateway.logits(&out).unwrap()).unwrap());
-            if got.len() == n {
-                break;
-            }
+        if steps.next(&mut swarm, &current, &mut gateway, &prompt, &mut got, n) {
+            break;
         }
     }
     assert_eq!(served_while_pending, 3, "steps served while the replica waited for its seed");
