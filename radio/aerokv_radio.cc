@@ -11,7 +11,10 @@
 //   propagation log_distance EXPONENT REFERENCE_LOSS_DB | friis
 //   max_range_m M                        0: no hard range limit
 //   frame_error_rate P                   each received frame is lost with probability P
-//   queue_packets N                      wifi MAC queue size
+//   queue_packets N                      wifi MAC queue size (per access category)
+//   voice_max_bytes N                    IPv4 datagrams of at most N bytes go in 802.11e's voice
+//                                        access category (heartbeats, DDS acknowledgements, small
+//                                        control messages), the rest best effort; 0: no 802.11e
 //   report_period_s S
 //   node INDEX NAME TAP MAC              one per host, INDEX 0, 1, ...
 //   waypoint INDEX T X Y Z               seconds after the mission clock starts, metres
@@ -58,6 +61,7 @@ struct Config
     double maxRangeM = 0.0;
     double frameErrorRate = 0.0;
     uint32_t queuePackets = 500;
+    uint32_t voiceMaxBytes = 400;
     double reportPeriodS = 1.0;
     std::vector<NodeSpec> nodes;
 };
@@ -130,6 +134,10 @@ ReadConfig(const std::string& path)
         else if (key == "queue_packets")
         {
             ok = bool(s >> c.queuePackets);
+        }
+        else if (key == "voice_max_bytes")
+        {
+            ok = bool(s >> c.voiceMaxBytes);
         }
         else if (key == "report_period_s")
         {
@@ -218,6 +226,31 @@ uint64_t gEnqueued = 0;
 uint64_t gMacRx = 0;
 uint64_t gRetryDrops = 0;
 uint64_t gPhyRxDrops = 0;
+uint64_t gVoice = 0;
+
+// 802.11e (WMM): a host's IP stack would mark its heartbeat socket (DSCP) and the wifi driver
+// map that to an access category; Fast DDS cannot mark one writer's datagrams, so the emulator
+// classifies by size instead. MacTx fires in WifiNetDevice::Send after the LLC header is added and
+// before the MAC queues the packet by its SocketPriorityTag (ns-3: tags may be added to a const
+// packet). Priority 6 = TID 6 = AC_VO.
+void
+ClassifyAccessCategory(Ptr<const Packet> p)
+{
+    ++gMacTx;
+    if (gConfig.voiceMaxBytes == 0)
+    {
+        return;
+    }
+    Ptr<Packet> c = p->Copy();
+    LlcSnapHeader llc;
+    if (c->RemoveHeader(llc) && llc.GetType() == 0x0800 && c->GetSize() <= gConfig.voiceMaxBytes)
+    {
+        SocketPriorityTag tag;
+        tag.SetPriority(6);
+        p->AddPacketTag(tag);
+        ++gVoice;
+    }
+}
 
 double
 LagMs()
@@ -232,7 +265,7 @@ Report(const char* what)
     std::cout << what << " t=" << Simulator::Now().GetSeconds() << " lag_ms=" << LagMs()
               << " max_lag_ms=" << gMaxLagMs << " frames_in=" << gMacTx << " delivered=" << gMacRx
               << " queue_full_drops=" << gMacTx - gEnqueued << " retry_limit_drops=" << gRetryDrops
-              << " phy_rx_drops=" << gPhyRxDrops << std::endl;
+              << " phy_rx_drops=" << gPhyRxDrops << " voice_frames=" << gVoice << std::endl;
 }
 
 // Real-time health: how late (wall clock) an event scheduled for sim time T runs.
@@ -343,7 +376,7 @@ main(int argc, char* argv[])
         wifi.SetRemoteStationManager(gConfig.manager);
     }
     WifiMacHelper mac;
-    mac.SetType("ns3::AdhocWifiMac");
+    mac.SetType("ns3::AdhocWifiMac", "QosSupported", BooleanValue(gConfig.voiceMaxBytes > 0));
 
     YansWifiChannelHelper channel;
     channel.SetPropagationDelay("ns3::ConstantSpeedPropagationDelayModel");
@@ -423,12 +456,15 @@ main(int argc, char* argv[])
     }
 
     const std::string dev = "/NodeList/*/DeviceList/*/$ns3::WifiNetDevice/";
-    Config::ConnectWithoutContext(dev + "Mac/MacTx",
-                                  MakeCallback(+[](Ptr<const Packet>) { ++gMacTx; }));
+    Config::ConnectWithoutContext(dev + "Mac/MacTx", MakeCallback(&ClassifyAccessCategory));
     Config::ConnectWithoutContext(dev + "Mac/MacRx",
                                   MakeCallback(+[](Ptr<const Packet>) { ++gMacRx; }));
-    Config::ConnectWithoutContext(dev + "Mac/Txop/Queue/Enqueue",
-                                  MakeCallback(+[](Ptr<const WifiMpdu>) { ++gEnqueued; }));
+    // One queue per access category with 802.11e, the DCF's one without.
+    for (const char* txop : {"Txop", "VO_Txop", "VI_Txop", "BE_Txop", "BK_Txop"})
+    {
+        Config::ConnectWithoutContextFailSafe(dev + "Mac/" + txop + "/Queue/Enqueue",
+                                              MakeCallback(+[](Ptr<const WifiMpdu>) { ++gEnqueued; }));
+    }
     Config::ConnectWithoutContext(
         dev + "Mac/DroppedMpdu",
         MakeCallback(+[](WifiMacDropReason reason, Ptr<const WifiMpdu>) {

@@ -151,7 +151,7 @@ impl SwarmPlan {
     /// The first layer of the stage's tail when its predecessor sees (and buffers) that layer's
     /// input: the output of the head replica, or the stage's own input (K = 0, also the
     /// gateway's for the first stage). None for no tail, or a tail that starts after the gateway.
-    fn tail_input_from_pred(&self, s: &Stage) -> Option<usize> {
+    pub fn tail_input_from_pred(&self, s: &Stage) -> Option<usize> {
         let first = (s.start + s.k) % self.num_layers;
         (s.k < s.len && (first != 0 || s.start == 0)).then_some(first)
     }
@@ -200,6 +200,11 @@ struct Pending {
     replay: Option<PendingReplay>,
     /// Fresh replica layers waiting for the successor's head seed.
     seed_layers: Vec<usize>,
+    /// The successor's inputs that arrived before its head seed, `(request, position, input)` in
+    /// arrival order: the replica computes them once seeded. Serving does not wait for the seed
+    /// (over a radio it is paced behind the activations and takes a second or more); only the
+    /// protection of the successor's head does.
+    seed_inputs: Vec<(u64, usize, Encoded)>,
     /// Seeds and snapshots to send once the native layers are complete.
     announce: bool,
 }
@@ -288,11 +293,15 @@ impl ShardHost {
     pub fn epoch(&self) -> u64 {
         self.plan.as_ref().map_or(0, |p| p.epoch)
     }
-    /// True when every layer this UAV must hold for the current plan is complete.
+    /// True when this UAV can serve the current plan: its native layers are complete. A head
+    /// replica still waiting for its seed does not count (it catches up when the seed arrives).
     pub fn ready(&self) -> bool {
-        self.plan.as_ref().is_some_and(|p| {
-            p.stage(&self.uav).is_none() || (self.pending.replay.is_none() && self.pending.seed_layers.is_empty())
-        })
+        self.plan.as_ref().is_some_and(|p| p.stage(&self.uav).is_none() || self.pending.replay.is_none())
+    }
+    /// True while the successor's head replica waits for its seed (the successor's head is not
+    /// protected yet: a failure of the successor now means an exact restart).
+    pub fn replica_pending(&self) -> bool {
+        !self.pending.seed_layers.is_empty()
     }
     pub fn my_stage(&self) -> Option<Stage> {
         self.plan.as_ref()?.stage(&self.uav).cloned()
@@ -640,13 +649,23 @@ impl ShardHost {
         input: &Encoded,
     ) -> Result<()> {
         let succ_has_tail = match self.plan.as_ref().map(|p| (p, p.succ(&self.uav))) {
-            Some((plan, Some(succ)))
-                if succ.uav != self.uav && boundary == succ.start && self.pending.seed_layers.is_empty() =>
-            {
+            Some((plan, Some(succ))) if succ.uav != self.uav && boundary == succ.start => {
                 plan.tail_input_from_pred(succ).is_some()
             }
             _ => return Ok(()),
         };
+        if !self.pending.seed_layers.is_empty() {
+            // Checked now (a malformed input is refused as it would be seeded), computed later.
+            self.decode(input)?;
+            self.pending.seed_inputs.push((request_id, position, input.clone()));
+            return Ok(());
+        }
+        self.run_replica(request_id, position, input, succ_has_tail)
+    }
+
+    /// The head replica's step for the successor's input at `position`, and the buffered input of
+    /// the successor's tail.
+    fn run_replica(&mut self, request_id: u64, position: usize, input: &Encoded, succ_has_tail: bool) -> Result<()> {
         let head = self.replica_layers();
         let x = self.decode(input)?;
         self.new_request(request_id);
@@ -681,7 +700,14 @@ impl ShardHost {
                     shard.import_kv(&single_layer(&rows, r, rows.tokens))?;
                 }
             }
-            tracing::info!(%source, tokens = rows.tokens, "head replica seeded");
+            let caught_up = std::mem::take(&mut self.pending.seed_inputs);
+            tracing::info!(%source, tokens = rows.tokens, inputs_after = caught_up.len(), "head replica seeded");
+            let succ_has_tail = plan.succ(&self.uav).is_some_and(|s| plan.tail_input_from_pred(s).is_some());
+            for (request, position, input) in caught_up {
+                if request == self.request_id && position >= rows.tokens {
+                    self.run_replica(request, position, &input, succ_has_tail)?;
+                }
+            }
         }
         if plan.pred(&self.uav).is_some_and(|s| s.uav == source) && plan.stage(source).is_some_and(|s| s.t > 0) {
             let tail = plan.stage(source).map(|s| plan.tail(s)).unwrap_or_default();

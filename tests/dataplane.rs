@@ -44,6 +44,9 @@ struct Swarm {
     /// Activation payload bytes and tokens of every hop between UAVs and the gateway.
     hop_bytes: usize,
     hop_tokens: usize,
+    /// While set, KV rows (snapshots, seeds) wait here instead of being delivered: over a radio
+    /// they are paced behind the activations and arrive steps later.
+    held: Option<Vec<(String, Emit)>>,
 }
 
 impl Swarm {
@@ -64,7 +67,7 @@ impl Swarm {
         for h in hosts.values_mut() {
             h.set_activation_codec(codec);
         }
-        Swarm { hosts, queue: VecDeque::new(), replayed: Vec::new(), codec, hop_bytes: 0, hop_tokens: 0 }
+        Swarm { hosts, queue: VecDeque::new(), replayed: Vec::new(), codec, hop_bytes: 0, hop_tokens: 0, held: None }
     }
 
     /// The stage input goes to its owner and to the holder of the owner's head replica.
@@ -95,6 +98,7 @@ impl Swarm {
                 Emit::Activation { to: Some(to), boundary, request_id, position, hidden } => {
                     self.input(&plan, &to, boundary, request_id, position, &hidden)
                 }
+                e @ Emit::Kv { .. } if self.held.is_some() => self.held.as_mut().unwrap().push((from, e)),
                 Emit::Kv { holder, request_id, rows } => {
                     if let Some(h) = self.hosts.get_mut(&holder) {
                         let emits = h.on_kv(&from, request_id, rows).unwrap();
@@ -116,6 +120,13 @@ impl Swarm {
         let first = plan.first().unwrap().uav.clone();
         let embedded = encode(self.codec, &gateway.embed(ids).unwrap());
         self.input(plan, &first, 0, plan.request_id, position, &embedded);
+    }
+
+    /// Held KV rows go out now, ahead of what is queued, in the order they were sent.
+    fn release_kv(&mut self) {
+        for m in self.held.take().unwrap_or_default().into_iter().rev() {
+            self.queue.push_front(m);
+        }
     }
 
     /// A UAV dies: the activations on their way are of the old epoch, which the survivors drop.
@@ -216,6 +227,47 @@ struct Outcome {
 /// (`n` tokens) against one shard of all layers: after each of `after` tokens of a short and of a
 /// long prompt, and in the middle of the long prompt (its recovery replays prompt chunks). Also
 /// checks that nothing the snapshot held was replayed. Returns the outcomes.
+/// The gateway's side of a run: steps sent as the scheduler sends them (the prompt's chunks, then
+/// one token each, up to [`WINDOW`] in flight) and the outputs turned into tokens.
+#[derive(Default)]
+struct Steps {
+    position: usize,
+    sent_until: usize,
+    in_flight: usize,
+}
+
+impl Steps {
+    /// Fills the window and takes the oldest step's output; true once `n` tokens are out.
+    fn next(
+        &mut self,
+        swarm: &mut Swarm,
+        plan: &SwarmPlan,
+        gateway: &mut Gateway,
+        prompt: &[u32],
+        got: &mut Vec<u32>,
+        n: usize,
+    ) -> bool {
+        while self.in_flight < WINDOW {
+            let Some(ids) = step_at(prompt, got, self.sent_until) else { break };
+            swarm.send(plan, gateway, ids, self.sent_until);
+            (self.sent_until, self.in_flight) = (self.sent_until + ids.len(), self.in_flight + 1);
+        }
+        let out = swarm.drain().expect("the last stage answers");
+        self.in_flight -= 1;
+        self.position += step_at(prompt, got, self.position).unwrap().len();
+        // The prompt's last chunk or a token: its output is the next token.
+        if self.position >= prompt.len() {
+            got.push(argmax(&gateway.logits(&out).unwrap()).unwrap());
+        }
+        got.len() == n
+    }
+
+    /// After a new plan the steps in flight are sent again from the resume position.
+    fn resume(&mut self) {
+        (self.sent_until, self.in_flight) = (self.position, 0);
+    }
+}
+
 fn assert_unchanged_by_kills(
     before: &SwarmPlan,
     failed: &str,
@@ -277,9 +329,10 @@ fn run_with_failure(
     // The steps as the scheduler sends them: the prompt's chunks, then one token each.
     let mut got: Vec<u32> = Vec::new();
     let mut current = plan;
-    let (mut position, mut sent_until, mut in_flight) = (0, 0, 0);
+    let mut steps = Steps::default();
     let mut replay_from = 0;
     loop {
+        let position = steps.position;
         if position == kill_at {
             // What the successor reports in its heartbeat, as the scheduler reads it.
             let succ = current.succ(failed).unwrap().uav.clone();
@@ -302,22 +355,10 @@ fn run_with_failure(
             });
             swarm.apply(&next, embeddings);
             current = next;
-            (sent_until, in_flight) = (position, 0);
+            steps.resume();
         }
-        while in_flight < WINDOW {
-            let Some(ids) = step_at(&prompt, &got, sent_until) else { break };
-            swarm.send(&current, &mut gateway, ids, sent_until);
-            (sent_until, in_flight) = (sent_until + ids.len(), in_flight + 1);
-        }
-        let out = swarm.drain().expect("the last stage answers");
-        in_flight -= 1;
-        position += step_at(&prompt, &got, position).unwrap().len();
-        if position >= prompt.len() {
-            // The prompt's last chunk or a token: its output is the next token.
-            got.push(argmax(&gateway.logits(&out).unwrap()).unwrap());
-            if got.len() == n {
-                break;
-            }
+        if steps.next(&mut swarm, &current, &mut gateway, &prompt, &mut got, n) {
+            break;
         }
     }
     let hop_bytes_per_token = swarm.hop_bytes as f64 / swarm.hop_tokens as f64;
@@ -526,4 +567,60 @@ fn holds_agrees_with_the_listed_layers_for_every_stage_shape() {
             }
         }
     }
+}
+
+#[test]
+fn a_replica_seeded_steps_after_the_plan_catches_up_and_protects_the_next_failover() {
+    // uav2 dies after 4 tokens: uav1 promotes layer 1 and becomes uav3's predecessor, with a new
+    // replica of uav3's head (layer 2) to be seeded by uav3. The seed (and every snapshot) arrives
+    // only 3 steps later; the swarm serves meanwhile. Then uav3 dies: uav1 runs its layers 2
+    // (the late-seeded replica) and 3 (uav3's snapshot plus the replay of what the replica fed
+    // uav3's tail). The answer is that of one shard of all layers.
+    let first = plan(1, 7, 0, vec![stage("uav1", 0, 1, 1, 0), stage("uav2", 1, 2, 1, 2), stage("uav3", 3, 1, 0, 1)]);
+    let second = plan(2, 7, 0, vec![stage("uav1", 0, 2, 1, 1), stage("uav3", 2, 2, 1, 1)]);
+    let third = plan(3, 7, 0, vec![stage("uav1", 0, 4, 0, 0)]);
+    let n = 14;
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let mut gateway = Gateway::load(&rt, &m).unwrap();
+    let prompt = gateway.encode_chat(SHORT).unwrap();
+    let want = reference(&rt, &m, &mut gateway, &prompt, n, ActivationCodec::Raw);
+    let hosts = first.stages.iter().map(|s| (s.uav.clone(), ShardHost::new(rt.clone(), m.clone(), &s.uav).unwrap()));
+    let mut swarm = Swarm::new(hosts, ActivationCodec::Raw);
+    swarm.apply(&first, None);
+    // (position to fail at, who, the plan after it)
+    let mut failures = VecDeque::from([(prompt.len() + 3, "uav2", second), (prompt.len() + 9, "uav3", third)]);
+    let (mut got, mut current) = (Vec::new(), first);
+    let mut steps = Steps::default();
+    let mut release_at = None;
+    let mut served_while_pending = 0;
+    loop {
+        let position = steps.position;
+        if failures.front().is_some_and(|f| f.0 == position) {
+            let (_, failed, mut next) = failures.pop_front().unwrap();
+            let succ = current.succ(failed).unwrap().uav.clone();
+            next.resume_position = position;
+            next.replay_from = swarm.hosts[&succ].pred_snapshot_tokens().min(position);
+            swarm.kill(failed);
+            if release_at.is_none() {
+                swarm.held = Some(Vec::new());
+                release_at = Some(position + 3);
+            }
+            swarm.apply(&next, None);
+            current = next;
+            steps.resume();
+        }
+        if release_at == Some(position) {
+            assert!(swarm.hosts["uav1"].replica_pending(), "the seed was held back");
+            swarm.release_kv();
+        } else {
+            served_while_pending += usize::from(swarm.hosts.get("uav1").is_some_and(ShardHost::replica_pending));
+        }
+        if steps.next(&mut swarm, &current, &mut gateway, &prompt, &mut got, n) {
+            break;
+        }
+    }
+    assert_eq!(served_while_pending, 3, "steps served while the replica waited for its seed");
+    assert!(failures.is_empty() && !swarm.hosts["uav1"].replica_pending());
+    assert_eq!(got, want);
 }

@@ -573,6 +573,7 @@ fn failure_report(stats: &serde_json::Value, kills: &[Kill]) -> serde_json::Valu
                 "resume_position": inc["resume_position"],
                 "replay_from": inc["replay_from"],
                 "why": inc["why"],
+                "stages": inc["stages"],
             })
         })
         .collect();

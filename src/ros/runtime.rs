@@ -194,6 +194,13 @@ impl<T: r2r::WrappedTypesupport> Publishers<T> {
         }
         Ok(&self.0[topic])
     }
+
+    /// Destroys the topic's publisher, if any, with what it has not sent yet.
+    pub fn remove(&mut self, ctx: &NodeContext, topic: &str) {
+        if let Some(p) = self.0.remove(topic) {
+            ctx.lock().destroy_publisher(p);
+        }
+    }
 }
 
 fn drain<T: Send + 'static>(

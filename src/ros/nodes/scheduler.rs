@@ -211,6 +211,17 @@ struct Incident {
     planned_recovery_s: f64,
     /// Why a restart replaced the failover (empty for a failover).
     why: String,
+    /// Per stage of the new plan, seconds after the declaration: `loaded_s` when its heartbeat
+    /// first carried the new epoch (layers loaded), `ready_s` when it said ready (replay done).
+    stages: BTreeMap<String, StageReady>,
+}
+
+/// When a stage was seen to apply a plan and to be ready with it (UNIX seconds while waiting,
+/// then seconds after the failure's declaration in an [`Incident`]).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct StageReady {
+    loaded_s: f64,
+    ready_s: f64,
 }
 
 struct Scheduler {
@@ -1081,6 +1092,7 @@ impl Scheduler {
             next_token_at: 0.0,
             planned_recovery_s: 0.0,
             why: String::new(),
+            stages: BTreeMap::new(),
         };
         let why = match planned {
             Ok(planned) if planned.plan.resume_position > 0 => {
@@ -1093,7 +1105,18 @@ impl Scheduler {
                     self.replay_embeddings(run, failed, incident.replay_from)?;
                 }
                 match self.wait_ready().await {
-                    Ok(()) => None,
+                    Ok(stages) => {
+                        incident.stages = stages
+                            .into_iter()
+                            .map(|(uav, t)| {
+                                (
+                                    uav,
+                                    StageReady { loaded_s: t.loaded_s - detected_at, ready_s: t.ready_s - detected_at },
+                                )
+                            })
+                            .collect();
+                        None
+                    }
                     Err(Interrupt::Failed(other)) => Some(format!("another failure during recovery: {other}")),
                     Err(e) => Some(format!("failover did not complete: {e}")),
                 }
@@ -1151,7 +1174,7 @@ impl Scheduler {
             self.publish(planned, reason).map_err(|e| Interrupt::Fatal(e.to_string()))?;
             run.epochs.push(self.epoch);
             match self.wait_ready().await {
-                Ok(()) => return Ok(()),
+                Ok(_) => return Ok(()),
                 Err(Interrupt::Failed(uav)) => {
                     tracing::warn!(%uav, "failed while the plan was applied: planning again")
                 }
@@ -1164,10 +1187,11 @@ impl Scheduler {
     }
 
     /// Waits until every stage of the current plan runs it (heartbeat epoch and state "ready").
-    async fn wait_ready(&mut self) -> Result<(), Interrupt> {
+    async fn wait_ready(&mut self) -> Result<BTreeMap<String, StageReady>, Interrupt> {
         let plan = self.current.as_ref().map(|c| c.plan.clone()).ok_or_else(|| Interrupt::Fatal("no plan".into()))?;
         let deadline = Instant::now() + Duration::from_secs_f64(self.p.ready_timeout_s);
         let mut poll = tokio::time::interval(Duration::from_millis(5));
+        let mut seen: BTreeMap<String, StageReady> = BTreeMap::new();
         loop {
             tokio::select! {
                 Some(ev) = self.failures.recv() => {
@@ -1177,8 +1201,17 @@ impl Scheduler {
                 }
                 _ = poll.tick() => {
                     let reports = self.reports(&plan);
+                    let now = unix_now();
+                    for (uav, r) in &reports {
+                        if let Some(r) = r.as_ref().filter(|r| r.epoch == plan.epoch) {
+                            let t = seen.entry(uav.clone()).or_insert(StageReady { loaded_s: now, ready_s: 0.0 });
+                            if r.state == ExecutorState::Ready && t.ready_s == 0.0 {
+                                t.ready_s = now;
+                            }
+                        }
+                    }
                     match epochs::readiness(plan.epoch, reports.iter().map(|(u, r)| (u.as_str(), r.as_ref()))) {
-                        Readiness::Ready => return Ok(()),
+                        Readiness::Ready => return Ok(seen),
                         Readiness::Superseded { uav, epoch } => return Err(Interrupt::Superseded { uav, epoch }),
                         Readiness::Refused { uav, why } => {
                             return Err(Interrupt::Fatal(format!("{uav} cannot apply epoch {}: {why}", plan.epoch)));

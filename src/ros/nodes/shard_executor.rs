@@ -3,7 +3,7 @@
 //! snapshots, replays after a failure, heartbeats. All engine work happens on one worker thread
 //! that owns the [`ShardHost`] and spins the node itself: DDS wakes it directly when an
 //! activation arrives. The async side only heartbeats and handles shutdown.
-use crate::dataplane::{Emit, ShardHost};
+use crate::dataplane::{Emit, ShardHost, SwarmPlan};
 use crate::linkrate::Goodput;
 use crate::ros::auth::{NodeAuth, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::{convert, names, now_stamp, shutdown_phase, NodeContext, ShutdownPhase, SPIN_TIMEOUT};
@@ -108,17 +108,23 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
         hb: Heartbeat { uav_id: p.uav_id.clone(), state: "waiting".into(), ..Default::default() },
     }));
     let (hb_auth, hb_topic) = (auth.clone(), names::heartbeat(&p.uav_id));
+    // The worker wakes the heartbeat at a change of state: the scheduler resumes after a failover
+    // once every stage says `ready`, and should not wait for the next period to hear it.
+    let beat_now = Arc::new(tokio::sync::Notify::new());
     let mut worker = Worker {
         ctx: ctx.clone(),
         uav: p.uav_id.clone(),
         host,
         kv_codec,
         status: status.clone(),
+        beat_now: beat_now.clone(),
         inbox: SelectAll::new(),
         subscribed: BTreeSet::new(),
         publishers: Publishers::default(),
         feeds_successor: false,
         early: Vec::new(),
+        prepare: None,
+        served: false,
         failed_epoch: 0,
         hops: Vec::new(),
         decode_steps: 0,
@@ -138,13 +144,13 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            _ = beat_now.notified() => {
+                sequence += 1;
+                beat_once(&hb_pub, &status, sequence, &hb_auth, &hb_topic);
+            }
             _ = beat.tick() => {
                 sequence += 1;
-                let mut hb = status.lock().unwrap_or_else(|e| e.into_inner()).hb.clone();
-                hb.sequence = sequence;
-                hb.stamp = now_stamp();
-                hb_auth.sign_heartbeat(&hb_topic, &mut hb);
-                if let Err(e) = hb_pub.publish(&hb) { tracing::warn!("publish heartbeat: {e}"); }
+                beat_once(&hb_pub, &status, sequence, &hb_auth, &hb_topic);
                 if worker.is_finished() { anyhow::bail!("the data-plane worker stopped"); }
             }
         }
@@ -161,6 +167,16 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn beat_once(hb_pub: &r2r::Publisher<Heartbeat>, status: &Mutex<Status>, sequence: u64, auth: &NodeAuth, topic: &str) {
+    let mut hb = status.lock().unwrap_or_else(|e| e.into_inner()).hb.clone();
+    hb.sequence = sequence;
+    hb.stamp = now_stamp();
+    auth.sign_heartbeat(topic, &mut hb);
+    if let Err(e) = hb_pub.publish(&hb) {
+        tracing::warn!("publish heartbeat: {e}");
+    }
+}
+
 #[derive(Default)]
 struct Publishers {
     activations: crate::ros::Publishers<Activation>,
@@ -173,6 +189,7 @@ struct Worker {
     host: ShardHost,
     kv_codec: KvCodec,
     status: Arc<Mutex<Status>>,
+    beat_now: Arc<tokio::sync::Notify>,
     /// Every subscription's messages, drained after each spin.
     inbox: SelectAll<BoxStream<'static, Event>>,
     subscribed: BTreeSet<String>,
@@ -182,6 +199,10 @@ struct Worker {
     feeds_successor: bool,
     /// Messages of an epoch whose assignment has not arrived yet.
     early: Vec<Event>,
+    /// The plan whose failover writers are still to be made (when the worker is idle).
+    prepare: Option<SwarmPlan>,
+    /// An input was computed in the current epoch.
+    served: bool,
     /// The epoch of an assignment that could not be applied (reported with the error).
     failed_epoch: u64,
     /// Latency of each activation hop into this stage (sender's stamp to receipt), ms.
@@ -215,6 +236,16 @@ impl Worker {
             while let Some(Some(ev)) = self.inbox.next().now_or_never() {
                 self.handle_event(ev);
                 self.update_status();
+            }
+            // Making a DDS entity took 0.05-0.3 s on a loaded machine: not while a replay is due
+            // here, nor before the first step after a failover has gone through.
+            let settled = self.host.ready() && self.host.plan().is_some_and(|p| p.resume_position == 0 || self.served);
+            if settled {
+                if let Some(plan) = self.prepare.take() {
+                    if let Err(e) = self.prepare_failover_writers(&plan) {
+                        tracing::warn!("writers for a failover: {e:#}");
+                    }
+                }
             }
         }
         if !self.hops.is_empty() {
@@ -324,6 +355,11 @@ impl Worker {
         self.host.set_activation_codec(convert::assignment_codec(&a)?);
         tracing::info!(epoch = a.epoch, reason = %a.reason, resume = a.resume_position, stage = ?plan.stage(&self.uav), "new assignment");
         self.status.lock().unwrap_or_else(|e| e.into_inner()).hb.state = "loading".into();
+        // A plan that came before the previous one settled: its failover may be this one, and
+        // this UAV may be the one to get a replay (transient local: subscribing now still gets it).
+        if let Some(previous) = self.prepare.take() {
+            self.prepare_failover_writers(&previous)?;
+        }
         // Subscribe before anything is sent in this epoch (publishers keep a transient-local history).
         self.feeds_successor = false;
         if let Some(me) = plan.stage(&self.uav).cloned() {
@@ -335,9 +371,6 @@ impl Worker {
                     self.ensure_input(&succ.uav)?;
                 }
             }
-            if let Some(pred) = plan.pred(&self.uav).map(|s| s.uav.clone()).filter(|s| *s != self.uav) {
-                self.ensure_replay(&pred)?;
-            }
             // If the successor fails, its own successor takes over its layers and this stage's
             // output goes there: a publisher made now is matched before a failover needs it
             // (over a radio, matching a new one cost the first step after recovery ~2 s).
@@ -347,12 +380,53 @@ impl Worker {
                 }
             }
         }
-        let emits = self.host.apply_plan(plan)?;
+        let gone: Vec<String> = self
+            .host
+            .plan()
+            .map(|old| old.stages.iter().filter(|s| plan.stage(&s.uav).is_none()).map(|s| s.uav.clone()).collect())
+            .unwrap_or_default();
+        let emits = self.host.apply_plan(plan.clone())?;
         self.emit(emits)?;
+        // Nothing more for a UAV that left the plan: what its writers still queue (a KV snapshot
+        // of ~1 MB, paced over a second) would take airtime, every frame retried by the radio
+        // for a UAV that may be out of range, ahead of the frames for the UAVs still in range.
+        for uav in gone {
+            self.publishers.kv.remove(&self.ctx, &names::kv_inbox(&uav));
+            self.publishers.activations.remove(&self.ctx, &names::stage_input(&uav));
+        }
+        self.prepare = Some(plan);
+        self.served = false;
         // Messages that arrived before their assignment.
         let early = std::mem::take(&mut self.early);
         for ev in early {
             self.handle_checked(ev);
+        }
+        Ok(())
+    }
+
+    /// The subscription and writers a failover of this plan needs, made when the worker has
+    /// nothing else to do, so that they are matched before the next failure: the predecessor's
+    /// replay, the replay of the successor's tail inputs (made at the failure, it waited up to
+    /// 0.4 s for its creation and match over a radio) and the seed for the predecessor's
+    /// predecessor (this UAV's predecessor if its predecessor fails).
+    fn prepare_failover_writers(&mut self, plan: &SwarmPlan) -> anyhow::Result<()> {
+        if plan.stage(&self.uav).is_none() {
+            return Ok(());
+        }
+        // The replay of the predecessor's tail, should it fail (a transient-local topic: a
+        // subscription made a little after this plan still gets it).
+        if let Some(pred) = plan.pred(&self.uav).map(|s| s.uav.clone()).filter(|s| *s != self.uav) {
+            self.ensure_replay(&pred)?;
+        }
+        if let Some(succ) = plan.succ(&self.uav).filter(|s| s.uav != self.uav) {
+            if plan.tail_input_from_pred(succ).is_some() {
+                self.activation_pub(&names::replay(&succ.uav))?;
+            }
+        }
+        if let Some(pp) = plan.pred(&self.uav).and_then(|p| plan.pred(&p.uav)).map(|s| s.uav.clone()) {
+            if pp != self.uav {
+                self.publishers.kv.get(&self.ctx, &names::kv_inbox(&pp), names::data_plane())?;
+            }
         }
         Ok(())
     }
@@ -369,6 +443,7 @@ impl Worker {
                 self.preempted_in_decode += crate::os::thread_preemptions().saturating_sub(before);
             }
             self.emit(output)?;
+            self.served = true;
             let snapshot = self.host.snapshot_due()?;
             self.emit(snapshot)
         } else {
@@ -476,15 +551,19 @@ impl Worker {
         hb.link_goodput_bps = self.goodput.bps();
         hb.memory_bytes = self.host.memory_bytes();
         hb.auth_counters = self.auth.counters();
-        if !hb.state.starts_with("error") {
-            hb.state = if self.host.plan().is_none() {
-                "waiting"
-            } else if self.host.ready() {
-                "ready"
-            } else {
-                "recovering"
-            }
-            .into();
+        let before = std::mem::take(&mut hb.state);
+        hb.state = if before.starts_with("error") {
+            before.clone()
+        } else if self.host.plan().is_none() {
+            "waiting".into()
+        } else if self.host.ready() {
+            "ready".into()
+        } else {
+            "recovering".into()
+        };
+        if hb.state != before {
+            tracing::info!(epoch = hb.epoch, state = %hb.state, replica_pending = self.host.replica_pending(), "state");
+            self.beat_now.notify_one();
         }
     }
 }
