@@ -489,6 +489,11 @@ pub enum TelemetryKind {
 pub struct TelemetryRejects(BTreeMap<(String, TelemetryKind), Rejects>);
 
 impl TelemetryRejects {
+    /// Messages refused so far, every UAV and kind.
+    pub fn total(&self) -> u64 {
+        self.0.values().map(|r| r.count).sum()
+    }
+
     /// Counts one refusal; its count when it deserves a log line.
     pub fn note(&mut self, uav: &str, kind: TelemetryKind) -> Option<u64> {
         let r = self.0.entry((uav.to_string(), kind)).or_default();

@@ -11,10 +11,13 @@
 pub mod bag;
 pub mod battery;
 pub mod cli;
+pub mod clock;
 pub mod control;
 pub mod dataplane;
 pub mod detector;
+pub mod diagnostics;
 pub mod launch;
+pub mod node_params;
 pub mod os;
 pub mod params;
 pub mod radio;

@@ -117,8 +117,21 @@ impl RosArgs {
     }
 
     /// Loads the typed parameters of node `default_name`: every matching file section, in order,
-    /// then the `-p` overrides. Missing fields take the struct's serde defaults.
+    /// then the `-p` overrides. Missing fields take the struct's serde defaults. The parameters
+    /// every node has ([`Common`]) are not part of `P`.
     pub fn load<P: DeserializeOwned>(&self, default_name: &str) -> Result<P, ParamError> {
+        let (mut merged, origin) = self.merged(default_name)?;
+        Common::take(&mut merged, &origin)?;
+        from_mapping(merged, &origin)
+    }
+
+    /// The parameters every node has, from the same files and overrides.
+    pub fn common(&self, default_name: &str) -> Result<Common, ParamError> {
+        let (mut merged, origin) = self.merged(default_name)?;
+        Common::take(&mut merged, &origin)
+    }
+
+    fn merged(&self, default_name: &str) -> Result<(Mapping, String), ParamError> {
         let fqn = self.fqn(default_name);
         let mut merged = Mapping::new();
         let mut origin = String::from("parameters");
@@ -134,16 +147,37 @@ impl RosArgs {
             merged.insert(Value::String(k.clone()), value);
             origin = format!("-p {k}:={v}");
         }
-        // Every ROS node has `use_sim_time`; a launch under a simulator sets it on all of them.
-        // These nodes time their work by the wall clock (their timeouts are about real processes
-        // and their stamps are compared across processes), so it is checked and set aside.
+        Ok((merged, origin))
+    }
+}
+
+/// Parameters of every node, besides its own: `use_sim_time` (every ROS node has it; a launch
+/// under a simulator sets it on all of them) and `log_level`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Common {
+    pub use_sim_time: bool,
+    /// error, warn, info, debug or trace; `None`: `RUST_LOG`, else info.
+    pub log_level: Option<String>,
+}
+
+impl Common {
+    /// Takes the common parameters out of `merged`, checked.
+    fn take(merged: &mut Mapping, origin: &str) -> Result<Common, ParamError> {
+        let field =
+            |field: &str, message: String| ParamError::Field { origin: origin.into(), field: field.into(), message };
+        let mut common = Common::default();
         if let Some(v) = merged.remove("use_sim_time") {
-            if !v.is_bool() {
-                let message = format!("expected true or false, not {v:?}");
-                return Err(ParamError::Field { origin, field: "use_sim_time".into(), message });
+            common.use_sim_time =
+                v.as_bool().ok_or_else(|| field("use_sim_time", format!("expected true or false, not {v:?}")))?;
+        }
+        if let Some(v) = merged.remove("log_level") {
+            let levels = crate::node_params::LOG_LEVELS;
+            match v.as_str() {
+                Some(l) if levels.contains(&l) => common.log_level = Some(l.to_string()),
+                _ => return Err(field("log_level", format!("expected one of {}, not {v:?}", levels.join(", ")))),
             }
         }
-        from_mapping(merged, &origin)
+        Ok(common)
     }
 }
 
@@ -315,6 +349,10 @@ mod tests {
         assert_eq!(p.uav_id, "y");
         let err = args(&f.0, &["-p", "use_sim_time:=later"]).load::<P>("node").unwrap_err();
         assert!(err.to_string().contains("use_sim_time"), "{err}");
+        let common = args(&f.0, &["-p", "log_level:=debug"]).common("node").expect("common");
+        assert_eq!(common, Common { use_sim_time: true, log_level: Some("debug".into()) });
+        let err = args(&f.0, &["-p", "log_level:=loud"]).load::<P>("node").unwrap_err();
+        assert!(err.to_string().contains("log_level"), "{err}");
         // An empty value, as the launcher passes it.
         let p: P = args(&f.0, &["-p", "uav_id:=''"]).load("node").expect("load");
         assert_eq!(p.uav_id, "");
