@@ -327,6 +327,11 @@ impl Membership {
             }
             !back
         });
+        self.current(heard, now)
+    }
+
+    /// The members at `now` as things stand, without moving anyone back (for reports).
+    pub fn current(&self, heard: &BTreeMap<String, Heard>, now: Instant) -> Vec<String> {
         let mut m: Vec<String> = heard
             .iter()
             .filter(|(uav, h)| {

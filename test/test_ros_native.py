@@ -78,18 +78,27 @@ def test_a_sim_time_swarm_as_ros_tools_see_it(rclpy_node, procs, tmp_path):
     launch = procs([BIN / "aerokv", "launch", ROOT / "launch/swarm.launch.xml", "use_sim_time:=true", "--log-dir", tmp_path / "nodes"], "launch")
     launch.node_logs = tmp_path / "nodes"
     try:
-        assert spin_until(rclpy_node, lambda: "a" in latest and len(latest["a"].ring) == 4, 90), launch.output()
-
-        # Parameters: every node's, through the rcl_interfaces services ros2 param uses.
         def client(srv, node):
             return rclpy_node.create_client(srv, f"{node}/{srv.__name__.replace('Parameters', '_parameters_').lower().rstrip('_')}")
 
+        wd = "/aerokv/watchdog"
+        # Detection floors are simulated seconds: at twice real time, 0.15 s of silence is 75 ms of a
+        # loaded machine's time. Widened live as soon as the watchdog serves, both at once (each alone breaks max >= min).
+        pair = [Parameter(name="min_declare_s", value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=3.0)),
+                Parameter(name="max_silence_s", value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=2.0))]
+        bad = call(rclpy_node, client(SetParametersAtomically, wd), SetParametersAtomically.Request(parameters=pair)).result
+        assert not bad.successful and "max_silence_s" in bad.reason, bad.reason
+        pair[0].value.double_value = 0.6
+        assert call(rclpy_node, client(SetParametersAtomically, wd), SetParametersAtomically.Request(parameters=pair)).result.successful
+
+        assert spin_until(rclpy_node, lambda: "a" in latest and len(latest["a"].ring) == 4, 90), launch.output()
+
+        # Parameters: every node's, through the rcl_interfaces services ros2 param uses.
         for node in NODES:
             names = call(rclpy_node, client(ListParameters, node), ListParameters.Request()).result.names
             assert {"use_sim_time", "log_level"} <= set(names), (node, names)
             values = call(rclpy_node, client(GetParameters, node), GetParameters.Request(names=["use_sim_time"])).values
             assert values[0].type == ParameterType.PARAMETER_BOOL and values[0].bool_value, node
-        wd = "/aerokv/watchdog"
         d = call(rclpy_node, client(DescribeParameters, wd), DescribeParameters.Request(names=["declare_phi", "check_period_s"])).descriptors
         assert d[0].type == ParameterType.PARAMETER_DOUBLE and not d[0].read_only and d[0].description
         assert d[0].floating_point_range[0].from_value == 0.0 and d[0].floating_point_range[0].to_value == 100.0
@@ -99,15 +108,6 @@ def test_a_sim_time_swarm_as_ros_tools_see_it(rclpy_node, procs, tmp_path):
             kind = {"double_value": ParameterType.PARAMETER_DOUBLE, "string_value": ParameterType.PARAMETER_STRING}[next(iter(value))]
             p = Parameter(name=name, value=ParameterValue(type=kind, **value))
             return call(rclpy_node, client(SetParameters, node), SetParameters.Request(parameters=[p])).results[0]
-
-        # Detection floors are simulated seconds: at twice real time, 0.15 s of silence is 75 ms of a
-        # loaded machine's time. Widened live, both at once (each alone breaks max >= min).
-        pair = [Parameter(name="min_declare_s", value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=3.0)),
-                Parameter(name="max_silence_s", value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=2.0))]
-        bad = call(rclpy_node, client(SetParametersAtomically, wd), SetParametersAtomically.Request(parameters=pair)).result
-        assert not bad.successful and "max_silence_s" in bad.reason, bad.reason
-        pair[0].value.double_value = 0.6
-        assert call(rclpy_node, client(SetParametersAtomically, wd), SetParametersAtomically.Request(parameters=pair)).result.successful
 
         # The same answer with time running twice as fast and half as fast as the wall clock.
         generate = rclpy_node.create_client(Generate, "/aerokv/generate")

@@ -1077,12 +1077,17 @@ impl Scheduler {
         if !self.diagnostics.is_due(now) {
             return;
         }
+        let (heard, telemetry_refused) = {
+            let live = self.lock();
+            (live.heard.clone(), live.rejects.total())
+        };
+        let members = self.membership.current(&heard, now);
         let view = crate::diagnostics::SchedulerView {
             request_id: run.map_or(0, |r| r.request_id),
             request_tokens: run.map_or(0, |r| r.tokens.len()),
             requests_served: self.request_id,
             epoch: self.epoch,
-            members: self.members(),
+            members,
             ring: self
                 .current
                 .as_ref()
@@ -1090,7 +1095,7 @@ impl Scheduler {
                 .unwrap_or_default(),
             expected_uavs: self.p.expected_uavs,
             stale_dropped: self.stale_dropped,
-            telemetry_refused: self.lock().rejects.total(),
+            telemetry_refused,
         };
         self.diagnostics.publish_at(now, vec![crate::diagnostics::scheduler(&view)]);
     }

@@ -100,6 +100,15 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let host = ShardHost::new(runtime, manifest, p.uav_id.clone())?;
     let auth = NodeAuth::load(&p.keystore, Role::ShardExecutor, Some(&p.uav_id))?;
     auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
+    // Made before the data-plane thread spins the node (it holds the node's lock most of the time).
+    let mut live = crate::ros::params::serve(&ctx, p.clone(), param_docs::SHARD_EXECUTOR, |p| {
+        if p.heartbeat_period_s.is_finite() && p.heartbeat_period_s > 0.0 {
+            Ok(())
+        } else {
+            Err(format!("heartbeat_period_s must be positive, not {}", p.heartbeat_period_s))
+        }
+    })?;
+    let mut diagnostics = Diagnostics::new(&ctx)?;
 
     // Heartbeats leave through a DDS participant and writer of their own, published from this
     // async task, never from the data-plane thread that publishes KV snapshots and replays: when
@@ -132,14 +141,6 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     worker.subscribe(names::ASSIGNMENT.to_string(), names::latched_reader(), Event::Assignment)?;
     worker.subscribe(names::kv_inbox(&p.uav_id), names::data_plane(), Event::Kv)?;
     let worker = std::thread::Builder::new().name("data-plane".into()).spawn(move || worker.run())?;
-    let mut live = crate::ros::params::serve(&ctx, p.clone(), param_docs::SHARD_EXECUTOR, |p| {
-        if p.heartbeat_period_s.is_finite() && p.heartbeat_period_s > 0.0 {
-            Ok(())
-        } else {
-            Err(format!("heartbeat_period_s must be positive, not {}", p.heartbeat_period_s))
-        }
-    })?;
-    let mut diagnostics = Diagnostics::new(&ctx)?;
     let mut beat = clock::interval(Duration::from_secs_f64(p.heartbeat_period_s));
     let shutdown = ctx.shutdown();
     tokio::pin!(shutdown);
@@ -162,7 +163,9 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
                 hb.sequence = sequence;
                 hb.stamp = now_stamp();
                 if let Err(e) = hb_pub.publish(&hb) { tracing::warn!("publish heartbeat: {e}"); }
-                if worker.is_finished() { anyhow::bail!("the data-plane worker stopped"); }
+                // A worker that stopped because the node is stopping (a signal during start-up) is
+                // no failure.
+                if worker.is_finished() && !ctx.stop_requested() { anyhow::bail!("the data-plane worker stopped"); }
             }
         }
     }
