@@ -117,9 +117,8 @@ impl SpinThread {
                     continue;
                 }
                 node.lock().unwrap_or_else(|e| e.into_inner()).spin_once(SPIN_TIMEOUT);
-                // A thread waiting for the node lock (creating a publisher, a service) gets it
-                // now: std's mutex is not fair, and re-locking at once starved such a thread for
-                // seconds on a loaded machine.
+                // A thread waiting for the node lock (creating a publisher, a service) gets a
+                // chance now: std's mutex is not fair, and re-locking at once can starve it.
                 std::thread::yield_now();
             }
         })?;
