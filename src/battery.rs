@@ -13,7 +13,7 @@ pub const MAX_POWER_W: f64 = 1e5;
 const RATIO_SLACK: f64 = 1e-3;
 
 /// Where the battery monitor takes the battery from (parameter `source`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
     /// Simulate the discharge until a `sensor_msgs/BatteryState` arrives, then follow it.
@@ -27,7 +27,7 @@ pub enum Source {
 
 /// Which field of a `sensor_msgs/BatteryState` gives the state of charge (parameter
 /// `battery_state_soc`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SocField {
     /// `percentage`, 0..1 as sensor_msgs defines it (MAVROS).
@@ -39,7 +39,7 @@ pub enum SocField {
 }
 
 /// PX4's `warning` levels (`BATTERY_WARNING_*`), in order of severity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Px4Warning {
     /// No warning; as the parameter `px4_empty_at_warning`: never.

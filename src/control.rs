@@ -346,6 +346,11 @@ impl Membership {
             }
             !back
         });
+        self.current(heard, now)
+    }
+
+    /// The members at `now` as things stand, without moving anyone back (for reports).
+    pub fn current(&self, heard: &BTreeMap<String, Heard>, now: Instant) -> Vec<String> {
         let mut m: Vec<String> = heard
             .iter()
             .filter(|(uav, h)| {
@@ -518,6 +523,11 @@ pub enum TelemetryKind {
 pub struct TelemetryRejects(BTreeMap<(String, TelemetryKind), Rejects>);
 
 impl TelemetryRejects {
+    /// Messages refused so far, every UAV and kind.
+    pub fn total(&self) -> u64 {
+        self.0.values().map(|r| r.count).sum()
+    }
+
     /// Counts one refusal; its count when it deserves a log line.
     pub fn note(&mut self, uav: &str, kind: TelemetryKind) -> Option<u64> {
         let r = self.0.entry((uav.to_string(), kind)).or_default();

@@ -97,7 +97,7 @@ impl Health {
 }
 
 /// The watchdog's parameters (`/**/watchdog` in `config/swarm.yaml`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WatchdogParams {
     /// The executors' heartbeat period: the model of a UAV before its first inter-arrivals.
@@ -371,6 +371,21 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
+    /// New thresholds from now on (parameters changed while the watchdog runs); `p` must have
+    /// passed [`Validate::validate`]. What was learnt of every UAV is kept.
+    pub fn set_params(&mut self, p: WatchdogParams) {
+        self.p = p;
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Members of the current plan (`None`: no plan yet).
+    pub fn ring(&self) -> Option<&BTreeSet<String>> {
+        self.ring.as_ref()
+    }
+
     /// `p` must have passed [`Validate::validate`].
     pub fn new(p: WatchdogParams) -> Self {
         Watchdog { p, uavs: BTreeMap::new(), epoch: 0, ring: None, declared: HashSet::new(), last_check: None }

@@ -11,13 +11,16 @@
 pub mod bag;
 pub mod battery;
 pub mod cli;
+pub mod clock;
 pub mod control;
 pub mod dataplane;
 pub mod detector;
+pub mod diagnostics;
 pub mod epoch;
 pub mod fallback;
 pub mod launch;
 pub mod linkrate;
+pub mod node_params;
 pub mod os;
 pub mod params;
 pub mod radio;

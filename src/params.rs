@@ -6,6 +6,7 @@
 //! named before the node starts.
 use serde::de::DeserializeOwned;
 use serde_yaml::{Mapping, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -117,46 +118,90 @@ impl RosArgs {
     }
 
     /// Loads the typed parameters of node `default_name`: every matching file section, in order,
-    /// then the `-p` overrides. Missing fields take the struct's serde defaults.
+    /// then the `-p` overrides. Missing fields take the struct's serde defaults. The parameters
+    /// every node has ([`Common`]) are not part of `P`. An error names the file (or override)
+    /// that set the field.
     pub fn load<P: DeserializeOwned>(&self, default_name: &str) -> Result<P, ParamError> {
+        let mut merged = self.merged(default_name)?;
+        Common::take(&mut merged)?;
+        let values = std::mem::take(&mut merged.values);
+        from_mapping(values, &merged.last).map_err(|e| match e {
+            ParamError::Field { field, message, .. } => ParamError::Field { origin: merged.origin_of(&field), field, message },
+            e => e,
+        })
+    }
+
+    /// The parameters every node has, from the same files and overrides.
+    pub fn common(&self, default_name: &str) -> Result<Common, ParamError> {
+        Common::take(&mut self.merged(default_name)?)
+    }
+
+    fn merged(&self, default_name: &str) -> Result<Merged, ParamError> {
         let fqn = self.fqn(default_name);
-        let mut merged = Mapping::new();
-        // Where each value came from: an error names the file (or override) that set the field.
-        let mut origins = std::collections::BTreeMap::new();
-        let mut origin = String::from("parameters");
+        let mut m = Merged { values: Mapping::new(), origins: BTreeMap::new(), last: String::from("parameters") };
         for file in &self.params_files {
             let section = read_sections(file, &fqn)?;
             for (k, v) in section {
                 if let Some(k) = k.as_str() {
-                    origins.insert(k.to_string(), file.display().to_string());
+                    m.origins.insert(k.to_string(), file.display().to_string());
                 }
-                merged.insert(k, v);
+                m.values.insert(k, v);
             }
-            origin = file.display().to_string();
+            m.last = file.display().to_string();
         }
         for (k, v) in &self.overrides {
             let value: Value = serde_yaml::from_str(v).unwrap_or_else(|_| Value::String(v.clone()));
-            merged.insert(Value::String(k.clone()), value);
-            origins.insert(k.clone(), format!("-p {k}:={v}"));
+            m.values.insert(Value::String(k.clone()), value);
+            m.origins.insert(k.clone(), format!("-p {k}:={v}"));
         }
-        // Every ROS node has `use_sim_time`; a launch under a simulator sets it on all of them.
-        // These nodes time their work by the wall clock (their timeouts are about real processes
-        // and their stamps are compared across processes), so it is checked and set aside.
-        if let Some(v) = merged.remove("use_sim_time") {
-            if !v.is_bool() {
-                let message = format!("expected true or false, not {v:?}");
-                let origin = origins.get("use_sim_time").cloned().unwrap_or(origin);
-                return Err(ParamError::Field { origin, field: "use_sim_time".into(), message });
+        Ok(m)
+    }
+}
+
+/// Every parameter file section and override for one node, merged, with where each value came from.
+struct Merged {
+    values: Mapping,
+    /// Top-level key -> the file (or `-p` override) that set it last.
+    origins: BTreeMap<String, String>,
+    /// The last file read: the origin of defaults and of keys without one.
+    last: String,
+}
+
+impl Merged {
+    fn origin_of(&self, field: &str) -> String {
+        let top = field.split(['.', '[']).next().unwrap_or(field);
+        self.origins.get(top).cloned().unwrap_or_else(|| self.last.clone())
+    }
+}
+
+/// Parameters of every node, besides its own: `use_sim_time` (every ROS node has it; a launch
+/// under a simulator sets it on all of them) and `log_level`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Common {
+    pub use_sim_time: bool,
+    /// error, warn, info, debug or trace; `None`: `RUST_LOG`, else info.
+    pub log_level: Option<String>,
+}
+
+impl Common {
+    /// Takes the common parameters out of `merged`, checked.
+    fn take(merged: &mut Merged) -> Result<Common, ParamError> {
+        let (use_sim_time, log_level) = (merged.values.remove("use_sim_time"), merged.values.remove("log_level"));
+        let field =
+            |field: &str, message: String| ParamError::Field { origin: merged.origin_of(field), field: field.into(), message };
+        let mut common = Common::default();
+        if let Some(v) = use_sim_time {
+            common.use_sim_time =
+                v.as_bool().ok_or_else(|| field("use_sim_time", format!("expected true or false, not {v:?}")))?;
+        }
+        if let Some(v) = log_level {
+            let levels = crate::node_params::LOG_LEVELS;
+            match v.as_str() {
+                Some(l) if levels.contains(&l) => common.log_level = Some(l.to_string()),
+                _ => return Err(field("log_level", format!("expected one of {}, not {v:?}", levels.join(", ")))),
             }
         }
-        from_mapping(merged, &origin).map_err(|e| match e {
-            ParamError::Field { field, message, origin } => {
-                let top = field.split(['.', '[']).next().unwrap_or(&field);
-                let origin = origins.get(top).cloned().unwrap_or(origin);
-                ParamError::Field { origin, field, message }
-            }
-            e => e,
-        })
+        Ok(common)
     }
 }
 
@@ -333,6 +378,10 @@ mod tests {
         assert_eq!(p.uav_id, "y");
         let err = args(&f.0, &["-p", "use_sim_time:=later"]).load::<P>("node").unwrap_err();
         assert!(err.to_string().contains("use_sim_time"), "{err}");
+        let common = args(&f.0, &["-p", "log_level:=debug"]).common("node").expect("common");
+        assert_eq!(common, Common { use_sim_time: true, log_level: Some("debug".into()) });
+        let err = args(&f.0, &["-p", "log_level:=loud"]).load::<P>("node").unwrap_err();
+        assert!(err.to_string().contains("log_level"), "{err}");
         // An empty value, as the launcher passes it.
         let p: P = args(&f.0, &["-p", "uav_id:=''"]).load("node").expect("load");
         assert_eq!(p.uav_id, "");

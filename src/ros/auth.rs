@@ -214,7 +214,7 @@ impl NodeAuth {
         let (auth, shutdown) = (self.clone(), ctx.shutdown());
         tokio::spawn(async move {
             tokio::pin!(shutdown);
-            let mut tick = tokio::time::interval(period);
+            let mut tick = crate::ros::clock::interval(period);
             loop {
                 tokio::select! {
                     _ = &mut shutdown => break,

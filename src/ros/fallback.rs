@@ -6,7 +6,7 @@
 use crate::detector::WatchdogParams;
 use crate::fallback::{Change, Fallback, WatchdogHealth};
 use crate::ros::auth::NodeAuth;
-use crate::ros::{names, now_stamp, NodeContext};
+use crate::ros::{clock, names, now_stamp, NodeContext};
 use r2r::aerokv::msg::{FailureEvent, Heartbeat};
 use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
 use std::sync::{Arc, Mutex};
@@ -61,20 +61,20 @@ pub fn spawn(
     let (tx, mut rx) = unbounded_channel();
     let status = Arc::new(Mutex::new(Status::default()));
     let shutdown = ctx.shutdown();
-    let origin = Instant::now();
+    let origin = clock::now();
     let secs = move |t: Instant| t.saturating_duration_since(origin).as_secs_f64();
     let mut f = Fallback::new(p, WATCHDOG_TIMEOUT.as_secs_f64(), 0.0);
     let out = status.clone();
     tokio::spawn(async move {
         tokio::pin!(shutdown);
-        let mut check = tokio::time::interval(check_period);
-        let mut report = tokio::time::interval(DIAGNOSTICS_PERIOD);
+        let mut check = clock::interval(check_period);
+        let mut report = clock::interval(DIAGNOSTICS_PERIOD);
         loop {
             let changes = tokio::select! {
                 _ = &mut shutdown => break,
                 Some(hb) = beats.recv() => {
                     if auth.accept_watchdog_heartbeat(&hb) {
-                        f.watchdog_heartbeat(secs(Instant::now()));
+                        f.watchdog_heartbeat(secs(clock::now()));
                     }
                     Vec::new()
                 }
@@ -89,13 +89,13 @@ pub fn spawn(
                     }
                     while let Ok(hb) = beats.try_recv() {
                         if auth.accept_watchdog_heartbeat(&hb) {
-                            f.watchdog_heartbeat(secs(Instant::now()));
+                            f.watchdog_heartbeat(secs(clock::now()));
                         }
                     }
-                    f.check(secs(Instant::now()))
+                    f.check(secs(clock::now()))
                 }
                 _ = report.tick() => {
-                    publish_diagnostics(&diagnostics, f.health(secs(Instant::now())), f.declared);
+                    publish_diagnostics(&diagnostics, f.health(secs(clock::now())), f.declared);
                     Vec::new()
                 }
             };
@@ -125,7 +125,7 @@ pub fn spawn(
                     }
                 }
             }
-            let health = f.health(secs(Instant::now()));
+            let health = f.health(secs(clock::now()));
             let (alive, silent_s) = match health {
                 WatchdogHealth::Alive { silent_s } => (true, silent_s),
                 WatchdogHealth::Dead { silent_s, .. } => (false, silent_s),

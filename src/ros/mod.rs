@@ -2,10 +2,14 @@
 //! conversions, and the four nodes. Each node is a thin adapter from messages to the pure crates.
 pub mod auth;
 pub mod bag;
+pub mod clock;
 pub mod convert;
+pub mod diagnostics;
 pub mod fallback;
 pub mod names;
 pub mod nodes;
+pub mod params;
+pub mod rosout;
 pub mod runtime;
 
 pub use runtime::{

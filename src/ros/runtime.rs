@@ -73,6 +73,10 @@ pub struct NodeContext {
     shutdown: watch::Sender<bool>,
     /// Set while a [`Spinner`] spins the node from its own thread.
     spun_elsewhere: Arc<AtomicBool>,
+    /// The node follows `/clock` (parameter `use_sim_time`; see [`crate::ros::clock`]).
+    pub use_sim_time: bool,
+    /// The `log_level` parameter at start.
+    pub log_level: String,
 }
 
 /// The node spun from the thread that holds this (see [`NodeContext::spin_here`]); the runtime's
@@ -113,6 +117,9 @@ impl SpinThread {
                     continue;
                 }
                 node.lock().unwrap_or_else(|e| e.into_inner()).spin_once(SPIN_TIMEOUT);
+                // A thread waiting for the node lock (creating a publisher, a service) gets a
+                // chance now: std's mutex is not fair, and re-locking at once can starve it.
+                std::thread::yield_now();
             }
         })?;
         Ok(SpinThread { stop, paused, thread })
@@ -218,7 +225,7 @@ fn drain<T: Send + 'static>(
     rx
 }
 
-/// Milliseconds since a message's stamp (same machine clock).
+/// Milliseconds since a message's stamp (same clock: the machine's, or /clock's).
 pub fn hop_ms(stamp: &r2r::builtin_interfaces::msg::Time) -> f64 {
     (unix_now() - stamp_secs(stamp)) * 1e3
 }
@@ -237,15 +244,14 @@ pub fn percentiles(v: &[f64]) -> serde_json::Value {
     serde_json::json!({"n": s.len(), "p50": at(0.5), "p99": at(0.99), "mean": mean})
 }
 
-/// Wall-clock seconds since the UNIX epoch.
+/// Seconds since the UNIX epoch on the node's clock (the wall clock unless `use_sim_time`).
 pub fn unix_now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+    crate::ros::clock::unix_now()
 }
 
-/// `builtin_interfaces/Time` of the wall clock.
+/// `builtin_interfaces/Time` of the node's clock.
 pub fn now_stamp() -> r2r::builtin_interfaces::msg::Time {
-    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    r2r::builtin_interfaces::msg::Time { sec: d.as_secs() as i32, nanosec: d.subsec_nanos() }
+    crate::ros::clock::stamp()
 }
 
 /// Runs a node: loads its typed parameters (refusing a bad file with the file and field named,
@@ -256,14 +262,24 @@ where
     F: FnOnce(NodeContext, P) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    crate::cli::init_tracing();
     let args = match RosArgs::from_env() {
         Ok(a) => a,
         Err(e) => {
+            crate::cli::init_tracing();
             eprintln!("error: {default_name}: {e}");
             return ExitCode::from(2);
         }
     };
+    let common = match args.common(default_name) {
+        Ok(c) => c,
+        Err(e) => {
+            crate::cli::init_tracing();
+            eprintln!("error: {default_name}: bad parameters: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::ros::clock::init(common.use_sim_time);
+    crate::ros::rosout::init(common.log_level.as_deref());
     let params: P = match args.load(default_name) {
         Ok(p) => p,
         Err(e) => {
@@ -280,7 +296,8 @@ where
     };
     let result = runtime.block_on(async move {
         let ctx = r2r::Context::create()?;
-        let node = r2r::Node::create(ctx, args.node_name.as_deref().unwrap_or(default_name), "")?;
+        let mut node = r2r::Node::create(ctx, args.node_name.as_deref().unwrap_or(default_name), "")?;
+        crate::ros::rosout::attach(&mut node)?;
         let node = Arc::new(Mutex::new(node));
         let (shutdown, _) = watch::channel(false);
         let spin = SpinThread::start(node.clone())?;
@@ -289,9 +306,21 @@ where
             namespace: args.namespace_leaf(),
             shutdown: shutdown.clone(),
             spun_elsewhere: spin.paused.clone(),
+            use_sim_time: common.use_sim_time,
+            log_level: common.log_level.clone().unwrap_or_else(|| "info".into()),
         };
-        tracing::info!(node = %args.fqn(default_name), "started");
-        let mut task = tokio::spawn(body(nc, params));
+        tracing::info!(node = %args.fqn(default_name), use_sim_time = common.use_sim_time, "started");
+        // An async body does nothing until polled: it starts once the clock runs.
+        let work = body(nc.clone(), params);
+        let mut task = tokio::spawn(async move {
+            if nc.use_sim_time {
+                crate::ros::clock::follow_sim_time(&nc).await?;
+                if nc.stop_requested() {
+                    return Ok(());
+                }
+            }
+            work.await
+        });
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let outcome = tokio::select! {
             r = &mut task => Some(r),

@@ -7,19 +7,21 @@
 use crate::battery::{self, Px4Warning, Reading, Rejected, SocField, Source};
 use crate::control::Rejects;
 use crate::ros::auth::{NodeAuth, AUTH_DIAGNOSTICS_PERIOD};
-use crate::ros::{names, now_stamp, NodeContext};
+use crate::ros::diagnostics::Diagnostics;
+use crate::ros::{clock, names, now_stamp, NodeContext};
 use aerokv_auth::Role;
 use r2r::aerokv::msg::{BatteryHealth, Heartbeat};
-use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
 use r2r::sensor_msgs::msg::BatteryState;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+use super::param_docs;
 
 const FROM_BATTERY_STATE: &str = "sensor_msgs/BatteryState";
 const FROM_PX4: &str = "px4_msgs/BatteryStatus";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Params {
     /// Defaults to the node's namespace (`/uav3/battery_monitor` -> "uav3").
@@ -117,35 +119,20 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
     let (battery_topic, heartbeat_topic) = (names::battery(&p.uav_id), names::heartbeat(&p.uav_id));
     let health_pub = ctx.publisher::<BatteryHealth>(&battery_topic, names::telemetry())?;
-    let diag_pub = ctx.publisher::<DiagnosticArray>(names::DIAGNOSTICS, r2r::QosProfile::default())?;
+    let diagnostics = Diagnostics::new(&ctx)?;
+    let mut live = crate::ros::params::serve(&ctx, p.clone(), param_docs::BATTERY_MONITOR, |p| {
+        p.validate().map_err(|e| e.to_string())
+    })?;
     let mut heartbeats = ctx.subscribe::<Heartbeat>(&names::heartbeat(&p.uav_id), names::telemetry())?;
-    let bs_qos =
-        if p.battery_state_qos == "reliable" { r2r::QosProfile::default() } else { r2r::QosProfile::sensor_data() };
-    let bs_topic = if p.battery_state_topic.starts_with('/') {
-        p.battery_state_topic.clone()
-    } else {
-        format!("/{}/{}", p.uav_id, p.battery_state_topic)
-    };
     // Every reading, mapped and checked, with the source it came from.
     let (readings_tx, mut readings) = mpsc::unbounded_channel::<(&'static str, Result<Reading, Rejected>)>();
-    if matches!(p.source, Source::Auto | Source::BatteryState) {
-        let mut rx = ctx.subscribe::<BatteryState>(&bs_topic, bs_qos)?;
-        let (tx, soc_field) = (readings_tx.clone(), p.battery_state_soc);
-        tokio::spawn(async move {
-            while let Some(m) = rx.recv().await {
-                let _ =
-                    tx.send((FROM_BATTERY_STATE, battery::from_battery_state(&battery_state_fields(&m), soc_field)));
-            }
-        });
-        tracing::info!(uav = %p.uav_id, source = ?p.source, topic = %bs_topic, "battery monitor up");
-    }
+    let mut battery_state = follow_battery_state(&ctx, &p, &readings_tx)?;
     if p.source == Source::Px4 {
         let topic = battery::px4_topic(&p.px4_namespace, &p.px4_topic).map_err(anyhow::Error::msg)?;
         let empty_at = (p.px4_empty_at_warning != Px4Warning::None).then_some(p.px4_empty_at_warning);
         subscribe_px4(&ctx, &topic, empty_at, readings_tx.clone())?;
         tracing::info!(uav = %p.uav_id, %topic, "battery monitor up, following PX4");
     }
-    drop(readings_tx);
 
     let mut energy_j = p.capacity_j * p.initial_soc;
     let simulated = matches!(p.source, Source::Auto | Source::Simulation);
@@ -153,15 +140,26 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let mut rejects = Rejects::default();
     let mut last_rejected: Option<Rejected> = None;
     let mut usage = ExecutorUsage::default();
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(p.publish_period_s));
-    let mut last_tick = Instant::now();
+    let mut last_reading_at: Option<Instant> = None;
+    let mut ticker = clock::interval(Duration::from_secs_f64(p.publish_period_s));
+    let mut last_tick = clock::now();
     let shutdown = ctx.shutdown();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
+            Ok(()) = live.changed() => {
+                let new = live.borrow_and_update().clone();
+                let input = |p: &Params| (p.battery_state_topic.clone(), p.battery_state_qos.clone(), p.battery_state_soc);
+                let moved = input(&new) != input(&p);
+                p = Params { uav_id: p.uav_id.clone(), ..new };
+                if moved {
+                    if let Some(old) = battery_state.take() { old.abort(); }
+                    battery_state = follow_battery_state(&ctx, &p, &readings_tx)?;
+                }
+            }
             Some(hb) = heartbeats.recv() => {
-                let now = Instant::now();
+                let now = clock::now();
                 if !auth.accept_heartbeat(&heartbeat_topic, &hb) {
                     continue;
                 }
@@ -187,6 +185,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
                 Ok(r) => {
                     if external.is_none() { tracing::info!(uav = %p.uav_id, "{from} received: it is now the battery source"); }
                     external = Some((r, from));
+                    last_reading_at = Some(clock::now());
                     last_rejected = None;
                 }
                 Err(why) => {
@@ -197,8 +196,9 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
                 }
             },
             _ = ticker.tick() => {
-                let dt = last_tick.elapsed().as_secs_f64();
-                last_tick = Instant::now();
+                let now = clock::now();
+                let dt = now.saturating_duration_since(last_tick).as_secs_f64();
+                last_tick = now;
                 let soc;
                 let source;
                 let power_w;
@@ -242,54 +242,61 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
                 auth.sign_battery(&battery_topic, &mut msg);
                 if let Err(e) = health_pub.publish(&msg) { tracing::warn!("publish battery health: {e}"); }
                 let warning = external.as_ref().and_then(|(r, _)| r.warning);
-                let _ = diag_pub.publish(&diagnostics(&p.uav_id, &msg, rejects, last_rejected.as_ref(), warning));
+                let age = last_reading_at.map(|t| now.saturating_duration_since(t).as_secs_f64());
+                diagnostics.publish(vec![crate::diagnostics::battery(&view(&msg, age, rejects, last_rejected.as_ref(), warning))]);
             }
         }
     }
 }
 
-fn diagnostics(
-    uav: &str,
+/// What `/diagnostics` shows of the health just published.
+fn view(
     h: &BatteryHealth,
+    reading_age_s: Option<f64>,
     rejects: Rejects,
     last_rejected: Option<&Rejected>,
     warning: Option<Px4Warning>,
-) -> DiagnosticArray {
-    let (level, message) = match h.state_of_charge {
-        s if s <= 0.0 => (DiagnosticStatus::ERROR as u8, "battery empty"),
-        s if s < 0.2 => (DiagnosticStatus::WARN as u8, "battery low: inference at floor power"),
-        _ if last_rejected.is_some() => {
-            (DiagnosticStatus::WARN as u8, "battery readings refused: the last good one stands")
-        }
-        _ => (DiagnosticStatus::OK as u8, "ok"),
+) -> crate::diagnostics::BatteryView {
+    crate::diagnostics::BatteryView {
+        uav: h.uav_id.clone(),
+        source: h.source.clone(),
+        reading_age_s,
+        energy_j: h.energy_j,
+        state_of_charge: h.state_of_charge,
+        power_w: h.power_w,
+        expected_remaining_tokens: h.expected_remaining_tokens,
+        rejected_readings: rejects.count,
+        last_rejected: last_rejected.map(|r| r.to_string()),
+        px4_warning: warning.map(|w| format!("{w:?}").to_lowercase()),
+    }
+}
+
+/// Subscribes to the `sensor_msgs/BatteryState` input the parameters name (sources auto and
+/// battery_state); the task forwards its readings until aborted (the topic changed).
+fn follow_battery_state(
+    ctx: &NodeContext,
+    p: &Params,
+    readings: &mpsc::UnboundedSender<(&'static str, Result<Reading, Rejected>)>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if !matches!(p.source, Source::Auto | Source::BatteryState) {
+        return Ok(None);
+    }
+    let qos =
+        if p.battery_state_qos == "reliable" { r2r::QosProfile::default() } else { r2r::QosProfile::sensor_data() };
+    let topic = if p.battery_state_topic.starts_with('/') {
+        p.battery_state_topic.clone()
+    } else {
+        format!("/{}/{}", p.uav_id, p.battery_state_topic)
     };
-    let kv = |k: &str, v: String| KeyValue { key: k.into(), value: v };
-    let mut extra = vec![kv("rejected_readings", rejects.count.to_string())];
-    if let Some(why) = last_rejected {
-        extra.push(kv("last_rejected", why.to_string()));
-    }
-    if let Some(w) = warning {
-        extra.push(kv("px4_warning", format!("{w:?}").to_lowercase()));
-    }
-    DiagnosticArray {
-        header: r2r::std_msgs::msg::Header { stamp: h.stamp.clone(), frame_id: String::new() },
-        status: vec![DiagnosticStatus {
-            level,
-            name: format!("aerokv/{uav}/battery"),
-            message: message.into(),
-            hardware_id: uav.into(),
-            values: vec![
-                kv("energy_j", format!("{:.1}", h.energy_j)),
-                kv("state_of_charge", format!("{:.3}", h.state_of_charge)),
-                kv("power_w", format!("{:.1}", h.power_w)),
-                kv("expected_remaining_tokens", format!("{:.0}", h.expected_remaining_tokens)),
-                kv("source", h.source.clone()),
-            ]
-            .into_iter()
-            .chain(extra)
-            .collect(),
-        }],
-    }
+    let mut rx = ctx.subscribe::<BatteryState>(&topic, qos)?;
+    let (tx, soc_field) = (readings.clone(), p.battery_state_soc);
+    let task = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            let _ = tx.send((FROM_BATTERY_STATE, battery::from_battery_state(&battery_state_fields(&m), soc_field)));
+        }
+    });
+    tracing::info!(uav = %p.uav_id, source = ?p.source, %topic, qos = %p.battery_state_qos, "following BatteryState");
+    Ok(Some(task))
 }
 
 /// Fraction of full inference power the battery allows: the planning core's battery model

@@ -10,8 +10,9 @@ use crate::detector::FailureReason;
 use crate::epoch::{self as epochs, EpochClock, ExecutorState, Readiness};
 use crate::linkrate::LinkRates;
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
+use crate::ros::diagnostics::Diagnostics;
 use crate::ros::fallback::{self, Input};
-use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
+use crate::ros::{clock, convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
 use aerokv_auth::Role;
 use aerokv_codec::{ActivationCodec, Encoded};
 use aerokv_engine::{
@@ -21,7 +22,7 @@ use aerokv_plan::{Channel, PlanConfig, PowerModel};
 use futures::StreamExt;
 use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, PromptProgress, TokenChunk};
 use r2r::aerokv::srv::Generate;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,7 +37,7 @@ const MAX_STEPS_IN_FLIGHT: usize = 4;
 /// this many member timeouts of listening (docs/design.md, "Epochs").
 const EPOCH_SETTLE_TIMEOUTS: f64 = 2.0;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Params {
     /// Plan once this many UAVs are up.
@@ -253,6 +254,7 @@ struct Scheduler {
     epoch: u64,
     request_id: u64,
     stale_dropped: u64,
+    diagnostics: Diagnostics,
     /// Latency of the last hop (last stage -> gateway) of every step, ms.
     hops: Vec<f64>,
     /// Per UAV, the measured link rate the planner uses (the executors' heartbeats).
@@ -350,18 +352,22 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         epoch: 0,
         request_id: 0,
         stale_dropped: 0,
+        diagnostics: Diagnostics::new(&ctx)?,
         hops: Vec::new(),
         links: Mutex::new(links),
         hidden: arch.hidden,
     };
     // Listen to the executors before the first plan (docs/design.md, "Epochs").
     s.lock().clock = Some(EpochClock::new(
-        Instant::now(),
+        clock::now(),
         Duration::from_secs_f64(EPOCH_SETTLE_TIMEOUTS * s.p.member_timeout_s),
         s.p.expected_uavs,
     ));
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(s.p.replan_period_s.min(0.25)));
-    let mut last_replan = Instant::now();
+    let mut live = crate::ros::params::serve(&ctx, s.p.clone(), super::param_docs::SCHEDULER, |p| {
+        p.validate().map_err(|e| e.to_string())
+    })?;
+    let mut tick = clock::interval(Duration::from_secs_f64(s.p.replan_period_s.min(0.25)));
+    let mut last_replan = clock::now();
     let shutdown = ctx.shutdown();
     tokio::pin!(shutdown);
     loop {
@@ -381,11 +387,13 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
                 }
             }
             Some(ev) = s.failures.recv() => { s.note_failure(&ev); }
+            Ok(()) = live.changed() => { s.p = live.borrow_and_update().clone(); }
             Some(msg) = s.outputs.next() => { s.stale_dropped += 1; tracing::debug!(epoch = msg.epoch, "activation outside a request dropped"); }
             _ = tick.tick() => {
                 s.discover()?;
-                if last_replan.elapsed().as_secs_f64() >= s.p.replan_period_s {
-                    last_replan = Instant::now();
+                s.publish_diagnostics(None);
+                if clock::since(last_replan).as_secs_f64() >= s.p.replan_period_s {
+                    last_replan = clock::now();
                     if let Err(e) = s.idle_replan() {
                         tracing::warn!("idle planning: {e:#}");
                     }
@@ -417,14 +425,14 @@ impl Scheduler {
 
     /// Has this scheduler listened long enough to know the swarm's epoch?
     fn settled(&self) -> bool {
-        self.lock().clock.as_ref().is_none_or(|c| c.settled(Instant::now()))
+        self.lock().clock.as_ref().is_none_or(|c| c.settled(clock::now()))
     }
 
     /// Waits (bounded) until [`Self::settled`].
     async fn await_settled(&mut self) {
         // Ends by the clock's bound at the latest.
         while !self.settled() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            clock::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -467,7 +475,7 @@ impl Scheduler {
             let (auth, topic, fallback) = (self.auth.clone(), names::heartbeat(&uav), self.fallback.tx.clone());
             tokio::spawn(async move {
                 while let Some(hb) = beats.recv().await {
-                    let now = Instant::now();
+                    let now = clock::now();
                     if !auth.accept_heartbeat(&topic, &hb) {
                         continue;
                     }
@@ -500,7 +508,7 @@ impl Scheduler {
                     let checked = control::validate_battery_health(&convert::battery_health_fields(&b), &u);
                     let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
                     if live.rejects.passed(&u, TelemetryKind::BatteryHealth, checked) {
-                        let _ = fallback.send(Input::Battery(u.clone(), b.energy_j, Instant::now()));
+                        let _ = fallback.send(Input::Battery(u.clone(), b.energy_j, clock::now()));
                         live.battery.insert(u.clone(), b);
                     }
                 }
@@ -512,7 +520,7 @@ impl Scheduler {
     /// UAVs with a recent heartbeat and battery health (not empty), not kept out, in ring order.
     fn members(&mut self) -> Vec<String> {
         let heard = self.lock().heard.clone();
-        self.membership.members(&heard, Instant::now())
+        self.membership.members(&heard, clock::now())
     }
 
     fn telemetry(&self) -> BTreeMap<String, Telemetry> {
@@ -549,10 +557,9 @@ impl Scheduler {
             tracing::info!(uav = %ev.uav_id, epoch = ev.epoch, current = self.epoch, "failure declaration of an older epoch dropped");
             return false;
         }
-        let (age, sent) =
-            self.lock().beats.get(&ev.uav_id).map_or((f64::INFINITY, f64::NEG_INFINITY), |(t, hb)| {
-                (t.elapsed().as_secs_f64(), stamp_secs(&hb.stamp))
-            });
+        let (age, sent) = self.lock().beats.get(&ev.uav_id).map_or((f64::INFINITY, f64::NEG_INFINITY), |(t, hb)| {
+            (clock::since(*t).as_secs_f64(), stamp_secs(&hb.stamp))
+        });
         let reason = match ev.reason.parse::<FailureReason>() {
             Ok(r) => r,
             Err(e) => {
@@ -569,7 +576,7 @@ impl Scheduler {
                 return false;
             }
         }
-        self.membership.declare_failed(&ev.uav_id, Instant::now());
+        self.membership.declare_failed(&ev.uav_id, clock::now());
         tracing::warn!(uav = %ev.uav_id, reason = %ev.reason, "failure noted");
         true
     }
@@ -713,7 +720,7 @@ impl Scheduler {
             ..Default::default()
         });
         let text = self.gateway.decode(&run.tokens).unwrap_or_default();
-        let decode_s = run.first_token_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let decode_s = run.first_token_at.map_or(0.0, |t| clock::since(t).as_secs_f64());
         let tokens_per_s =
             if run.tokens.len() > 1 && decode_s > 0.0 { (run.tokens.len() - 1) as f64 / decode_s } else { 0.0 };
         let stats = serde_json::json!({
@@ -851,7 +858,7 @@ impl Run {
 impl Scheduler {
     /// Runs `run` to its end; returns the finish reason.
     async fn generate(&mut self, run: &mut Run) -> Result<&'static str, Interrupt> {
-        let started = Instant::now();
+        let started = clock::now();
         // A fresh plan for this request from current battery health and membership.
         self.plan_restart(run, "request").await?;
         run.started = true;
@@ -880,7 +887,7 @@ impl Scheduler {
                 run.position += step; // a known token fed again after a restart
                 continue;
             }
-            let received_at = Instant::now();
+            let received_at = clock::now();
             // Decode steps only, not the prompt's.
             let round_trip_ms = run
                 .sent_at
@@ -889,8 +896,8 @@ impl Scheduler {
             let logits = self.gateway.logits(&hidden).map_err(|e| Interrupt::Fatal(format!("LM head: {e}")))?;
             let id = run.sampler.sample(&logits).map_err(|e| Interrupt::Fatal(format!("sampling: {e}")))?;
             if run.first_token_at.is_none() {
-                run.first_token_at = Some(Instant::now());
-                run.prefill_s = started.elapsed().as_secs_f64();
+                run.first_token_at = Some(clock::now());
+                run.prefill_s = clock::since(started).as_secs_f64();
             }
             let now = unix_now();
             for inc in run.incidents.iter_mut().filter(|i| i.next_token_at == 0.0) {
@@ -913,7 +920,7 @@ impl Scheduler {
                 run.steps.push(Step {
                     position: run.position,
                     round_trip_ms,
-                    gateway_ms: received_at.elapsed().as_secs_f64() * 1e3,
+                    gateway_ms: clock::since(received_at).as_secs_f64() * 1e3,
                 });
             }
             self.stream_token(run, index, id);
@@ -956,6 +963,7 @@ impl Scheduler {
         if let Err(e) = self.token_pub.publish(&chunk) {
             tracing::warn!("publish token: {e}");
         }
+        self.publish_diagnostics(Some(&*run));
     }
 
     /// Embeds and sends to the owner of layer 0 every step whose ids are known and that has not
@@ -975,7 +983,7 @@ impl Scheduler {
             let publisher = self.activation_pub(&topic).map_err(|e| Interrupt::Fatal(e.to_string()))?;
             publisher.publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {topic}: {e}")))?;
             run.sent_until += hidden.rows();
-            run.sent_at = Some(Instant::now());
+            run.sent_at = Some(clock::now());
             in_flight += 1;
         }
         Ok(())
@@ -1019,7 +1027,7 @@ impl Scheduler {
 
     /// Waits for the last stage's output of the step in flight.
     async fn await_output(&mut self, run: &Run) -> Result<Hidden, Interrupt> {
-        let deadline = tokio::time::sleep(Duration::from_secs_f64(self.p.step_timeout_s));
+        let deadline = clock::sleep(Duration::from_secs_f64(self.p.step_timeout_s));
         tokio::pin!(deadline);
         loop {
             tokio::select! {
@@ -1156,12 +1164,12 @@ impl Scheduler {
         // A DDS stall after a drone is killed can silence live drones for a second (false failure
         // declarations); they count as members again once their heartbeats resume. Give them that
         // long before the request fails for want of drones.
-        let grace = Instant::now() + Duration::from_secs_f64(2.0 * self.p.member_timeout_s);
+        let grace = clock::now() + Duration::from_secs_f64(2.0 * self.p.member_timeout_s);
         loop {
             let members = self.members();
             if members.is_empty() {
-                if Instant::now() < grace {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                if clock::now() < grace {
+                    clock::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
                 return Err(Interrupt::Fatal("no UAV left to serve the request".into()));
@@ -1189,8 +1197,8 @@ impl Scheduler {
     /// Waits until every stage of the current plan runs it (heartbeat epoch and state "ready").
     async fn wait_ready(&mut self) -> Result<BTreeMap<String, StageReady>, Interrupt> {
         let plan = self.current.as_ref().map(|c| c.plan.clone()).ok_or_else(|| Interrupt::Fatal("no plan".into()))?;
-        let deadline = Instant::now() + Duration::from_secs_f64(self.p.ready_timeout_s);
-        let mut poll = tokio::time::interval(Duration::from_millis(5));
+        let deadline = clock::now() + Duration::from_secs_f64(self.p.ready_timeout_s);
+        let mut poll = clock::interval(Duration::from_millis(5));
         let mut seen: BTreeMap<String, StageReady> = BTreeMap::new();
         loop {
             tokio::select! {
@@ -1216,7 +1224,7 @@ impl Scheduler {
                         Readiness::Refused { uav, why } => {
                             return Err(Interrupt::Fatal(format!("{uav} cannot apply epoch {}: {why}", plan.epoch)));
                         }
-                        Readiness::Waiting(lags) if Instant::now() > deadline => {
+                        Readiness::Waiting(lags) if clock::now() > deadline => {
                             let lags: Vec<String> = lags.iter().map(ToString::to_string).collect();
                             return Err(Interrupt::Fatal(format!("not ready with epoch {} after {} s: {}", plan.epoch, self.p.ready_timeout_s, lags.join("; "))));
                         }
@@ -1252,5 +1260,36 @@ impl Scheduler {
             Err(e) => tracing::debug!("retirement check: {e}"),
         }
         Ok(())
+    }
+}
+
+impl Scheduler {
+    /// The scheduler's status on `/diagnostics`, at most once per period.
+    fn publish_diagnostics(&mut self, run: Option<&Run>) {
+        let now = clock::now();
+        if !self.diagnostics.is_due(now) {
+            return;
+        }
+        let (heard, telemetry_refused) = {
+            let live = self.lock();
+            (live.heard.clone(), live.rejects.total())
+        };
+        let members = self.membership.current(&heard, now);
+        let view = crate::diagnostics::SchedulerView {
+            request_id: run.map_or(0, |r| r.request_id),
+            request_tokens: run.map_or(0, |r| r.tokens.len()),
+            requests_served: self.request_id,
+            epoch: self.epoch,
+            members,
+            ring: self
+                .current
+                .as_ref()
+                .map(|c| c.plan.stages.iter().map(|s| s.uav.clone()).collect())
+                .unwrap_or_default(),
+            expected_uavs: self.p.expected_uavs,
+            stale_dropped: self.stale_dropped,
+            telemetry_refused,
+        };
+        self.diagnostics.publish_at(now, vec![crate::diagnostics::scheduler(&view)]);
     }
 }

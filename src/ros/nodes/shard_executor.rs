@@ -6,19 +6,22 @@
 use crate::dataplane::{Emit, ShardHost, SwarmPlan};
 use crate::linkrate::Goodput;
 use crate::ros::auth::{NodeAuth, AUTH_DIAGNOSTICS_PERIOD};
-use crate::ros::{convert, names, now_stamp, shutdown_phase, NodeContext, ShutdownPhase, SPIN_TIMEOUT};
+use crate::ros::diagnostics::Diagnostics;
+use crate::ros::{clock, convert, names, now_stamp, shutdown_phase, NodeContext, ShutdownPhase, SPIN_TIMEOUT};
 use aerokv_auth::Role;
 use aerokv_codec::KvCodec;
 use aerokv_engine::{models_root, Manifest, Runtime, RuntimeConfig};
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
 use r2r::aerokv::msg::{Activation, Assignment, Heartbeat, KvSnapshot};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-#[derive(Debug, Clone, Deserialize)]
+use super::param_docs;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Params {
     /// Defaults to the node's namespace.
@@ -79,6 +82,8 @@ impl Event {
 #[derive(Default, Clone)]
 struct Status {
     hb: Heartbeat,
+    /// Messages that could not be used (undecodable, for another UAV, not applicable).
+    ignored: u64,
 }
 
 pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
@@ -96,6 +101,15 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let host = ShardHost::new(runtime, manifest, p.uav_id.clone())?;
     let auth = NodeAuth::load(&p.keystore, Role::ShardExecutor, Some(&p.uav_id))?;
     auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
+    // Made before the data-plane thread spins the node (it holds the node's lock most of the time).
+    let mut live = crate::ros::params::serve(&ctx, p.clone(), param_docs::SHARD_EXECUTOR, |p| {
+        if p.heartbeat_period_s.is_finite() && p.heartbeat_period_s > 0.0 {
+            Ok(())
+        } else {
+            Err(format!("heartbeat_period_s must be positive, not {}", p.heartbeat_period_s))
+        }
+    })?;
+    let mut diagnostics = Diagnostics::new(&ctx)?;
 
     // Heartbeats leave through a DDS participant and writer of their own, published from this
     // async task, never from the data-plane thread that publishes KV snapshots and replays: when
@@ -106,6 +120,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let hb_pub = hb_node.create_publisher::<Heartbeat>(&names::heartbeat(&p.uav_id), names::heartbeat_qos())?;
     let status = Arc::new(Mutex::new(Status {
         hb: Heartbeat { uav_id: p.uav_id.clone(), state: "waiting".into(), ..Default::default() },
+        ignored: 0,
     }));
     let (hb_auth, hb_topic) = (auth.clone(), names::heartbeat(&p.uav_id));
     // The worker wakes the heartbeat at a change of state: the scheduler resumes after a failover
@@ -136,7 +151,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     worker.subscribe(names::ASSIGNMENT.to_string(), names::latched_reader(), Event::Assignment)?;
     worker.subscribe(names::kv_inbox(&p.uav_id), names::data_plane(), Event::Kv)?;
     let worker = std::thread::Builder::new().name("data-plane".into()).spawn(move || worker.run())?;
-    let mut beat = tokio::time::interval(Duration::from_secs_f64(p.heartbeat_period_s));
+    let mut beat = clock::interval(Duration::from_secs_f64(p.heartbeat_period_s));
     let shutdown = ctx.shutdown();
     tokio::pin!(shutdown);
     tracing::info!(uav = %p.uav_id, variant = %p.variant, threads = p.threads, "shard executor up");
@@ -148,10 +163,17 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
                 sequence += 1;
                 beat_once(&hb_pub, &status, sequence, &hb_auth, &hb_topic);
             }
+            Ok(()) = live.changed() => {
+                let period = live.borrow_and_update().heartbeat_period_s;
+                beat = clock::interval(Duration::from_secs_f64(period));
+            }
             _ = beat.tick() => {
                 sequence += 1;
-                beat_once(&hb_pub, &status, sequence, &hb_auth, &hb_topic);
-                if worker.is_finished() { anyhow::bail!("the data-plane worker stopped"); }
+                let (hb, ignored) = beat_once(&hb_pub, &status, sequence, &hb_auth, &hb_topic);
+                diagnostics.due(|| vec![crate::diagnostics::executor(&view(&hb, ignored))]);
+                // A worker that stopped because the node is stopping (a signal during start-up) is
+                // no failure.
+                if worker.is_finished() && !ctx.stop_requested() { anyhow::bail!("the data-plane worker stopped"); }
             }
         }
     }
@@ -167,13 +189,41 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn beat_once(hb_pub: &r2r::Publisher<Heartbeat>, status: &Mutex<Status>, sequence: u64, auth: &NodeAuth, topic: &str) {
-    let mut hb = status.lock().unwrap_or_else(|e| e.into_inner()).hb.clone();
+/// Publishes one signed heartbeat; returns it with the count of ignored messages.
+fn beat_once(
+    hb_pub: &r2r::Publisher<Heartbeat>,
+    status: &Mutex<Status>,
+    sequence: u64,
+    auth: &NodeAuth,
+    topic: &str,
+) -> (Heartbeat, u64) {
+    let (mut hb, ignored) = {
+        let st = status.lock().unwrap_or_else(|e| e.into_inner());
+        (st.hb.clone(), st.ignored)
+    };
     hb.sequence = sequence;
     hb.stamp = now_stamp();
     auth.sign_heartbeat(topic, &mut hb);
     if let Err(e) = hb_pub.publish(&hb) {
         tracing::warn!("publish heartbeat: {e}");
+    }
+    (hb, ignored)
+}
+
+/// What `/diagnostics` shows of the data plane (from the heartbeat's figures).
+fn view(hb: &Heartbeat, ignored: u64) -> crate::diagnostics::ExecutorView {
+    let a = &hb.auth_counters;
+    crate::diagnostics::ExecutorView {
+        uav: hb.uav_id.clone(),
+        state: hb.state.clone(),
+        epoch: hb.epoch,
+        layers: (hb.layer_start, hb.layer_end),
+        replica: (hb.replica_start, hb.replica_end),
+        kv_tokens: hb.kv_tokens,
+        memory_bytes: hb.memory_bytes,
+        stale_messages: hb.stale_messages,
+        ignored_messages: ignored,
+        auth_rejected: a.not_signed + a.unknown_sender + a.wrong_role + a.bad_signature + a.replayed + a.malformed,
     }
 }
 
@@ -320,6 +370,7 @@ impl Worker {
                 .and_then(|rows| Ok(self.host.on_kv(&m.source, m.request_id, rows)?))
                 .and_then(|emits| self.emit(emits)),
             Event::Kv(m) => {
+                self.status.lock().unwrap_or_else(|e| e.into_inner()).ignored += 1;
                 tracing::warn!(holder = %m.holder, source = %m.source, "KV rows for another UAV in this UAV's inbox: ignored");
                 Ok(())
             }
@@ -334,6 +385,7 @@ impl Worker {
                 tracing::error!("{e:#}");
                 self.status.lock().unwrap_or_else(|e| e.into_inner()).hb.state = format!("error: {e:#}");
             } else {
+                self.status.lock().unwrap_or_else(|e| e.into_inner()).ignored += 1;
                 tracing::warn!("message ignored: {e:#}");
             }
         }

@@ -5,16 +5,19 @@
 use super::discovery::uavs_with_topic;
 use crate::control::{self, TelemetryKind, TelemetryRejects};
 use crate::detector::{Event, Health, UavReport, Watchdog, WatchdogParams};
-use crate::params::Checked;
+use crate::params::{Checked, Validate};
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
+use crate::ros::diagnostics::Diagnostics;
 use crate::ros::fallback::WATCHDOG_HEARTBEAT_PERIOD;
-use crate::ros::{convert, names, now_stamp, stamp_secs, unix_now, NodeContext};
+use crate::ros::{clock, convert, names, now_stamp, stamp_secs, unix_now, NodeContext};
 use aerokv_auth::Role;
 use r2r::aerokv::msg::{BatteryHealth, FailureEvent, Heartbeat};
 use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::param_docs;
 use tokio::sync::mpsc;
 
 /// The watchdog's parameters, checked when the file is read.
@@ -36,11 +39,14 @@ pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
     let failures =
         SignedPublisher::new(ctx.publisher(names::FAILURES, names::events())?, auth.clone(), NodeAuth::sign_failure);
     let diagnostics = ctx.publisher::<DiagnosticArray>(names::DIAGNOSTICS, r2r::QosProfile::default())?;
+    let summary = Diagnostics::new(&ctx)?;
+    let mut live =
+        crate::ros::params::serve(&ctx, p.clone(), param_docs::WATCHDOG, |p| p.validate().map_err(|e| e.to_string()))?;
     let mut assignments =
         verified(ctx.subscribe(names::ASSIGNMENT, names::latched_reader())?, auth.clone(), NodeAuth::accept_assignment);
     // Its own heartbeat: the scheduler notices the watchdog's death (docs/security.md §5).
     let beat_pub = ctx.publisher::<Heartbeat>(names::WATCHDOG_HEARTBEAT, names::heartbeat_qos())?;
-    let mut beat = tokio::time::interval(WATCHDOG_HEARTBEAT_PERIOD);
+    let mut beat = clock::interval(WATCHDOG_HEARTBEAT_PERIOD);
     let mut sequence = 0;
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<Seen>();
     // The discovery thread ends at the node's shutdown and is joined before the node returns (it
@@ -50,11 +56,11 @@ pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
         let auth = auth.clone();
         tokio::task::spawn_blocking(move || watch_new_uavs(&ctx, &auth, &seen, period))
     };
-    let origin = Instant::now();
+    let origin = clock::now();
     let secs = |t: Instant| t.saturating_duration_since(origin).as_secs_f64();
     let mut rejects = TelemetryRejects::default();
-    let mut check = tokio::time::interval(Duration::from_secs_f64(p.check_period_s));
-    let mut report = tokio::time::interval(DIAGNOSTICS_PERIOD);
+    let mut check = clock::interval(Duration::from_secs_f64(p.check_period_s));
+    let mut report = clock::interval(DIAGNOSTICS_PERIOD);
     tracing::info!(?p, "watchdog up");
     let mut w = Watchdog::new(p);
     let shutdown = ctx.shutdown();
@@ -62,6 +68,10 @@ pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
     loop {
         let events = tokio::select! {
             _ = &mut shutdown => break,
+            Ok(()) = live.changed() => {
+                w.set_params(live.borrow_and_update().clone());
+                Vec::new()
+            }
             Some(a) = assignments.recv() => {
                 w.assignment(a.epoch, a.ring);
                 Vec::new()
@@ -73,11 +83,13 @@ pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
                 while let Ok(seen) = seen_rx.try_recv() {
                     events.extend(take(&mut w, &mut rejects, seen, secs));
                 }
-                events.extend(w.check(secs(Instant::now())));
+                events.extend(w.check(secs(clock::now())));
                 events
             }
             _ = report.tick() => {
-                publish_diagnostics(&diagnostics, &w.report(secs(Instant::now())));
+                let reports = w.report(secs(clock::now()));
+                publish_diagnostics(&diagnostics, &reports);
+                summary.publish(vec![crate::diagnostics::watchdog(&view(&w, &reports, &rejects))]);
                 Vec::new()
             }
             _ = beat.tick() => {
@@ -93,11 +105,11 @@ pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
             publish_event(&failures, e);
         }
         if changed {
-            publish_diagnostics(&diagnostics, &w.report(secs(Instant::now())));
+            publish_diagnostics(&diagnostics, &w.report(secs(clock::now())));
         }
     }
     // What the heartbeats looked like (e.g. their inter-arrival p99 while KV snapshots were sent).
-    for r in w.report(secs(Instant::now())) {
+    for r in w.report(secs(clock::now())) {
         tracing::info!(uav = %r.uav, samples = r.samples, p50_ms = r.p50_s * 1e3, p99_ms = r.p99_s * 1e3, max_gap_ms = r.max_gap_s * 1e3, period_ms = r.model.period_s * 1e3, loss = r.model.loss, jitter_ms = r.model.std_dev_s * 1e3, "heartbeat inter-arrivals");
     }
     let _ = discovery.await;
@@ -132,6 +144,19 @@ fn take(w: &mut Watchdog, rejects: &mut TelemetryRejects, seen: Seen, secs: impl
             events
         }
         Seen::Battery(_, b, at) => w.battery(&b.uav_id, b.energy_j, secs(at)).into_iter().collect(),
+    }
+}
+
+/// The watchdog's own status: the plan's ring, who is watched, suspected, declared.
+fn view(w: &Watchdog, reports: &[UavReport], rejects: &TelemetryRejects) -> crate::diagnostics::WatchdogView {
+    let with = |h: Health| reports.iter().filter(|r| r.health == h).map(|r| r.uav.clone()).collect();
+    crate::diagnostics::WatchdogView {
+        epoch: w.epoch(),
+        ring: w.ring().map(|r| r.iter().cloned().collect()).unwrap_or_default(),
+        watched: reports.iter().map(|r| r.uav.clone()).collect(),
+        suspected: with(Health::Suspected),
+        declared: with(Health::Declared),
+        telemetry_refused: rejects.total(),
     }
 }
 
@@ -223,7 +248,7 @@ fn watch_new_uavs(ctx: &NodeContext, auth: &Arc<NodeAuth>, seen: &mpsc::Unbounde
                 Err(e) => tracing::error!(%uav, "cannot watch: {e:#}"),
             }
         }
-        if runtime.block_on(tokio::time::timeout(period, ctx.shutdown())).is_ok() {
+        if runtime.block_on(clock::timeout(period, ctx.shutdown())).is_ok() {
             return;
         }
     }
@@ -247,7 +272,7 @@ fn forward<T: r2r::WrappedTypesupport + Send + 'static>(
             if !accept(&auth, &topic, &m) {
                 continue;
             }
-            if tx.send(wrap(uav.clone(), m, Instant::now())).is_err() {
+            if tx.send(wrap(uav.clone(), m, clock::now())).is_err() {
                 break;
             }
         }
