@@ -377,10 +377,6 @@ impl Watchdog {
         self.p = p;
     }
 
-    pub fn epoch(&self) -> u64 {
-        self.epoch
-    }
-
     /// Members of the current plan (`None`: no plan yet).
     pub fn ring(&self) -> Option<&BTreeSet<String>> {
         self.ring.as_ref()
