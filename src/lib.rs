@@ -8,13 +8,16 @@
 //!   sampling. Pure Rust, no ROS.
 //! - this crate (`aerokv`): the CLI (`cli`) and, with the `ros` feature, the ROS 2 nodes
 //!   (`src/bin/*`), thin adapters from messages to the pure crates.
+pub mod audit;
 pub mod bag;
 pub mod battery;
 pub mod cli;
 pub mod control;
 pub mod dataplane;
+pub mod decision;
 pub mod detector;
 pub mod launch;
+pub mod mission;
 pub mod os;
 pub mod params;
 pub mod radio;

@@ -5,6 +5,7 @@ pub mod bag;
 pub mod convert;
 pub mod names;
 pub mod nodes;
+pub mod record;
 pub mod runtime;
 
 pub use runtime::{

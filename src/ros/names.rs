@@ -5,6 +5,8 @@ use r2r::QosProfile;
 /// Swarm-wide topics live under this namespace.
 pub const SWARM_NS: &str = "/aerokv";
 pub const ASSIGNMENT: &str = "/aerokv/assignment";
+/// What each assignment was decided from (latched beside it; `aerokv bag audit` reads it).
+pub const PLAN_INPUTS: &str = "/aerokv/plan_inputs";
 pub const FAILURES: &str = "/aerokv/failures";
 pub const TOKENS: &str = "/aerokv/tokens";
 /// How much of a request's prompt has gone through the swarm (long prompts take seconds).
