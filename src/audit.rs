@@ -22,9 +22,21 @@ pub struct Checked {
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AuditReport {
+    /// In epoch order, up to the divergence.
     pub checked: Vec<Checked>,
     /// What could not be checked (a message the recording lost) or looks odd without being wrong.
     pub warnings: Vec<String>,
+    /// The first assignment not decided again as recorded.
+    pub divergence: Option<Divergence>,
+}
+
+impl AuditReport {
+    pub fn result(self) -> Result<AuditReport, Divergence> {
+        match self.divergence.clone() {
+            Some(d) => Err(d),
+            None => Ok(self),
+        }
+    }
 }
 
 /// The first assignment that is not decided again as recorded, and why.
@@ -52,8 +64,16 @@ pub enum Cause {
     Inconsistent(String),
 }
 
-/// Audits a mission; Ok with what was checked, or the first divergence.
-pub fn audit(m: &Mission) -> Result<AuditReport, Divergence> {
+/// Audits a mission: what was decided again exactly, then the first divergence if any.
+pub fn audit(m: &Mission) -> AuditReport {
+    let mut report = AuditReport::default();
+    if let Err(d) = audit_into(m, &mut report) {
+        report.divergence = Some(d);
+    }
+    report
+}
+
+fn audit_into(m: &Mission, report: &mut AuditReport) -> Result<(), Divergence> {
     let at = |ns: u64| ns.saturating_sub(m.start_ns) as f64 / 1e9;
     let mut assignments: BTreeMap<u64, (u64, &AssignmentRecord)> = BTreeMap::new();
     let mut inputs: BTreeMap<u64, &PlanInputs> = BTreeMap::new();
@@ -89,7 +109,6 @@ pub fn audit(m: &Mission) -> Result<AuditReport, Divergence> {
         }
     }
     let view = Recorded { batteries, battery_stamps, beats, failures };
-    let mut report = AuditReport::default();
     if assignments.is_empty() {
         return Err(Divergence { epoch: 0, at_s: 0.0, cause: Cause::NoAssignments });
     }
@@ -125,7 +144,7 @@ pub fn audit(m: &Mission) -> Result<AuditReport, Divergence> {
         });
         decided.insert(epoch, planned);
     }
-    Ok(report)
+    Ok(())
 }
 
 /// The recorded messages the inputs are checked against.
@@ -386,7 +405,7 @@ mod tests {
 
     #[test]
     fn a_faithful_recording_is_decided_again_exactly() {
-        let r = audit(&mission()).unwrap();
+        let r = audit(&mission()).result().unwrap();
         let got: Vec<(u64, &str)> = r.checked.iter().map(|c| (c.epoch, c.decision)).collect();
         assert_eq!(got, vec![(1, "initial"), (2, "failover")]);
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
@@ -398,16 +417,18 @@ mod tests {
         let a = assignment_mut(&mut m, 2);
         a.plan.stages[0].k += 1;
         let uav = a.plan.stages[0].uav.clone();
-        let e = audit(&m).unwrap_err();
+        let e = audit(&m).result().unwrap_err();
         assert_eq!(e.epoch, 2);
         assert!(matches!(&e.cause, Cause::Differs { field, .. } if *field == format!("{uav} K")), "{e}");
         let mut m = mission();
         assignment_mut(&mut m, 2).plan.replay_from = 0;
-        let e = audit(&m).unwrap_err();
+        let r = audit(&m);
+        assert_eq!(r.checked.len(), 1, "epoch 1 was decided again before the divergence");
+        let e = r.result().unwrap_err();
         assert_eq!(e.cause, Cause::Differs { field: "replay_from".into(), recorded: "0".into(), decided: "32".into() });
         let mut m = mission();
         assignment_mut(&mut m, 1).plan.stages.swap(0, 1);
-        assert!(matches!(audit(&m).unwrap_err().cause, Cause::Differs { field, .. } if field == "ring"));
+        assert!(matches!(audit(&m).result().unwrap_err().cause, Cause::Differs { field, .. } if field == "ring"));
     }
 
     #[test]
@@ -420,7 +441,7 @@ mod tests {
                 }
             }
         }
-        let e = audit(&m).unwrap_err();
+        let e = audit(&m).result().unwrap_err();
         assert_eq!(e.epoch, 1);
         let Cause::Inconsistent(why) = &e.cause else { panic!("{e}") };
         assert!(why.contains("uav2's energy_j was 27000 in the plan inputs") && why.contains("says 2700000"), "{why}");
@@ -431,7 +452,7 @@ mod tests {
                 h.pred_snapshot_tokens = 16;
             }
         }
-        let e = audit(&m).unwrap_err();
+        let e = audit(&m).result().unwrap_err();
         assert!(e.epoch == 2 && e.to_string().contains("heartbeat 12 says 16"), "{e}");
     }
 
@@ -446,7 +467,7 @@ mod tests {
                 _ => {}
             }
         }
-        assert!(matches!(audit(&m).unwrap_err(), Divergence { epoch: 1, cause: Cause::Differs { .. }, .. }));
+        assert!(matches!(audit(&m).result().unwrap_err(), Divergence { epoch: 1, cause: Cause::Differs { .. }, .. }));
     }
 
     #[test]
@@ -454,25 +475,25 @@ mod tests {
         // No declaration of uav2's failure.
         let mut m = mission();
         m.records.retain(|r| !matches!(r.record, Record::Failure(_)));
-        let e = audit(&m).unwrap_err();
+        let e = audit(&m).result().unwrap_err();
         assert!(e.epoch == 2 && e.to_string().contains("without a failure declaration"), "{e}");
         // No inputs for an assignment.
         let mut m = mission();
         m.records.retain(|r| !matches!(&r.record, Record::PlanInputs(i) if i.epoch == 2));
-        assert_eq!(audit(&m).unwrap_err().cause, Cause::NoInputs);
+        assert_eq!(audit(&m).result().unwrap_err().cause, Cause::NoInputs);
         // The plan a failover changed is not in the bag.
         let mut m = mission();
         m.records.retain(|r| !matches!(&r.record, Record::Assignment(a) if a.plan.epoch == 1));
-        assert!(matches!(audit(&m).unwrap_err().cause, Cause::Undecidable(_)));
+        assert!(matches!(audit(&m).result().unwrap_err().cause, Cause::Undecidable(_)));
         // A lost battery report cannot be checked: a warning, not a divergence.
         let mut m = mission();
         m.records.retain(|r| !matches!(&r.record, Record::Battery(b) if b.uav == "uav4"));
-        let r = audit(&m).unwrap();
+        let r = audit(&m).result().unwrap();
         assert!(r.warnings.iter().any(|w| w.contains("uav4's battery health")), "{:?}", r.warnings);
         // A reason that tells another story.
         let mut m = mission();
         assignment_mut(&mut m, 2).reason = "retirement of uav2".into();
-        assert!(matches!(audit(&m).unwrap_err().cause, Cause::Inconsistent(_)));
-        assert_eq!(audit(&Mission::default()).unwrap_err().cause, Cause::NoAssignments);
+        assert!(matches!(audit(&m).result().unwrap_err().cause, Cause::Inconsistent(_)));
+        assert_eq!(audit(&Mission::default()).result().unwrap_err().cause, Cause::NoAssignments);
     }
 }

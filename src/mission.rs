@@ -117,7 +117,7 @@ pub fn series(m: &Mission) -> MissionSeries {
     let mut layers: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     let mut events = Vec::new();
     let mut seen_epochs = Vec::new();
-    let mut failures: Vec<(&Timed, &FailureRecord)> = Vec::new();
+    let mut failures: Vec<(f64, &FailureRecord)> = Vec::new();
     let mut replans: Vec<(f64, EventKind, String)> = Vec::new();
     let mut tokens: Vec<(f64, u64)> = Vec::new();
     let mut requests = BTreeMap::<u64, String>::new();
@@ -142,10 +142,13 @@ pub fn series(m: &Mission) -> MissionSeries {
                     replans.push((t(r.log_ns), kind, uav.into()));
                 }
             }
+            // When the watchdog declared it (its stamp; the recorder may get a declaration late,
+            // e.g. from the latched history); declarations before the first plan are start-up noise.
             Record::Failure(f) => {
-                let detail = format!("{}, silent {:.2} s, epoch {}", f.reason, f.silence_s, f.epoch);
-                events.push(Event { t_s: t(r.log_ns), uav: f.uav.clone(), kind: EventKind::Failure, detail });
-                failures.push((r, f));
+                let at_ns = if f.stamp_ns > 0 { f.stamp_ns } else { r.log_ns };
+                if at_ns >= origin {
+                    failures.push((t(at_ns), f));
+                }
             }
             Record::Token(k) if !k.done => tokens.push((t(r.log_ns), k.request_id)),
             Record::Token(k) => {
@@ -154,35 +157,36 @@ pub fn series(m: &Mission) -> MissionSeries {
             _ => {}
         }
     }
-    events.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
     let next_token = |after: f64| tokens.iter().map(|&(s, _)| s).find(|&s| s > after);
+    // Each re-plan that names a UAV answers its latest declaration before it (a retirement, none).
+    let mut answered = vec![false; failures.len()];
     let mut recoveries = Vec::new();
-    for (r, f) in &failures {
-        let at = t(r.log_ns);
-        // What the scheduler did about it: the next plan that names it (none: the declaration was
-        // ignored, or came while the swarm was idle).
-        let Some((_, kind, _)) = replans.iter().find(|(s, _, u)| *s >= at && u == &f.uav) else { continue };
-        let Some(next) = next_token(at) else { continue };
-        recoveries.push(Recovery {
-            uav: f.uav.clone(),
-            t_s: at,
-            detection_s: f.silence_s,
-            to_next_token_s: next - at,
-            mode: kind.name().into(),
-        });
-    }
-    for (at, kind, uav) in replans.iter().filter(|r| r.1 == EventKind::Retirement) {
-        if let Some(next) = next_token(*at) {
-            let r = Recovery {
+    for (at, kind, uav) in &replans {
+        let declared = (*kind != EventKind::Retirement)
+            .then(|| failures.iter().enumerate().filter(|(_, (s, f))| s <= at && &f.uav == uav).last())
+            .flatten();
+        if let Some((i, _)) = declared {
+            answered[i] = true;
+        }
+        let from = declared.map_or(*at, |(_, (s, _))| *s);
+        if let Some(next) = next_token(from.max(*at)) {
+            recoveries.push(Recovery {
                 uav: uav.clone(),
-                t_s: *at,
-                detection_s: 0.0,
-                to_next_token_s: next - at,
+                t_s: from,
+                detection_s: declared.map_or(0.0, |(_, (_, f))| f.silence_s),
+                to_next_token_s: next - from,
                 mode: kind.name().into(),
-            };
-            recoveries.push(r);
+            });
         }
     }
+    for ((at, f), answered) in failures.iter().zip(answered) {
+        let mut detail = format!("{}, silent {:.2} s, epoch {}", f.reason, f.silence_s, f.epoch);
+        if !answered {
+            detail.push_str("; no re-plan followed (ignored, or the swarm was idle or stopping)");
+        }
+        events.push(Event { t_s: *at, uav: f.uav.clone(), kind: EventKind::Failure, detail });
+    }
+    events.sort_by(|a, b| a.t_s.total_cmp(&b.t_s));
     // Step latency: the time between two tokens of one request, as they reached the recorder.
     let step_latency_ms: Vec<(f64, f64)> =
         tokens.windows(2).filter(|w| w[0].1 == w[1].1).map(|w| (w[1].0, (w[1].0 - w[0].0) * 1e3)).collect();
@@ -322,7 +326,10 @@ pub(crate) mod tests {
             silence_s: 0.2,
             stamp_ns: 0,
         };
-        records.push(at(0.75, "/aerokv/failures", Record::Failure(f)));
+        records.push(at(0.75, "/aerokv/failures", Record::Failure(f.clone())));
+        // A declaration made before the first plan, delivered late (latched history): left out.
+        let early = FailureRecord { uav: "uav1".into(), epoch: 0, stamp_ns: 100 * S, ..f };
+        records.push(at(0.75, "/aerokv/failures", Record::Failure(early)));
         records.push(assign(0.8, plan(2, &[("uav1", 0, 30)], 6), "failure of uav2"));
         records.push(battery(0.85, "uav1", 0.8));
         records.extend((6..10).map(|i| token(0.9 + 0.1 * (i - 6) as f64, i)));
@@ -373,6 +380,7 @@ pub(crate) mod tests {
         // The failure: 0.2 s of silence, then 0.15 s from the declaration to the next token.
         assert_eq!(s.recoveries.len(), 1);
         let r = &s.recoveries[0];
+        assert!(!s.events[0].detail.contains("no re-plan"), "{:?}", s.events[0]);
         assert_eq!((r.uav.as_str(), r.mode.as_str()), ("uav2", "failover"));
         assert!((r.detection_s - 0.2).abs() < 1e-9 && (r.to_next_token_s - 0.15).abs() < 1e-6, "{r:?}");
         // Nine gaps between ten tokens; the stall shows.
@@ -396,5 +404,6 @@ pub(crate) mod tests {
         let s = series(&m);
         assert!(s.recoveries.is_empty());
         assert_eq!(s.events.len(), 1);
+        assert!(s.events[0].detail.ends_with("no re-plan followed (ignored, or the swarm was idle or stopping)"));
     }
 }

@@ -160,26 +160,26 @@ fn play(a: PlayArgs) -> anyhow::Result<()> {
 fn audit(a: InfoArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     let mission = crate::ros::record::read_mission(&a.bag).with_context(|| format!("auditing {}", a.bag.display()))?;
-    let result = crate::audit::audit(&mission);
-    let (checked, warnings) = match &result {
-        Ok(r) => (r.checked.as_slice(), r.warnings.as_slice()),
-        Err(_) => (&[][..], &[][..]),
-    };
-    for w in warnings {
+    let report = crate::audit::audit(&mission);
+    for w in &report.warnings {
         println!("warning: {w}");
     }
-    match result {
-        Ok(_) => {
-            for c in checked {
-                println!(
-                    "epoch {:>3} at {:>8.3} s  {:<10} {:<40} decided again exactly",
-                    c.epoch, c.at_s, c.decision, c.reason
-                );
-            }
-            println!("audit: {}: {} assignments decided again exactly, no divergence", a.bag.display(), checked.len());
+    for c in &report.checked {
+        println!(
+            "epoch {:>3} at {:>8.3} s  {:<10} {:<40} decided again exactly",
+            c.epoch, c.at_s, c.decision, c.reason
+        );
+    }
+    match report.divergence {
+        None => {
+            println!(
+                "audit: {}: {} assignments decided again exactly, no divergence",
+                a.bag.display(),
+                report.checked.len()
+            );
             Ok(())
         }
-        Err(d) => Err(anyhow::anyhow!("audit: {}: divergence at {d}", a.bag.display())),
+        Some(d) => Err(anyhow::anyhow!("audit: {}: divergence at {d}", a.bag.display())),
     }
 }
 
