@@ -163,7 +163,7 @@ pub fn series(m: &Mission) -> MissionSeries {
     let mut recoveries = Vec::new();
     for (at, kind, uav) in &replans {
         let declared = (*kind != EventKind::Retirement)
-            .then(|| failures.iter().enumerate().filter(|(_, (s, f))| s <= at && &f.uav == uav).last())
+            .then(|| failures.iter().enumerate().rfind(|(_, (s, f))| s <= at && &f.uav == uav))
             .flatten();
         if let Some((i, _)) = declared {
             answered[i] = true;

@@ -131,7 +131,12 @@ pub fn write_report(s: &MissionSeries, out: &Path) -> Result<ReportFiles, SimErr
         s.soc.iter().map(|(u, v)| (u.clone(), v.iter().map(|&(t, x)| (t, x * 100.0)).collect())).collect();
     let xmax = s.duration_s.max(1e-3);
     let x = format!("time since {} [s]", s.time_origin);
-    timeline(&f[0], "State of charge per UAV", &x, "state of charge [%]", &pct, &s.events, xmax, Some((0.0, 105.0)))?;
+    {
+        let soc = chart_area(&f[0], (1000, 600))?;
+        let title = "State of charge per UAV";
+        lines_on(&soc, &f[0], title, &x, "state of charge [%]", &pct, &s.events, xmax, Some((0.0, 105.0)))?;
+        soc.present().map_err(|e| perr(&f[0], e))?;
+    }
     stacked_layers(&f[1], &x, &s.layers, &s.events, xmax)?;
     throughput(&f[2], s, xmax)?;
     recovery_bars(&f[3], &s.recoveries)?;
@@ -232,22 +237,6 @@ fn chart_area(
 }
 
 /// Lines per series over the mission's time, events as vertical lines in their kind's colour.
-#[allow(clippy::too_many_arguments)]
-fn timeline(
-    path: &Path,
-    title: &str,
-    xlabel: &str,
-    ylabel: &str,
-    series: &BTreeMap<String, Vec<(f64, f64)>>,
-    events: &[Event],
-    xmax: f64,
-    yrange: Option<(f64, f64)>,
-) -> Result<(), SimError> {
-    let root = chart_area(path, (1000, 600))?;
-    lines_on(&root, path, title, xlabel, ylabel, series, events, xmax, yrange)?;
-    root.present().map_err(|e| perr(path, e))
-}
-
 #[allow(clippy::too_many_arguments)]
 fn lines_on(
     area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
