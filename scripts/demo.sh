@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: a 4-drone swarm on this machine answers a question; one drone is killed (SIGKILL)
 # mid-answer; the swarm recovers and finishes. Then the same question is answered by the whole
-# model in one process, and the two answers are compared token by token.
+# model in one process, and the two answers are compared token by token. The mission is recorded
+# (a rosbag2 bag), its assignments audited, and its report written (figures and a summary).
 # Runs inside `unshare -n` (no network traffic can leave), on a ROS domain of its own.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,6 +14,7 @@ TOKENS="${DEMO_TOKENS:-96}"
 KILL="${DEMO_KILL:-uav2:32}"
 OUT="$ROOT/target/demo"
 mkdir -p "$OUT"
+rm -rf "$OUT/mission" "$OUT/report"   # a bag goes into a new directory
 export ROS_DOMAIN_ID="${DEMO_DOMAIN_ID:-$((100 + $$ % 100))}"
 
 echo "== AeroKV demo: 4 UAVs (uav3 starts at 60% battery), ${TOKENS} tokens, SIGKILL ${KILL%%:*}'s executor after ${KILL##*:} tokens"
@@ -22,10 +24,11 @@ echo "Q: $QUESTION"
 printf "A: "
 unshare -n -- bash -c 'ip link set lo up; exec "$@"' demo \
   target/release/aerokv swarm --uavs 4 --soc uav3=0.6 --user "$QUESTION" --max-tokens "$TOKENS" \
-  --kill "$KILL" --log-dir "$OUT/nodes" --report "$OUT/swarm.json"
+  --kill "$KILL" --log-dir "$OUT/nodes" --report "$OUT/swarm.json" --record "$OUT/mission"
 echo
 target/release/aerokv generate --user "$QUESTION" --max-tokens "$TOKENS" --json > "$OUT/single.json" 2>/dev/null
-python3 - "$OUT/swarm.json" "$OUT/single.json" <<'PY'
+status=0
+python3 - "$OUT/swarm.json" "$OUT/single.json" <<'PY' || status=$?
 import json, sys
 swarm, single = (json.load(open(p)) for p in sys.argv[1:3])
 print("== What happened")
@@ -39,3 +42,9 @@ print(f"   swarm: {len(swarm['tokens'])} tokens at {swarm['tokens_per_s']:.1f} t
 print(f"   identical to the run without a failure (one process, same model): {'yes' if same else 'NO'}")
 sys.exit(0 if same and swarm["failures"] else 1)
 PY
+echo "== The mission on record"
+echo "   bag:    $OUT/mission (aerokv bag info | play | audit)"
+RUST_LOG=warn target/release/aerokv bag audit "$OUT/mission" | tail -n 1 | sed 's/^/   /' || status=1
+target/release/aerokv report "$OUT/mission" --out "$OUT/report" > /dev/null || status=1
+echo "   report: $OUT/report/summary.md (figures: $OUT/report/*.png)"
+exit "$status"

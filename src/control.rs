@@ -27,7 +27,7 @@ pub type Result<T> = std::result::Result<T, ControlError>;
 
 /// Figures the scheduler's parameters give for every UAV (the messages carry energy and the
 /// measured latency; powers, link rate and memory are per-airframe configuration).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Airframe {
     pub flight_power_w: f64,
     pub compute_power_w: f64,
@@ -37,7 +37,7 @@ pub struct Airframe {
 }
 
 /// Sizes of the model, measured from the manifest.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModelSize {
     pub num_layers: u32,
     pub weight_bytes_per_layer: f64,
@@ -81,6 +81,21 @@ impl Controller {
     pub fn id(&mut self, name: &str) -> UavId {
         let next = self.ids.len() as UavId;
         *self.ids.entry(name.to_string()).or_insert(next)
+    }
+
+    /// The planning ids handed out so far: the UAV at index i has id i.
+    pub fn planning_ids(&self) -> Vec<String> {
+        let mut v: Vec<(UavId, &String)> = self.ids.iter().map(|(k, &v)| (v, k)).collect();
+        v.sort();
+        v.into_iter().map(|(_, k)| k.clone()).collect()
+    }
+
+    /// Hands out the ids of a recorded decision again (`planning_ids` of the scheduler then):
+    /// the UAV at index i gets id i. Names already known keep theirs.
+    pub fn restore_ids(&mut self, names: &[String]) {
+        for (i, n) in names.iter().enumerate() {
+            self.ids.entry(n.clone()).or_insert(i as UavId);
+        }
     }
 
     fn name(&self, id: UavId) -> String {

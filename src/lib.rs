@@ -8,18 +8,21 @@
 //!   sampling. Pure Rust, no ROS.
 //! - this crate (`aerokv`): the CLI (`cli`) and, with the `ros` feature, the ROS 2 nodes
 //!   (`src/bin/*`), thin adapters from messages to the pure crates.
+pub mod audit;
 pub mod bag;
 pub mod battery;
 pub mod cli;
 pub mod clock;
 pub mod control;
 pub mod dataplane;
+pub mod decision;
 pub mod detector;
 pub mod diagnostics;
 pub mod epoch;
 pub mod fallback;
 pub mod launch;
 pub mod linkrate;
+pub mod mission;
 pub mod node_params;
 pub mod os;
 pub mod params;

@@ -1,4 +1,4 @@
-//! `aerokv`: the command-line entry point (generate, sim, launch, keys, swarm, bag).
+//! `aerokv`: the command-line entry point (generate, sim, launch, keys, swarm, bag, report).
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -23,8 +23,11 @@ enum Command {
     /// Start a swarm on this machine, generate through it (optionally killing drones), stop it.
     #[cfg(feature = "ros")]
     Swarm(aerokv::cli::swarm::SwarmArgs),
-    /// Record, play and check rosbag2 bags (MCAP) of missions.
+    /// Record, play, check and audit rosbag2 bags (MCAP) of missions.
     Bag(aerokv::cli::bag::BagArgs),
+    /// A mission report from a recorded mission: PNG figures and a one-page summary.
+    #[cfg(feature = "ros")]
+    Report(aerokv::cli::report::ReportArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +42,8 @@ fn main() -> std::process::ExitCode {
         #[cfg(feature = "ros")]
         Command::Swarm(args) => aerokv::cli::swarm::run(args),
         Command::Bag(args) => aerokv::cli::bag::run(args),
+        #[cfg(feature = "ros")]
+        Command::Report(args) => aerokv::cli::report::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -4,7 +4,7 @@
 //! (activations and KV rows with `--activations` / `--kv-rows`), following topics as they appear;
 //! `record -o DIR TOPIC...` keeps the named ones. SIGINT or SIGTERM finishes the bag properly.
 //! `play DIR` republishes a bag with its recorded timing and QoS; `info DIR` checks a bag and
-//! lists its topics.
+//! lists its topics; `audit DIR` decides every recorded assignment again (crate::audit).
 use crate::bag::Bag;
 use std::path::PathBuf;
 
@@ -24,6 +24,9 @@ pub enum BagCommand {
     Play(PlayArgs),
     /// Read a whole bag, check it, and list its topics and message counts.
     Info(InfoArgs),
+    /// Decide every recorded assignment again from its recorded inputs (exit 1 at a divergence).
+    #[cfg(feature = "ros")]
+    Audit(InfoArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -84,6 +87,8 @@ pub fn run(a: BagArgs) -> anyhow::Result<()> {
         #[cfg(feature = "ros")]
         BagCommand::Play(p) => play(p),
         BagCommand::Info(i) => info(i),
+        #[cfg(feature = "ros")]
+        BagCommand::Audit(a) => audit(a),
     }
 }
 
@@ -148,6 +153,34 @@ fn play(a: PlayArgs) -> anyhow::Result<()> {
         eprintln!("[bag] warning: {topic} not played: {why}");
     }
     Ok(())
+}
+
+/// Prints every assignment decided again, the warnings, and the first divergence (an error).
+#[cfg(feature = "ros")]
+fn audit(a: InfoArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mission = crate::ros::record::read_mission(&a.bag).with_context(|| format!("auditing {}", a.bag.display()))?;
+    let report = crate::audit::audit(&mission);
+    for w in &report.warnings {
+        println!("warning: {w}");
+    }
+    for c in &report.checked {
+        println!(
+            "epoch {:>3} at {:>8.3} s  {:<10} {:<40} decided again exactly",
+            c.epoch, c.at_s, c.decision, c.reason
+        );
+    }
+    match report.divergence {
+        None => {
+            println!(
+                "audit: {}: {} assignments decided again exactly, no divergence",
+                a.bag.display(),
+                report.checked.len()
+            );
+            Ok(())
+        }
+        Some(d) => Err(anyhow::anyhow!("audit: {}: divergence at {d}", a.bag.display())),
+    }
 }
 
 fn info(a: InfoArgs) -> anyhow::Result<()> {

@@ -4,6 +4,8 @@ pub mod codecs;
 pub mod generate;
 pub mod keys;
 pub mod launch;
+#[cfg(feature = "ros")]
+pub mod report;
 pub mod sim;
 #[cfg(feature = "ros")]
 pub mod swarm;

@@ -29,6 +29,10 @@ pub struct SimArgs {
     /// Do not draw PNG plots.
     #[arg(long)]
     pub no_plots: bool,
+    /// Also write a mission report (the figures and summary `aerokv report` writes for a bag) of
+    /// the first seed's mission with the first method, into this directory.
+    #[arg(long, value_name = "OUT")]
+    pub report: Option<PathBuf>,
 }
 
 pub fn run(args: SimArgs) -> anyhow::Result<()> {
@@ -49,6 +53,14 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let (_, table) = aerokv_sim::run(&opts).with_context(|| format!("simulating {}", args.scenario.display()))?;
     print!("{table}");
+    if let Some(out) = &args.report {
+        let scn = aerokv_sim::Scenario::load(&args.scenario)?;
+        let (method, seed) = (opts.methods[0], opts.seeds[0]);
+        let mission = aerokv_sim::run_mission(&scn, method, seed, true);
+        let series = aerokv_sim::report::from_simulation(&scn, &mission, method.name(), seed);
+        let files = aerokv_sim::report::write_report(&series, out)?;
+        eprintln!("[sim] report: {}", files.summary.display());
+    }
     tracing::info!(out = %args.out.display(), "wrote results in {:.2} s", start.elapsed().as_secs_f64());
     Ok(())
 }

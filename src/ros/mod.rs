@@ -9,6 +9,7 @@ pub mod fallback;
 pub mod names;
 pub mod nodes;
 pub mod params;
+pub mod record;
 pub mod rosout;
 pub mod runtime;
 

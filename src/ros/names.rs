@@ -5,6 +5,8 @@ use r2r::QosProfile;
 /// Swarm-wide topics live under this namespace.
 pub const SWARM_NS: &str = "/aerokv";
 pub const ASSIGNMENT: &str = "/aerokv/assignment";
+/// What each assignment was decided from (latched beside it; `aerokv bag audit` reads it).
+pub const PLAN_INPUTS: &str = "/aerokv/plan_inputs";
 pub const FAILURES: &str = "/aerokv/failures";
 /// The watchdog's own heartbeat: the scheduler notices its death (docs/security.md §5).
 pub const WATCHDOG_HEARTBEAT: &str = "/aerokv/watchdog/heartbeat";

@@ -11,6 +11,7 @@ pub mod error;
 pub mod mission;
 pub mod output;
 pub mod plot;
+pub mod report;
 pub mod scenario;
 
 use std::path::PathBuf;

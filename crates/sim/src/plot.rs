@@ -14,7 +14,7 @@ const FONT_PATHS: [&str; 2] =
     ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
 
 /// Register a font once; false if none could be loaded.
-fn font_ok() -> bool {
+pub(crate) fn font_ok() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
         let mut paths: Vec<String> = std::env::var("AEROKV_FONT").ok().into_iter().collect();
@@ -32,7 +32,7 @@ fn font_ok() -> bool {
     })
 }
 
-fn perr(path: &Path, e: impl std::fmt::Display) -> SimError {
+pub(crate) fn perr(path: &Path, e: impl std::fmt::Display) -> SimError {
     SimError::Plot { path: path.display().to_string(), reason: e.to_string() }
 }
 

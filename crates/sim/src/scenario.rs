@@ -23,7 +23,7 @@ impl Value {
             Value::Range { min, .. } => min,
         }
     }
-    fn max(&self) -> f64 {
+    pub fn max(&self) -> f64 {
         match *self {
             Value::Fixed(v) => v,
             Value::Range { max, .. } => max,

@@ -6,6 +6,7 @@
 use super::discovery::uavs_with_topic;
 use crate::control::{self, Airframe, Controller, Heard, Membership, ModelSize, Planned, Telemetry, TelemetryKind};
 use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
+use crate::decision::{self, Decision, PlanInputs, SnapshotHeld};
 use crate::detector::FailureReason;
 use crate::epoch::{self as epochs, EpochClock, ExecutorState, Readiness};
 use crate::linkrate::LinkRates;
@@ -18,7 +19,6 @@ use aerokv_codec::{ActivationCodec, Encoded};
 use aerokv_engine::{
     models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
 };
-use aerokv_plan::{Channel, PlanConfig, PowerModel};
 use futures::StreamExt;
 use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, PromptProgress, TokenChunk};
 use r2r::aerokv::srv::Generate;
@@ -234,6 +234,9 @@ struct Scheduler {
     own_layer_latency_s: f64,
     max_context: usize,
     live: Arc<Mutex<Live>>,
+    /// What every decision depends on besides telemetry (published with it: `PlanInputs`).
+    plan_params: decision::Parameters,
+    inputs_pub: r2r::Publisher<r2r::aerokv::msg::PlanInputs>,
     watched: BTreeSet<String>,
     /// Who may be planned: UAVs declared failed or retired are kept out until they are back.
     membership: Membership,
@@ -276,24 +279,25 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         weight_bytes_per_layer: manifest.interval_memory(0, arch.layers)?.weight_bytes as f64 / arch.layers as f64,
         kv_bytes_per_token_layer: arch.kv_bytes_per_token_per_layer() as f64,
     };
-    let config = PlanConfig {
-        deadline_s: p.recovery_deadline_s,
+    let plan_params = decision::Parameters {
+        recovery_deadline_s: p.recovery_deadline_s,
         weight_load_bps: p.weight_load_bps,
         snapshot_periods: p.snapshot_periods.clone(),
-        power: PowerModel::default(),
-        recoverable_memory: true,
-        lifetime_target_factor: (p.lifetime_target_factor > 0.0).then_some(p.lifetime_target_factor),
-        channel: p.shared_channel.then(|| Channel { frame_loss: p.frame_loss, ..Channel::default() }),
-    };
-    let links = LinkRates::new(p.link_rate_bps, config.channel.clone().unwrap_or_default());
-    let airframe = Airframe {
-        flight_power_w: p.flight_power_w,
-        compute_power_w: p.inference_power_w,
-        tx_power_w: p.tx_power_w,
-        link_bps: p.link_rate_bps,
-        memory_bytes: p.memory_budget_bytes,
+        lifetime_target_factor: p.lifetime_target_factor,
+        shared_channel: p.shared_channel,
+        frame_loss: p.frame_loss,
+        airframe: Airframe {
+            flight_power_w: p.flight_power_w,
+            compute_power_w: p.inference_power_w,
+            tx_power_w: p.tx_power_w,
+            link_bps: p.link_rate_bps,
+            memory_bytes: p.memory_budget_bytes,
+        },
+        model,
+        member_timeout_s: p.member_timeout_s,
     };
     tracing::info!(variant = %p.variant, layers = arch.layers, layer_ms = own_layer_latency_s * 1e3, "gateway loaded");
+    let links = LinkRates::new(p.link_rate_bps, plan_params.config().channel.unwrap_or_default());
 
     let auth = NodeAuth::load(&p.keystore, Role::Scheduler, None)?;
     auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
@@ -339,7 +343,9 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         codec: p.codec()?,
         p,
         gateway,
-        controller: Controller::new(config, airframe, model),
+        controller: plan_params.controller(&[]),
+        plan_params,
+        inputs_pub: ctx.publisher(names::PLAN_INPUTS, names::latched())?,
         own_layer_latency_s,
         max_context: manifest.architecture.max_context,
         live: Arc::default(),
@@ -524,6 +530,11 @@ impl Scheduler {
     }
 
     fn telemetry(&self) -> BTreeMap<String, Telemetry> {
+        self.uav_inputs().into_iter().map(|(uav, i)| (uav, i.telemetry)).collect()
+    }
+
+    /// Every UAV's figures as held now, and the messages they came from.
+    fn uav_inputs(&self) -> BTreeMap<String, decision::UavInputs> {
         let live = self.lock();
         // Measured link rates plan only over a radio (shared memory is no link to plan with).
         let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
@@ -535,15 +546,57 @@ impl Scheduler {
             .map(|(uav, b)| {
                 // One figure measured at start-up for every UAV of this (homogeneous) swarm: the
                 // executors' per-token figures are too noisy to plan on without churning layouts.
-                let t = Telemetry {
+                let telemetry = Telemetry {
                     energy_j: b.energy_j,
                     capacity_j: b.capacity_j,
                     layer_latency_s: self.own_layer_latency_s,
                     link_bps: links.measured(uav),
                 };
-                (uav.clone(), t)
+                let heartbeat = live.beats.get(uav).map(|(_, hb)| decision::HeartbeatSeen {
+                    sequence: hb.sequence,
+                    stamp_ns: crate::ros::record::stamp_ns(&hb.stamp),
+                });
+                (
+                    uav.clone(),
+                    decision::UavInputs {
+                        telemetry,
+                        battery_stamp_ns: crate::ros::record::stamp_ns(&b.stamp),
+                        heartbeat,
+                    },
+                )
             })
             .collect()
+    }
+
+    /// What a decision of `epoch` is made from, now.
+    fn inputs(
+        &mut self,
+        epoch: u64,
+        request_id: u64,
+        decision: Decision,
+        total_tokens: u64,
+        resume: usize,
+    ) -> PlanInputs {
+        // Numbered in ring order as they are first planned; recorded with the inputs.
+        if let Decision::Initial { members } = &decision {
+            members.iter().for_each(|m| _ = self.controller.id(m));
+        }
+        PlanInputs {
+            epoch,
+            request_id,
+            decision,
+            total_tokens,
+            resume_position: resume,
+            planning_ids: self.controller.planning_ids(),
+            uavs: self.uav_inputs(),
+            params: self.plan_params.clone(),
+            stamp_ns: crate::ros::record::stamp_ns(&crate::ros::now_stamp()),
+        }
+    }
+
+    /// Decides from `inputs` (the same call `aerokv bag audit` makes).
+    fn decide(&mut self, inputs: &PlanInputs) -> Result<Planned, decision::DecideError> {
+        decision::decide(&mut self.controller, inputs, self.current.as_ref())
     }
 
     /// Takes a failure event; false when this scheduler heard from the UAV so recently that the
@@ -581,14 +634,18 @@ impl Scheduler {
         true
     }
 
-    /// Publishes a plan under a new epoch, above every epoch issued or heard.
-    fn publish(&mut self, mut planned: Planned, reason: &str) -> anyhow::Result<()> {
+    /// Publishes a plan under a new epoch, above every epoch issued or heard, after the inputs it
+    /// was decided from (a recorder has them before the assignment).
+    fn publish(&mut self, mut planned: Planned, inputs: &PlanInputs, reason: &str) -> anyhow::Result<()> {
         let epoch = match self.lock().clock.as_mut() {
             Some(c) => c.issue()?,
             None => self.epoch + 1,
         };
         planned.plan.epoch = epoch;
         self.epoch = epoch;
+        // Decided under `next_epoch()`; a heartbeat heard since may have moved the epoch up.
+        let inputs = PlanInputs { epoch, ..inputs.clone() };
+        self.inputs_pub.publish(&crate::ros::record::plan_inputs_msg(&inputs))?;
         let msg = convert::assignment(&planned.plan, &self.p.variant, reason, self.codec);
         let layout: Vec<String> =
             planned.plan.stages.iter().map(|s| format!("{}[{}+{} K{} T{}]", s.uav, s.start, s.len, s.k, s.t)).collect();
@@ -614,13 +671,13 @@ impl Scheduler {
         if members.is_empty() || !self.settled() {
             return Ok(());
         }
-        let telemetry = self.telemetry();
-        let candidate = self.controller.initial(&members, &telemetry, self.p.plan_tokens, self.next_epoch(), 0)?;
+        let inputs = self.inputs(self.next_epoch(), 0, Decision::Initial { members }, self.p.plan_tokens, 0);
+        let candidate = self.decide(&inputs)?;
         let behind = self.lock().clock.as_ref().and_then(EpochClock::behind);
         let changed = behind.is_some() || self.current.as_ref().is_none_or(|c| c.plan.stages != candidate.plan.stages);
         if changed {
             let reason = if self.current.is_none() { "initial" } else { "battery or membership change" };
-            self.publish(candidate, reason)?;
+            self.publish(candidate, &inputs, reason)?;
         }
         Ok(())
     }
@@ -1071,21 +1128,11 @@ impl Scheduler {
         let detected_at = unix_now();
         let current = self.current.clone().ok_or_else(|| Interrupt::Fatal("no plan".into()))?;
         let graceful = reason == "retirement";
-        let telemetry = self.telemetry();
         let snapshot = self.snapshot_held_after(&current.plan, failed, run.request_id);
-        let planned = self
-            .controller
-            .failover(
-                &current,
-                failed,
-                &telemetry,
-                run.total_tokens(),
-                run.position,
-                snapshot,
-                self.next_epoch(),
-                graceful,
-            )
-            .map_err(|e| e.to_string());
+        let decision =
+            Decision::Failover { failed: failed.into(), graceful, based_on_epoch: current.plan.epoch, snapshot };
+        let inputs = self.inputs(self.next_epoch(), run.request_id, decision, run.total_tokens(), run.position);
+        let planned = self.decide(&inputs).map_err(|e| e.to_string());
         let needs_embeddings = current.plan.stage(failed).is_some_and(|s| current.plan.tail_needs_gateway_replay(s));
         let mut incident = Incident {
             uav: failed.into(),
@@ -1106,7 +1153,8 @@ impl Scheduler {
             Ok(planned) if planned.plan.resume_position > 0 => {
                 incident.planned_recovery_s = planned.protection.worst_recovery_s;
                 incident.replay_from = planned.plan.replay_from;
-                self.publish(planned, &format!("{reason} of {failed}")).map_err(|e| Interrupt::Fatal(e.to_string()))?;
+                self.publish(planned, &inputs, &format!("{reason} of {failed}"))
+                    .map_err(|e| Interrupt::Fatal(e.to_string()))?;
                 incident.epoch = self.epoch;
                 run.epochs.push(self.epoch);
                 if needs_embeddings {
@@ -1152,11 +1200,12 @@ impl Scheduler {
 
     /// How far `failed`'s successor holds its tail's snapshot, from its last heartbeat in this
     /// plan's epoch and this request (a lower bound: snapshots only grow within an epoch).
-    fn snapshot_held_after(&self, plan: &SwarmPlan, failed: &str, request_id: u64) -> Option<usize> {
+    fn snapshot_held_after(&self, plan: &SwarmPlan, failed: &str, request_id: u64) -> Option<SnapshotHeld> {
         let succ = plan.succ(failed).filter(|s| s.uav != failed)?;
         let live = self.lock();
         let (_, hb) = live.beats.get(&succ.uav)?;
-        (hb.epoch == plan.epoch && hb.request_id == request_id).then_some(hb.pred_snapshot_tokens as usize)
+        (hb.epoch == plan.epoch && hb.request_id == request_id)
+            .then_some(SnapshotHeld { tokens: hb.pred_snapshot_tokens as usize, heartbeat_sequence: hb.sequence })
     }
 
     /// A fresh plan over the members, from position 0 (the start of a request, or a restart).
@@ -1174,12 +1223,12 @@ impl Scheduler {
                 }
                 return Err(Interrupt::Fatal("no UAV left to serve the request".into()));
             }
-            let telemetry = self.telemetry();
+            let decision = Decision::Initial { members };
+            let inputs = self.inputs(self.next_epoch(), run.request_id, decision, run.total_tokens(), 0);
             let planned = self
-                .controller
-                .initial(&members, &telemetry, run.total_tokens(), self.next_epoch(), run.request_id)
+                .decide(&inputs)
                 .map_err(|e| Interrupt::Fatal(format!("the swarm cannot serve this request: {e}")))?;
-            self.publish(planned, reason).map_err(|e| Interrupt::Fatal(e.to_string()))?;
+            self.publish(planned, &inputs, reason).map_err(|e| Interrupt::Fatal(e.to_string()))?;
             run.epochs.push(self.epoch);
             match self.wait_ready().await {
                 Ok(_) => return Ok(()),
