@@ -18,6 +18,7 @@ pub mod launch;
 pub mod os;
 pub mod params;
 pub mod radio;
+pub mod requests;
 #[cfg(feature = "ros")]
 pub mod ros;
 pub mod supervisor;

@@ -1,12 +1,15 @@
 //! `scheduler`: one per swarm, the control plane and the gateway. Tokenizes, embeds, applies the
 //! LM head and samples; plans layouts and protection with the planning core ([`Controller`]) from
 //! live battery health and measured layer latency; publishes assignments (epochs); serves
-//! `/aerokv/generate` and streams `/aerokv/tokens`; recovers from failures (failover, or an exact
+//! `/aerokv/generate` (an action and a service over one queue: [`Desk`]) and streams
+//! `/aerokv/tokens`; recovers from failures (failover, or an exact
 //! restart when the state to fail over is not there) and retires UAVs before their batteries die.
 use super::discovery::uavs_with_topic;
+use super::generate_api::Desk;
 use crate::control::{self, Airframe, Controller, Heard, Membership, ModelSize, Planned, Telemetry, TelemetryKind};
 use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
 use crate::detector::FailureReason;
+use crate::requests::{Answer, Finish, Job};
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::{convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
 use aerokv_auth::Role;
@@ -17,7 +20,6 @@ use aerokv_engine::{
 use aerokv_plan::{Channel, PlanConfig, PowerModel};
 use futures::StreamExt;
 use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, PromptProgress, TokenChunk};
-use r2r::aerokv::srv::Generate;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -83,6 +85,10 @@ pub struct Params {
     pub activation_codec: String,
     /// Keystore directory (docs/security.md); empty: authentication off.
     pub keystore: String,
+    /// Requests that may wait behind the running one; more are refused (docs/generate-api.md).
+    pub max_queue: usize,
+    /// Finished answers kept for clients that resume them by request id.
+    pub finished_kept: usize,
 }
 
 impl Default for Params {
@@ -115,6 +121,8 @@ impl Default for Params {
             retirement_horizon_tokens: 32,
             activation_codec: "raw".into(),
             keystore: String::new(),
+            max_queue: 16,
+            finished_kept: 32,
         }
     }
 }
@@ -223,9 +231,10 @@ struct Scheduler {
     /// queue of 10 never fills, and every token saves a thread hand-off.
     outputs: futures::stream::BoxStream<'static, Activation>,
     failures: mpsc::UnboundedReceiver<FailureEvent>,
+    /// The requests: queued, running (their goals' feedback), finished.
+    desk: Arc<Desk>,
     current: Option<Planned>,
     epoch: u64,
-    request_id: u64,
     stale_dropped: u64,
     /// Latency of the last hop (last stage -> gateway) of every step, ms.
     hops: Vec<f64>,
@@ -266,7 +275,14 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     let auth = NodeAuth::load(&p.keystore, Role::Scheduler, None)?;
     auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
     let failures = verified(ctx.subscribe(names::FAILURES, names::events())?, auth.clone(), NodeAuth::accept_failure);
-    let mut service = ctx.lock().create_service::<Generate::Service>(names::GENERATE, r2r::QosProfile::default())?;
+    let limits = crate::requests::Limits {
+        max_tokens: p.max_tokens_limit,
+        max_prompt_tokens: p.max_prompt_tokens,
+        max_context: manifest.architecture.max_context,
+        max_queue: p.max_queue,
+        finished_kept: p.finished_kept,
+    };
+    let desk = Desk::start(&ctx, gateway.encoder(), limits)?;
     let (member_timeout, rejoin_after) =
         (Duration::from_secs_f64(p.member_timeout_s), Duration::from_secs_f64(p.rejoin_after_s));
     let mut s = Scheduler {
@@ -291,9 +307,9 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         activation_pubs: Publishers::default(),
         outputs,
         failures,
+        desk: desk.clone(),
         current: None,
         epoch: 0,
-        request_id: 0,
         stale_dropped: 0,
         hops: Vec::new(),
     };
@@ -303,19 +319,17 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            Some(req) = service.next() => {
-                let response = tokio::select! {
-                    r = s.serve(req.message.clone()) => r,
-                    _ = &mut shutdown => {
-                        let error = "the scheduler is shutting down".to_string();
-                        let _ = req.respond(Generate::Response { error, finish_reason: "error".into(), ..Default::default() });
-                        return Ok(());
-                    }
+            _ = &mut shutdown => { desk.shutdown(); return Ok(()); }
+            job = desk.next() => {
+                let id = job.request_id;
+                let answer = tokio::select! {
+                    a = s.serve(job) => a,
+                    // Nobody wants it any more: no further steps (the executors' KV of it is
+                    // dropped by the next request's plan).
+                    _ = desk.canceled(id) => s.canceled(id),
+                    _ = &mut shutdown => { desk.shutdown(); return Ok(()); }
                 };
-                if let Err(e) = req.respond(response) {
-                    tracing::error!("responding to a generate request: {e}");
-                }
+                desk.finish(&answer);
             }
             Some(ev) = s.failures.recv() => { s.note_failure(&ev); }
             Some(msg) = s.outputs.next() => { s.stale_dropped += 1; tracing::debug!(epoch = msg.epoch, "activation outside a request dropped"); }
@@ -489,70 +503,21 @@ impl Scheduler {
         Ok(())
     }
 
-    fn refuse(&self, why: String) -> Generate::Response {
-        tracing::warn!("request refused: {why}");
-        Generate::Response { accepted: false, error: why, ..Default::default() }
-    }
-
-    /// Serves one generation request.
-    async fn serve(&mut self, req: Generate::Request) -> Generate::Response {
-        let prompt_ids = match (req.prompt.is_empty(), req.user.is_empty()) {
-            (true, true) => return self.refuse("empty request: set `user` (a question) or `prompt`".into()),
-            (false, _) => self.gateway.encode(&req.prompt),
-            (true, false) => self.gateway.encode_chat(&req.user),
-        };
-        let prompt_ids = match prompt_ids {
-            Ok(ids) if !ids.is_empty() => ids,
-            Ok(_) => return self.refuse("the prompt encodes to no tokens".into()),
-            Err(e) => return self.refuse(format!("cannot tokenize the prompt: {e}")),
-        };
-        if req.max_tokens == 0 || req.max_tokens > self.p.max_tokens_limit {
-            return self
-                .refuse(format!("max_tokens must be within 1..={}, not {}", self.p.max_tokens_limit, req.max_tokens));
-        }
-        let limit = self.max_context;
-        if prompt_ids.len() + req.max_tokens as usize > limit {
-            return self.refuse(format!(
-                "prompt of {} tokens + max_tokens {} exceeds the context limit of {limit} tokens",
-                prompt_ids.len(),
-                req.max_tokens
-            ));
-        }
-        if prompt_ids.len() > self.p.max_prompt_tokens as usize {
-            return self.refuse(format!(
-                "prompt of {} tokens exceeds max_prompt_tokens {} (its prefill time grows with the square of its length)",
-                prompt_ids.len(),
-                self.p.max_prompt_tokens
-            ));
-        }
-        let top_p = (req.top_p > 0.0).then_some(req.top_p);
-        let sampling = match Sampling::from_options(Some(req.temperature), top_p, Some(req.seed)) {
-            Ok(s) => s,
-            Err(e) => return self.refuse(e.to_string()),
-        };
+    /// Serves one generation request (checked by [`crate::requests::check`]).
+    async fn serve(&mut self, job: Job) -> Answer {
         let members = self.members();
         if members.is_empty() {
-            return self.refuse("no UAV is up (no heartbeat and battery health from any shard executor)".into());
+            let why = crate::requests::Refusal::NoUav;
+            tracing::warn!("request refused: {why}");
+            return Answer::refused(job.request_id, &why);
         }
-        self.request_id += 1;
-        let mut run = Run::new(self.request_id, prompt_ids, req.max_tokens as usize, sampling);
-        run.ignore_eos = req.ignore_eos;
+        let mut run = Run::new(job.request_id, job.prompt_ids, job.max_tokens, job.sampling);
+        run.ignore_eos = job.ignore_eos;
         let result = self.generate(&mut run).await;
-        let finish = match &result {
-            Ok(reason) => reason.to_string(),
-            Err(_) => "error".into(),
-        };
+        let finish = result.as_ref().map_or(Finish::Error, |&f| f);
         // The done chunk carries what the detokenizer still held (an incomplete character).
         let rest = run.detok.finish(&self.gateway).ok().flatten().unwrap_or_default();
-        let _ = self.token_pub.publish(&TokenChunk {
-            request_id: run.request_id,
-            index: run.tokens.len() as u32,
-            token_id: -1,
-            text: rest,
-            done: true,
-            finish_reason: finish.clone(),
-            epoch: self.epoch,
-        });
+        self.publish_done(run.request_id, run.tokens.len(), rest, finish);
         let text = self.gateway.decode(&run.tokens).unwrap_or_default();
         let decode_s = run.first_token_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
         let tokens_per_s =
@@ -575,16 +540,51 @@ impl Scheduler {
                 (run.started, e.to_string())
             }
         };
-        Generate::Response {
+        Answer {
             accepted,
             error,
             request_id: run.request_id,
-            prompt_ids: run.prompt_ids.iter().map(|&i| i as i32).collect(),
-            token_ids: run.tokens.iter().map(|&i| i as i32).collect(),
+            prompt_ids: run.prompt_ids,
+            tokens: run.tokens,
             text,
-            finish_reason: finish,
+            finish,
             tokens_per_s,
             stats_json: stats.to_string(),
+        }
+    }
+
+    /// The answer of a request stopped because nobody wants it any more.
+    fn canceled(&mut self, request_id: u64) -> Answer {
+        self.hops.clear();
+        let (tokens, text) = self.desk.progress(request_id);
+        tracing::info!(request = request_id, tokens = tokens.len(), "request canceled: the swarm stops its work on it");
+        self.publish_done(request_id, tokens.len(), String::new(), Finish::Canceled);
+        Answer {
+            accepted: true,
+            error: "canceled by the client".into(),
+            request_id,
+            prompt_ids: Vec::new(),
+            tokens,
+            text,
+            finish: Finish::Canceled,
+            tokens_per_s: 0.0,
+            stats_json: String::new(),
+        }
+    }
+
+    /// The last chunk of a request on the token topic (with what the detokenizer still held).
+    fn publish_done(&self, request_id: u64, index: usize, text: String, finish: Finish) {
+        let chunk = TokenChunk {
+            request_id,
+            index: index as u32,
+            token_id: -1,
+            text,
+            done: true,
+            finish_reason: finish.as_str().into(),
+            epoch: self.epoch,
+        };
+        if let Err(e) = self.token_pub.publish(&chunk) {
+            tracing::warn!("publish the last token chunk: {e}");
         }
     }
 }
@@ -688,7 +688,7 @@ impl Run {
 
 impl Scheduler {
     /// Runs `run` to its end; returns the finish reason.
-    async fn generate(&mut self, run: &mut Run) -> Result<&'static str, Interrupt> {
+    async fn generate(&mut self, run: &mut Run) -> Result<Finish, Interrupt> {
         let started = Instant::now();
         // A fresh plan for this request from current battery health and membership.
         self.plan_restart(run, "request").await?;
@@ -735,14 +735,14 @@ impl Scheduler {
                 inc.next_token_at = now;
             }
             if !run.ignore_eos && self.gateway.is_stop(id) {
-                return Ok("eos");
+                return Ok(Finish::Eos);
             }
             run.tokens.push(id);
             run.position += step;
             let finish = if run.tokens.len() >= run.max_tokens {
-                Some("length")
+                Some(Finish::Length)
             } else if run.position + 1 > self.max_context {
-                Some("context")
+                Some(Finish::Context)
             } else {
                 self.send_steps(run)?;
                 None
@@ -776,6 +776,10 @@ impl Scheduler {
 
     fn stream_token(&mut self, run: &mut Run, index: usize, id: u32) {
         let text = run.detok.push(&self.gateway, id).ok().flatten().unwrap_or_default();
+        // Its goals' feedback first; a request nobody wants any more streams nothing.
+        if !self.desk.token(run.request_id, id, &text) {
+            return;
+        }
         let chunk = TokenChunk {
             request_id: run.request_id,
             index: index as u32,
