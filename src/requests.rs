@@ -38,7 +38,8 @@ pub struct Limits {
     pub max_prompt_tokens: u32,
     /// The model's context: prompt + answer.
     pub max_context: usize,
-    /// Requests that may wait behind the running one (`max_queue`).
+    /// Requests that may wait (`max_queue`, at least 1: a request that arrives while the swarm
+    /// is idle waits too, until the scheduler takes it).
     pub max_queue: usize,
     /// Finished requests kept for resumption (`finished_kept`).
     pub finished_kept: usize,

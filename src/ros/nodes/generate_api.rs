@@ -16,6 +16,38 @@ use tokio::sync::{oneshot, Notify};
 
 type Goal = r2r::ActionServerGoal<GenerateAction::Action>;
 
+/// The request fields of a goal or a service request (the same names in both).
+macro_rules! spec_of {
+    ($r:expr) => {
+        Spec {
+            user: $r.user.clone(),
+            prompt: $r.prompt.clone(),
+            max_tokens: $r.max_tokens,
+            temperature: $r.temperature,
+            top_p: $r.top_p,
+            seed: $r.seed,
+            ignore_eos: $r.ignore_eos,
+        }
+    };
+}
+/// An action result or a service response (the same fields) holding `a`.
+macro_rules! answer_msg {
+    ($t:path, $a:expr) => {{
+        let ids = |v: &[u32]| v.iter().map(|&t| t as i32).collect::<Vec<i32>>();
+        $t {
+            accepted: $a.accepted,
+            error: $a.error.clone(),
+            request_id: $a.request_id,
+            prompt_ids: ids(&$a.prompt_ids),
+            token_ids: ids(&$a.tokens),
+            text: $a.text.clone(),
+            finish_reason: $a.finish.as_str().into(),
+            tokens_per_s: $a.tokens_per_s,
+            stats_json: $a.stats_json.clone(),
+        }
+    }};
+}
+
 /// Where a request's tokens and answer go.
 enum Sink {
     /// An action goal. Dropping `_watch` ends the task that waits for its cancel requests.
@@ -82,16 +114,7 @@ impl Desk {
     }
 
     fn take_call(self: &Arc<Self>, call: r2r::ServiceRequest<Generate::Service>) {
-        let r = &call.message;
-        let spec = Spec {
-            user: r.user.clone(),
-            prompt: r.prompt.clone(),
-            max_tokens: r.max_tokens,
-            temperature: r.temperature,
-            top_p: r.top_p,
-            seed: r.seed,
-            ignore_eos: r.ignore_eos,
-        };
+        let spec = spec_of!(call.message);
         let mut table = self.lock();
         let limits = *table.limits();
         match table.submit(0, 0, spec, |s| self.check(s, &limits), Sink::Call(call)) {
@@ -111,15 +134,7 @@ impl Desk {
     fn take_goal(self: &Arc<Self>, req: r2r::ActionServerGoalRequest<GenerateAction::Action>) {
         let g = &req.goal;
         let (request_id, resume_from) = (g.request_id, g.resume_from);
-        let spec = Spec {
-            user: g.user.clone(),
-            prompt: g.prompt.clone(),
-            max_tokens: g.max_tokens,
-            temperature: g.temperature,
-            top_p: g.top_p,
-            seed: g.seed,
-            ignore_eos: g.ignore_eos,
-        };
+        let spec = spec_of!(g);
         // Accepted at once (a ROS goal response has no room for a reason): a refusal ends the goal
         // aborted with the reason in the result.
         let (goal, cancels) = match req.accept() {
@@ -282,38 +297,16 @@ fn feedback(goal: &Goal, request_id: u64, c: &CatchUp) {
 
 /// Gives `a` to one client: a goal succeeds (complete answers) or is aborted; a call is answered.
 fn answer(sink: Sink, a: &Answer) {
-    let ids = |v: &[u32]| v.iter().map(|&t| t as i32).collect::<Vec<i32>>();
     match sink {
         Sink::Goal { mut goal, .. } => {
-            let result = GenerateAction::Result {
-                accepted: a.accepted,
-                error: a.error.clone(),
-                request_id: a.request_id,
-                prompt_ids: ids(&a.prompt_ids),
-                token_ids: ids(&a.tokens),
-                text: a.text.clone(),
-                finish_reason: a.finish.as_str().into(),
-                tokens_per_s: a.tokens_per_s,
-                stats_json: a.stats_json.clone(),
-            };
+            let result = answer_msg!(GenerateAction::Result, a);
             let sent = if a.finish.succeeded() { goal.succeed(result) } else { goal.abort(result) };
             if let Err(e) = sent {
                 tracing::warn!(goal = %goal.uuid, "result: {e}");
             }
         }
         Sink::Call(call) => {
-            let response = Generate::Response {
-                accepted: a.accepted,
-                error: a.error.clone(),
-                request_id: a.request_id,
-                prompt_ids: ids(&a.prompt_ids),
-                token_ids: ids(&a.tokens),
-                text: a.text.clone(),
-                finish_reason: a.finish.as_str().into(),
-                tokens_per_s: a.tokens_per_s,
-                stats_json: a.stats_json.clone(),
-            };
-            if let Err(e) = call.respond(response) {
+            if let Err(e) = call.respond(answer_msg!(Generate::Response, a)) {
                 tracing::error!("responding to a generate request: {e}");
             }
         }

@@ -85,7 +85,8 @@ pub struct Params {
     pub activation_codec: String,
     /// Keystore directory (docs/security.md); empty: authentication off.
     pub keystore: String,
-    /// Requests that may wait behind the running one; more are refused (docs/generate-api.md).
+    /// Requests that may wait for the swarm (a request that arrives while it is idle waits too,
+    /// for an instant); more are refused (docs/generate-api.md).
     pub max_queue: usize,
     /// Finished answers kept for clients that resume them by request id.
     pub finished_kept: usize,
@@ -138,6 +139,7 @@ impl Params {
         anyhow::ensure!(self.threads >= 1, "parameter `threads` must be at least 1");
         anyhow::ensure!(self.max_tokens_limit >= 1, "parameter `max_tokens_limit` must be at least 1");
         anyhow::ensure!(self.max_prompt_tokens >= 1, "parameter `max_prompt_tokens` must be at least 1");
+        anyhow::ensure!(self.max_queue >= 1, "parameter `max_queue` must be at least 1");
         for (name, v) in [
             ("memory_budget_bytes", self.memory_budget_bytes),
             ("link_rate_bps", self.link_rate_bps),
