@@ -76,8 +76,8 @@ ros_libs=$(ls -d "$SITE"/ros_*.libs 2>/dev/null | tr '\n' ':')
 ORT_LIB=$(ls "$SITE"/onnxruntime/capi/libonnxruntime.so.1.* 2>/dev/null | head -1)
 [ -n "$ORT_LIB" ] || { echo "setup: libonnxruntime not found in $SITE/onnxruntime/capi" >&2; exit 1; }
 # The interfaces install under a directory named by their hash: AMENT_PREFIX_PATH then changes
-# with msg/ and srv/, which is what tells r2r's build script to regenerate its bindings.
-iface_hash=$(cat CMakeLists.txt package.xml msg/*.msg srv/*.srv | sha256sum | cut -c1-16)
+# with msg/, srv/ and action/, which is what tells r2r's build script to regenerate its bindings.
+iface_hash=$(cat CMakeLists.txt package.xml msg/*.msg srv/*.srv action/*.action | sha256sum | cut -c1-16)
 IFACE="$ROOT/build/interfaces/$iface_hash/install"
 # px4_msgs (PX4 v1.15's BatteryStatus, interfaces/px4_msgs), for the battery monitor's PX4 source;
 # its own package, as on a PX4 machine, and its own hashed prefix for the same reason.
@@ -115,7 +115,7 @@ if ! cmp -s scripts/env.sh.tmp scripts/env.sh; then mv scripts/env.sh.tmp script
 # shellcheck disable=SC1091
 source scripts/env.sh
 
-# --- 5. This package's interfaces (msg/, srv/) ----------------------------------------------
+# --- 5. This package's interfaces (msg/, srv/, action/) -------------------------------------------
 # An interface package: cmake + rosidl from the venv into <build/NAME/HASH/install>, once per hash.
 build_interfaces() {  # NAME SOURCE_DIR HASH PREFIX [cmake args...]
   local name=$1 src=$2 hash=$3 prefix=$4; shift 4

@@ -27,6 +27,7 @@ pub mod node_params;
 pub mod os;
 pub mod params;
 pub mod radio;
+pub mod requests;
 #[cfg(feature = "ros")]
 pub mod ros;
 pub mod supervisor;

@@ -126,7 +126,9 @@ impl RosArgs {
         Common::take(&mut merged)?;
         let values = std::mem::take(&mut merged.values);
         from_mapping(values, &merged.last).map_err(|e| match e {
-            ParamError::Field { field, message, .. } => ParamError::Field { origin: merged.origin_of(&field), field, message },
+            ParamError::Field { field, message, .. } => {
+                ParamError::Field { origin: merged.origin_of(&field), field, message }
+            }
             e => e,
         })
     }
@@ -187,8 +189,11 @@ impl Common {
     /// Takes the common parameters out of `merged`, checked.
     fn take(merged: &mut Merged) -> Result<Common, ParamError> {
         let (use_sim_time, log_level) = (merged.values.remove("use_sim_time"), merged.values.remove("log_level"));
-        let field =
-            |field: &str, message: String| ParamError::Field { origin: merged.origin_of(field), field: field.into(), message };
+        let field = |field: &str, message: String| ParamError::Field {
+            origin: merged.origin_of(field),
+            field: field.into(),
+            message,
+        };
         let mut common = Common::default();
         if let Some(v) = use_sim_time {
             common.use_sim_time =

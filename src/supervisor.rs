@@ -107,6 +107,9 @@ impl Supervisor {
         cmd.args(node.ros_args()).stdin(Stdio::null());
         // A node must not outlive its launcher, even one that was SIGKILLed.
         signal_when_parent_dies(&mut cmd, libc::SIGTERM);
+        // Its own process group: a terminal's Ctrl-C reaches the launcher only, which decides
+        // (`aerokv swarm` cancels its goal first; every launcher stops its nodes with SIGTERM).
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         if let (Some(dir), Some(file)) = (&self.log_dir, self.log_file(node)) {
             let _ = std::fs::create_dir_all(dir);
             match std::fs::File::create(&file) {

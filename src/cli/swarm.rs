@@ -1,8 +1,9 @@
 //! `aerokv swarm --uavs N --user "QUESTION" --max-tokens M [--json] [--kill UAV:WHEN ...]`:
 //! starts a swarm on this machine from the package's launch files (`control.launch.xml` once,
 //! `uav.launch.xml` per UAV: the node set and configuration `ros2 launch` would start), waits until
-//! the scheduler has planned over every UAV, asks `/aerokv/generate`, prints the answer as
-//! `/aerokv/tokens` streams it, and stops every process it started.
+//! the scheduler has planned over every UAV, sends a goal to the `/aerokv/generate` action, prints
+//! the answer as its feedback streams it (Ctrl-C cancels the goal), and stops every process it
+//! started.
 //!
 //! `--kill uav2:10` sends SIGKILL to uav2's shard executor once 10 tokens are out, `--kill uav2:p256`
 //! once the first 256 prompt tokens are through the swarm (in the middle of a long prompt's
@@ -10,11 +11,12 @@
 //! measured from the kill. A long prompt's progress (`/aerokv/progress`) goes to stderr.
 use super::swarm_radio::Radio;
 use crate::launch::{Launcher, NodeProcess};
+use crate::requests;
 use crate::supervisor::{bin_dir, share_dir, Supervisor};
 use anyhow::Context;
 use futures::StreamExt;
-use r2r::aerokv::msg::{Assignment, Heartbeat, PromptProgress, TokenChunk};
-use r2r::aerokv::srv::Generate;
+use r2r::aerokv::action::Generate;
+use r2r::aerokv::msg::{Assignment, Heartbeat, PromptProgress};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -350,9 +352,8 @@ async fn session(
     }
     let mut assignments =
         lock().subscribe::<Assignment>(crate::ros::names::ASSIGNMENT, crate::ros::names::latched())?;
-    let mut tokens = lock().subscribe::<TokenChunk>(crate::ros::names::TOKENS, crate::ros::names::events())?;
     let mut progress = lock().subscribe::<PromptProgress>(crate::ros::names::PROGRESS, crate::ros::names::events())?;
-    let client = lock().create_client::<Generate::Service>(crate::ros::names::GENERATE, r2r::QosProfile::default())?;
+    let client = lock().create_action_client::<Generate::Action>(crate::ros::names::GENERATE)?;
     let available = r2r::Node::is_available(&client)?;
 
     // Ready: the scheduler serves and has planned over every UAV.
@@ -379,7 +380,7 @@ async fn session(
     }
     eprintln!("[swarm] ready in {:.1} s", started.elapsed().as_secs_f64());
 
-    let req = Generate::Request {
+    let goal = Generate::Goal {
         user: a.user.clone(),
         max_tokens: a.max_tokens,
         temperature: a.temperature,
@@ -388,16 +389,22 @@ async fn session(
         ignore_eos: a.ignore_eos,
         ..Default::default()
     };
-    let call = client.request(&req)?;
+    let sent = client.send_goal_request(goal)?;
     if let Some(r) = radio.as_deref_mut() {
         r.request_sent()?;
     }
-    tokio::pin!(call);
+    let (handle, result, mut feedback) = sent.await.context("the scheduler did not take the goal")?;
+    tokio::pin!(result);
     let stdout = std::io::stdout();
     let mut last_progress_print: Option<Instant> = None;
+    // Tokens streamed so far; a cancel in progress.
+    let mut streamed = 0usize;
+    let mut canceling = false;
+    // The scheduler's reply to the cancel request (the result says how the goal ended).
+    let mut cancel = None;
     let response = loop {
         tokio::select! {
-            r = &mut call => break r?,
+            r = &mut result => break r.context("the goal's result")?.1,
             Some(p) = progress.next() => {
                 // Long prompts only, at most once a second, and always the end.
                 let long = p.total as usize > aerokv_engine::PREFILL_CHUNK_TOKENS;
@@ -407,19 +414,40 @@ async fn session(
                 }
                 strike(sup, kills, KillPoint::AfterPromptTokens(p.done));
             }
-            Some(chunk) = tokens.next() => {
-                if chunk.done {
-                    continue;
+            Some(fb) = feedback.next() => {
+                if fb.index as usize != streamed {
+                    eprintln!("[swarm] warning: feedback from token {} after {streamed} tokens (feedback lost)", fb.index);
                 }
                 if !a.json {
                     let mut out = stdout.lock();
-                    let _ = write!(out, "{}", chunk.text);
+                    let _ = write!(out, "{}", fb.text);
                     let _ = out.flush();
                 }
-                strike(sup, kills, KillPoint::AfterTokens(chunk.index + 1));
+                streamed = fb.index as usize + fb.token_ids.len();
+                strike(sup, kills, KillPoint::AfterTokens(streamed as u32));
+            }
+            _ = tokio::signal::ctrl_c() => {
+                anyhow::ensure!(!canceling, "interrupted again while the goal was being canceled");
+                eprintln!("\n[swarm] Ctrl-C: canceling the goal after {streamed} tokens");
+                canceling = true;
+                match handle.cancel() {
+                    Ok(reply) => cancel = Some(Box::pin(reply)),
+                    Err(e) => eprintln!("[swarm] cancel request: {e}"),
+                }
+            }
+            Some(reply) = async { Some(cancel.as_mut()?.await) }, if cancel.is_some() => {
+                cancel = None;
+                if let Err(e) = reply {
+                    eprintln!("[swarm] the scheduler did not cancel the goal: {e}");
+                }
             }
         }
     };
+    anyhow::ensure!(
+        response.finish_reason != requests::Finish::Canceled.as_str(),
+        "canceled after {} tokens",
+        response.token_ids.len()
+    );
     if let Some(r) = radio.as_deref_mut() {
         r.answer_done();
     }

@@ -12,15 +12,40 @@ use crate::manifest::{Architecture, FileKind, Manifest};
 use crate::runtime::Runtime;
 use crate::shard::Hidden;
 
+/// A variant's tokenizer and chat template: prompts to token ids.
+#[derive(Clone)]
+pub struct PromptEncoder {
+    tokenizer: std::sync::Arc<Tokenizer>,
+    chat_template: String,
+}
+
+impl PromptEncoder {
+    /// The manifest's chat template applied to one user turn.
+    pub fn chat_prompt(&self, user: &str) -> String {
+        self.chat_template.replace("{user}", user)
+    }
+
+    /// Token ids of `text`; control tokens written in the text (`<|im_start|>`) become their ids.
+    /// No BOS is added (SmolLM2's chat format starts with `<|im_start|>`).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.tokenizer.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids of the chat prompt for one user turn.
+    pub fn encode_chat(&self, user: &str) -> Result<Vec<u32>> {
+        self.encode(&self.chat_prompt(user))
+    }
+}
+
 /// Tokenizer + `embed.onnx` + `head.onnx` of one variant.
 pub struct Gateway {
-    tokenizer: Tokenizer,
+    encoder: PromptEncoder,
     embed: Session,
     head: Session,
     embed_file: PathBuf,
     head_file: PathBuf,
     arch: Architecture,
-    chat_template: String,
     stop_ids: Vec<u32>,
     weight_bytes: u64,
 }
@@ -48,13 +73,15 @@ impl Gateway {
         let embed = runtime.open_session(&embed_file)?;
         let head = runtime.open_session(&head_file)?;
         Ok(Gateway {
-            tokenizer,
+            encoder: PromptEncoder {
+                tokenizer: std::sync::Arc::new(tokenizer),
+                chat_template: manifest.chat_template.clone(),
+            },
             embed,
             head,
             embed_file,
             head_file,
             arch: manifest.architecture.clone(),
-            chat_template: manifest.chat_template.clone(),
             stop_ids: manifest.tokens.stop_ids(),
             weight_bytes: embed_entry.bytes + head_entry.bytes,
         })
@@ -67,24 +94,28 @@ impl Gateway {
 
     /// The manifest's chat template applied to one user turn.
     pub fn chat_prompt(&self, user: &str) -> String {
-        self.chat_template.replace("{user}", user)
+        self.encoder.chat_prompt(user)
     }
 
-    /// Token ids of `text`; control tokens written in the text (`<|im_start|>`) become their ids.
-    /// No BOS is added (SmolLM2's chat format starts with `<|im_start|>`).
+    /// Token ids of `text` (see [`PromptEncoder::encode`]).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.tokenizer.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        Ok(encoding.get_ids().to_vec())
+        self.encoder.encode(text)
     }
 
     /// Token ids of the chat prompt for one user turn.
     pub fn encode_chat(&self, user: &str) -> Result<Vec<u32>> {
-        self.encode(&self.chat_prompt(user))
+        self.encoder.encode_chat(user)
+    }
+
+    /// The tokenizer and chat template alone, cheap to clone and `Send`: for checking requests
+    /// on another task than the one that runs the model.
+    pub fn encoder(&self) -> PromptEncoder {
+        self.encoder.clone()
     }
 
     /// Text of `ids`, control tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+        self.encoder.tokenizer.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     /// True for EOS and `<|im_end|>`.

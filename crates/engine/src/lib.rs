@@ -95,7 +95,7 @@ pub mod sampling;
 pub mod shard;
 
 pub use error::{EngineError, Result};
-pub use gateway::{Detokenizer, Gateway};
+pub use gateway::{Detokenizer, Gateway, PromptEncoder};
 pub use manifest::{
     models_root, Architecture, FileEntry, FileKind, IntegrityReport, LayerFile, Manifest, SpecialTokens,
     DEFAULT_VARIANT, INTEGRITY_CACHE, MANIFEST_FORMAT,

@@ -46,6 +46,7 @@ pub const WATCHDOG: &[Doc] = &[
 
 pub const BATTERY_MONITOR: &[Doc] = &[
     UAV_ID,
+    KEYSTORE,
     Doc::fixed("source", "auto (simulated until a BatteryState arrives), simulation, battery_state or px4"),
     Doc::fixed_in("capacity_j", "simulated battery capacity, J", 0.0, crate::battery::MAX_CAPACITY_J),
     Doc::fixed_in("initial_soc", "simulated state of charge at start (0..1)", 0.0, 1.0),
@@ -84,6 +85,8 @@ pub const SCHEDULER: &[Doc] = &[
     Doc::fixed_in("threads", "ONNX Runtime threads for the embedding and the LM head", 1.0, 256.0),
     Doc::live_in("max_tokens_limit", "longest answer a request may ask for (next request on)", 1.0, 1e6),
     Doc::live_in("max_prompt_tokens", "longest prompt a request may bring (next request on)", 1.0, 1e6),
+    Doc::fixed_in("max_queue", "requests that may wait; a goal beyond them is refused", 1.0, 1e6),
+    Doc::fixed_in("finished_kept", "finished answers kept for a client that resumes by request id", 0.0, 1e6),
     Doc::live_in("plan_tokens", "request length the idle plan is made for", 1.0, 1e6),
     Doc::fixed_in("memory_budget_bytes", "per-UAV memory for weights and KV, bytes", 0.0, BIG),
     Doc::fixed_in("flight_power_w", "per-UAV flight power for planning, W", 0.0, 1e5),

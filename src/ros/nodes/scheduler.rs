@@ -1,15 +1,18 @@
 //! `scheduler`: one per swarm, the control plane and the gateway. Tokenizes, embeds, applies the
 //! LM head and samples; plans layouts and protection with the planning core ([`Controller`]) from
 //! live battery health and measured layer latency; publishes assignments (epochs); serves
-//! `/aerokv/generate` and streams `/aerokv/tokens`; recovers from failures (failover, or an exact
+//! `/aerokv/generate` (an action and a service over one queue: [`Desk`]) and streams
+//! `/aerokv/tokens`; recovers from failures (failover, or an exact
 //! restart when the state to fail over is not there) and retires UAVs before their batteries die.
 use super::discovery::uavs_with_topic;
+use super::generate_api::Desk;
 use crate::control::{self, Airframe, Controller, Heard, Membership, ModelSize, Planned, Telemetry, TelemetryKind};
 use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
 use crate::decision::{self, Decision, PlanInputs, SnapshotHeld};
 use crate::detector::FailureReason;
 use crate::epoch::{self as epochs, EpochClock, ExecutorState, Readiness};
 use crate::linkrate::LinkRates;
+use crate::requests::{Answer, Finish, Job};
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::diagnostics::Diagnostics;
 use crate::ros::fallback::{self, Input};
@@ -21,7 +24,6 @@ use aerokv_engine::{
 };
 use futures::StreamExt;
 use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, PromptProgress, TokenChunk};
-use r2r::aerokv::srv::Generate;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -91,6 +93,11 @@ pub struct Params {
     pub activation_codec: String,
     /// Keystore directory (docs/security.md); empty: authentication off.
     pub keystore: String,
+    /// Requests that may wait for the swarm (a request that arrives while it is idle waits too,
+    /// for an instant); more are refused (docs/generate-api.md).
+    pub max_queue: usize,
+    /// Finished answers kept for clients that resume them by request id.
+    pub finished_kept: usize,
 }
 
 impl Default for Params {
@@ -123,6 +130,8 @@ impl Default for Params {
             retirement_horizon_tokens: 32,
             activation_codec: "raw".into(),
             keystore: String::new(),
+            max_queue: 16,
+            finished_kept: 32,
         }
     }
 }
@@ -138,6 +147,7 @@ impl Params {
         anyhow::ensure!(self.threads >= 1, "parameter `threads` must be at least 1");
         anyhow::ensure!(self.max_tokens_limit >= 1, "parameter `max_tokens_limit` must be at least 1");
         anyhow::ensure!(self.max_prompt_tokens >= 1, "parameter `max_prompt_tokens` must be at least 1");
+        anyhow::ensure!(self.max_queue >= 1, "parameter `max_queue` must be at least 1");
         for (name, v) in [
             ("memory_budget_bytes", self.memory_budget_bytes),
             ("link_rate_bps", self.link_rate_bps),
@@ -176,8 +186,6 @@ struct Live {
     rejects: control::TelemetryRejects,
     /// Epochs issued and reported: a (re)started scheduler continues above the swarm's.
     clock: Option<EpochClock>,
-    /// The highest request id an executor reported: a restarted scheduler numbers above it.
-    max_request_id: u64,
 }
 
 /// Why a generation could not go on.
@@ -253,9 +261,12 @@ struct Scheduler {
     /// queue of 10 never fills, and every token saves a thread hand-off.
     outputs: futures::stream::BoxStream<'static, Activation>,
     failures: mpsc::UnboundedReceiver<FailureEvent>,
+    /// The requests: queued, running (their goals' feedback), finished.
+    desk: Arc<Desk>,
+    /// Requests run to an end (any finish reason), for /diagnostics.
+    requests_served: u64,
     current: Option<Planned>,
     epoch: u64,
-    request_id: u64,
     stale_dropped: u64,
     diagnostics: Diagnostics,
     /// Latency of the last hop (last stage -> gateway) of every step, ms.
@@ -318,7 +329,14 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
             }
         }
     });
-    let mut service = ctx.lock().create_service::<Generate::Service>(names::GENERATE, r2r::QosProfile::default())?;
+    let limits = crate::requests::Limits {
+        max_tokens: p.max_tokens_limit,
+        max_prompt_tokens: p.max_prompt_tokens,
+        max_context: manifest.architecture.max_context,
+        max_queue: p.max_queue,
+        finished_kept: p.finished_kept,
+    };
+    let desk = Desk::start(&ctx, gateway.encoder(), limits)?;
     let (member_timeout, rejoin_after) =
         (Duration::from_secs_f64(p.member_timeout_s), Duration::from_secs_f64(p.rejoin_after_s));
     let mut s = Scheduler {
@@ -354,9 +372,10 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         activation_pubs: Publishers::default(),
         outputs,
         failures,
+        desk: desk.clone(),
+        requests_served: 0,
         current: None,
         epoch: 0,
-        request_id: 0,
         stale_dropped: 0,
         diagnostics: Diagnostics::new(&ctx)?,
         hops: Vec::new(),
@@ -378,19 +397,17 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            Some(req) = service.next() => {
-                let response = tokio::select! {
-                    r = s.serve(req.message.clone()) => r,
-                    _ = &mut shutdown => {
-                        let error = "the scheduler is shutting down".to_string();
-                        let _ = req.respond(Generate::Response { error, finish_reason: "error".into(), ..Default::default() });
-                        return Ok(());
-                    }
+            _ = &mut shutdown => { desk.shutdown(); return Ok(()); }
+            job = desk.next() => {
+                let id = job.request_id;
+                let answer = tokio::select! {
+                    a = s.serve(job) => a,
+                    // Nobody wants it any more: no further steps (the executors' KV of it is
+                    // dropped by the next request's plan).
+                    _ = desk.canceled(id) => s.canceled(id),
+                    _ = &mut shutdown => { desk.shutdown(); return Ok(()); }
                 };
-                if let Err(e) = req.respond(response) {
-                    tracing::error!("responding to a generate request: {e}");
-                }
+                desk.finish(&answer);
             }
             Some(ev) = s.failures.recv() => { s.note_failure(&ev); }
             Ok(()) = live.changed() => { s.p = live.borrow_and_update().clone(); }
@@ -479,6 +496,7 @@ impl Scheduler {
             let (live, u, layers) = (self.live.clone(), uav.clone(), self.controller.model.num_layers);
             let member_timeout = self.membership.member_timeout;
             let (auth, topic, fallback) = (self.auth.clone(), names::heartbeat(&uav), self.fallback.tx.clone());
+            let desk = self.desk.clone();
             tokio::spawn(async move {
                 while let Some(hb) = beats.recv().await {
                     let now = clock::now();
@@ -499,7 +517,8 @@ impl Scheduler {
                             tracing::info!(uav = %u, epoch = hb.epoch, "an executor runs a later epoch than this scheduler issued");
                         }
                     }
-                    live.max_request_id = live.max_request_id.max(hb.request_id);
+                    // New ids above any request an executor still holds (a restarted scheduler).
+                    desk.ids_above(hb.request_id);
                     let _ = fallback.send(Input::Heartbeat(u.clone(), hb.sequence, now));
                     live.beats.insert(u.clone(), (now, hb));
                 }
@@ -708,74 +727,23 @@ impl Scheduler {
         }
     }
 
-    fn refuse(&self, why: String) -> Generate::Response {
-        tracing::warn!("request refused: {why}");
-        Generate::Response { accepted: false, error: why, ..Default::default() }
-    }
-
-    /// Serves one generation request.
-    async fn serve(&mut self, req: Generate::Request) -> Generate::Response {
-        let prompt_ids = match (req.prompt.is_empty(), req.user.is_empty()) {
-            (true, true) => return self.refuse("empty request: set `user` (a question) or `prompt`".into()),
-            (false, _) => self.gateway.encode(&req.prompt),
-            (true, false) => self.gateway.encode_chat(&req.user),
-        };
-        let prompt_ids = match prompt_ids {
-            Ok(ids) if !ids.is_empty() => ids,
-            Ok(_) => return self.refuse("the prompt encodes to no tokens".into()),
-            Err(e) => return self.refuse(format!("cannot tokenize the prompt: {e}")),
-        };
-        if req.max_tokens == 0 || req.max_tokens > self.p.max_tokens_limit {
-            return self
-                .refuse(format!("max_tokens must be within 1..={}, not {}", self.p.max_tokens_limit, req.max_tokens));
-        }
-        let limit = self.max_context;
-        if prompt_ids.len() + req.max_tokens as usize > limit {
-            return self.refuse(format!(
-                "prompt of {} tokens + max_tokens {} exceeds the context limit of {limit} tokens",
-                prompt_ids.len(),
-                req.max_tokens
-            ));
-        }
-        if prompt_ids.len() > self.p.max_prompt_tokens as usize {
-            return self.refuse(format!(
-                "prompt of {} tokens exceeds max_prompt_tokens {} (its prefill time grows with the square of its length)",
-                prompt_ids.len(),
-                self.p.max_prompt_tokens
-            ));
-        }
-        let top_p = (req.top_p > 0.0).then_some(req.top_p);
-        let sampling = match Sampling::from_options(Some(req.temperature), top_p, Some(req.seed)) {
-            Ok(s) => s,
-            Err(e) => return self.refuse(e.to_string()),
-        };
+    /// Serves one generation request (checked by [`crate::requests::check`]).
+    async fn serve(&mut self, job: Job) -> Answer {
         self.await_settled().await;
         let members = self.members();
         if members.is_empty() {
-            return self.refuse("no UAV is up (no heartbeat and battery health from any shard executor)".into());
+            let why = crate::requests::Refusal::NoUav;
+            tracing::warn!("request refused: {why}");
+            return Answer::refused(job.request_id, &why);
         }
-        // Above any request an executor still holds (a restarted scheduler starts from 0).
-        let reported = self.lock().max_request_id;
-        self.request_id = self.request_id.max(reported) + 1;
-        let mut run = Run::new(self.request_id, prompt_ids, req.max_tokens as usize, sampling);
-        run.ignore_eos = req.ignore_eos;
+        let mut run = Run::new(job.request_id, job.prompt_ids, job.max_tokens, job.sampling);
+        run.ignore_eos = job.ignore_eos;
         let result = self.generate(&mut run).await;
-        let finish = match &result {
-            Ok(reason) => reason.to_string(),
-            Err(_) => "error".into(),
-        };
+        self.requests_served += 1;
+        let finish = result.as_ref().map_or(Finish::Error, |&f| f);
         // The done chunk carries what the detokenizer still held (an incomplete character).
         let rest = run.detok.finish(&self.gateway).ok().flatten().unwrap_or_default();
-        let _ = self.token_pub.publish(&TokenChunk {
-            request_id: run.request_id,
-            index: run.tokens.len() as u32,
-            token_id: -1,
-            text: rest,
-            done: true,
-            finish_reason: finish.clone(),
-            epoch: self.epoch,
-            ..Default::default()
-        });
+        self.publish_done(run.request_id, run.tokens.len(), rest, finish);
         let text = self.gateway.decode(&run.tokens).unwrap_or_default();
         let decode_s = run.first_token_at.map_or(0.0, |t| clock::since(t).as_secs_f64());
         let tokens_per_s =
@@ -801,16 +769,52 @@ impl Scheduler {
                 (run.started, e.to_string())
             }
         };
-        Generate::Response {
+        Answer {
             accepted,
             error,
             request_id: run.request_id,
-            prompt_ids: run.prompt_ids.iter().map(|&i| i as i32).collect(),
-            token_ids: run.tokens.iter().map(|&i| i as i32).collect(),
+            prompt_ids: run.prompt_ids,
+            tokens: run.tokens,
             text,
-            finish_reason: finish,
+            finish,
             tokens_per_s,
             stats_json: stats.to_string(),
+        }
+    }
+
+    /// The answer of a request stopped because nobody wants it any more.
+    fn canceled(&mut self, request_id: u64) -> Answer {
+        self.hops.clear();
+        let (tokens, text) = self.desk.progress(request_id);
+        tracing::info!(request = request_id, tokens = tokens.len(), "request canceled: the swarm stops its work on it");
+        self.publish_done(request_id, tokens.len(), String::new(), Finish::Canceled);
+        Answer {
+            accepted: true,
+            error: "canceled by the client".into(),
+            request_id,
+            prompt_ids: Vec::new(),
+            tokens,
+            text,
+            finish: Finish::Canceled,
+            tokens_per_s: 0.0,
+            stats_json: String::new(),
+        }
+    }
+
+    /// The last chunk of a request on the token topic (with what the detokenizer still held).
+    fn publish_done(&self, request_id: u64, index: usize, text: String, finish: Finish) {
+        let chunk = TokenChunk {
+            request_id,
+            index: index as u32,
+            token_id: -1,
+            text,
+            done: true,
+            finish_reason: finish.as_str().into(),
+            epoch: self.epoch,
+            ..Default::default()
+        };
+        if let Err(e) = self.token_pub.publish(&chunk) {
+            tracing::warn!("publish the last token chunk: {e}");
         }
     }
 }
@@ -914,7 +918,7 @@ impl Run {
 
 impl Scheduler {
     /// Runs `run` to its end; returns the finish reason.
-    async fn generate(&mut self, run: &mut Run) -> Result<&'static str, Interrupt> {
+    async fn generate(&mut self, run: &mut Run) -> Result<Finish, Interrupt> {
         let started = clock::now();
         // A fresh plan for this request from current battery health and membership.
         self.plan_restart(run, "request").await?;
@@ -961,14 +965,14 @@ impl Scheduler {
                 inc.next_token_at = now;
             }
             if !run.ignore_eos && self.gateway.is_stop(id) {
-                return Ok("eos");
+                return Ok(Finish::Eos);
             }
             run.tokens.push(id);
             run.position += step;
             let finish = if run.tokens.len() >= run.max_tokens {
-                Some("length")
+                Some(Finish::Length)
             } else if run.position + 1 > self.max_context {
-                Some("context")
+                Some(Finish::Context)
             } else {
                 self.send_steps(run)?;
                 None
@@ -1007,6 +1011,10 @@ impl Scheduler {
 
     fn stream_token(&mut self, run: &mut Run, index: usize, id: u32) {
         let text = run.detok.push(&self.gateway, id).ok().flatten().unwrap_or_default();
+        // Its goals' feedback first; a request nobody wants any more streams nothing.
+        if !self.desk.token(run.request_id, id, &text) {
+            return;
+        }
         let chunk = TokenChunk {
             request_id: run.request_id,
             index: index as u32,
@@ -1327,7 +1335,7 @@ impl Scheduler {
         let view = crate::diagnostics::SchedulerView {
             request_id: run.map_or(0, |r| r.request_id),
             request_tokens: run.map_or(0, |r| r.tokens.len()),
-            requests_served: self.request_id,
+            requests_served: self.requests_served,
             epoch: self.epoch,
             members,
             ring: self
