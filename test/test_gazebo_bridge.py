@@ -69,6 +69,19 @@ def test_bridge_topics_and_types_are_what_the_battery_monitors_subscribe_to(rclp
     monitors = [n for n in nodes if n["executable"] == "battery_monitor"]
     assert len(monitors) == 4 and all(param(m, "source") == "battery_state" for m in monitors), monitors
 
+    # Gazebo's clock, as the bridge republishes it: with use_sim_time the monitors start on it.
+    from rosgraph_msgs.msg import Clock
+
+    clock_pub = rclpy_node.create_publisher(Clock, "/clock", 10)
+    sim_ns = [0]
+
+    def tick():
+        sim_ns[0] += 10_000_000
+        msg = Clock()
+        msg.clock.sec, msg.clock.nanosec = divmod(sim_ns[0], 1_000_000_000)
+        clock_pub.publish(msg)
+
+    timer = rclpy_node.create_timer(0.01, tick)
     for m in monitors:
         procs([BIN / "battery_monitor", *m["args"]], m["fqn"].strip("/").replace("/", "_"))
     subscriptions = {}
@@ -84,7 +97,11 @@ def test_bridge_topics_and_types_are_what_the_battery_monitors_subscribe_to(rclp
                 subscriptions[m["fqn"]] = subs
         return len(subscriptions) == len(monitors)
 
-    assert spin_until(rclpy_node, all_subscribed, timeout=30), subscriptions
+    try:
+        assert spin_until(rclpy_node, all_subscribed, timeout=30), subscriptions
+    finally:
+        rclpy_node.destroy_timer(timer)
+        rclpy_node.destroy_publisher(clock_pub)
     assert mismatches(entries, subscriptions) == []
 
     # The check finds each kind of disagreement.

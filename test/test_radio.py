@@ -101,24 +101,24 @@ def test_a_kill_over_the_radio_fails_over_with_identical_tokens(radio):
     print(f"\nkill: detection {killed[0]['detection_s']:.2f} s, next token {killed[0]['next_token_s']:.2f} s after it")
 
 
-def test_a_uav_out_of_range_fails_over_is_fenced_and_rejoins(radio):
-    # uav2 flies out of range 2 s after the request and is back at 8 s (partition.yaml); the
-    # answer is long enough to be under way then on a fast machine too.
+def test_a_uav_out_of_range_fails_over_and_rejoins(radio):
+    # uav2 flies out of range 2 s after the request and is back at 8 s (partition.yaml).
     tokens = 160
     a = radio("partition", "--uavs", 3, "--user", QUESTION, "--max-tokens", tokens, "--ignore-eos")
     same_answer(a, generate(tokens, "--ignore-eos"))
     out = [f for f in a["failures"] if f["uav"] == "uav2"]
     assert out and out[0]["kill"] is None and out[0]["mode"] == "failover", a["failures"]
     assert out[0]["token"] < tokens, "declared failed after the answer"
-    # What uav2 sent when it was back belonged to an older epoch: dropped and counted, by the
-    # executors (heartbeats) or the scheduler.
+    # Whatever uav2 still sends from its old epoch when it is back is dropped and counted (the
+    # answer above is exact). Whether it sends anything depends on timing: its neighbours drop the
+    # writers (and queued messages) of a UAV that left the plan, and the answer may be over before
+    # it returns. test_swarm.py's old-epoch test injects such messages and checks the counts.
     fenced = sum(a["stale_messages"].values()) + a["stats"]["stale_dropped"]
-    assert fenced > 0, (a["stale_messages"], a["stats"]["stale_dropped"])
     # Back in range, it is a member again: a plan made after the request includes it.
     back = [r for r in a["rejoined"] if r["uav"] == "uav2"]
     assert back and back[0]["epoch"] > max(a["stats"]["epochs"]), a["rejoined"]
     print(f"\npartition: declared {out[0]['token']} tokens in, next token {out[0]['next_token_s']:.2f} s after "
-          f"the declaration; fenced {a['stale_messages']} + scheduler {a['stats']['stale_dropped']}; rejoined {back}")
+          f"the declaration; fenced {fenced} ({a['stale_messages']} + scheduler {a['stats']['stale_dropped']}); rejoined {back}")
 
 
 def declared_by_the_watchdog(log_dir) -> list[str]:
