@@ -271,6 +271,10 @@ def test_live_replay_makes_the_same_decisions_and_an_identical_answer(mission, t
     new, new_tokens, new_messages = decisions(tmp_path / "again")
     assert new == rec and any(d[0] == "failure of uav2" for d in new), (rec, new)
     assert new_tokens == rec_tokens and [t[1] for t in new_tokens] == answer["tokens"]
+    # Planned with the recorded layer latency, not one measured again.
+    def latency(messages):
+        return {u.layer_latency_s for t, _, m in messages if t == "/aerokv/plan_inputs" for u in m.telemetry}
+    assert latency(new_messages) == latency(read_all(bag)[0]) and len(latency(new_messages)) == 1
     played = {t for t, _, m in new_messages if t.endswith("/battery_state")}
     assert played == {"/uav1/battery_state", "/uav2/battery_state", "/uav3/battery_state"}, sorted(played)
     recorded_soc = {round(m.state_of_charge, 6) for t, _, m in read_all(bag)[0] if t.endswith("/battery")}
