@@ -62,6 +62,12 @@ pub fn run(a: ReplayArgs) -> anyhow::Result<()> {
     for k in &kills {
         cmd.args(["--kill", k]);
     }
+    // Each battery starts where the recording's did (its simulation runs until the played input
+    // arrives), so the plans made before that are made from the recorded charge too.
+    let mut started = std::collections::BTreeSet::new();
+    for b in rec.battery.iter().filter(|b| started.insert(b.uav.as_str())) {
+        cmd.args(["--soc", &format!("{}={}", b.uav, b.state_of_charge)]);
+    }
     if let Some(s) = rec.layer_latency_s {
         cmd.args(["--layer-latency-s", &s.to_string()]);
     }
