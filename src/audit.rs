@@ -350,6 +350,7 @@ mod tests {
                 capacity_j: u.telemetry.capacity_j,
                 state_of_charge: 0.5,
                 stamp_ns: u.battery_stamp_ns,
+                source: "simulation".into(),
             };
             records.push(timed(T0, Record::Battery(b)));
             let h = u.heartbeat.unwrap();

@@ -32,6 +32,7 @@ pub mod node_params;
 pub mod os;
 pub mod params;
 pub mod radio;
+pub mod replay;
 pub mod requests;
 #[cfg(feature = "ros")]
 pub mod ros;

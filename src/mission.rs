@@ -72,6 +72,8 @@ pub struct BatteryRecord {
     pub capacity_j: f64,
     pub state_of_charge: f64,
     pub stamp_ns: u64,
+    /// Where the monitor's figures came from: "simulation", "sensor_msgs/BatteryState", ...
+    pub source: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +91,9 @@ pub struct TokenRecord {
     pub index: u32,
     pub done: bool,
     pub finish_reason: String,
+    /// The token and the text it adds (the answer a live replay compares).
+    pub token_id: i32,
+    pub text: String,
 }
 
 /// What an assignment's reason says happened ("failure of uav2", "retirement of uav3",
@@ -287,7 +292,14 @@ pub(crate) mod tests {
     }
 
     fn token(s: f64, index: u32) -> Timed {
-        let r = TokenRecord { request_id: 1, index, done: false, finish_reason: String::new() };
+        let r = TokenRecord {
+            request_id: 1,
+            index,
+            done: false,
+            finish_reason: String::new(),
+            token_id: 0,
+            text: String::new(),
+        };
         at(s, "/aerokv/tokens", Record::Token(r))
     }
 
@@ -308,6 +320,7 @@ pub(crate) mod tests {
                 capacity_j: 1e3,
                 state_of_charge: soc,
                 stamp_ns: 0,
+                source: "simulation".into(),
             };
             at(s, &format!("/{uav}/battery"), Record::Battery(b))
         };
@@ -333,7 +346,14 @@ pub(crate) mod tests {
         records.push(assign(0.8, plan(2, &[("uav1", 0, 30)], 6), "failure of uav2"));
         records.push(battery(0.85, "uav1", 0.8));
         records.extend((6..10).map(|i| token(0.9 + 0.1 * (i - 6) as f64, i)));
-        let done = TokenRecord { request_id: 1, index: 10, done: true, finish_reason: "length".into() };
+        let done = TokenRecord {
+            request_id: 1,
+            index: 10,
+            done: true,
+            finish_reason: "length".into(),
+            token_id: 0,
+            text: String::new(),
+        };
         records.push(at(1.3, "/aerokv/tokens", Record::Token(done)));
         Mission {
             source: "test".into(),

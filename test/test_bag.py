@@ -237,6 +237,57 @@ def test_audit_names_a_changed_assignment_or_telemetry_value(mission, tmp_path):
     assert "in the plan inputs, but the BatteryHealth it came from" in r.stderr, r.stderr
 
 
+def replay(bag, out, tmp_path):
+    """`aerokv bag replay` of `bag` into a fresh swarm recorded in `out`, on a domain of its own."""
+    first, count = (int(x) for x in os.environ.get("AEROKV_TEST_DOMAINS", "1:200").split(":"))
+    env = {**os.environ, "ROS_DOMAIN_ID": str(first + (os.getpid() * 7 + next(_domains)) % count)}
+    return subprocess.run([BIN / "aerokv", "bag", "replay", bag, "--out", out, "--user", "What is a drone?",
+                           "--log-dir", tmp_path / f"{out.name}-logs"], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def test_live_replay_makes_the_same_decisions_and_an_identical_answer(mission, tmp_path):
+    bag, answer = mission
+    r = replay(bag, tmp_path / "again", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    assert "the same" in r.stdout and "decisions and an identical answer" in r.stdout, r.stdout
+    # The recorded kill was repeated at the same token.
+    assert "kills [uav2:8]" in r.stderr, r.stderr[-4000:]
+    assert "killed /uav2/shard_executor after 8 tokens" in r.stderr, r.stderr[-4000:]
+    # Read independently: the new bag's decisions (by order, without epoch numbers) and answer
+    # are the recorded ones, and the recorded battery inputs were played into it.
+    def decisions(b):
+        messages, _ = read_all(b)
+        tokens = [(m.index, m.token_id, m.text) for t, _, m in messages if t == "/aerokv/tokens" and not m.done]
+        done = next(s for t, s, m in messages if t == "/aerokv/tokens" and m.done)
+        seen, out = set(), []
+        for t, s, m in messages:
+            if t == "/aerokv/assignment" and s < done and m.epoch not in seen:
+                seen.add(m.epoch)
+                out.append((m.reason, list(m.ring), m.resume_position,
+                            [(u.uav_id, u.layer_start, u.layer_end, u.overlap_layers, u.snapshot_period) for u in m.uavs]))
+        return out, sorted(tokens), messages
+    rec, rec_tokens, _ = decisions(bag)
+    new, new_tokens, new_messages = decisions(tmp_path / "again")
+    assert new == rec and any(d[0] == "failure of uav2" for d in new), (rec, new)
+    assert new_tokens == rec_tokens and [t[1] for t in new_tokens] == answer["tokens"]
+    # Planned with the recorded layer latency, not one measured again.
+    def latency(messages):
+        return {u.layer_latency_s for t, _, m in messages if t == "/aerokv/plan_inputs" for u in m.telemetry}
+    assert latency(new_messages) == latency(read_all(bag)[0]) and len(latency(new_messages)) == 1
+    played = {t for t, _, m in new_messages if t.endswith("/battery_state")}
+    assert played == {"/uav1/battery_state", "/uav2/battery_state", "/uav3/battery_state"}, sorted(played)
+    recorded_soc = {round(m.state_of_charge, 6) for t, _, m in read_all(bag)[0] if t.endswith("/battery")}
+    assert {round(m.percentage, 6) for t, _, m in new_messages if t.endswith("/battery_state")} <= recorded_soc
+
+    # A recording whose answer says something else at token 5 is not what the swarm answers again.
+    changed = tmp_path / "changed"
+    assert rewrite(bag, changed, lambda t, m: t == "/aerokv/tokens" and m.index == 5 and not setattr(m, "token_id", 7)) == 1
+    r = replay(changed, tmp_path / "differs", tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr[-4000:]
+    assert "first difference at answer token 5" in r.stderr and "recorded: id 7" in r.stderr, r.stderr[-4000:]
+
+
 def test_a_report_shows_the_mission_with_its_failure(mission, tmp_path):
     bag, answer = mission
     out = tmp_path / "report"

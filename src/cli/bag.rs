@@ -4,7 +4,8 @@
 //! (activations and KV rows with `--activations` / `--kv-rows`), following topics as they appear;
 //! `record -o DIR TOPIC...` keeps the named ones. SIGINT or SIGTERM finishes the bag properly.
 //! `play DIR` republishes a bag with its recorded timing and QoS; `info DIR` checks a bag and
-//! lists its topics; `audit DIR` decides every recorded assignment again (crate::audit).
+//! lists its topics; `audit DIR` decides every recorded assignment again (crate::audit); `replay DIR`
+//! runs the mission again live (crate::replay, cli::replay).
 use crate::bag::Bag;
 use std::path::PathBuf;
 
@@ -27,6 +28,10 @@ pub enum BagCommand {
     /// Decide every recorded assignment again from its recorded inputs (exit 1 at a divergence).
     #[cfg(feature = "ros")]
     Audit(InfoArgs),
+    /// Run the recorded mission again in a fresh swarm (its kills, its battery inputs in step with
+    /// the tokens), record it, and compare the decisions and the answer (exit 1 at a difference).
+    #[cfg(feature = "ros")]
+    Replay(super::replay::ReplayArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -89,6 +94,8 @@ pub fn run(a: BagArgs) -> anyhow::Result<()> {
         BagCommand::Info(i) => info(i),
         #[cfg(feature = "ros")]
         BagCommand::Audit(a) => audit(a),
+        #[cfg(feature = "ros")]
+        BagCommand::Replay(r) => super::replay::run(r),
     }
 }
 

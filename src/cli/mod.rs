@@ -5,6 +5,8 @@ pub mod generate;
 pub mod keys;
 pub mod launch;
 #[cfg(feature = "ros")]
+pub mod replay;
+#[cfg(feature = "ros")]
 pub mod report;
 pub mod sim;
 #[cfg(feature = "ros")]

@@ -76,6 +76,10 @@ pub struct SwarmArgs {
     /// Every UAV's KV codec: raw, zstd (the executors' `kv_codec`, overriding the parameter file).
     #[arg(long, value_name = "CODEC")]
     pub kv_codec: Option<aerokv_codec::KvCodec>,
+    /// Plan with this many seconds per layer instead of measuring it at start-up (the
+    /// scheduler's `layer_latency_s`; `aerokv bag replay` pins the recorded one).
+    #[arg(long, value_name = "S")]
+    pub layer_latency_s: Option<f64>,
     /// Run the control station and every UAV on hosts of their own (network namespaces) joined
     /// by an emulated 802.11 ad-hoc network described by this scenario (config/radio/*.yaml).
     /// The command must itself run inside `unshare -n`.
@@ -256,6 +260,11 @@ fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
             ("scheduler", Some(c), _) => n.params.push(("activation_codec".into(), c.to_string())),
             ("shard_executor", _, Some(c)) => n.params.push(("kv_codec".into(), c.to_string())),
             _ => {}
+        }
+        if let (Some(s), "scheduler") = (a.layer_latency_s, n.executable.as_str()) {
+            // Shortest exact decimal, never an exponent or an integer (a YAML double).
+            let v = if s.fract() == 0.0 { format!("{s:.1}") } else { format!("{s}") };
+            n.params.push(("layer_latency_s".into(), v));
         }
     }
     Ok(nodes)

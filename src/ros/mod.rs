@@ -10,6 +10,7 @@ pub mod names;
 pub mod nodes;
 pub mod params;
 pub mod record;
+pub mod replay;
 pub mod rosout;
 pub mod runtime;
 

@@ -266,6 +266,7 @@ fn record(type_name: &str, data: &[u8]) -> Result<Option<Record>, String> {
                 capacity_j: b.capacity_j,
                 state_of_charge: f64::from(b.state_of_charge),
                 stamp_ns: stamp_ns(&b.stamp),
+                source: b.source,
             })
         }
         "aerokv/msg/FailureEvent" => {
@@ -285,6 +286,8 @@ fn record(type_name: &str, data: &[u8]) -> Result<Option<Record>, String> {
                 index: t.index,
                 done: t.done,
                 finish_reason: t.finish_reason,
+                token_id: t.token_id,
+                text: t.text,
             })
         }
         _ => return Ok(None),

@@ -83,6 +83,7 @@ pub const SCHEDULER: &[Doc] = &[
     MODELS_DIR,
     VARIANT,
     Doc::fixed_in("threads", "ONNX Runtime threads for the embedding and the LM head", 1.0, 256.0),
+    Doc::fixed_in("layer_latency_s", "seconds per layer every plan assumes (0: measured at start-up)", 0.0, 10.0),
     Doc::live_in("max_tokens_limit", "longest answer a request may ask for (next request on)", 1.0, 1e6),
     Doc::live_in("max_prompt_tokens", "longest prompt a request may bring (next request on)", 1.0, 1e6),
     Doc::fixed_in("max_queue", "requests that may wait; a goal beyond them is refused", 1.0, 1e6),

@@ -98,6 +98,9 @@ pub struct Params {
     pub max_queue: usize,
     /// Finished answers kept for clients that resume them by request id.
     pub finished_kept: usize,
+    /// Seconds per layer every plan assumes; 0: measured at start-up (a live replay pins the
+    /// recorded figure, docs/bags.md).
+    pub layer_latency_s: f64,
 }
 
 impl Default for Params {
@@ -132,6 +135,7 @@ impl Default for Params {
             keystore: String::new(),
             max_queue: 16,
             finished_kept: 32,
+            layer_latency_s: 0.0,
         }
     }
 }
@@ -148,6 +152,11 @@ impl Params {
         anyhow::ensure!(self.max_tokens_limit >= 1, "parameter `max_tokens_limit` must be at least 1");
         anyhow::ensure!(self.max_prompt_tokens >= 1, "parameter `max_prompt_tokens` must be at least 1");
         anyhow::ensure!(self.max_queue >= 1, "parameter `max_queue` must be at least 1");
+        anyhow::ensure!(
+            self.layer_latency_s.is_finite() && (0.0..=10.0).contains(&self.layer_latency_s),
+            "parameter `layer_latency_s` must be in [0, 10] (0: measure), not {}",
+            self.layer_latency_s
+        );
         for (name, v) in [
             ("memory_budget_bytes", self.memory_budget_bytes),
             ("link_rate_bps", self.link_rate_bps),
@@ -283,7 +292,8 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     let runtime = Runtime::init(RuntimeConfig::with_threads(p.threads))?;
     let manifest = Manifest::load_variant(&root, &p.variant)?;
     let gateway = Gateway::load(&runtime, &manifest)?;
-    let own_layer_latency_s = measure_layer_latency(&runtime, &manifest)?;
+    let own_layer_latency_s =
+        if p.layer_latency_s > 0.0 { p.layer_latency_s } else { measure_layer_latency(&runtime, &manifest)? };
     let arch = &manifest.architecture;
     let model = ModelSize {
         num_layers: arch.layers as u32,
