@@ -269,12 +269,12 @@ impl Desk {
         self.queued.notify_one();
     }
 
-    /// The scheduler stops: every waiting and running request's clients are told.
     /// See [`Requests::ids_above`].
     pub fn ids_above(&self, floor: u64) {
         self.lock().ids_above(floor);
     }
 
+    /// The scheduler stops: every waiting and running request's clients are told.
     pub fn shutdown(&self) {
         let why = Refusal::ShuttingDown;
         for sink in self.lock().drain() {
