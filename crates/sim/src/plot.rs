@@ -36,6 +36,20 @@ pub(crate) fn perr(path: &Path, e: impl std::fmt::Display) -> SimError {
     SimError::Plot { path: path.display().to_string(), reason: e.to_string() }
 }
 
+/// Every chart's frame: a margin, and with a font the title and room for the axis labels.
+pub(crate) fn titled<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    (x_labels, y_labels): (u32, u32),
+) -> ChartBuilder<'a, 'static, DB> {
+    let mut b = ChartBuilder::on(area);
+    b.margin(15);
+    if font_ok() {
+        b.caption(title, ("sans-serif", 22)).x_label_area_size(x_labels).y_label_area_size(y_labels);
+    }
+    b
+}
+
 /// One labelled line per series on a linear chart (e.g. the engine benchmark's time per token
 /// against the context length).
 pub fn line_chart(
@@ -77,12 +91,8 @@ fn lines(
     let ymin = series.values().flatten().map(|p| p.1).fold(f64::INFINITY, f64::min).min(0.0);
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| perr(path, e))?;
-    let mut b = ChartBuilder::on(&root);
-    b.margin(15);
-    if text {
-        b.caption(title, ("sans-serif", 22)).x_label_area_size(40).y_label_area_size(70);
-    }
-    let mut chart = b.build_cartesian_2d(0.0..xmax, ymin..ymax).map_err(|e| perr(path, e))?;
+    let mut chart =
+        titled(&root, title, (40, 70)).build_cartesian_2d(0.0..xmax, ymin..ymax).map_err(|e| perr(path, e))?;
     let mut mesh = chart.configure_mesh();
     if text {
         mesh.x_desc(xlabel).y_desc(ylabel);
@@ -177,14 +187,9 @@ pub fn recovery_plot(
     let ymin = 1e-3;
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| perr(path, e))?;
-    let mut b = ChartBuilder::on(&root);
-    b.margin(15);
-    if text {
-        b.caption("recovery latency per failure (deadline dashed)", ("sans-serif", 22))
-            .x_label_area_size(40)
-            .y_label_area_size(70);
-    }
-    let mut chart = b.build_cartesian_2d(0.5..xmax, (ymin..ymax).log_scale()).map_err(|e| perr(path, e))?;
+    let mut chart = titled(&root, "recovery latency per failure (deadline dashed)", (40, 70))
+        .build_cartesian_2d(0.5..xmax, (ymin..ymax).log_scale())
+        .map_err(|e| perr(path, e))?;
     let mut mesh = chart.configure_mesh();
     if text {
         mesh.x_desc("failure # in the mission").y_desc("recovery latency [s]");

@@ -15,7 +15,7 @@ use plotters::prelude::*;
 
 use crate::error::SimError;
 use crate::mission::MissionOutput;
-use crate::plot::{font_ok, perr};
+use crate::plot::{font_ok, perr, titled};
 use crate::scenario::Scenario;
 
 /// What happened to a UAV, marked on the figures.
@@ -255,12 +255,8 @@ fn lines_on(
         let hi = ys.clone().fold(0.0, f64::max);
         (ys.fold(0.0, f64::min), if hi > 0.0 { hi * 1.1 } else { 1.0 })
     });
-    let mut b = ChartBuilder::on(area);
-    b.margin(15);
-    if text {
-        b.caption(title, ("sans-serif", 22)).x_label_area_size(40).y_label_area_size(70);
-    }
-    let mut chart = b.build_cartesian_2d(0.0..xmax, ymin..ymax).map_err(|e| perr(path, e))?;
+    let mut chart =
+        titled(area, title, (40, 70)).build_cartesian_2d(0.0..xmax, ymin..ymax).map_err(|e| perr(path, e))?;
     let mut mesh = chart.configure_mesh();
     if text {
         mesh.x_desc(xlabel).y_desc(ylabel);
@@ -323,12 +319,9 @@ fn stacked_layers(
     let root = chart_area(path, (1000, 600))?;
     let bands = stack(layers, xmax);
     let top = bands.iter().flat_map(|b| b.2.last().map(|x| x.2)).fold(1.0, f64::max) * 1.15;
-    let mut b = ChartBuilder::on(&root);
-    b.margin(15);
-    if text {
-        b.caption("Layers held per UAV (stacked)", ("sans-serif", 22)).x_label_area_size(40).y_label_area_size(70);
-    }
-    let mut chart = b.build_cartesian_2d(0.0..xmax, 0.0..top).map_err(|e| perr(path, e))?;
+    let mut chart = titled(&root, "Layers held per UAV (stacked)", (40, 70))
+        .build_cartesian_2d(0.0..xmax, 0.0..top)
+        .map_err(|e| perr(path, e))?;
     let mut mesh = chart.configure_mesh();
     if text {
         mesh.x_desc(xlabel).y_desc("native layers, stacked");
@@ -415,12 +408,9 @@ fn recovery_bars(path: &Path, recs: &[Recovery]) -> Result<(), SimError> {
     let root = chart_area(path, (1000, 600))?;
     let n = recs.len().max(1);
     let ymax = recs.iter().map(Recovery::total_s).fold(0.0, f64::max).max(1e-3) * 1.2;
-    let mut b = ChartBuilder::on(&root);
-    b.margin(15);
-    if text {
-        b.caption("Failure to next token, per failure", ("sans-serif", 22)).x_label_area_size(50).y_label_area_size(70);
-    }
-    let mut chart = b.build_cartesian_2d(-0.5..n as f64 - 0.5, 0.0..ymax).map_err(|e| perr(path, e))?;
+    let mut chart = titled(&root, "Failure to next token, per failure", (50, 70))
+        .build_cartesian_2d(-0.5..n as f64 - 0.5, 0.0..ymax)
+        .map_err(|e| perr(path, e))?;
     let labels: Vec<String> = recs.iter().map(|r| format!("{} ({}) at {:.1} s", r.uav, r.mode, r.t_s)).collect();
     let label = |x: &f64| category(&labels, *x);
     let mut mesh = chart.configure_mesh();
@@ -475,14 +465,9 @@ fn bytes_bars(path: &Path, topics: &[(String, u64, u64)]) -> Result<(), SimError
     let root = chart_area(path, (1000, 600))?;
     let n = topics.len().max(1);
     let xmax = topics.iter().map(|t| t.2).max().unwrap_or(1).max(1) as f64 * 12.0;
-    let mut b = ChartBuilder::on(&root);
-    b.margin(15);
-    if text {
-        b.caption("Bytes on the air per topic (as recorded)", ("sans-serif", 22))
-            .x_label_area_size(40)
-            .y_label_area_size(220);
-    }
-    let mut chart = b.build_cartesian_2d((1.0..xmax).log_scale(), -0.5..n as f64 - 0.5).map_err(|e| perr(path, e))?;
+    let mut chart = titled(&root, "Bytes on the air per topic (as recorded)", (40, 220))
+        .build_cartesian_2d((1.0..xmax).log_scale(), -0.5..n as f64 - 0.5)
+        .map_err(|e| perr(path, e))?;
     // The most bytes at the top.
     let labels: Vec<String> = topics.iter().rev().map(|t| t.0.clone()).collect();
     let label = |y: &f64| category(&labels, *y);
