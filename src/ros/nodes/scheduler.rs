@@ -6,13 +6,14 @@
 //! restart when the state to fail over is not there) and retires UAVs before their batteries die.
 use super::discovery::uavs_with_topic;
 use super::generate_api::Desk;
+use crate::admission::{self, Verdict};
 use crate::control::{self, Airframe, Controller, Heard, Membership, ModelSize, Planned, Telemetry, TelemetryKind};
 use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
 use crate::decision::{self, Decision, PlanInputs, SnapshotHeld};
 use crate::detector::FailureReason;
 use crate::epoch::{self as epochs, EpochClock, ExecutorState, Readiness};
 use crate::linkrate::LinkRates;
-use crate::requests::{Answer, Finish, Job};
+use crate::requests::{Answer, Finish, Job, MAX_RUNNING};
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::diagnostics::Diagnostics;
 use crate::ros::fallback::{self, Input};
@@ -746,6 +747,11 @@ impl Scheduler {
             tracing::warn!("request refused: {why}");
             return Answer::refused(job.request_id, &why);
         }
+        let tokens = (job.prompt_ids.len() + job.max_tokens) as u64;
+        if let Verdict::Refuse(why) = admission::admit(&self.uav_memory(), &[], MAX_RUNNING, tokens) {
+            tracing::warn!(request = job.request_id, "request refused: {why}");
+            return Answer::refused(job.request_id, &why);
+        }
         let mut run = Run::new(job.request_id, job.prompt_ids, job.max_tokens, job.sampling);
         run.ignore_eos = job.ignore_eos;
         let result = self.generate(&mut run).await;
@@ -790,6 +796,20 @@ impl Scheduler {
             tokens_per_s,
             stats_json: stats.to_string(),
         }
+    }
+
+    /// Every UAV's memory under the current plan (none before the first plan), with the weights
+    /// its executor reports loaded.
+    fn uav_memory(&self) -> Vec<admission::UavMemory> {
+        let Some(current) = &self.current else { return Vec::new() };
+        let reported = self.lock().beats.iter().map(|(uav, (_, hb))| (uav.clone(), hb.weight_bytes)).collect();
+        let m = &self.plan_params.model;
+        let model = admission::ModelBytes {
+            weight_bytes_per_layer: m.weight_bytes_per_layer as u64,
+            kv_bytes_per_token_layer: m.kv_bytes_per_token_layer as u64,
+            activation_bytes_per_token: self.codec.row_bytes(self.hidden) as u64,
+        };
+        admission::plan_memory(&current.plan, model, self.p.memory_budget_bytes as u64, &reported)
     }
 
     /// The answer of a request stopped because nobody wants it any more.

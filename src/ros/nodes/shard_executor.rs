@@ -13,7 +13,7 @@ use aerokv_codec::KvCodec;
 use aerokv_engine::{models_root, Manifest, Runtime, RuntimeConfig};
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
-use r2r::aerokv::msg::{Activation, Assignment, Heartbeat, KvSnapshot};
+use r2r::aerokv::msg::{Activation, Assignment, Heartbeat, KvSnapshot, RequestKv};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -601,7 +601,14 @@ impl Worker {
         hb.compute_ms_per_layer = self.host.usage.last_ms_per_layer;
         hb.compute_s_total = self.host.usage.compute.as_secs_f64();
         hb.link_goodput_bps = self.goodput.bps();
-        hb.memory_bytes = self.host.memory_bytes();
+        let memory = self.host.memory();
+        hb.memory_bytes = memory.total();
+        hb.weight_bytes = memory.weight_bytes;
+        hb.kv = memory
+            .requests
+            .iter()
+            .map(|r| RequestKv { request_id: r.request_id, kv_tokens: r.kv_tokens as u32, kv_bytes: r.kv_bytes })
+            .collect();
         hb.auth_counters = self.auth.counters();
         let before = std::mem::take(&mut hb.state);
         hb.state = if before.starts_with("error") {
