@@ -262,8 +262,14 @@ pub struct Usage {
     /// Single-token steps only (prefill and replays batch tokens and are cheaper per token).
     pub decode_compute: Duration,
     pub decode_layer_tokens: u64,
-    pub last_ms_per_layer: f64,
+    /// Compute per layer of the recent single-token steps, ms: an exponentially weighted mean
+    /// (weight [`DECODE_EWMA_WEIGHT`] per step), so that it follows the context's growth and the
+    /// host's load without one preempted step swinging it.
+    pub decode_ms_per_layer: f64,
 }
+
+/// The weight of the newest single-token step in [`Usage::decode_ms_per_layer`].
+pub const DECODE_EWMA_WEIGHT: f64 = 0.1;
 
 pub struct ShardHost {
     runtime: Runtime,
@@ -820,7 +826,13 @@ impl ShardHost {
         if layers > 0 && tokens == 1 {
             self.usage.decode_compute += took;
             self.usage.decode_layer_tokens += layers as u64;
-            self.usage.last_ms_per_layer = took.as_secs_f64() * 1e3 / layers as f64;
+            let ms = took.as_secs_f64() * 1e3 / layers as f64;
+            let u = &mut self.usage;
+            u.decode_ms_per_layer = if u.decode_ms_per_layer > 0.0 {
+                u.decode_ms_per_layer + DECODE_EWMA_WEIGHT * (ms - u.decode_ms_per_layer)
+            } else {
+                ms
+            };
         }
     }
 }

@@ -712,14 +712,30 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The cost model's tokens/s for the current plan with the activation codec's bytes and the
-    /// gateway's mean time per step in `steps`: with the link rates the planner uses (measured
-    /// where measured) and with the configured rate.
+    /// The cost model's tokens/s for the current plan with the activation codec's bytes, the
+    /// gateway's mean time per step in `steps` and each stage's compute per layer as its executor
+    /// measures it (its heartbeat; the start-up figure where none has arrived): with the link
+    /// rates the planner uses (measured where measured) and with the configured rate. Planning
+    /// keeps the start-up figure (see [`Self::uav_inputs`]); a prediction of this run's speed
+    /// wants what this run's hosts did.
     fn prediction(&mut self, steps: &[Step]) -> serde_json::Value {
         let Some(current) = self.current.clone() else { return serde_json::Value::Null };
         let gateway_s = steps.iter().map(|s| s.gateway_ms).sum::<f64>() / steps.len().max(1) as f64 / 1e3;
         let traffic = crate::linkrate::traffic(self.codec, self.hidden, gateway_s);
-        let telemetry = self.telemetry();
+        let mut telemetry = self.telemetry();
+        let measured_ms: BTreeMap<String, f64> = {
+            let live = self.lock();
+            live.beats
+                .iter()
+                .filter(|(_, (_, hb))| hb.compute_ms_per_layer > 0.0)
+                .map(|(u, (_, hb))| (u.clone(), hb.compute_ms_per_layer))
+                .collect()
+        };
+        for (uav, t) in telemetry.iter_mut() {
+            if let Some(ms) = measured_ms.get(uav) {
+                t.layer_latency_s = ms / 1e3;
+            }
+        }
         let configured: BTreeMap<String, Telemetry> =
             telemetry.iter().map(|(u, t)| (u.clone(), Telemetry { link_bps: None, ..*t })).collect();
         match (
@@ -731,6 +747,8 @@ impl Scheduler {
                 "configured_rate_tokens_per_s": c.tokens_per_s,
                 "activation_bytes_per_token": traffic.activation_bytes(),
                 "gateway_s": traffic.gateway_s,
+                "compute_ms_per_layer": current.plan.stages.iter().map(|s| (s.uav.clone(), telemetry.get(&s.uav).map(|t| t.layer_latency_s * 1e3))).collect::<BTreeMap<_, _>>(),
+                "planning_compute_ms_per_layer": self.own_layer_latency_s * 1e3,
                 "link_bps": current.plan.stages.iter().map(|s| (s.uav.clone(), telemetry.get(&s.uav).and_then(|t| t.link_bps))).collect::<BTreeMap<_, _>>(),
                 "configured_link_bps": self.p.link_rate_bps,
             }),
