@@ -144,10 +144,18 @@ def bench_concurrent(args):
     node = rclpy.create_node("bench_concurrent")
     rows = []
     try:
+        from aerokv.msg import Assignment
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
+        plan = {}
+        node.create_subscription(Assignment, "/aerokv/assignment", lambda m: plan.update(a=m), latched)
         client = ActionClient(node, Generate, "/aerokv/generate")
         if not client.wait_for_server(timeout_sec=120):
             sys.exit("bench concurrent: no /aerokv/generate server")
         spin = lambda pred, timeout: _spin_until(rclpy, node, pred, timeout)
+        if not spin(lambda: "a" in plan and len(plan["a"].ring) == 4, 120):
+            sys.exit("bench concurrent: no plan over 4 UAVs")
         # A first request warms the swarm (plan, sessions); not counted.
         _run_clients(client, spin, CLIENT_PROMPTS[:1], 8)
         for n in (1, 2, 4):
@@ -174,7 +182,7 @@ def bench_concurrent(args):
     print("clients  aggregate tokens/s  ratio vs 1   cost model, drones with a CPU each (tokens/s, ratio)")
     for n, _, _, rate, _ in rows:
         model = _model_aggregate(rows[0][4], n)
-        model = f"{model[0]:8.1f}  {model[1]:5.2f}" if model else "n/a (no prediction in stats_json)"
+        model = f"{model[0]:8.1f}  {model[1]:5.2f}  ({model[2]})" if model else "n/a (no prediction in stats_json)"
         print(f"{n:7d}  {rate:18.1f}  {rate / one:10.2f}   {model}")
     print("(this machine: 2 shared cores for 4 stages and the gateway, shared with other work while measured; "
           "today the swarm serves one request at a time: further clients wait in the queue)")
@@ -184,15 +192,18 @@ def _model_aggregate(prediction, n):
     """The cost model's aggregate for `n` requests in flight on drones with a CPU each: one request
     takes `token_s` per token (every stage, hop and the gateway in turn); n interleaved requests
     keep n steps in the pipeline, bounded by its busiest stage, the channel's airtime per token
-    and the gateway, whichever is slowest. Returns (tokens/s, ratio to one request) or None."""
+    and the gateway, whichever is slowest. Returns (tokens/s, ratio to one request, the bound) or None."""
     m = (prediction or {}).get("model") or {}
     token_s = m.get("token_s")
     if not token_s:
         return None
-    bottleneck = max(m.get("busiest_stage_s", 0.0), m.get("activation_airtime_s", 0.0) + m.get("snapshot_airtime_s", 0.0),
-                     prediction.get("gateway_s", 0.0))
-    rate = n / token_s if bottleneck <= 0 else min(n / token_s, 1.0 / bottleneck)
-    return rate, rate * token_s
+    bounds = {"busiest stage": m.get("busiest_stage_s", 0.0),
+              "channel airtime": m.get("activation_airtime_s", 0.0) + m.get("snapshot_airtime_s", 0.0),
+              "gateway": prediction.get("gateway_s", 0.0)}
+    name, bottleneck = max(bounds.items(), key=lambda kv: kv[1])
+    if bottleneck <= 0 or n / token_s <= 1.0 / bottleneck:
+        return n / token_s, float(n), "pipeline round trip"
+    return 1.0 / bottleneck, token_s / bottleneck, f"{name} {bottleneck * 1e3:.1f} ms/token"
 
 
 def _spin_until(rclpy, node, pred, timeout):
