@@ -119,12 +119,14 @@ def test_concurrent_clients_kill_and_admission(rclpy_node, procs, reference, tmp
     assert m and m[1] in uavs and int(m[2]) > BUDGET and int(m[3]) == BUDGET, r.error
 
     def exact(goals):
+        results = []
         for g in goals:
             status, r = g.wait()
             ref = reference[g.case]
             assert status == SUCCEEDED and r.accepted, (g.case, r.error, control.output())
             assert list(r.token_ids) == ref["tokens"] and r.text == ref["text"], (g.case, r.text, ref["text"])
-        return [g.send.result() for g in goals]
+            results.append(r)
+        return results
 
     # -- Three clients at once: each answer is its own, as if it ran alone.
     goals = [Goal(rclpy_node, client, *case) for case in CASES]
@@ -138,5 +140,8 @@ def test_concurrent_clients_kill_and_admission(rclpy_node, procs, reference, tmp
     assert spin_until(rclpy_node, lambda: len(goals[0].feedback) >= 4, 120), control.output()
     pid = int(re.search(r"/uav2/shard_executor \(pid (\d+)\)", uavs["uav2"].output())[1])
     os.kill(pid, signal.SIGKILL)  # a process this test started (through its launcher)
-    exact(goals)
+    results = exact(goals)
     assert "uav2" not in latest["a"].ring
+    # The answer in flight at the kill went through the failure (failover or exact restart).
+    incidents = [i for r in results for i in json.loads(r.stats_json)["incidents"]]
+    assert any(i["uav"] == "uav2" for i in incidents), incidents
