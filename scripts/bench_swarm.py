@@ -28,8 +28,8 @@ RHYTHM = ROOT / "target/release/examples/pipeline_rhythm"
 PROMPT = "Write a detailed story about a swarm of drones that explores a mountain valley."
 
 
-def generate(tokens):
-    out = subprocess.run([AEROKV, "generate", "--user", PROMPT, "--max-tokens", str(tokens), "--ignore-eos", "--json"],
+def generate(tokens, prompt=PROMPT):
+    out = subprocess.run([AEROKV, "generate", "--user", prompt, "--max-tokens", str(tokens), "--ignore-eos", "--json"],
                          capture_output=True, text=True, check=True, timeout=600)
     return json.loads(out.stdout)
 
@@ -133,7 +133,7 @@ def bench_concurrent(args):
     from aerokv.action import Generate
     from rclpy.action import ActionClient
 
-    references = {p: generate_prompt(p, args.tokens)["tokens"] for p in CLIENT_PROMPTS}
+    references = {p: generate(args.tokens, p)["tokens"] for p in CLIENT_PROMPTS}
     log_dir = Path(tempfile.mkdtemp(prefix="aerokv-bench-concurrent-"))
     procs = [subprocess.Popen([AEROKV, "launch", str(ROOT / "launch/control.launch.xml"), "expected_uavs:=4",
                                "--log-dir", str(log_dir / "control")], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
@@ -234,12 +234,6 @@ def _run_clients(client, spin, prompts, tokens):
         if not r.accepted or r.finish_reason != "length":
             sys.exit(f"bench concurrent: a request ended {r.finish_reason}: {r.error}")
     return wall, out
-
-
-def generate_prompt(prompt, tokens):
-    out = subprocess.run([AEROKV, "generate", "--user", prompt, "--max-tokens", str(tokens), "--ignore-eos", "--json"],
-                         capture_output=True, text=True, check=True, timeout=600)
-    return json.loads(out.stdout)
 
 
 def bench_recovery(args):
