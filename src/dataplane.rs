@@ -36,6 +36,19 @@ pub enum DataPlaneError {
     LostLayer { uav: String, layer: usize, position: usize },
     #[error("the variant's layer files hold several layers each ({0}); the swarm needs one layer per file")]
     GroupedFiles(String),
+    /// A message of a request older than one this UAV has already served (request ids only grow).
+    #[error("a message of request {request}, older than request {newest} already served: dropped")]
+    StaleRequest { request: u64, newest: u64 },
+    /// An input for a position whose step has already run (a resent or replayed copy).
+    #[error("an input for position {position} at layer {layer}, which already holds {held} tokens: dropped")]
+    Duplicate { position: usize, layer: usize, held: usize },
+}
+
+impl DataPlaneError {
+    /// A message that arrived again or too late: dropped and counted, not a fault.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, DataPlaneError::StaleRequest { .. } | DataPlaneError::Duplicate { .. })
+    }
 }
 
 pub type Result<T> = std::result::Result<T, DataPlaneError>;
@@ -278,6 +291,8 @@ pub struct ShardHost {
     plan: Option<SwarmPlan>,
     pieces: BTreeMap<usize, Shard>,
     request_id: u64,
+    /// The newest request this UAV has heard of: an older one's messages are stale.
+    newest_request: u64,
     /// Inputs of the successor's tail (outputs of its head replica), by position, as encoded
     /// for the tail: a replay sends these bytes, which decode to exactly what the tail was fed.
     buffer: BTreeMap<usize, Encoded>,
@@ -304,6 +319,7 @@ impl ShardHost {
             plan: None,
             pieces: BTreeMap::new(),
             request_id: 0,
+            newest_request: 0,
             buffer: BTreeMap::new(),
             codec: ActivationCodec::Raw,
             pred_snapshot: None,
@@ -404,11 +420,18 @@ impl ShardHost {
         Ok(Shard::load(&self.runtime, &self.manifest, layer..layer + 1)?)
     }
 
-    fn new_request(&mut self, request_id: u64) {
+    /// Makes `request_id` the request held (forgetting another's context), unless it is older
+    /// than one already heard of.
+    fn new_request(&mut self, request_id: u64) -> Result<()> {
+        if request_id < self.newest_request {
+            return Err(DataPlaneError::StaleRequest { request: request_id, newest: self.newest_request });
+        }
+        self.newest_request = request_id;
         if request_id != self.request_id {
             self.request_id = request_id;
             self.forget_context();
         }
+        Ok(())
     }
 
     /// Every KV row, buffered input and snapshot of the request: it starts (again) from token 0.
@@ -454,6 +477,7 @@ impl ShardHost {
         let mut emits = Vec::new();
         if new.request_id != self.request_id || p == 0 {
             self.request_id = new.request_id;
+            self.newest_request = self.newest_request.max(new.request_id);
             self.forget_context();
         }
         // A failed successor: its recovering successor needs the buffered inputs of its tail.
@@ -670,9 +694,16 @@ impl ShardHost {
         if let Some(why) = misrouted {
             return Err(DataPlaneError::Plan(why));
         }
-        // Decoded before anything changes: a malformed message leaves the state as it was.
+        // Checked and decoded before anything changes: a malformed, stale or repeated message
+        // leaves the state as it was.
+        if request_id == self.request_id {
+            let held = self.pieces.get(&boundary).map_or(0, Shard::kv_len);
+            if position < held {
+                return Err(DataPlaneError::Duplicate { position, layer: boundary, held });
+            }
+        }
         let x = self.decode(input)?;
-        self.new_request(request_id);
+        self.new_request(request_id)?;
         let started = std::time::Instant::now();
         let layers: Vec<usize> = (boundary..end).collect();
         let y = run_layers(&mut self.pieces, self.codec, &layers, x, position)?;
@@ -709,7 +740,7 @@ impl ShardHost {
     fn run_replica(&mut self, request_id: u64, position: usize, input: &Encoded, succ_has_tail: bool) -> Result<()> {
         let head = self.replica_layers();
         let x = self.decode(input)?;
-        self.new_request(request_id);
+        self.new_request(request_id)?;
         let started = std::time::Instant::now();
         let y = run_layers(&mut self.pieces, self.codec, &head, x, position)?;
         self.account(started.elapsed(), head.len(), input.rows());
@@ -725,7 +756,7 @@ impl ShardHost {
     /// KV rows from another UAV: the predecessor's tail snapshot, or the successor's head seed.
     pub fn on_kv(&mut self, source: &str, request_id: u64, rows: KvRows) -> Result<Vec<Emit>> {
         let Some(plan) = self.plan.clone() else { return Ok(Vec::new()) };
-        self.new_request(request_id);
+        self.new_request(request_id)?;
         // In a ring of two the successor is also the predecessor: its seed and its tail snapshot
         // come from the same UAV; the layers they carry tell them apart.
         let seed = plan.succ(&self.uav).is_some_and(|s| s.uav == source)

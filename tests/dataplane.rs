@@ -7,7 +7,7 @@
 //! codec's bytes and the answer is that of one process that feeds every layer its predecessor's
 //! output through the codec, with or without the failure. Uses the `tiny` variant
 //! (random weights, 4 layers, same graph) and the real ONNX Runtime.
-use aerokv::dataplane::{gateway_steps, step_at, Emit, RequestMemory, ShardHost, Stage, SwarmPlan};
+use aerokv::dataplane::{gateway_steps, step_at, DataPlaneError, Emit, RequestMemory, ShardHost, Stage, SwarmPlan};
 use aerokv_codec::{ActivationCodec, Encoded};
 use aerokv_engine::{
     argmax, prompt_chunks, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Shard, PREFILL_CHUNK_TOKENS,
@@ -497,6 +497,35 @@ fn an_activation_in_another_codec_than_the_plans_is_refused() {
     host.set_activation_codec(ActivationCodec::F16);
     let e = host.apply_plan(plan(2, 1, 1, vec![stage("uav1", 0, 4, 0, 0)])).unwrap_err().to_string();
     assert!(e.contains("holds no state"), "{e}");
+}
+
+#[test]
+fn a_repeated_input_and_an_older_requests_input_are_dropped_without_touching_the_state() {
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let width = m.architecture.hidden;
+    let mut host = ShardHost::new(rt, m, "uav1").unwrap();
+    host.apply_plan(plan(1, 2, 0, vec![stage("uav1", 0, 4, 0, 0)])).unwrap();
+    let x = |v: f32| Encoded::encode(ActivationCodec::Raw, &vec![v; width], width).unwrap();
+    let first = host.on_input(2, 0, 0, &x(0.5)).unwrap();
+    host.on_input(2, 0, 1, &x(0.25)).unwrap();
+    // The step at position 0 again (a resent copy): dropped, the caches keep their 2 tokens.
+    let e = host.on_input(2, 0, 0, &x(0.5)).unwrap_err();
+    assert!(e.is_stale() && matches!(e, DataPlaneError::Duplicate { position: 0, layer: 0, held: 2 }), "{e}");
+    assert_eq!(host.kv_tokens(), 2);
+    // A straggler of request 1 must not wipe request 2's context.
+    let e = host.on_input(1, 0, 2, &x(0.5)).unwrap_err();
+    assert!(matches!(e, DataPlaneError::StaleRequest { request: 1, newest: 2 }), "{e}");
+    assert_eq!(host.kv_tokens(), 2);
+    // The next position still runs; a new request starts from nothing and gives the first output again.
+    host.on_input(2, 0, 2, &x(0.125)).unwrap();
+    assert_eq!(host.kv_tokens(), 3);
+    let again = host.on_input(3, 0, 0, &x(0.5)).unwrap();
+    let out = |e: &[Emit]| match e {
+        [Emit::Activation { hidden, .. }] => hidden.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(out(&first), out(&again));
 }
 
 #[test]

@@ -380,7 +380,11 @@ impl Worker {
                 .and_then(|emits| self.emit(emits)),
         };
         if let Err(e) = result {
-            if is_assignment || !self.host.ready() {
+            if let Some(stale) = e.downcast_ref::<crate::dataplane::DataPlaneError>().filter(|d| d.is_stale()) {
+                let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                st.hb.stale_messages += 1;
+                tracing::info!(count = st.hb.stale_messages, "{stale}");
+            } else if is_assignment || !self.host.ready() {
                 // This epoch cannot be served: say so, the scheduler re-plans.
                 tracing::error!("{e:#}");
                 self.status.lock().unwrap_or_else(|e| e.into_inner()).hb.state = format!("error: {e:#}");
