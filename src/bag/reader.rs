@@ -38,6 +38,10 @@ pub struct BagMessage {
     pub channel: Arc<Channel>,
     pub log_time: u64,
     pub data: Vec<u8>,
+    /// The MCAP file, and the byte offset of the message's record (of the chunk that holds it,
+    /// for a message in a chunk).
+    pub file: Arc<PathBuf>,
+    pub offset: u64,
 }
 
 /// What a full pass over a bag found.
@@ -135,6 +139,8 @@ impl Bag {
 /// The messages of one MCAP file, read record by record.
 pub struct McapStream {
     path: PathBuf,
+    /// The same path, shared by the messages read.
+    file: Arc<PathBuf>,
     input: BufReader<File>,
     size: u64,
     offset: u64,
@@ -152,6 +158,7 @@ impl McapStream {
         let size = file.metadata().map_err(io)?.len();
         let mut s = McapStream {
             path: path.to_path_buf(),
+            file: Arc::new(path.to_path_buf()),
             input: BufReader::with_capacity(1 << 20, file),
             size,
             offset: 0,
@@ -286,7 +293,7 @@ impl McapStream {
             .get(&header.channel_id)
             .cloned()
             .ok_or_else(|| self.corrupt(at, format!("message on unknown channel {}", header.channel_id)))?;
-        Ok(BagMessage { channel, log_time: header.log_time, data })
+        Ok(BagMessage { channel, log_time: header.log_time, data, file: self.file.clone(), offset: at })
     }
 }
 

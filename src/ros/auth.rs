@@ -6,7 +6,7 @@ use crate::ros::{now_stamp, NodeContext};
 use aerokv_auth::{Auth, Claim, Counts, Encoder, Keystore, NodeId, Rejection, Role, Roster, Signer, Verifier};
 use anyhow::Context;
 use r2r::aerokv::msg::{
-    self as m, Activation, Assignment, AuthCounters, BatteryHealth, FailureEvent, Heartbeat, KvSnapshot,
+    self as m, Activation, Assignment, AuthCounters, BatteryHealth, FailureEvent, Heartbeat, KvSnapshot, PlanInputs,
     PromptProgress, TokenChunk,
 };
 use r2r::builtin_interfaces::msg::Time;
@@ -131,6 +131,10 @@ impl NodeAuth {
     }
     pub fn accept_token(&self, t: &TokenChunk) -> bool {
         self.accept(names::TOKENS, &t.auth, |e| encode_token(e, t))
+    }
+    /// What an assignment was decided from (read by recorders and `aerokv bag audit`).
+    pub fn sign_plan_inputs(&self, i: &mut PlanInputs) {
+        i.auth = self.sign(names::PLAN_INPUTS, |e| encode_plan_inputs(e, i));
     }
     pub fn sign_progress(&self, p: &mut PromptProgress) {
         p.auth = self.sign(names::PROGRESS, |e| encode_progress(e, p));
@@ -264,6 +268,74 @@ pub fn verified<T: Send + 'static>(
     out
 }
 
+/// Verifies one recorded message (`aerokv bag audit --keystore`): its CDR bytes as recorded on
+/// `topic`, under the same rules a node applies on receipt (the roster, the topic's authority,
+/// the author a field names, the signature, the sender's counter on that topic). None for a type
+/// that AeroKV does not sign; `Malformed` for bytes that do not decode as their type.
+pub fn verify_recorded(v: &mut Verifier, topic: &str, type_name: &str, data: &[u8]) -> Option<Result<(), Rejection>> {
+    fn check<T: r2r::WrappedTypesupport>(
+        v: &mut Verifier,
+        topic: &str,
+        data: &[u8],
+        claim: fn(&T) -> &m::Auth,
+        author: fn(&T, &str) -> Option<String>,
+        body: fn(&mut Encoder, &T),
+    ) -> Result<(), Rejection> {
+        let msg = T::from_serialized_bytes(data).map_err(|_| Rejection::Malformed)?;
+        let auth = claim(&msg);
+        let claim = Claim { sender: &auth.sender, counter: auth.counter, signature: &auth.signature };
+        let author = author(&msg, topic);
+        v.verify_attributed(topic, claim, author.as_deref(), |e| body(e, &msg)).map(|_| ())
+    }
+    fn node(role: Role, uav: &str) -> Option<String> {
+        Some(NodeId::of(role, Some(uav)).map(|id| id.to_string()).unwrap_or_default())
+    }
+    Some(match type_name {
+        "aerokv/msg/Assignment" => check::<Assignment>(v, topic, data, |m| &m.auth, |_, _| None, encode_assignment),
+        "aerokv/msg/FailureEvent" => check::<FailureEvent>(v, topic, data, |m| &m.auth, |_, _| None, encode_failure),
+        "aerokv/msg/TokenChunk" => check::<TokenChunk>(v, topic, data, |m| &m.auth, |_, _| None, encode_token),
+        "aerokv/msg/PromptProgress" => {
+            check::<PromptProgress>(v, topic, data, |m| &m.auth, |_, _| None, encode_progress)
+        }
+        "aerokv/msg/PlanInputs" => check::<PlanInputs>(v, topic, data, |m| &m.auth, |_, _| None, encode_plan_inputs),
+        "aerokv/msg/Heartbeat" => check::<Heartbeat>(
+            v,
+            topic,
+            data,
+            |m| &m.auth,
+            |h, topic| (topic != names::WATCHDOG_HEARTBEAT).then(|| node(Role::ShardExecutor, &h.uav_id)).flatten(),
+            encode_heartbeat,
+        ),
+        "aerokv/msg/BatteryHealth" => check::<BatteryHealth>(
+            v,
+            topic,
+            data,
+            |m| &m.auth,
+            |b, _| node(Role::BatteryMonitor, &b.uav_id),
+            encode_battery,
+        ),
+        "aerokv/msg/Activation" => check::<Activation>(
+            v,
+            topic,
+            data,
+            |m| &m.auth,
+            |a, _| {
+                let id = if a.source == GATEWAY_SOURCE {
+                    NodeId::of(Role::Scheduler, None)
+                } else {
+                    NodeId::of(Role::ShardExecutor, Some(&a.source))
+                };
+                Some(id.map(|id| id.to_string()).unwrap_or_default())
+            },
+            encode_activation,
+        ),
+        "aerokv/msg/KvSnapshot" => {
+            check::<KvSnapshot>(v, topic, data, |m| &m.auth, |k, _| node(Role::ShardExecutor, &k.source), encode_kv)
+        }
+        _ => return None,
+    })
+}
+
 // Canonical bytes (docs/security.md): the type's name, then every field but `auth` in .msg order.
 
 fn encode_time(e: &mut Encoder, t: &Time) {
@@ -332,6 +404,29 @@ fn encode_kv(e: &mut Encoder, k: &KvSnapshot) {
 fn encode_token(e: &mut Encoder, t: &TokenChunk) {
     e.str("aerokv/msg/TokenChunk").u64(t.request_id).u32(t.index).i32(t.token_id).str(&t.text);
     e.bool(t.done).str(&t.finish_reason).u64(t.epoch);
+}
+
+fn encode_plan_inputs(e: &mut Encoder, i: &PlanInputs) {
+    e.str("aerokv/msg/PlanInputs").u64(i.epoch).u64(i.request_id).str(&i.decision).u64(i.based_on_epoch);
+    e.str(&i.failed_uav).seq(&i.members, |e, s| {
+        e.str(s);
+    });
+    e.u64(i.total_tokens).u32(i.resume_position).bool(i.snapshot_known).u32(i.snapshot_tokens);
+    e.u64(i.snapshot_heartbeat_sequence).seq(&i.planning_ids, |e, s| {
+        e.str(s);
+    });
+    e.seq(&i.telemetry, |e, t| {
+        e.str(&t.uav_id).f64(t.energy_j).f64(t.capacity_j).f64(t.layer_latency_s).f64(t.link_bps);
+        encode_time(e, &t.battery_stamp);
+        e.u64(t.heartbeat_sequence);
+        encode_time(e, &t.heartbeat_stamp);
+    });
+    e.f64(i.recovery_deadline_s).f64(i.weight_load_bps);
+    encode_u32s(e, &i.snapshot_periods);
+    e.f64(i.lifetime_target_factor).bool(i.shared_channel).f64(i.frame_loss).f64(i.flight_power_w);
+    e.f64(i.inference_power_w).f64(i.tx_power_w).f64(i.link_rate_bps).f64(i.memory_budget_bytes);
+    e.u32(i.num_layers).f64(i.weight_bytes_per_layer).f64(i.kv_bytes_per_token_layer).f64(i.member_timeout_s);
+    encode_time(e, &i.stamp);
 }
 
 fn encode_progress(e: &mut Encoder, p: &PromptProgress) {
