@@ -78,7 +78,8 @@ pub struct Script {
     pub battery: Vec<BatteryStep>,
     /// The decisions made up to the answer's last token, in the order they were recorded.
     pub decisions: Vec<Decided>,
-    /// Decisions recorded after the answer's last token (idle re-plans; not compared).
+    /// Decisions after the answer (idle re-plans; not compared): recorded after its last chunk,
+    /// or plans for no request recorded after its first token.
     pub after_answer: usize,
     /// The answer's tokens by index (the first one recorded at each index).
     pub answer: Vec<Token>,
@@ -125,7 +126,9 @@ pub fn script(m: &Mission) -> Script {
                 if s.uavs.is_empty() {
                     s.uavs = a.plan.stages.iter().map(|st| st.uav.clone()).collect();
                 }
-                if answered {
+                // A plan for no request once the answer has begun is an idle re-plan after it
+                // (recorded before the answer's last chunk when their topics race).
+                if answered || (!tokens.is_empty() && a.plan.request_id == 0) {
                     s.after_answer += 1;
                 } else {
                     let failed = reason_event(&a.reason)
@@ -454,6 +457,15 @@ mod tests {
         let s = script(&m);
         assert_eq!(s.after_answer, script(&mission()).after_answer + 1);
         assert_eq!(compare(&s, &script(&mission())), None);
+        // ... also when it is recorded before the answer's last chunk (for no request).
+        let done = m.records.iter().position(|r| matches!(&r.record, Record::Token(t) if t.done)).expect("done");
+        let mut raced = m.records.pop().expect("the re-plan");
+        if let Record::Assignment(a) = &mut raced.record {
+            a.plan.request_id = 0;
+        }
+        m.records.insert(done, raced);
+        assert_eq!(script(&m).after_answer, s.after_answer);
+        assert_eq!(compare(&script(&m), &script(&mission())), None);
     }
 
     #[test]
