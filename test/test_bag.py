@@ -440,8 +440,14 @@ def test_a_retirement_is_recorded_signed_audited_and_reported(retired, mission, 
     assert line.startswith(f"not authentic: {mcap}: byte offset ") and "/aerokv/plan_inputs" in line, r.stdout
     assert line.endswith("bad_signature") and 'sender "aerokv/scheduler"' in line, line
     offset = int(line.split("byte offset ")[1].split(":")[0])
+    # There, independently of AeroKV's reader: an MCAP message record (opcode 5) holding the
+    # forged message's CDR bytes as rosbags serialized them.
     data = mcap.read_bytes()
-    assert data[offset] in (0x05, 0x06), (offset, data[offset])  # an MCAP message or chunk record
+    length = struct.unpack("<Q", data[offset + 1:offset + 9])[0]
+    with AnyReader([forged], default_typestore=get_typestore(Stores.ROS2_JAZZY)) as reader:
+        raws = [bytes(raw) for c, _, raw in reader.messages() if c.topic == "/aerokv/plan_inputs"
+                and reader.deserialize(raw, c.msgtype).epoch == retirement[0].epoch]
+    assert data[offset] == 0x05 and any(raw in data[offset:offset + 9 + length] for raw in raws), offset
     assert "forged: 1 (unknown_sender 0, wrong_role 0, bad_signature 1," in r.stdout, r.stdout
     assert "1 message(s) not authentic" in r.stderr, r.stderr
     # The unsigned mission (no keystore) is refused message by message: every one unsigned.

@@ -38,8 +38,8 @@ pub struct BagMessage {
     pub channel: Arc<Channel>,
     pub log_time: u64,
     pub data: Vec<u8>,
-    /// The MCAP file, and the byte offset of the message's record (of the chunk that holds it,
-    /// for a message in a chunk).
+    /// The MCAP file, and the byte offset of the message's record (in a compressed chunk: of the
+    /// chunk).
     pub file: Arc<PathBuf>,
     pub offset: u64,
 }
@@ -271,14 +271,18 @@ impl McapStream {
                 self.pending.push_back(m);
             }
             Record::Chunk { header, data } => {
+                // Uncompressed, its records are in the file as they are: each is named by its own
+                // offset (opcode, length, then the chunk's times, sizes, CRC and compression name).
+                let records_at = at + 1 + 8 + 8 + 8 + 8 + 4 + 4 + header.compression.len() as u64 + 8;
+                let inner_at = if header.compression.is_empty() { record_offsets(&data) } else { Vec::new() };
                 let reader =
                     mcap::read::ChunkReader::new(header, &data).map_err(|e| self.corrupt(at, format!("chunk: {e}")))?;
-                for inner in reader {
+                for (i, inner) in reader.enumerate() {
                     let inner = inner.map_err(|e| self.corrupt(at, format!("in the chunk: {e}")))?;
                     if matches!(inner, Record::Chunk { .. }) {
                         return Err(self.corrupt(at, "a chunk inside a chunk".into()));
                     }
-                    self.take(at, inner)?;
+                    self.take(inner_at.get(i).map_or(at, |o| records_at + o), inner)?;
                 }
             }
             Record::Footer(_) => self.done = true,
@@ -295,6 +299,20 @@ impl McapStream {
             .ok_or_else(|| self.corrupt(at, format!("message on unknown channel {}", header.channel_id)))?;
         Ok(BagMessage { channel, log_time: header.log_time, data, file: self.file.clone(), offset: at })
     }
+}
+
+/// Where each record starts in a run of MCAP records (opcode, u64 length, body).
+fn record_offsets(records: &[u8]) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while let Some(len) = records.get(pos + 1..pos + 9).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes) {
+        out.push(pos as u64);
+        pos = match usize::try_from(len).ok().and_then(|l| pos.checked_add(9)?.checked_add(l)) {
+            Some(next) => next,
+            None => break,
+        };
+    }
+    out
 }
 
 impl Iterator for McapStream {

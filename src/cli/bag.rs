@@ -28,8 +28,9 @@ pub enum BagCommand {
     /// Decide every recorded assignment again from its recorded inputs (exit 1 at a divergence).
     #[cfg(feature = "ros")]
     Audit(AuditArgs),
-    /// Run the recorded mission again in a fresh swarm (its kills, its battery inputs in step with
-    /// the tokens), record it, and compare the decisions and the answer (exit 1 at a difference).
+    /// Run the recorded mission again in a fresh swarm under simulated time (/clock and the
+    /// battery inputs from the recording, its kills at the same tokens), record it, and compare
+    /// the decisions and the answer (exit 1 at a difference).
     #[cfg(feature = "ros")]
     Replay(super::replay::ReplayArgs),
 }
