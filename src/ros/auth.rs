@@ -92,8 +92,7 @@ impl NodeAuth {
         h.auth = self.sign(topic, |e| encode_heartbeat(e, h));
     }
     pub fn accept_heartbeat(&self, topic: &str, h: &Heartbeat) -> bool {
-        let author = NodeId::of(Role::ShardExecutor, Some(&h.uav_id)).map(|id| id.to_string()).unwrap_or_default();
-        self.accept_from(topic, &h.auth, Some(&author), |e| encode_heartbeat(e, h))
+        self.accept_from(topic, &h.auth, Some(&uav_node(Role::ShardExecutor, &h.uav_id)), |e| encode_heartbeat(e, h))
     }
     pub fn accept_watchdog_heartbeat(&self, h: &Heartbeat) -> bool {
         self.accept(names::WATCHDOG_HEARTBEAT, &h.auth, |e| encode_heartbeat(e, h))
@@ -102,8 +101,7 @@ impl NodeAuth {
         b.auth = self.sign(topic, |e| encode_battery(e, b));
     }
     pub fn accept_battery(&self, topic: &str, b: &BatteryHealth) -> bool {
-        let author = NodeId::of(Role::BatteryMonitor, Some(&b.uav_id)).map(|id| id.to_string()).unwrap_or_default();
-        self.accept_from(topic, &b.auth, Some(&author), |e| encode_battery(e, b))
+        self.accept_from(topic, &b.auth, Some(&uav_node(Role::BatteryMonitor, &b.uav_id)), |e| encode_battery(e, b))
     }
     /// Stage inputs and outputs, replays: `source` is the sending UAV, or "gateway" (the
     /// scheduler).
@@ -111,20 +109,13 @@ impl NodeAuth {
         a.auth = self.sign(topic, |e| encode_activation(e, a));
     }
     pub fn accept_activation(&self, topic: &str, a: &Activation) -> bool {
-        let author = if a.source == GATEWAY_SOURCE {
-            NodeId::of(Role::Scheduler, None)
-        } else {
-            NodeId::of(Role::ShardExecutor, Some(&a.source))
-        };
-        let author = author.map(|id| id.to_string()).unwrap_or_default();
-        self.accept_from(topic, &a.auth, Some(&author), |e| encode_activation(e, a))
+        self.accept_from(topic, &a.auth, Some(&activation_author(a)), |e| encode_activation(e, a))
     }
     pub fn sign_kv(&self, topic: &str, k: &mut KvSnapshot) {
         k.auth = self.sign(topic, |e| encode_kv(e, k));
     }
     pub fn accept_kv(&self, topic: &str, k: &KvSnapshot) -> bool {
-        let author = NodeId::of(Role::ShardExecutor, Some(&k.source)).map(|id| id.to_string()).unwrap_or_default();
-        self.accept_from(topic, &k.auth, Some(&author), |e| encode_kv(e, k))
+        self.accept_from(topic, &k.auth, Some(&uav_node(Role::ShardExecutor, &k.source)), |e| encode_kv(e, k))
     }
     pub fn sign_token(&self, t: &mut TokenChunk) {
         t.auth = self.sign(names::TOKENS, |e| encode_token(e, t));
@@ -268,6 +259,21 @@ pub fn verified<T: Send + 'static>(
     out
 }
 
+/// The identity of `uav`'s node in `role` ("" for a name that is no UAV: nobody signs as that).
+fn uav_node(role: Role, uav: &str) -> String {
+    NodeId::of(role, Some(uav)).map(|id| id.to_string()).unwrap_or_default()
+}
+
+/// Who signs an activation: the sending UAV's executor, or the scheduler as the gateway.
+fn activation_author(a: &Activation) -> String {
+    let id = if a.source == GATEWAY_SOURCE {
+        NodeId::of(Role::Scheduler, None)
+    } else {
+        NodeId::of(Role::ShardExecutor, Some(&a.source))
+    };
+    id.map(|id| id.to_string()).unwrap_or_default()
+}
+
 /// Verifies one recorded message (`aerokv bag audit --keystore`): its CDR bytes as recorded on
 /// `topic`, under the same rules a node applies on receipt (the roster, the topic's authority,
 /// the author a field names, the signature, the sender's counter on that topic). None for a type
@@ -287,9 +293,6 @@ pub fn verify_recorded(v: &mut Verifier, topic: &str, type_name: &str, data: &[u
         let author = author(&msg, topic);
         v.verify_attributed(topic, claim, author.as_deref(), |e| body(e, &msg)).map(|_| ())
     }
-    fn node(role: Role, uav: &str) -> Option<String> {
-        Some(NodeId::of(role, Some(uav)).map(|id| id.to_string()).unwrap_or_default())
-    }
     Some(match type_name {
         "aerokv/msg/Assignment" => check::<Assignment>(v, topic, data, |m| &m.auth, |_, _| None, encode_assignment),
         "aerokv/msg/FailureEvent" => check::<FailureEvent>(v, topic, data, |m| &m.auth, |_, _| None, encode_failure),
@@ -303,7 +306,7 @@ pub fn verify_recorded(v: &mut Verifier, topic: &str, type_name: &str, data: &[u
             topic,
             data,
             |m| &m.auth,
-            |h, topic| (topic != names::WATCHDOG_HEARTBEAT).then(|| node(Role::ShardExecutor, &h.uav_id)).flatten(),
+            |h, topic| (topic != names::WATCHDOG_HEARTBEAT).then(|| uav_node(Role::ShardExecutor, &h.uav_id)),
             encode_heartbeat,
         ),
         "aerokv/msg/BatteryHealth" => check::<BatteryHealth>(
@@ -311,27 +314,20 @@ pub fn verify_recorded(v: &mut Verifier, topic: &str, type_name: &str, data: &[u
             topic,
             data,
             |m| &m.auth,
-            |b, _| node(Role::BatteryMonitor, &b.uav_id),
+            |b, _| Some(uav_node(Role::BatteryMonitor, &b.uav_id)),
             encode_battery,
         ),
-        "aerokv/msg/Activation" => check::<Activation>(
+        "aerokv/msg/Activation" => {
+            check::<Activation>(v, topic, data, |m| &m.auth, |a, _| Some(activation_author(a)), encode_activation)
+        }
+        "aerokv/msg/KvSnapshot" => check::<KvSnapshot>(
             v,
             topic,
             data,
             |m| &m.auth,
-            |a, _| {
-                let id = if a.source == GATEWAY_SOURCE {
-                    NodeId::of(Role::Scheduler, None)
-                } else {
-                    NodeId::of(Role::ShardExecutor, Some(&a.source))
-                };
-                Some(id.map(|id| id.to_string()).unwrap_or_default())
-            },
-            encode_activation,
+            |k, _| Some(uav_node(Role::ShardExecutor, &k.source)),
+            encode_kv,
         ),
-        "aerokv/msg/KvSnapshot" => {
-            check::<KvSnapshot>(v, topic, data, |m| &m.auth, |k, _| node(Role::ShardExecutor, &k.source), encode_kv)
-        }
         _ => return None,
     })
 }

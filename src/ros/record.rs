@@ -23,7 +23,8 @@ pub fn stamp_ns(t: &Time) -> u64 {
     t.sec as u64 * 1_000_000_000 + u64::from(t.nanosec)
 }
 
-fn time(ns: u64) -> Time {
+/// `builtin_interfaces/Time` of ns since the UNIX epoch.
+pub fn time(ns: u64) -> Time {
     Time { sec: (ns / 1_000_000_000).min(i32::MAX as u64) as i32, nanosec: (ns % 1_000_000_000) as u32 }
 }
 

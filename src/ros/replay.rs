@@ -2,9 +2,9 @@
 //! with `use_sim_time` ([`crate::replay::Pacer`]) and plays a recorded mission's battery inputs
 //! into it, on the recorded clock and in step with the tokens it generates.
 use crate::replay::{battery_due, BatteryStep, Pace, Pacer};
+use crate::ros::record::time as stamp;
 use futures::{FutureExt, StreamExt};
 use r2r::aerokv::msg::TokenChunk;
-use r2r::builtin_interfaces::msg::Time;
 use r2r::rosgraph_msgs::msg::Clock;
 use r2r::sensor_msgs::msg::BatteryState;
 use r2r::QosProfile;
@@ -42,10 +42,6 @@ pub struct FeedReport {
     pub ahead_s: f64,
     /// The simulated time at the end (ns since the UNIX epoch).
     pub end_ns: u64,
-}
-
-fn stamp(ns: u64) -> Time {
-    Time { sec: (ns / 1_000_000_000).min(i32::MAX as u64) as i32, nanosec: (ns % 1_000_000_000) as u32 }
 }
 
 /// Publishes `/clock` from the recorded mission's start (held there until every played battery
