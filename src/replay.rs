@@ -27,6 +27,8 @@ impl Kill {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatteryStep {
     pub after_tokens: u32,
+    /// When the recorder received it (the recorded mission's clock, ns since the UNIX epoch).
+    pub log_ns: u64,
     pub uav: String,
     pub state_of_charge: f64,
     pub capacity_j: f64,
@@ -76,10 +78,15 @@ pub struct Script {
     pub battery: Vec<BatteryStep>,
     /// The decisions made up to the answer's last token, in the order they were recorded.
     pub decisions: Vec<Decided>,
-    /// Decisions recorded after the answer's last token (idle re-plans; not compared).
+    /// Decisions after the answer (idle re-plans; not compared): recorded after its last chunk,
+    /// or plans for no request recorded after its first token.
     pub after_answer: usize,
     /// The answer's tokens by index (the first one recorded at each index).
     pub answer: Vec<Token>,
+    /// When each of the answer's tokens was recorded (ns since the UNIX epoch), by index.
+    pub token_ns: Vec<u64>,
+    /// When the recording started (the first message, ns since the UNIX epoch).
+    pub start_ns: u64,
     /// UAVs whose battery monitor reported figures from a `sensor_msgs/BatteryState` input before
     /// the answer ended (in a replay: the played inputs; the others simulated their battery).
     pub battery_state_followed: BTreeSet<String>,
@@ -90,8 +97,8 @@ pub const FROM_BATTERY_STATE: &str = "sensor_msgs/BatteryState";
 
 /// Reads a mission's script. Records are taken in the order the recorder received them.
 pub fn script(m: &Mission) -> Script {
-    let mut s = Script::default();
-    let mut tokens: BTreeMap<u32, Token> = BTreeMap::new();
+    let mut s = Script { start_ns: m.start_ns, ..Script::default() };
+    let mut tokens: BTreeMap<u32, (u64, Token)> = BTreeMap::new();
     let mut answered = false;
     let mut last_battery: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     let mut epochs = BTreeSet::new();
@@ -99,12 +106,15 @@ pub fn script(m: &Mission) -> Script {
         let out = tokens.len() as u32;
         match &r.record {
             Record::Token(t) => {
-                tokens.entry(t.index).or_insert_with(|| Token {
-                    index: t.index,
-                    token_id: t.token_id,
-                    text: t.text.clone(),
-                    done: t.done,
-                    finish_reason: t.finish_reason.clone(),
+                tokens.entry(t.index).or_insert_with(|| {
+                    let token = Token {
+                        index: t.index,
+                        token_id: t.token_id,
+                        text: t.text.clone(),
+                        done: t.done,
+                        finish_reason: t.finish_reason.clone(),
+                    };
+                    (r.log_ns, token)
                 });
                 answered |= t.done;
             }
@@ -116,7 +126,9 @@ pub fn script(m: &Mission) -> Script {
                 if s.uavs.is_empty() {
                     s.uavs = a.plan.stages.iter().map(|st| st.uav.clone()).collect();
                 }
-                if answered {
+                // A plan for no request once the answer has begun is an idle re-plan after it
+                // (recorded before the answer's last chunk when their topics race).
+                if answered || (!tokens.is_empty() && a.plan.request_id == 0) {
                     s.after_answer += 1;
                 } else {
                     let failed = reason_event(&a.reason)
@@ -143,6 +155,7 @@ pub fn script(m: &Mission) -> Script {
                     last_battery.insert(b.uav.clone(), now);
                     s.battery.push(BatteryStep {
                         after_tokens: out,
+                        log_ns: r.log_ns,
                         uav: b.uav.clone(),
                         state_of_charge: b.state_of_charge,
                         capacity_j: b.capacity_j,
@@ -157,17 +170,152 @@ pub fn script(m: &Mission) -> Script {
             Record::Heartbeat(_) | Record::Failure(_) => {}
         }
     }
-    s.answer = tokens.into_values().collect();
+    (s.token_ns, s.answer) = tokens.into_values().unzip();
     s
 }
 
-/// Each UAV's battery step due once `tokens_out` tokens are out (the latest at or before it).
-pub fn battery_due(steps: &[BatteryStep], tokens_out: u32) -> BTreeMap<&str, &BatteryStep> {
+/// Each UAV's battery step due (the latest one) once `tokens_out` tokens are out and the
+/// replay's clock, mapped back onto the recorded mission's ([`Pacer::recorded_now_ns`]), reads
+/// `recorded_now_ns`: a step recorded before the first token at once (the plans made before the
+/// answer are made from the latest of them); a later one at its recorded time, and at the latest
+/// once the token after it is out.
+pub fn battery_due(steps: &[BatteryStep], tokens_out: u32, recorded_now_ns: u64) -> BTreeMap<&str, &BatteryStep> {
     let mut due = BTreeMap::new();
-    for s in steps.iter().filter(|s| s.after_tokens <= tokens_out) {
+    let is_due = |s: &BatteryStep| {
+        s.after_tokens == 0
+            || s.after_tokens < tokens_out
+            || (s.after_tokens == tokens_out && s.log_ns <= recorded_now_ns)
+    };
+    for s in steps.iter().filter(|s| is_due(s)) {
         due.insert(s.uav.as_str(), s);
     }
     due
+}
+
+/// The simulated time a live replay publishes on `/clock` (every node of the new swarm runs with
+/// `use_sim_time`). It starts at the recorded mission's start and runs at the wall clock's rate.
+/// The first token fixes the offset between the two clocks (the new swarm's start-up takes
+/// another time); from then on the clock never passes the recorded time of the next token to
+/// come, shifted by that offset: between two tokens the new swarm's timers, heartbeats, battery
+/// reports and timeouts see at most the time the recorded swarm had between them. Time never
+/// goes back and never jumps (a jump would look like silence to the watchdog).
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    token_ns: Vec<u64>,
+    sim_ns: u64,
+    offset_ns: Option<i64>,
+    /// The token a hold was given up for ([`Pacer::release`]) and its limit: no limit until it
+    /// is out.
+    released: Option<(u32, u64)>,
+    /// The most the clock was past a token's (shifted) recorded time when that token came out.
+    ahead_ns: u64,
+}
+
+/// What [`Pacer::advance`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// The clock moved on by the wall time passed.
+    Running,
+    /// The clock stands at the recorded time of token `next` (not out yet).
+    Held { next: u32 },
+}
+
+impl Pacer {
+    pub fn new(start_ns: u64, token_ns: Vec<u64>) -> Self {
+        Pacer { token_ns, sim_ns: start_ns, offset_ns: None, released: None, ahead_ns: 0 }
+    }
+
+    /// The replay's simulated time (ns since the UNIX epoch).
+    pub fn now_ns(&self) -> u64 {
+        self.sim_ns
+    }
+
+    /// The most the clock was past a token's (shifted) recorded time when the token came out
+    /// (only after a hold was given up).
+    pub fn ahead_ns(&self) -> u64 {
+        self.ahead_ns
+    }
+
+    /// How far the recorded times are shifted (replay minus recording; known from the first
+    /// token on).
+    pub fn offset_ns(&self) -> Option<i64> {
+        self.offset_ns
+    }
+
+    /// The replay's time on the recorded mission's clock.
+    pub fn recorded_now_ns(&self) -> u64 {
+        shift(self.sim_ns, -self.offset_ns.unwrap_or(0))
+    }
+
+    /// Recorded time `ns` on the replay's clock.
+    pub fn replay_time_ns(&self, recorded_ns: u64) -> u64 {
+        shift(recorded_ns, self.offset_ns.unwrap_or(0))
+    }
+
+    /// `wall` has passed since the last call and tokens `0..arrived` are out (the final `done`
+    /// chunk included): moves the clock on, up to the limit.
+    pub fn advance(&mut self, wall: std::time::Duration, arrived: u32) -> Pace {
+        if arrived >= 1 && self.offset_ns.is_none() {
+            let offset = self.token_ns.first().map_or(0, |&t0| self.sim_ns as i128 - t0 as i128);
+            self.offset_ns = Some(offset.clamp(i64::MIN as i128, i64::MAX as i128) as i64);
+        }
+        if let Some((_, limit)) = self.released.filter(|(next, _)| arrived > *next) {
+            self.ahead_ns = self.ahead_ns.max(self.sim_ns.saturating_sub(limit));
+            self.released = None;
+        }
+        let want = self.sim_ns.saturating_add(u64::try_from(wall.as_nanos()).unwrap_or(u64::MAX));
+        match self.limit(arrived) {
+            Some(limit) if want >= limit => {
+                self.sim_ns = self.sim_ns.max(limit);
+                Pace::Held { next: arrived }
+            }
+            _ => {
+                self.sim_ns = want;
+                Pace::Running
+            }
+        }
+    }
+
+    fn limit(&self, arrived: u32) -> Option<u64> {
+        if arrived == 0 || self.released.is_some_and(|(next, _)| next == arrived) {
+            return None;
+        }
+        self.token_ns.get(arrived as usize).map(|&t| self.replay_time_ns(t))
+    }
+
+    /// Lets the clock run past the recorded time of the next token (a swarm that needs more of its
+    /// own time for it than the recording took); the limit is back with the token after.
+    pub fn release(&mut self, arrived: u32) {
+        if let Some(limit) = self.limit(arrived) {
+            self.released = Some((arrived, limit));
+        }
+    }
+}
+
+/// A played battery input the new swarm did not hear in time: a report of `uav`'s battery monitor
+/// stamped after the clock started (`after_ns`, simulated time) that still came from its
+/// simulation. The player publishes a UAV's first input before the clock moves and the monitor
+/// reports at its next tick, so every report after the first one must be from the input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unheard {
+    pub uav: String,
+    pub stamp_ns: u64,
+    pub source: String,
+}
+
+/// Every [`Unheard`] report of the `played` UAVs in the replayed mission `m`.
+pub fn unheard(m: &Mission, played: &BTreeSet<&str>, after_ns: u64) -> Vec<Unheard> {
+    m.records
+        .iter()
+        .filter_map(|r| match &r.record {
+            Record::Battery(b)
+                if played.contains(b.uav.as_str()) && b.stamp_ns > after_ns && b.source != FROM_BATTERY_STATE =>
+            {
+                Some(Unheard { uav: b.uav.clone(), stamp_ns: b.stamp_ns, source: b.source.clone() })
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// The first way a replay differs from the recording.
@@ -223,6 +371,14 @@ pub fn compare(recorded: &Script, replayed: &Script) -> Option<Difference> {
         }
     }
     None
+}
+
+fn shift(ns: u64, by: i64) -> u64 {
+    if by >= 0 {
+        ns.saturating_add(by as u64)
+    } else {
+        ns.saturating_sub(by.unsigned_abs())
+    }
 }
 
 #[cfg(test)]
@@ -301,6 +457,15 @@ mod tests {
         let s = script(&m);
         assert_eq!(s.after_answer, script(&mission()).after_answer + 1);
         assert_eq!(compare(&s, &script(&mission())), None);
+        // ... also when it is recorded before the answer's last chunk (for no request).
+        let done = m.records.iter().position(|r| matches!(&r.record, Record::Token(t) if t.done)).expect("done");
+        let mut raced = m.records.pop().expect("the re-plan");
+        if let Record::Assignment(a) = &mut raced.record {
+            a.plan.request_id = 0;
+        }
+        m.records.insert(done, raced);
+        assert_eq!(script(&m).after_answer, s.after_answer);
+        assert_eq!(compare(&script(&m), &script(&mission())), None);
     }
 
     #[test]
@@ -326,10 +491,16 @@ mod tests {
                 text: String::new(),
             })
         };
-        for record in
-            [battery("uav1", 1.0), battery("uav1", 1.0), token(0), token(1), battery("uav1", 0.5), battery("uav2", 0.9)]
-        {
-            m.records.push(Timed { log_ns: 0, topic: String::new(), record });
+        let records = [
+            battery("uav1", 1.0),
+            battery("uav1", 1.0),
+            token(0),
+            token(1),
+            battery("uav1", 0.5),
+            battery("uav2", 0.9),
+        ];
+        for (i, record) in records.into_iter().enumerate() {
+            m.records.push(Timed { log_ns: 10 * i as u64, topic: String::new(), record });
         }
         let s = script(&m);
         assert!(s.battery_state_followed.is_empty());
@@ -338,15 +509,84 @@ mod tests {
             b.source = FROM_BATTERY_STATE.into();
         }
         assert_eq!(script(&followed).battery_state_followed.into_iter().collect::<Vec<_>>(), ["uav2"]);
+        // uav1's reports stamped after the clock started still came from its simulation.
+        let played = BTreeSet::from(["uav1", "uav2"]);
+        assert_eq!(unheard(&followed, &played, 0), []);
+        let mut late = followed.clone();
+        for (i, r) in late.records.iter_mut().enumerate() {
+            if let Record::Battery(b) = &mut r.record {
+                b.stamp_ns = i as u64;
+            }
+        }
+        let lost = unheard(&late, &played, 0);
+        assert_eq!(lost.iter().map(|u| (u.uav.as_str(), u.stamp_ns)).collect::<Vec<_>>(), [("uav1", 1), ("uav1", 4)]);
+        assert!(unheard(&late, &BTreeSet::from(["uav2"]), 0).is_empty());
         assert_eq!(
             s.battery.iter().map(|b| (b.after_tokens, b.uav.as_str())).collect::<Vec<_>>(),
             [(0, "uav1"), (2, "uav1"), (2, "uav2")]
         );
-        let at = |n| {
-            battery_due(&s.battery, n).into_iter().map(|(u, b)| (u.to_string(), b.state_of_charge)).collect::<Vec<_>>()
+        assert_eq!(s.token_ns, [20, 30]);
+        let at = |n, now| {
+            battery_due(&s.battery, n, now)
+                .into_iter()
+                .map(|(u, b)| (u.to_string(), b.state_of_charge))
+                .collect::<Vec<_>>()
         };
-        assert_eq!(at(0), [("uav1".to_string(), 1.0)]);
-        assert_eq!(at(1), [("uav1".to_string(), 1.0)]);
-        assert_eq!(at(2), [("uav1".to_string(), 0.5), ("uav2".to_string(), 0.9)]);
+        // Before the first token: the steps recorded then, at once, whatever the time.
+        assert_eq!(at(0, 0), [("uav1".to_string(), 1.0)]);
+        assert_eq!(at(1, u64::MAX), [("uav1".to_string(), 1.0)]);
+        // After two tokens: each step at its recorded time (40 and 50) ...
+        assert_eq!(at(2, 39), [("uav1".to_string(), 1.0)]);
+        assert_eq!(at(2, 45), [("uav1".to_string(), 0.5)]);
+        assert_eq!(at(2, 50), [("uav1".to_string(), 0.5), ("uav2".to_string(), 0.9)]);
+        // ... or once the token after it is out, if that comes first.
+        assert_eq!(at(3, 0), [("uav1".to_string(), 0.5), ("uav2".to_string(), 0.9)]);
+    }
+
+    #[test]
+    fn the_replay_clock_never_passes_the_next_tokens_recorded_time() {
+        use std::time::Duration;
+        let ms = |n: u64| Duration::from_millis(n);
+        const MS: u64 = 1_000_000;
+        // Recorded: start at 0, tokens at 1000, 1100 and 1500 ms (the last one `done`).
+        let mut p = Pacer::new(0, vec![1000 * MS, 1100 * MS, 1500 * MS]);
+        // Before the first token it runs free, even past the first token's time (a slow start).
+        assert_eq!(p.advance(ms(1200), 0), Pace::Running);
+        assert_eq!(p.now_ns(), 1200 * MS);
+        // The first token: 200 ms later than recorded; later tokens are shifted as much.
+        assert_eq!(p.advance(ms(0), 1), Pace::Running);
+        assert_eq!(p.offset_ns(), Some(200 * MS as i64));
+        assert_eq!(p.recorded_now_ns(), 1000 * MS);
+        assert_eq!(p.advance(ms(50), 1), Pace::Running);
+        // Token 1 was recorded at 1100 ms (1300 ms shifted): held there until it is out.
+        assert_eq!(p.advance(ms(80), 1), Pace::Held { next: 1 });
+        assert_eq!(p.now_ns(), 1300 * MS);
+        assert_eq!(p.advance(ms(500), 1), Pace::Held { next: 1 });
+        assert_eq!(p.now_ns(), 1300 * MS);
+        // Out early (a faster swarm): no jump, the clock runs on from where it is.
+        assert_eq!(p.advance(ms(10), 2), Pace::Running);
+        assert_eq!(p.now_ns(), 1310 * MS);
+        assert_eq!(p.replay_time_ns(1500 * MS), 1700 * MS);
+        // Given up (the swarm needs more time than recorded): free until the next token.
+        assert_eq!(p.advance(ms(400), 2), Pace::Held { next: 2 });
+        p.release(2);
+        assert_eq!(p.advance(ms(100), 2), Pace::Running);
+        assert_eq!(p.now_ns(), 1800 * MS);
+        assert_eq!(p.ahead_ns(), 0);
+        // After the last (done) chunk: free; it came 110 ms past its (shifted) recorded time.
+        assert_eq!(p.advance(ms(10), 3), Pace::Running);
+        assert_eq!(p.ahead_ns(), 100 * MS);
+        // A start faster than recorded: the offset is negative, the limits come earlier.
+        let mut fast = Pacer::new(0, vec![1000 * MS, 1100 * MS]);
+        fast.advance(ms(600), 0);
+        fast.advance(ms(0), 1);
+        assert_eq!(fast.offset_ns(), Some(-400 * MS as i64));
+        assert_eq!(fast.recorded_now_ns(), 1000 * MS);
+        assert_eq!(fast.advance(ms(150), 1), Pace::Held { next: 1 });
+        assert_eq!(fast.now_ns(), 700 * MS);
+        // A clock with nothing recorded runs free.
+        let mut empty = Pacer::new(5, vec![]);
+        assert_eq!(empty.advance(ms(1), 1), Pace::Running);
+        assert_eq!(empty.offset_ns(), Some(0));
     }
 }

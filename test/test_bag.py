@@ -246,6 +246,25 @@ def replay(bag, out, tmp_path):
                           env=env)
 
 
+def ns(t):
+    return t.sec * 10**9 + t.nanosec
+
+
+def assert_under_the_recorded_clock(bag, new_messages, played):
+    """The replayed swarm ran on the /clock the replay published from the recording's start (every
+    node with use_sim_time: its stamps are on that clock, not the wall clock), and no played battery
+    input went unheard: every battery report of a played UAV after the clock started came from it."""
+    start = min(s for _, s, _ in read_all(bag)[0])
+    clock = [ns(m.clock) for t, _, m in new_messages if t == "/clock"]
+    assert clock and min(clock) == start and clock == sorted(clock), (start, clock[:3])
+    beats = [ns(m.stamp) for t, _, m in new_messages if t.endswith("/heartbeat")]
+    assert beats and min(beats) >= start and max(beats) <= max(clock), (start, min(beats), max(clock))
+    reports = [(m.uav_id, ns(m.stamp), m.source) for t, _, m in new_messages if t.endswith("/battery")]
+    late = [r for r in reports if r[0] in played and r[1] > start and r[2] != "sensor_msgs/BatteryState"]
+    assert not late, late
+    assert {u for u, s, src in reports if s > start} >= played, reports
+
+
 def test_live_replay_makes_the_same_decisions_and_an_identical_answer(mission, tmp_path):
     bag, answer = mission
     r = replay(bag, tmp_path / "again", tmp_path)
@@ -260,9 +279,12 @@ def test_live_replay_makes_the_same_decisions_and_an_identical_answer(mission, t
         messages, _ = read_all(b)
         tokens = [(m.index, m.token_id, m.text) for t, _, m in messages if t == "/aerokv/tokens" and not m.done]
         done = next(s for t, s, m in messages if t == "/aerokv/tokens" and m.done)
+        first = min(s for t, s, m in messages if t == "/aerokv/tokens")
         seen, out = set(), []
         for t, s, m in messages:
-            if t == "/aerokv/assignment" and s < done and m.epoch not in seen:
+            # An idle re-plan (no request) may be recorded just before the answer's last chunk.
+            idle = m.request_id == 0 and s > first if t == "/aerokv/assignment" else False
+            if t == "/aerokv/assignment" and s < done and not idle and m.epoch not in seen:
                 seen.add(m.epoch)
                 out.append((m.reason, list(m.ring), m.resume_position,
                             [(u.uav_id, u.layer_start, u.layer_end, u.overlap_layers, u.snapshot_period) for u in m.uavs]))
@@ -279,6 +301,8 @@ def test_live_replay_makes_the_same_decisions_and_an_identical_answer(mission, t
     assert played == {"/uav1/battery_state", "/uav2/battery_state", "/uav3/battery_state"}, sorted(played)
     recorded_soc = {round(m.state_of_charge, 6) for t, _, m in read_all(bag)[0] if t.endswith("/battery")}
     assert {round(m.percentage, 6) for t, _, m in new_messages if t.endswith("/battery_state")} <= recorded_soc
+    assert_under_the_recorded_clock(bag, new_messages, {"uav1", "uav2", "uav3"})
+    assert "sim time: /clock from " in r.stdout, r.stdout
 
     # A recording whose answer says something else at token 5 is not what the swarm answers again.
     changed = tmp_path / "changed"
@@ -286,6 +310,182 @@ def test_live_replay_makes_the_same_decisions_and_an_identical_answer(mission, t
     r = replay(changed, tmp_path / "differs", tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr[-4000:]
     assert "first difference at answer token 5" in r.stderr and "recorded: id 7" in r.stderr, r.stderr[-4000:]
+
+
+BATTERY_INPUT = r"""
+import math, sys, time
+import rclpy
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import BatteryState
+rclpy.init()
+node = rclpy.create_node("test_battery_input")
+pub = node.create_publisher(BatteryState, sys.argv[1], qos_profile_sensor_data)
+nan = math.nan
+msg = BatteryState(percentage=float(sys.argv[2]), voltage=nan, current=nan, charge=nan, capacity=nan,
+                   design_capacity=nan, temperature=nan, present=True)
+while True:
+    pub.publish(msg)
+    time.sleep(0.1)
+"""
+LOW = 0.0000015  # of 2.7 MJ: ~4 J, not enough for the answer
+
+
+@pytest.fixture(scope="module")
+def retired(tmp_path_factory):
+    """A recorded, signed swarm mission (3 UAVs, a keystore) in which uav3's battery, fed by an
+    rclpy program as a sensor_msgs/BatteryState, is too low for the answer: uav3 is retired.
+    Returns (bag directory, the swarm's JSON answer, the keystore)."""
+    assert in_private_network(), "DDS tests must run inside `unshare -n` (use `make test` or scripts/test.sh)"
+    first, count = (int(x) for x in os.environ.get("AEROKV_TEST_DOMAINS", "1:200").split(":"))
+    env = {**os.environ, "ROS_DOMAIN_ID": str(first + (os.getpid() * 7 + next(_domains)) % count)}
+    tmp = tmp_path_factory.mktemp("retired")
+    ks = tmp / "ks"
+    assert subprocess.run([BIN / "aerokv", "keys", "init", "--uavs", "3", ks], capture_output=True).returncode == 0
+    for config in ["swarm.yaml", "uav.yaml"]:
+        (tmp / config).write_text((ROOT / "config" / config).read_text().replace('keystore: ""', f'keystore: "{ks}"'))
+    feeder = subprocess.Popen(["python3", "-c", BATTERY_INPUT, "/uav3/battery_state", str(LOW)], env=env)
+    try:
+        bag = tmp / "retired"
+        r = subprocess.run([BIN / "aerokv", "swarm", "--json", "--uavs", "3", "--user", "What is a drone?",
+                            "--max-tokens", "20", "--soc", f"uav3={LOW}", "--swarm-params", tmp / "swarm.yaml",
+                            "--uav-params", tmp / "uav.yaml", "--record", bag, "--log-dir", tmp / "logs"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        feeder.kill()  # the process this fixture started
+        feeder.wait()
+    assert r.returncode == 0, r.stderr[-4000:]
+    return bag, json.loads(r.stdout), ks
+
+
+def png_rgb(path: Path):
+    """The pixels of an 8-bit RGB(A) PNG as an (h, w, channels) array (zlib and the five filters)."""
+    import zlib
+    data = path.read_bytes()
+    pos, idat, w = 8, b"", 0
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            w, h, depth, color = struct.unpack(">IIBB", body[:10])
+            assert depth == 8 and color in (2, 6), (depth, color)
+            bpp = 3 if color == 2 else 4
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    raw = zlib.decompress(idat)
+    stride = w * bpp
+    out = np.zeros((h, stride), dtype=np.uint8)
+    prev = np.zeros(stride, dtype=np.int32)
+    for y in range(h):
+        f, line = raw[y * (stride + 1)], np.frombuffer(raw, np.uint8, stride, y * (stride + 1) + 1).astype(np.int32)
+        if f == 0:
+            cur = line
+        elif f == 1:
+            cur = (np.cumsum(line.reshape(w, bpp), axis=0) % 256).reshape(-1)
+        elif f == 2:
+            cur = (line + prev) % 256
+        else:
+            cur, a = line.copy(), [0] * bpp
+            for i in range(stride):
+                left, up = (cur[i - bpp] if i >= bpp else 0), prev[i]
+                ul = prev[i - bpp] if i >= bpp else 0
+                if f == 3:
+                    cur[i] = (cur[i] + (left + up) // 2) % 256
+                else:
+                    p = left + up - ul
+                    pa, pb, pc = abs(p - left), abs(p - up), abs(p - ul)
+                    cur[i] = (cur[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else ul)) % 256
+        out[y], prev = cur, cur
+    return out.reshape(h, w, bpp)
+
+
+def test_a_retirement_is_recorded_signed_audited_and_reported(retired, mission, tmp_path):
+    bag, answer, ks = retired
+    assert [(f["uav"], f["mode"], f["token"]) for f in answer["failures"]] == [("uav3", "retirement", 1)], \
+        answer["failures"]
+    messages, _ = read_all(bag)
+    retirement = [m for t, _, m in messages if t == "/aerokv/assignment" and m.reason == "retirement of uav3"]
+    assert len({m.epoch for m in retirement}) == 1 and "uav3" not in retirement[0].ring
+    inputs = {m.epoch: m for t, _, m in messages if t == "/aerokv/plan_inputs"}
+    decided = inputs[retirement[0].epoch]
+    assert (decided.decision, decided.failed_uav) == ("retirement", "uav3")
+    # Signed by the scheduler like every other AeroKV message (Ed25519: 64 bytes).
+    assert all(i.auth.sender == "aerokv/scheduler" and len(i.auth.signature) == 64 for i in inputs.values())
+
+    # Audited: the retirement decided again exactly, every signed message verified.
+    r = subprocess.run([BIN / "aerokv", "bag", "audit", bag, "--keystore", ks], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert any(line.startswith(f"epoch {retirement[0].epoch:>3}") and "retirement of uav3" in line
+               and "decided again exactly" in line for line in r.stdout.splitlines()), r.stdout
+    assert ", 0 unsigned, forged: 0 " in r.stdout and "every signed message authentic" in r.stdout, r.stdout
+    verified = int(r.stdout.split("signatures: ")[1].split(" verified")[0])
+    assert verified >= len(inputs) + len(retirement), r.stdout
+
+    # One value of the retirement's inputs changed without signing again (rewritten by rosbags):
+    # refused as forged, named with the file and the byte offset of its record.
+    def forge(topic, m):
+        if topic == "/aerokv/plan_inputs" and m.epoch == retirement[0].epoch:
+            m.stamp.nanosec = (m.stamp.nanosec + 1) % 10**9
+            return True
+        return False
+
+    forged = tmp_path / "forged"
+    assert rewrite(bag, forged, forge) == 1
+    r = subprocess.run([BIN / "aerokv", "bag", "audit", forged, "--keystore", ks], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    mcap = forged / "forged.mcap"
+    line = next(x for x in r.stdout.splitlines() if x.startswith("not authentic: "))
+    assert line.startswith(f"not authentic: {mcap}: byte offset ") and "/aerokv/plan_inputs" in line, r.stdout
+    assert line.endswith("bad_signature") and 'sender "aerokv/scheduler"' in line, line
+    offset = int(line.split("byte offset ")[1].split(":")[0])
+    # There, independently of AeroKV's reader: an MCAP message record (opcode 5) holding the
+    # forged message's CDR bytes as rosbags serialized them.
+    data = mcap.read_bytes()
+    length = struct.unpack("<Q", data[offset + 1:offset + 9])[0]
+    with AnyReader([forged], default_typestore=get_typestore(Stores.ROS2_JAZZY)) as reader:
+        raws = [bytes(raw) for c, _, raw in reader.messages() if c.topic == "/aerokv/plan_inputs"
+                and reader.deserialize(raw, c.msgtype).epoch == retirement[0].epoch]
+    assert data[offset] == 0x05 and any(raw in data[offset:offset + 9 + length] for raw in raws), offset
+    assert "forged: 1 (unknown_sender 0, wrong_role 0, bad_signature 1," in r.stdout, r.stdout
+    assert "1 message(s) not authentic" in r.stderr, r.stderr
+    # The unsigned mission (no keystore) is refused message by message: every one unsigned.
+    r = subprocess.run([BIN / "aerokv", "bag", "audit", mission[0], "--keystore", ks], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "signatures: 0 verified, " in r.stdout and " unsigned, forged: 0 " in r.stdout, \
+        r.stdout[-3000:]
+
+    # Reported: counted, listed, and marked in the layers figure in the retirement colour.
+    out = tmp_path / "report"
+    r = subprocess.run([BIN / "aerokv", "report", bag, "--out", out], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    summary = (out / "summary.md").read_text()
+    assert "| failures / failovers / restarts / retirements | 0 / 0 / 0 / 1 |" in summary, summary
+    assert "| uav3 | retirement | epoch " in summary, summary
+    pixels = png_rgb(out / "layers.png")[..., :3]
+    orange = np.all(pixels == (230, 140, 0), axis=-1)
+    assert orange.sum() > 200, orange.sum()  # the marker line (and its label)
+
+
+def test_live_replay_retires_at_the_same_token_under_sim_time(retired, tmp_path):
+    bag, answer, _ = retired
+    r = replay(bag, tmp_path / "again", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    assert any(x.split()[2:5] == ["retirement", "of", "uav3"] and x.endswith("same") for x in r.stdout.splitlines()
+               if x.startswith("decision")), r.stdout
+    assert "decisions and an identical answer" in r.stdout, r.stdout
+    # The same retirement at the same token: its resume position (prompt + tokens out) and layout.
+    def retirement(b):
+        messages, _ = read_all(b)
+        a = next(m for t, _, m in messages if t == "/aerokv/assignment" and m.reason == "retirement of uav3")
+        return (a.resume_position, list(a.ring), [(u.layer_start, u.layer_end) for u in a.uavs]), messages
+    rec, _ = retirement(bag)
+    new, new_messages = retirement(tmp_path / "again")
+    assert new == rec, (rec, new)
+    tokens = sorted((m.index, m.token_id) for t, _, m in new_messages if t == "/aerokv/tokens" and not m.done)
+    assert [tid for _, tid in tokens] == answer["tokens"]
+    assert_under_the_recorded_clock(bag, new_messages, {"uav1", "uav2", "uav3"})
 
 
 def test_a_report_shows_the_mission_with_its_failure(mission, tmp_path):

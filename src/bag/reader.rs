@@ -38,6 +38,10 @@ pub struct BagMessage {
     pub channel: Arc<Channel>,
     pub log_time: u64,
     pub data: Vec<u8>,
+    /// The MCAP file, and the byte offset of the message's record (in a compressed chunk: of the
+    /// chunk).
+    pub file: Arc<PathBuf>,
+    pub offset: u64,
 }
 
 /// What a full pass over a bag found.
@@ -135,6 +139,8 @@ impl Bag {
 /// The messages of one MCAP file, read record by record.
 pub struct McapStream {
     path: PathBuf,
+    /// The same path, shared by the messages read.
+    file: Arc<PathBuf>,
     input: BufReader<File>,
     size: u64,
     offset: u64,
@@ -152,6 +158,7 @@ impl McapStream {
         let size = file.metadata().map_err(io)?.len();
         let mut s = McapStream {
             path: path.to_path_buf(),
+            file: Arc::new(path.to_path_buf()),
             input: BufReader::with_capacity(1 << 20, file),
             size,
             offset: 0,
@@ -264,14 +271,18 @@ impl McapStream {
                 self.pending.push_back(m);
             }
             Record::Chunk { header, data } => {
+                // Uncompressed, its records are in the file as they are: each is named by its own
+                // offset (opcode, length, then the chunk's times, sizes, CRC and compression name).
+                let records_at = at + 1 + 8 + 8 + 8 + 8 + 4 + 4 + header.compression.len() as u64 + 8;
+                let inner_at = if header.compression.is_empty() { record_offsets(&data) } else { Vec::new() };
                 let reader =
                     mcap::read::ChunkReader::new(header, &data).map_err(|e| self.corrupt(at, format!("chunk: {e}")))?;
-                for inner in reader {
+                for (i, inner) in reader.enumerate() {
                     let inner = inner.map_err(|e| self.corrupt(at, format!("in the chunk: {e}")))?;
                     if matches!(inner, Record::Chunk { .. }) {
                         return Err(self.corrupt(at, "a chunk inside a chunk".into()));
                     }
-                    self.take(at, inner)?;
+                    self.take(inner_at.get(i).map_or(at, |o| records_at + o), inner)?;
                 }
             }
             Record::Footer(_) => self.done = true,
@@ -286,8 +297,22 @@ impl McapStream {
             .get(&header.channel_id)
             .cloned()
             .ok_or_else(|| self.corrupt(at, format!("message on unknown channel {}", header.channel_id)))?;
-        Ok(BagMessage { channel, log_time: header.log_time, data })
+        Ok(BagMessage { channel, log_time: header.log_time, data, file: self.file.clone(), offset: at })
     }
+}
+
+/// Where each record starts in a run of MCAP records (opcode, u64 length, body).
+fn record_offsets(records: &[u8]) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while let Some(len) = records.get(pos + 1..pos + 9).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes) {
+        out.push(pos as u64);
+        pos = match usize::try_from(len).ok().and_then(|l| pos.checked_add(9)?.checked_add(l)) {
+            Some(next) => next,
+            None => break,
+        };
+    }
+    out
 }
 
 impl Iterator for McapStream {

@@ -27,9 +27,10 @@ pub enum BagCommand {
     Info(InfoArgs),
     /// Decide every recorded assignment again from its recorded inputs (exit 1 at a divergence).
     #[cfg(feature = "ros")]
-    Audit(InfoArgs),
-    /// Run the recorded mission again in a fresh swarm (its kills, its battery inputs in step with
-    /// the tokens), record it, and compare the decisions and the answer (exit 1 at a difference).
+    Audit(AuditArgs),
+    /// Run the recorded mission again in a fresh swarm under simulated time (/clock and the
+    /// battery inputs from the recording, its kills at the same tokens), record it, and compare
+    /// the decisions and the answer (exit 1 at a difference).
     #[cfg(feature = "ros")]
     Replay(super::replay::ReplayArgs),
 }
@@ -83,6 +84,15 @@ pub struct PlayArgs {
 #[derive(clap::Args, Debug)]
 pub struct InfoArgs {
     pub bag: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AuditArgs {
+    pub bag: PathBuf,
+    /// The swarm's keystore (`aerokv keys init`): also verify every signed message recorded, as a
+    /// node would on receipt, and fail on any unsigned or forged one (named with its byte offset).
+    #[arg(long, value_name = "DIR")]
+    pub keystore: Option<PathBuf>,
 }
 
 pub fn run(a: BagArgs) -> anyhow::Result<()> {
@@ -162,11 +172,44 @@ fn play(a: PlayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints every assignment decided again, the warnings, and the first divergence (an error).
+/// Prints every assignment decided again, the warnings, and the first divergence (an error);
+/// with a keystore first the signatures (any message refused is an error too).
 #[cfg(feature = "ros")]
-fn audit(a: InfoArgs) -> anyhow::Result<()> {
+fn audit(a: AuditArgs) -> anyhow::Result<()> {
+    use aerokv_auth::{Keystore, Rejection};
     use anyhow::Context;
-    let mission = crate::ros::record::read_mission(&a.bag).with_context(|| format!("auditing {}", a.bag.display()))?;
+    let roster = a
+        .keystore
+        .as_deref()
+        .map(|dir| Keystore::open(dir).map(|k| k.roster).with_context(|| format!("--keystore {}", dir.display())))
+        .transpose()?;
+    let (mission, authenticity) = crate::ros::record::read_mission_verified(&a.bag, roster)
+        .with_context(|| format!("auditing {}", a.bag.display()))?;
+    let mut refused = 0;
+    if let Some(auth) = &authenticity {
+        const SHOWN: usize = 10;
+        for r in auth.refused.iter().take(SHOWN) {
+            println!("not authentic: {r}");
+        }
+        if auth.refused.len() > SHOWN {
+            println!("not authentic: ... and {} more", auth.refused.len() - SHOWN);
+        }
+        let c = &auth.counts;
+        let forged: Vec<String> = Rejection::ALL
+            .iter()
+            .filter(|&&why| why != Rejection::Unsigned)
+            .map(|&why| format!("{} {}", why.name(), c.rejected(why)))
+            .collect();
+        println!(
+            "signatures: {} verified, {} unsigned, forged: {} ({}); {} recorded twice (checked once)",
+            c.accepted,
+            c.rejected(Rejection::Unsigned),
+            c.rejected_total() - c.rejected(Rejection::Unsigned),
+            forged.join(", "),
+            auth.duplicates
+        );
+        refused = auth.refused.len();
+    }
     let report = crate::audit::audit(&mission);
     for w in &report.warnings {
         println!("warning: {w}");
@@ -178,15 +221,21 @@ fn audit(a: InfoArgs) -> anyhow::Result<()> {
         );
     }
     match report.divergence {
+        Some(d) => Err(anyhow::anyhow!("audit: {}: divergence at {d}", a.bag.display())),
+        None if refused > 0 => Err(anyhow::anyhow!(
+            "audit: {}: {refused} message(s) not authentic (the first: {})",
+            a.bag.display(),
+            authenticity.as_ref().and_then(|a| a.refused.first()).map_or(String::new(), |r| r.to_string())
+        )),
         None => {
             println!(
-                "audit: {}: {} assignments decided again exactly, no divergence",
+                "audit: {}: {} assignments decided again exactly, no divergence{}",
                 a.bag.display(),
-                report.checked.len()
+                report.checked.len(),
+                if authenticity.is_some() { ", every signed message authentic" } else { "" }
             );
             Ok(())
         }
-        Some(d) => Err(anyhow::anyhow!("audit: {}: divergence at {d}", a.bag.display())),
     }
 }
 

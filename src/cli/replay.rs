@@ -1,8 +1,10 @@
 //! `aerokv bag replay DIR --out NEW --user "QUESTION"`: a recorded mission again, live, in a fresh
-//! swarm (`aerokv swarm` with the recorded kills at the same token and the recorded layer
-//! latency), its battery inputs played in step with the new swarm's tokens (crate::ros::replay),
-//! recorded into NEW; then the decisions and the answer are compared (crate::replay).
-use crate::replay::{compare, script, Script};
+//! swarm under simulated time (`aerokv swarm --use-sim-time` with the recorded kills at the same
+//! token and the recorded layer latency), `/clock` and the battery inputs played from the
+//! recording (crate::ros::replay), recorded into NEW; then the decisions and the answer are
+//! compared (crate::replay).
+use crate::mission::Mission;
+use crate::replay::{compare, script, unheard, Pacer};
 use anyhow::Context;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -27,11 +29,10 @@ pub struct ReplayArgs {
 }
 
 pub fn run(a: ReplayArgs) -> anyhow::Result<()> {
-    let read = |dir: &PathBuf| -> anyhow::Result<Script> {
-        let m = crate::ros::record::read_mission(dir).with_context(|| format!("reading {}", dir.display()))?;
-        Ok(script(&m))
+    let read = |dir: &PathBuf| -> anyhow::Result<Mission> {
+        crate::ros::record::read_mission(dir).with_context(|| format!("reading {}", dir.display()))
     };
-    let rec = read(&a.bag)?;
+    let rec = script(&read(&a.bag)?);
     anyhow::ensure!(!rec.uavs.is_empty(), "{}: no assignment recorded: nothing to replay", a.bag.display());
     let tokens = rec.answer.iter().filter(|t| !t.done).count() as u32;
     anyhow::ensure!(tokens > 0, "{}: no answer recorded: nothing to replay", a.bag.display());
@@ -58,7 +59,7 @@ pub fn run(a: ReplayArgs) -> anyhow::Result<()> {
     let mut cmd = Command::new(exe);
     cmd.arg("swarm").args(["--uavs", &uavs.to_string(), "--user", &a.user]);
     cmd.args(["--max-tokens", &a.max_tokens.unwrap_or(tokens).to_string()]);
-    cmd.arg("--record").arg(&a.out);
+    cmd.arg("--record").arg(&a.out).arg("--use-sim-time");
     for k in &kills {
         cmd.args(["--kill", k]);
     }
@@ -77,23 +78,44 @@ pub fn run(a: ReplayArgs) -> anyhow::Result<()> {
     cmd.stdin(Stdio::null()).stdout(Stdio::null());
 
     let stop = AtomicBool::new(false);
+    let pacer = Pacer::new(rec.start_ns, rec.token_ns.clone());
+    // Every played topic is read by the UAV's battery monitor and by the new swarm's recorder.
+    const READERS: usize = 2;
+    let match_timeout = std::time::Duration::from_secs(120);
     let (status, fed) = std::thread::scope(|s| {
-        let feeder = s.spawn(|| crate::ros::replay::feed_battery(&rec.battery, &stop));
+        let feeder = s.spawn(|| crate::ros::replay::drive(pacer, &rec.battery, READERS, match_timeout, &stop));
         let status = cmd.status().context("starting `aerokv swarm`");
         stop.store(true, Ordering::Relaxed);
         let fed = feeder.join().map_err(|_| anyhow::anyhow!("the battery feeder panicked"));
         (status, fed)
     });
-    let fed = fed??;
     let status = status?;
+    let fed = fed??;
     anyhow::ensure!(status.success(), "the replayed swarm ended with {status} (logs in {})", log_dir.display());
     eprintln!("[replay] {} battery inputs published, the new swarm made {} tokens", fed.published, fed.tokens_out);
+    println!(
+        "sim time: /clock from {:.3} s (the recording's start) to {:.3} s; inputs read after {:.1} s; recorded times shifted by {:+.3} s (the first token); {} holds at a token's recorded time, {} given up (the clock at most {:.3} s past a token's time)",
+        rec.start_ns as f64 / 1e9,
+        fed.end_ns as f64 / 1e9,
+        fed.matched_after_s,
+        fed.offset_s,
+        fed.holds,
+        fed.released,
+        fed.ahead_s
+    );
 
-    let new = read(&a.out)?;
+    let new_mission = read(&a.out)?;
+    let new = script(&new_mission);
     let played: std::collections::BTreeSet<&str> = rec.battery.iter().map(|b| b.uav.as_str()).collect();
-    for uav in played.iter().filter(|u| !new.battery_state_followed.contains(**u)) {
-        println!(
-            "warning: {uav}'s battery monitor never reported from the played BatteryState (it simulated its battery)"
+    let lost = unheard(&new_mission, &played, rec.start_ns);
+    if let Some(first) = lost.first() {
+        anyhow::bail!(
+            "replay: {}: {} battery report(s) after the clock started did not come from the played input (first: {} at {:.3} s, from {})",
+            a.out.display(),
+            lost.len(),
+            first.uav,
+            first.stamp_ns as f64 / 1e9,
+            first.source
         );
     }
     println!(

@@ -99,6 +99,10 @@ pub struct SwarmArgs {
     /// With --record: also the KV rows (snapshots and replica seeds).
     #[arg(long, requires = "record")]
     pub record_kv_rows: bool,
+    /// Every node follows `/clock` (`use_sim_time:=true`) instead of the wall clock and waits for
+    /// it before it starts; something else must publish it (`aerokv bag replay` does).
+    #[arg(long)]
+    pub use_sim_time: bool,
 }
 
 /// `aerokv bag record --mission` as a process of its own, so that recording never competes with
@@ -229,7 +233,8 @@ fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
     // Over the radio the watchdog and the planner need the radio's values.
     let radio_params = a.radio.as_ref().map(|_| share.join("config/radio/swarm-params.yaml"));
     let swarm_params = a.swarm_params.as_ref().or(radio_params.as_ref()).map(|p| p.display().to_string());
-    let mut args = vec![("expected_uavs", n.as_str())];
+    let sim_time = if a.use_sim_time { "true" } else { "false" };
+    let mut args = vec![("expected_uavs", n.as_str()), ("use_sim_time", sim_time)];
     if let Some(p) = &swarm_params {
         args.push(("params_file", p.as_str()));
     }
@@ -246,7 +251,7 @@ fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
     let uav_params = a.uav_params.as_ref().map(|p| p.display().to_string());
     for i in 1..=a.uavs {
         let id = format!("uav{i}");
-        let mut args = vec![("uav_id", id.as_str())];
+        let mut args = vec![("uav_id", id.as_str()), ("use_sim_time", sim_time)];
         if let Some(p) = &uav_params {
             args.push(("params_file", p.as_str()));
         }

@@ -6,7 +6,7 @@ use crate::ros::{now_stamp, NodeContext};
 use aerokv_auth::{Auth, Claim, Counts, Encoder, Keystore, NodeId, Rejection, Role, Roster, Signer, Verifier};
 use anyhow::Context;
 use r2r::aerokv::msg::{
-    self as m, Activation, Assignment, AuthCounters, BatteryHealth, FailureEvent, Heartbeat, KvSnapshot,
+    self as m, Activation, Assignment, AuthCounters, BatteryHealth, FailureEvent, Heartbeat, KvSnapshot, PlanInputs,
     PromptProgress, TokenChunk,
 };
 use r2r::builtin_interfaces::msg::Time;
@@ -92,8 +92,7 @@ impl NodeAuth {
         h.auth = self.sign(topic, |e| encode_heartbeat(e, h));
     }
     pub fn accept_heartbeat(&self, topic: &str, h: &Heartbeat) -> bool {
-        let author = NodeId::of(Role::ShardExecutor, Some(&h.uav_id)).map(|id| id.to_string()).unwrap_or_default();
-        self.accept_from(topic, &h.auth, Some(&author), |e| encode_heartbeat(e, h))
+        self.accept_from(topic, &h.auth, Some(&uav_node(Role::ShardExecutor, &h.uav_id)), |e| encode_heartbeat(e, h))
     }
     pub fn accept_watchdog_heartbeat(&self, h: &Heartbeat) -> bool {
         self.accept(names::WATCHDOG_HEARTBEAT, &h.auth, |e| encode_heartbeat(e, h))
@@ -102,8 +101,7 @@ impl NodeAuth {
         b.auth = self.sign(topic, |e| encode_battery(e, b));
     }
     pub fn accept_battery(&self, topic: &str, b: &BatteryHealth) -> bool {
-        let author = NodeId::of(Role::BatteryMonitor, Some(&b.uav_id)).map(|id| id.to_string()).unwrap_or_default();
-        self.accept_from(topic, &b.auth, Some(&author), |e| encode_battery(e, b))
+        self.accept_from(topic, &b.auth, Some(&uav_node(Role::BatteryMonitor, &b.uav_id)), |e| encode_battery(e, b))
     }
     /// Stage inputs and outputs, replays: `source` is the sending UAV, or "gateway" (the
     /// scheduler).
@@ -111,26 +109,23 @@ impl NodeAuth {
         a.auth = self.sign(topic, |e| encode_activation(e, a));
     }
     pub fn accept_activation(&self, topic: &str, a: &Activation) -> bool {
-        let author = if a.source == GATEWAY_SOURCE {
-            NodeId::of(Role::Scheduler, None)
-        } else {
-            NodeId::of(Role::ShardExecutor, Some(&a.source))
-        };
-        let author = author.map(|id| id.to_string()).unwrap_or_default();
-        self.accept_from(topic, &a.auth, Some(&author), |e| encode_activation(e, a))
+        self.accept_from(topic, &a.auth, Some(&activation_author(a)), |e| encode_activation(e, a))
     }
     pub fn sign_kv(&self, topic: &str, k: &mut KvSnapshot) {
         k.auth = self.sign(topic, |e| encode_kv(e, k));
     }
     pub fn accept_kv(&self, topic: &str, k: &KvSnapshot) -> bool {
-        let author = NodeId::of(Role::ShardExecutor, Some(&k.source)).map(|id| id.to_string()).unwrap_or_default();
-        self.accept_from(topic, &k.auth, Some(&author), |e| encode_kv(e, k))
+        self.accept_from(topic, &k.auth, Some(&uav_node(Role::ShardExecutor, &k.source)), |e| encode_kv(e, k))
     }
     pub fn sign_token(&self, t: &mut TokenChunk) {
         t.auth = self.sign(names::TOKENS, |e| encode_token(e, t));
     }
     pub fn accept_token(&self, t: &TokenChunk) -> bool {
         self.accept(names::TOKENS, &t.auth, |e| encode_token(e, t))
+    }
+    /// What an assignment was decided from (read by recorders and `aerokv bag audit`).
+    pub fn sign_plan_inputs(&self, i: &mut PlanInputs) {
+        i.auth = self.sign(names::PLAN_INPUTS, |e| encode_plan_inputs(e, i));
     }
     pub fn sign_progress(&self, p: &mut PromptProgress) {
         p.auth = self.sign(names::PROGRESS, |e| encode_progress(e, p));
@@ -264,6 +259,79 @@ pub fn verified<T: Send + 'static>(
     out
 }
 
+/// The identity of `uav`'s node in `role` ("" for a name that is no UAV: nobody signs as that).
+fn uav_node(role: Role, uav: &str) -> String {
+    NodeId::of(role, Some(uav)).map(|id| id.to_string()).unwrap_or_default()
+}
+
+/// Who signs an activation: the sending UAV's executor, or the scheduler as the gateway.
+fn activation_author(a: &Activation) -> String {
+    let id = if a.source == GATEWAY_SOURCE {
+        NodeId::of(Role::Scheduler, None)
+    } else {
+        NodeId::of(Role::ShardExecutor, Some(&a.source))
+    };
+    id.map(|id| id.to_string()).unwrap_or_default()
+}
+
+/// Verifies one recorded message (`aerokv bag audit --keystore`): its CDR bytes as recorded on
+/// `topic`, under the same rules a node applies on receipt (the roster, the topic's authority,
+/// the author a field names, the signature, the sender's counter on that topic). None for a type
+/// that AeroKV does not sign; `Malformed` for bytes that do not decode as their type.
+pub fn verify_recorded(v: &mut Verifier, topic: &str, type_name: &str, data: &[u8]) -> Option<Result<(), Rejection>> {
+    fn check<T: r2r::WrappedTypesupport>(
+        v: &mut Verifier,
+        topic: &str,
+        data: &[u8],
+        claim: fn(&T) -> &m::Auth,
+        author: fn(&T, &str) -> Option<String>,
+        body: fn(&mut Encoder, &T),
+    ) -> Result<(), Rejection> {
+        let msg = T::from_serialized_bytes(data).map_err(|_| Rejection::Malformed)?;
+        let auth = claim(&msg);
+        let claim = Claim { sender: &auth.sender, counter: auth.counter, signature: &auth.signature };
+        let author = author(&msg, topic);
+        v.verify_attributed(topic, claim, author.as_deref(), |e| body(e, &msg)).map(|_| ())
+    }
+    Some(match type_name {
+        "aerokv/msg/Assignment" => check::<Assignment>(v, topic, data, |m| &m.auth, |_, _| None, encode_assignment),
+        "aerokv/msg/FailureEvent" => check::<FailureEvent>(v, topic, data, |m| &m.auth, |_, _| None, encode_failure),
+        "aerokv/msg/TokenChunk" => check::<TokenChunk>(v, topic, data, |m| &m.auth, |_, _| None, encode_token),
+        "aerokv/msg/PromptProgress" => {
+            check::<PromptProgress>(v, topic, data, |m| &m.auth, |_, _| None, encode_progress)
+        }
+        "aerokv/msg/PlanInputs" => check::<PlanInputs>(v, topic, data, |m| &m.auth, |_, _| None, encode_plan_inputs),
+        "aerokv/msg/Heartbeat" => check::<Heartbeat>(
+            v,
+            topic,
+            data,
+            |m| &m.auth,
+            |h, topic| (topic != names::WATCHDOG_HEARTBEAT).then(|| uav_node(Role::ShardExecutor, &h.uav_id)),
+            encode_heartbeat,
+        ),
+        "aerokv/msg/BatteryHealth" => check::<BatteryHealth>(
+            v,
+            topic,
+            data,
+            |m| &m.auth,
+            |b, _| Some(uav_node(Role::BatteryMonitor, &b.uav_id)),
+            encode_battery,
+        ),
+        "aerokv/msg/Activation" => {
+            check::<Activation>(v, topic, data, |m| &m.auth, |a, _| Some(activation_author(a)), encode_activation)
+        }
+        "aerokv/msg/KvSnapshot" => check::<KvSnapshot>(
+            v,
+            topic,
+            data,
+            |m| &m.auth,
+            |k, _| Some(uav_node(Role::ShardExecutor, &k.source)),
+            encode_kv,
+        ),
+        _ => return None,
+    })
+}
+
 // Canonical bytes (docs/security.md): the type's name, then every field but `auth` in .msg order.
 
 fn encode_time(e: &mut Encoder, t: &Time) {
@@ -337,6 +405,29 @@ fn encode_token(e: &mut Encoder, t: &TokenChunk) {
     e.bool(t.done).str(&t.finish_reason).u64(t.epoch);
 }
 
+fn encode_plan_inputs(e: &mut Encoder, i: &PlanInputs) {
+    e.str("aerokv/msg/PlanInputs").u64(i.epoch).u64(i.request_id).str(&i.decision).u64(i.based_on_epoch);
+    e.str(&i.failed_uav).seq(&i.members, |e, s| {
+        e.str(s);
+    });
+    e.u64(i.total_tokens).u32(i.resume_position).bool(i.snapshot_known).u32(i.snapshot_tokens);
+    e.u64(i.snapshot_heartbeat_sequence).seq(&i.planning_ids, |e, s| {
+        e.str(s);
+    });
+    e.seq(&i.telemetry, |e, t| {
+        e.str(&t.uav_id).f64(t.energy_j).f64(t.capacity_j).f64(t.layer_latency_s).f64(t.link_bps);
+        encode_time(e, &t.battery_stamp);
+        e.u64(t.heartbeat_sequence);
+        encode_time(e, &t.heartbeat_stamp);
+    });
+    e.f64(i.recovery_deadline_s).f64(i.weight_load_bps);
+    encode_u32s(e, &i.snapshot_periods);
+    e.f64(i.lifetime_target_factor).bool(i.shared_channel).f64(i.frame_loss).f64(i.flight_power_w);
+    e.f64(i.inference_power_w).f64(i.tx_power_w).f64(i.link_rate_bps).f64(i.memory_budget_bytes);
+    e.u32(i.num_layers).f64(i.weight_bytes_per_layer).f64(i.kv_bytes_per_token_layer).f64(i.member_timeout_s);
+    encode_time(e, &i.stamp);
+}
+
 fn encode_progress(e: &mut Encoder, p: &PromptProgress) {
     e.str("aerokv/msg/PromptProgress").u64(p.request_id).u32(p.done).u32(p.total).u64(p.epoch);
 }
@@ -345,6 +436,7 @@ fn encode_progress(e: &mut Encoder, p: &PromptProgress) {
 mod tests {
     use super::*;
     use r2r::aerokv::msg::UavAssignment;
+    use r2r::WrappedTypesupport;
 
     /// The fields of a message as serde sees them (r2r generates them in .msg order).
     fn fields<T: serde::Serialize>(msg: &T) -> Vec<String> {
@@ -469,6 +561,94 @@ mod tests {
         let t = ["request_id", "index", "token_id", "text", "done", "finish_reason", "epoch", "auth"];
         same(&TokenChunk::default(), &t);
         same(&PromptProgress::default(), &["request_id", "done", "total", "epoch", "auth"]);
+        let i = [
+            "epoch",
+            "request_id",
+            "decision",
+            "based_on_epoch",
+            "failed_uav",
+            "members",
+            "total_tokens",
+            "resume_position",
+            "snapshot_known",
+            "snapshot_tokens",
+            "snapshot_heartbeat_sequence",
+            "planning_ids",
+            "telemetry",
+            "recovery_deadline_s",
+            "weight_load_bps",
+            "snapshot_periods",
+            "lifetime_target_factor",
+            "shared_channel",
+            "frame_loss",
+            "flight_power_w",
+            "inference_power_w",
+            "tx_power_w",
+            "link_rate_bps",
+            "memory_budget_bytes",
+            "num_layers",
+            "weight_bytes_per_layer",
+            "kv_bytes_per_token_layer",
+            "member_timeout_s",
+            "stamp",
+            "auth",
+        ];
+        same(&PlanInputs::default(), &i);
+        let t = [
+            "uav_id",
+            "energy_j",
+            "capacity_j",
+            "layer_latency_s",
+            "link_bps",
+            "battery_stamp",
+            "heartbeat_sequence",
+            "heartbeat_stamp",
+        ];
+        same(&m::PlanTelemetry::default(), &t);
+    }
+
+    /// `aerokv bag audit --keystore`: a recorded message verified from its CDR bytes.
+    #[test]
+    fn recorded_messages_are_verified_from_their_bytes() {
+        let tmp = std::env::temp_dir().join(format!("aerokv-ros-auth-recorded-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let (scheduler, watchdog, _) = keystore(&tmp);
+        let roster = || Verifier::new(Keystore::open(&tmp).unwrap().roster);
+        let topic = names::PLAN_INPUTS;
+        let mut i = PlanInputs {
+            epoch: 4,
+            decision: "retirement".into(),
+            telemetry: vec![m::PlanTelemetry { uav_id: "uav1".into(), energy_j: 4.0, ..Default::default() }],
+            ..Default::default()
+        };
+        let check = |v: &mut Verifier, i: &PlanInputs| {
+            verify_recorded(v, topic, "aerokv/msg/PlanInputs", &i.to_serialized_bytes().unwrap())
+        };
+        assert_eq!(check(&mut roster(), &i), Some(Err(Rejection::Unsigned)));
+        scheduler.sign_plan_inputs(&mut i);
+        let mut v = roster();
+        assert_eq!(check(&mut v, &i), Some(Ok(())));
+        assert_eq!(check(&mut v, &i), Some(Err(Rejection::Replayed)), "the same counter twice");
+        let mut forged = i.clone();
+        forged.telemetry[0].energy_j = 5.0;
+        assert_eq!(check(&mut roster(), &forged), Some(Err(Rejection::BadSignature)));
+        let mut by_watchdog = i.clone();
+        watchdog.sign_plan_inputs(&mut by_watchdog);
+        assert_eq!(check(&mut roster(), &by_watchdog), Some(Err(Rejection::WrongRole)));
+        assert_eq!(
+            verify_recorded(&mut roster(), topic, "aerokv/msg/PlanInputs", &[0, 1, 0, 0, 7]),
+            Some(Err(Rejection::Malformed))
+        );
+        assert_eq!(verify_recorded(&mut roster(), "/uav1/battery_state", "sensor_msgs/msg/BatteryState", &[]), None);
+        // A battery report is its UAV's monitor's, on its own topic.
+        let mut b = BatteryHealth { uav_id: "uav1".into(), ..Default::default() };
+        b.auth = scheduler.sign("/uav1/battery", |e| encode_battery(e, &b));
+        let bytes = b.to_serialized_bytes().unwrap();
+        assert_eq!(
+            verify_recorded(&mut roster(), "/uav1/battery", "aerokv/msg/BatteryHealth", &bytes),
+            Some(Err(Rejection::WrongRole))
+        );
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 
     fn keystore(dir: &std::path::Path) -> (Arc<NodeAuth>, Arc<NodeAuth>, Arc<NodeAuth>) {

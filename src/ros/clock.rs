@@ -56,27 +56,36 @@ pub fn stamp() -> Time {
     Time { sec: d.as_secs() as i32, nanosec: d.subsec_nanos() }
 }
 
-/// Makes this process follow `/clock`: subscribes to it and waits for its first message (or the
-/// node's shutdown). Called once, after [`init`], before the node's body starts.
-pub async fn follow_sim_time(ctx: &NodeContext) -> anyhow::Result<()> {
+/// Makes this process follow `/clock`: a node of its own (`<node>_clock`, in the same context),
+/// spun by a thread of its own, sets the simulated time from every `/clock` message, so the clock
+/// moves even while the node's own spinning waits (a data-plane thread that spins the node
+/// itself computes between its spins). Waits for the first message (or the node's shutdown).
+/// Called once, after [`init`], before the node's body starts.
+pub async fn follow_sim_time(ctx: &NodeContext, context: r2r::Context, node_name: &str) -> anyhow::Result<()> {
     let Some(sim) = SIM.get().cloned() else {
         anyhow::bail!("use_sim_time is true but the process's clock is the wall clock (clock::init)");
     };
+    let namespace = if ctx.namespace.is_empty() { String::new() } else { format!("/{}", ctx.namespace) };
+    let mut node = r2r::Node::create(context, &format!("{node_name}_clock"), &namespace)?;
     // Best effort matches every publisher (Gazebo's and rclpy's are reliable, rosbag2's too).
-    let mut rx = ctx.subscribe::<r2r::rosgraph_msgs::msg::Clock>(CLOCK_TOPIC, r2r::QosProfile::sensor_data())?;
-    let first = tokio::sync::Notify::new();
-    let first = Arc::new(first);
+    let mut rx = node.subscribe::<r2r::rosgraph_msgs::msg::Clock>(CLOCK_TOPIC, r2r::QosProfile::sensor_data())?;
+    let first = Arc::new(tokio::sync::Notify::new());
     let (s, f) = (sim.clone(), first.clone());
-    tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            let t = Duration::new(m.clock.sec.max(0) as u64, m.clock.nanosec.min(999_999_999));
-            let was_started = s.started();
-            s.set(t);
-            if !was_started {
-                f.notify_one();
+    let stop = ctx.clone();
+    std::thread::Builder::new().name("ros-clock".into()).spawn(move || {
+        use futures::{FutureExt, StreamExt};
+        while !stop.stop_requested() {
+            node.spin_once(Duration::from_millis(20));
+            while let Some(Some(m)) = rx.next().now_or_never() {
+                let t = Duration::new(m.clock.sec.max(0) as u64, m.clock.nanosec.min(999_999_999));
+                let was_started = s.started();
+                s.set(t);
+                if !was_started {
+                    f.notify_one();
+                }
             }
         }
-    });
+    })?;
     if !sim.started() {
         tracing::info!("use_sim_time: waiting for {CLOCK_TOPIC}");
         tokio::select! {

@@ -7,11 +7,13 @@ use crate::decision::{Decision, HeartbeatSeen, Parameters, PlanInputs, SnapshotH
 use crate::mission::{
     AssignmentRecord, BatteryRecord, FailureRecord, HeartbeatRecord, Mission, Record, Timed, TokenRecord, TopicBytes,
 };
+use aerokv_auth::{Counts, Rejection, Roster, Verifier};
 use r2r::aerokv::msg::{self as m, Assignment, BatteryHealth, FailureEvent, Heartbeat, PlanTelemetry, TokenChunk};
 use r2r::builtin_interfaces::msg::Time;
 use r2r::WrappedTypesupport;
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
 
 /// ns since the UNIX epoch (0 for a time before it).
 pub fn stamp_ns(t: &Time) -> u64 {
@@ -21,7 +23,8 @@ pub fn stamp_ns(t: &Time) -> u64 {
     t.sec as u64 * 1_000_000_000 + u64::from(t.nanosec)
 }
 
-fn time(ns: u64) -> Time {
+/// `builtin_interfaces/Time` of ns since the UNIX epoch.
+pub fn time(ns: u64) -> Time {
     Time { sec: (ns / 1_000_000_000).min(i32::MAX as u64) as i32, nanosec: (ns % 1_000_000_000) as u32 }
 }
 
@@ -76,6 +79,7 @@ pub fn plan_inputs_msg(i: &PlanInputs) -> m::PlanInputs {
         kv_bytes_per_token_layer: p.model.kv_bytes_per_token_layer,
         member_timeout_s: p.member_timeout_s,
         stamp: time(i.stamp_ns),
+        auth: Default::default(),
     }
 }
 
@@ -294,9 +298,52 @@ fn record(type_name: &str, data: &[u8]) -> Result<Option<Record>, String> {
     }))
 }
 
+/// A recorded message that did not verify (`aerokv bag audit --keystore`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotAuthentic {
+    pub file: PathBuf,
+    /// The byte offset of its record (of its chunk, for a message in a chunk).
+    pub offset: u64,
+    pub topic: String,
+    pub log_ns: u64,
+    pub sender: String,
+    pub why: Rejection,
+}
+
+impl std::fmt::Display for NotAuthentic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sender = if self.sender.is_empty() { "no sender".to_string() } else { format!("sender {:?}", self.sender) };
+        write!(
+            f,
+            "{}: byte offset {}: {} message recorded at {:.6} ({sender}): {}",
+            self.file.display(),
+            self.offset,
+            self.topic,
+            self.log_ns as f64 / 1e9,
+            self.why.name()
+        )
+    }
+}
+
+/// What checking every signed message of a bag against a roster found.
+#[derive(Debug, Default)]
+pub struct Authenticity {
+    /// Verified and refused, per reason (a message recorded twice, byte for byte, counts once).
+    pub counts: Counts,
+    /// Messages recorded twice byte for byte (a latched message delivered again): not checked again.
+    pub duplicates: u64,
+    /// Every refused message, in file order.
+    pub refused: Vec<NotAuthentic>,
+}
+
 /// Reads a whole bag (checked against its metadata first: a truncated or corrupt file is named
 /// with the offset) and decodes its AeroKV messages.
 pub fn read_mission(dir: &Path) -> anyhow::Result<Mission> {
+    Ok(read_mission_verified(dir, None)?.0)
+}
+
+/// [`read_mission`], and with a roster every signed message verified as a node would on receipt.
+pub fn read_mission_verified(dir: &Path, roster: Option<Roster>) -> anyhow::Result<(Mission, Option<Authenticity>)> {
     let bag = Bag::open(dir)?;
     let contents = bag.check()?;
     let mut mission = Mission {
@@ -305,6 +352,9 @@ pub fn read_mission(dir: &Path) -> anyhow::Result<Mission> {
         end_ns: contents.last.unwrap_or(0),
         ..Default::default()
     };
+    let mut verifier = roster.map(Verifier::new);
+    let mut authenticity = Authenticity::default();
+    let mut seen: HashSet<(String, u64)> = HashSet::new();
     let mut topics: BTreeMap<String, TopicBytes> = BTreeMap::new();
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     for msg in bag.messages() {
@@ -320,12 +370,29 @@ pub fn read_mission(dir: &Path) -> anyhow::Result<Mission> {
         t.bytes += msg.data.len() as u64;
         let n = counts.entry(topic.clone()).or_default();
         *n += 1;
+        if let Some(v) = verifier.as_mut() {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            msg.data.hash(&mut h);
+            if !seen.insert((topic.clone(), h.finish())) {
+                authenticity.duplicates += 1;
+            } else if let Some(Err(why)) = crate::ros::auth::verify_recorded(v, topic, type_name, &msg.data) {
+                authenticity.refused.push(NotAuthentic {
+                    file: msg.file.to_path_buf(),
+                    offset: msg.offset,
+                    topic: topic.clone(),
+                    log_ns: msg.log_time,
+                    sender: sender(type_name, &msg.data),
+                    why,
+                });
+            }
+        }
         match record(type_name, &msg.data) {
             Ok(Some(record)) => mission.records.push(Timed { log_ns: msg.log_time, topic: topic.clone(), record }),
             Ok(None) => {}
             Err(why) => anyhow::bail!(
-                "{}: message {} on {topic} ({type_name}, recorded at {} ns): {why}",
-                dir.display(),
+                "{}: corrupt at byte offset {}: message {} on {topic} ({type_name}, recorded at {} ns): {why}",
+                msg.file.display(),
+                msg.offset,
                 *n,
                 msg.log_time
             ),
@@ -333,7 +400,24 @@ pub fn read_mission(dir: &Path) -> anyhow::Result<Mission> {
     }
     mission.records.sort_by_key(|r| r.log_ns);
     mission.topics = topics.into_values().collect();
-    Ok(mission)
+    let authenticity = verifier.map(|v| Authenticity { counts: v.counts(), ..authenticity });
+    Ok((mission, authenticity))
+}
+
+/// The sender a signed message claims (for the report of one that did not verify).
+fn sender(type_name: &str, data: &[u8]) -> String {
+    fn of<T: WrappedTypesupport>(data: &[u8], auth: fn(T) -> r2r::aerokv::msg::Auth) -> String {
+        decode::<T>(data).map(|m| auth(m).sender).unwrap_or_default()
+    }
+    match type_name {
+        "aerokv/msg/Assignment" => of::<Assignment>(data, |m| m.auth),
+        "aerokv/msg/FailureEvent" => of::<FailureEvent>(data, |m| m.auth),
+        "aerokv/msg/TokenChunk" => of::<TokenChunk>(data, |m| m.auth),
+        "aerokv/msg/PlanInputs" => of::<m::PlanInputs>(data, |m| m.auth),
+        "aerokv/msg/Heartbeat" => of::<Heartbeat>(data, |m| m.auth),
+        "aerokv/msg/BatteryHealth" => of::<BatteryHealth>(data, |m| m.auth),
+        _ => String::new(),
+    }
 }
 
 #[cfg(test)]

@@ -296,7 +296,8 @@ where
     };
     let result = runtime.block_on(async move {
         let ctx = r2r::Context::create()?;
-        let mut node = r2r::Node::create(ctx, args.node_name.as_deref().unwrap_or(default_name), "")?;
+        let name = args.node_name.clone().unwrap_or_else(|| default_name.to_string());
+        let mut node = r2r::Node::create(ctx.clone(), &name, "")?;
         crate::ros::rosout::attach(&mut node)?;
         let node = Arc::new(Mutex::new(node));
         let (shutdown, _) = watch::channel(false);
@@ -314,7 +315,7 @@ where
         let work = body(nc.clone(), params);
         let mut task = tokio::spawn(async move {
             if nc.use_sim_time {
-                crate::ros::clock::follow_sim_time(&nc).await?;
+                crate::ros::clock::follow_sim_time(&nc, ctx, &name).await?;
                 if nc.stop_requested() {
                     return Ok(());
                 }

@@ -21,7 +21,7 @@ pub fn rule(topic: &str) -> Option<Rule> {
     let (ns, leaf) = topic.strip_prefix('/')?.split_once('/')?;
     if ns == SWARM_NAMESPACE {
         return match leaf {
-            "assignment" | "tokens" | "progress" => any(&[Scheduler]),
+            "assignment" | "tokens" | "progress" | "plan_inputs" => any(&[Scheduler]),
             "failures" | "watchdog/heartbeat" => any(&[Watchdog]),
             "gateway/input" => any(&[ShardExecutor]),
             _ => None,
@@ -50,6 +50,7 @@ mod tests {
     #[test]
     fn authority_lines() {
         assert_eq!(rule("/aerokv/assignment").unwrap().roles, &[Role::Scheduler]);
+        assert_eq!(rule("/aerokv/plan_inputs").unwrap().roles, &[Role::Scheduler]);
         assert_eq!(rule("/aerokv/failures").unwrap().roles, &[Role::Watchdog]);
         assert_eq!(rule("/aerokv/watchdog/heartbeat").unwrap().roles, &[Role::Watchdog]);
         assert!(rule("/uav2/heartbeat").unwrap().own_uav_only);

@@ -254,7 +254,7 @@ struct Scheduler {
     live: Arc<Mutex<Live>>,
     /// What every decision depends on besides telemetry (published with it: `PlanInputs`).
     plan_params: decision::Parameters,
-    inputs_pub: r2r::Publisher<r2r::aerokv::msg::PlanInputs>,
+    inputs_pub: SignedPublisher<r2r::aerokv::msg::PlanInputs>,
     watched: BTreeSet<String>,
     /// Who may be planned: UAVs declared failed or retired are kept out until they are back.
     membership: Membership,
@@ -374,7 +374,11 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         gateway,
         controller: plan_params.controller(&[]),
         plan_params,
-        inputs_pub: ctx.publisher(names::PLAN_INPUTS, names::latched())?,
+        inputs_pub: SignedPublisher::new(
+            ctx.publisher(names::PLAN_INPUTS, names::latched())?,
+            auth.clone(),
+            NodeAuth::sign_plan_inputs,
+        ),
         own_layer_latency_s,
         max_context: manifest.architecture.max_context,
         live: Arc::default(),
