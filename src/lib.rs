@@ -36,4 +36,5 @@ pub mod replay;
 pub mod requests;
 #[cfg(feature = "ros")]
 pub mod ros;
+pub mod standby;
 pub mod supervisor;

@@ -22,6 +22,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::time::timeout;
 
 #[derive(clap::Args, Debug)]
 pub struct SwarmArgs {
@@ -37,9 +38,14 @@ pub struct SwarmArgs {
     #[arg(long)]
     pub json: bool,
     /// SIGKILL UAV's shard executor after TOKEN generated tokens, e.g. uav2:10, or once the first
-    /// N prompt tokens are through the swarm, e.g. uav2:p256 (repeatable).
+    /// N prompt tokens are through the swarm, e.g. uav2:p256 (repeatable). With --standby,
+    /// `scheduler:TOKEN` kills the primary scheduler; the goal is resumed from the standby.
     #[arg(long, value_name = "UAV:TOKEN|UAV:pN")]
     pub kill: Vec<String>,
+    /// Also start a standby scheduler (control.launch.xml standby:=true) that takes over when the
+    /// primary dies; this command then resumes its goal by request id from the standby.
+    #[arg(long)]
+    pub standby: bool,
     /// Initial state of charge of one UAV's simulated battery (repeatable), e.g. uav3=0.6.
     #[arg(long, value_name = "UAV=SOC")]
     pub soc: Vec<String>,
@@ -178,7 +184,16 @@ struct Kill {
     at: Option<Instant>,
 }
 
-fn parse_kills(v: &[String], uavs: usize) -> anyhow::Result<Vec<Kill>> {
+/// The node a kill of `target` (a UAV, or "scheduler") strikes.
+fn kill_fqn(target: &str) -> String {
+    if target == "scheduler" {
+        "/aerokv/scheduler".into()
+    } else {
+        format!("/{target}/shard_executor")
+    }
+}
+
+fn parse_kills(v: &[String], uavs: usize, standby: bool) -> anyhow::Result<Vec<Kill>> {
     v.iter()
         .map(|s| {
             let (uav, when) = s
@@ -195,6 +210,14 @@ fn parse_kills(v: &[String], uavs: usize) -> anyhow::Result<Vec<Kill>> {
                 ),
             };
             anyhow::ensure!(n >= 1, "--kill {s}: the count must be at least 1");
+            if uav == "scheduler" {
+                anyhow::ensure!(standby, "--kill {s}: killing the scheduler needs --standby");
+                anyhow::ensure!(
+                    matches!(point(n), KillPoint::AfterTokens(_)),
+                    "--kill {s}: the scheduler is killed after tokens"
+                );
+                return Ok(Kill { uav: uav.into(), point: point(n), at: None });
+            }
             let index: usize = uav
                 .strip_prefix("uav")
                 .and_then(|n| n.parse().ok())
@@ -213,7 +236,7 @@ fn strike(sup: &mut Supervisor, kills: &mut [Kill], reached: KillPoint) {
         _ => false,
     };
     for k in kills.iter_mut().filter(|k| k.at.is_none() && due(k)) {
-        let fqn = format!("/{}/shard_executor", k.uav);
+        let fqn = kill_fqn(&k.uav);
         if sup.signal(&fqn, libc::SIGKILL) {
             k.at = Some(Instant::now());
             eprintln!("[swarm] killed {fqn} {reached}");
@@ -230,6 +253,9 @@ fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
     let radio_params = a.radio.as_ref().map(|_| share.join("config/radio/swarm-params.yaml"));
     let swarm_params = a.swarm_params.as_ref().or(radio_params.as_ref()).map(|p| p.display().to_string());
     let mut args = vec![("expected_uavs", n.as_str())];
+    if a.standby {
+        args.push(("standby", "true"));
+    }
     if let Some(p) = &swarm_params {
         args.push(("params_file", p.as_str()));
     }
@@ -272,7 +298,7 @@ fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
 
 pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.uavs >= 1, "--uavs must be at least 1");
-    let mut kills = parse_kills(&a.kill, a.uavs)?;
+    let mut kills = parse_kills(&a.kill, a.uavs, a.standby)?;
     let nodes = nodes(&a)?;
     let log_dir =
         a.log_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("aerokv-swarm-{}", std::process::id())));
@@ -302,7 +328,7 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
     let result = drive(&a, &mut sup, &mut kills, radio.as_mut());
     let mut unclean = Vec::new();
     for (fqn, stopped) in sup.stop_all(Duration::from_secs(5)) {
-        let killed = kills.iter().any(|k| k.at.is_some() && fqn == format!("/{}/shard_executor", k.uav));
+        let killed = kills.iter().any(|k| k.at.is_some() && fqn == kill_fqn(&k.uav));
         if !stopped.is_clean() && !killed {
             unclean.push(format!("{fqn} ({stopped})"));
         }
@@ -363,6 +389,9 @@ async fn session(
         lock().subscribe::<Assignment>(crate::ros::names::ASSIGNMENT, crate::ros::names::latched())?;
     let mut progress = lock().subscribe::<PromptProgress>(crate::ros::names::PROGRESS, crate::ros::names::events())?;
     let client = lock().create_action_client::<Generate::Action>(crate::ros::names::GENERATE)?;
+    // The schedulers' heartbeats: a standby that serves (it took over) gets the goal again.
+    let mut schedulers =
+        lock().subscribe::<Heartbeat>(crate::ros::names::SCHEDULER_HEARTBEAT, crate::ros::names::telemetry())?;
     let available = r2r::Node::is_available(&client)?;
 
     // Ready: the scheduler serves and has planned over every UAV.
@@ -389,7 +418,7 @@ async fn session(
     }
     eprintln!("[swarm] ready in {:.1} s", started.elapsed().as_secs_f64());
 
-    let goal = Generate::Goal {
+    let mut goal = Generate::Goal {
         user: a.user.clone(),
         max_tokens: a.max_tokens,
         temperature: a.temperature,
@@ -398,12 +427,14 @@ async fn session(
         ignore_eos: a.ignore_eos,
         ..Default::default()
     };
-    let sent = client.send_goal_request(goal)?;
+    let sent = client.send_goal_request(goal.clone())?;
     if let Some(r) = radio.as_deref_mut() {
         r.request_sent()?;
     }
-    let (handle, result, mut feedback) = sent.await.context("the scheduler did not take the goal")?;
-    tokio::pin!(result);
+    let (mut handle, result, mut feedback) = sent.await.context("the scheduler did not take the goal")?;
+    let mut result = Box::pin(result);
+    // The primary scheduler was killed: the goal is sent again, by request id, to the standby.
+    let mut resuming = false;
     let stdout = std::io::stdout();
     let mut last_progress_print: Option<Instant> = None;
     // Tokens streamed so far; a cancel in progress.
@@ -413,7 +444,25 @@ async fn session(
     let mut cancel = None;
     let response = loop {
         tokio::select! {
-            r = &mut result => break r.context("the goal's result")?.1,
+            r = &mut result, if !resuming => break r.context("the goal's result")?.1,
+            Some(hb) = schedulers.next(), if resuming => {
+                if hb.uav_id != "standby" || hb.state != "serving" {
+                    continue;
+                }
+                goal.resume_from = streamed as u32;
+                let sent = client.send_goal_request(goal.clone())?;
+                // A goal request sent before the standby's server is matched is lost: sent again
+                // at its next heartbeat.
+                match timeout(Duration::from_millis(500), sent).await {
+                    Ok(Ok((h, r, f))) => {
+                        eprintln!("[swarm] resumed request {} from token {streamed} on the standby", goal.request_id);
+                        (handle, result, feedback) = (h, Box::pin(r), f);
+                        resuming = false;
+                    }
+                    Ok(Err(e)) => eprintln!("[swarm] the standby did not take the goal: {e}"),
+                    Err(_) => eprintln!("[swarm] no answer to the goal yet: sending it again"),
+                }
+            }
             Some(p) = progress.next() => {
                 // Long prompts only, at most once a second, and always the end.
                 let long = p.total as usize > aerokv_engine::PREFILL_CHUNK_TOKENS;
@@ -433,7 +482,13 @@ async fn session(
                     let _ = out.flush();
                 }
                 streamed = fb.index as usize + fb.token_ids.len();
+                goal.request_id = fb.request_id;
                 strike(sup, kills, KillPoint::AfterTokens(streamed as u32));
+                if !resuming && kills.iter().any(|k| k.uav == "scheduler" && k.at.is_some()) && goal.resume_from == 0 {
+                    resuming = true;
+                    // The dead primary's feedback ends here.
+                    eprintln!("[swarm] waiting for the standby to take over");
+                }
             }
             _ = tokio::signal::ctrl_c() => {
                 anyhow::ensure!(!canceling, "interrupted again while the goal was being canceled");
@@ -622,7 +677,18 @@ mod tests {
     use super::*;
 
     fn parse(spec: &str) -> anyhow::Result<KillPoint> {
-        Ok(parse_kills(&[spec.to_string()], 4)?.remove(0).point)
+        Ok(parse_kills(&[spec.to_string()], 4, false)?.remove(0).point)
+    }
+
+    #[test]
+    fn the_primary_scheduler_is_killed_only_with_a_standby() {
+        let k = parse_kills(&["scheduler:8".to_string()], 4, true).unwrap();
+        assert_eq!((k[0].uav.as_str(), k[0].point), ("scheduler", KillPoint::AfterTokens(8)));
+        assert_eq!(kill_fqn("scheduler"), "/aerokv/scheduler");
+        assert_eq!(kill_fqn("uav2"), "/uav2/shard_executor");
+        let e = parse_kills(&["scheduler:8".to_string()], 4, false).err().unwrap();
+        assert!(e.to_string().contains("needs --standby"), "{e}");
+        assert!(parse_kills(&["scheduler:p8".to_string()], 4, true).is_err());
     }
 
     #[test]

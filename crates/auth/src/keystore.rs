@@ -167,6 +167,7 @@ pub struct Keystore {
 pub fn swarm_identities(uavs: usize) -> Result<Vec<(NodeId, Role)>, BadNodeId> {
     let mut out = vec![
         (NodeId::of(Role::Scheduler, None)?, Role::Scheduler),
+        (NodeId::standby_scheduler(), Role::Scheduler),
         (NodeId::of(Role::Watchdog, None)?, Role::Watchdog),
     ];
     for i in 1..=uavs {
@@ -278,7 +279,7 @@ mod tests {
     #[test]
     fn init_writes_private_keys_0600_and_a_roster_that_loads_back() {
         let (tmp, ks) = store(2);
-        assert_eq!(ks.roster.members().count(), 6);
+        assert_eq!(ks.roster.members().count(), 7);
         assert_eq!(ks.roster.uavs(), BTreeSet::from(["uav1".to_string(), "uav2".to_string()]));
         let reopened = Keystore::open(tmp.path()).unwrap();
         assert_eq!(reopened.roster, ks.roster);
@@ -298,7 +299,7 @@ mod tests {
         assert!(matches!(Keystore::init(tmp.path(), &ids, false), Err(KeystoreError::Exists { .. })));
         assert_eq!(Keystore::open(tmp.path()).unwrap().roster, ks.roster, "refusal changed the keystore");
         let forced = Keystore::init(tmp.path(), &ids, true).unwrap();
-        assert_eq!(forced.roster.members().count(), 8);
+        assert_eq!(forced.roster.members().count(), 9);
         let old = ks.roster.get("aerokv/scheduler").unwrap().key;
         assert_ne!(forced.roster.get("aerokv/scheduler").unwrap().key, old, "keys were not renewed");
     }

@@ -21,7 +21,8 @@ pub fn rule(topic: &str) -> Option<Rule> {
     let (ns, leaf) = topic.strip_prefix('/')?.split_once('/')?;
     if ns == SWARM_NAMESPACE {
         return match leaf {
-            "assignment" | "tokens" | "progress" => any(&[Scheduler]),
+            // The primary scheduler and the standby (after its takeover) share the role.
+            "assignment" | "tokens" | "progress" | "requests" | "scheduler/heartbeat" => any(&[Scheduler]),
             "failures" | "watchdog/heartbeat" => any(&[Watchdog]),
             "gateway/input" => any(&[ShardExecutor]),
             _ => None,
