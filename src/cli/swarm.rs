@@ -435,6 +435,8 @@ async fn session(
     let mut result = Box::pin(result);
     // The primary scheduler was killed: the goal is sent again, by request id, to the standby.
     let mut resuming = false;
+    // Seconds from the primary's kill to the first token the standby sent this client.
+    let mut resumed_token_s: Option<f64> = None;
     let stdout = std::io::stdout();
     let mut last_progress_print: Option<Instant> = None;
     // Tokens streamed so far; a cancel in progress.
@@ -483,6 +485,9 @@ async fn session(
                 }
                 streamed = fb.index as usize + fb.token_ids.len();
                 goal.request_id = fb.request_id;
+                if goal.resume_from > 0 && resumed_token_s.is_none() && !fb.token_ids.is_empty() {
+                    resumed_token_s = kills.iter().find(|k| k.uav == "scheduler").and_then(|k| k.at).map(|t| t.elapsed().as_secs_f64());
+                }
                 strike(sup, kills, KillPoint::AfterTokens(streamed as u32));
                 if !resuming && kills.iter().any(|k| k.uav == "scheduler" && k.at.is_some()) && goal.resume_from == 0 {
                     resuming = true;
@@ -539,6 +544,8 @@ async fn session(
         "error": response.error,
         "uavs": a.uavs,
         "failures": failures,
+        // The primary scheduler killed: from the kill to the standby's first token at this client.
+        "resumed_token_s": resumed_token_s,
         "stats": stats,
         "stale_messages": stale_messages,
     });
