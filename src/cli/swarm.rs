@@ -325,7 +325,8 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
     if let Some(r) = &radio {
         r.enter_control_station()?;
     }
-    let result = drive(&a, &mut sup, &mut kills, radio.as_mut());
+    let keystore = nodes.iter().find(|n| n.executable == "scheduler").and_then(keystore_of);
+    let result = drive(&a, &mut sup, &mut kills, radio.as_mut(), keystore.as_deref());
     let mut unclean = Vec::new();
     for (fqn, stopped) in sup.stop_all(Duration::from_secs(5)) {
         let killed = kills.iter().any(|k| k.at.is_some() && fqn == kill_fqn(&k.uav));
@@ -352,12 +353,40 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
     result.and(recorded.map(|_| ()))
 }
 
-fn drive(a: &SwarmArgs, sup: &mut Supervisor, kills: &mut [Kill], radio: Option<&mut Radio>) -> anyhow::Result<()> {
+/// The keystore a node is given (a `-p` override, else the last parameter file that sets it).
+fn keystore_of(n: &NodeProcess) -> Option<String> {
+    if let Some((_, v)) = n.params.iter().rev().find(|(k, _)| k == "keystore") {
+        return Some(v.clone()).filter(|v| !v.is_empty() && v != "''");
+    }
+    n.params_files.iter().rev().find_map(|f| {
+        let doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(f).ok()?).ok()?;
+        doc.as_mapping()?.values().find_map(|section| {
+            section.get("ros__parameters")?.get("keystore")?.as_str().filter(|k| !k.is_empty()).map(str::to_string)
+        })
+    })
+}
+
+/// The signed token stream (`/aerokv/tokens`), checked against the keystore's roster: what this
+/// client verified of one request, for its report.
+#[derive(Default)]
+struct TokenStream {
+    /// Per request, the verified tokens by index.
+    tokens: BTreeMap<u64, BTreeMap<u32, i32>>,
+    done: BTreeMap<u64, bool>,
+}
+
+fn drive(
+    a: &SwarmArgs,
+    sup: &mut Supervisor,
+    kills: &mut [Kill],
+    radio: Option<&mut Radio>,
+    keystore: Option<&str>,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let ctx = r2r::Context::create()?;
     let node = Arc::new(Mutex::new(r2r::Node::create(ctx, "aerokv_swarm_cli", "")?));
     let spin = crate::ros::SpinThread::start(node.clone())?;
-    let out = rt.block_on(session(a, node, sup, kills, radio));
+    let out = rt.block_on(session(a, node, sup, kills, radio, keystore));
     spin.stop();
     out
 }
@@ -368,6 +397,7 @@ async fn session(
     sup: &mut Supervisor,
     kills: &mut [Kill],
     mut radio: Option<&mut Radio>,
+    keystore: Option<&str>,
 ) -> anyhow::Result<()> {
     let lock = || node.lock().unwrap_or_else(|e| e.into_inner());
     // Every UAV's latest heartbeat: how many messages of older epochs it has dropped (fenced).
@@ -389,6 +419,33 @@ async fn session(
         lock().subscribe::<Assignment>(crate::ros::names::ASSIGNMENT, crate::ros::names::latched())?;
     let mut progress = lock().subscribe::<PromptProgress>(crate::ros::names::PROGRESS, crate::ros::names::events())?;
     let client = lock().create_action_client::<Generate::Action>(crate::ros::names::GENERATE)?;
+    // With the swarm's keystore, the token stream's signatures are checked (docs/security.md).
+    let verifier = match keystore.map(crate::ros::auth::NodeAuth::verifier).transpose() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("[swarm] the token stream is not verified: {e:#}");
+            None
+        }
+    };
+    let stream = Arc::new(Mutex::new(TokenStream::default()));
+    if let Some(auth) = verifier.clone() {
+        let mut chunks =
+            lock().subscribe::<r2r::aerokv::msg::TokenChunk>(crate::ros::names::TOKENS, crate::ros::names::events())?;
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            while let Some(c) = chunks.next().await {
+                if !auth.accept_token(&c) {
+                    continue;
+                }
+                let mut s = stream.lock().unwrap_or_else(|e| e.into_inner());
+                if c.done {
+                    s.done.insert(c.request_id, true);
+                } else {
+                    s.tokens.entry(c.request_id).or_default().insert(c.index, c.token_id);
+                }
+            }
+        });
+    }
     // The schedulers' heartbeats: a standby that serves (it took over) gets the goal again.
     let mut schedulers =
         lock().subscribe::<Heartbeat>(crate::ros::names::SCHEDULER_HEARTBEAT, crate::ros::names::telemetry())?;
@@ -535,6 +592,26 @@ async fn session(
         None => Vec::new(),
     };
     let stale_messages = stale.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let token_stream = match &verifier {
+        None => serde_json::Value::Null,
+        Some(auth) => {
+            // The last chunk may still be on its way.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let done = || stream.lock().unwrap_or_else(|e| e.into_inner()).done.contains_key(&goal.request_id);
+            while !done() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let s = stream.lock().unwrap_or_else(|e| e.into_inner());
+            let verified: Vec<i32> =
+                s.tokens.get(&goal.request_id).map(|t| t.values().copied().collect()).unwrap_or_default();
+            let matches = verified == response.token_ids;
+            let (accepted, dropped) = auth.tally();
+            if !matches || !dropped.is_empty() {
+                eprintln!("[swarm] WARNING: the signed token stream does not confirm the answer (verified {} of {} tokens, dropped: {dropped:?})", verified.len(), response.token_ids.len());
+            }
+            serde_json::json!({"verified_tokens": verified.len(), "matches_answer": matches, "accepted": accepted, "dropped": dropped.into_iter().collect::<BTreeMap<_, _>>()})
+        }
+    };
     let mut out = serde_json::json!({
         "prompt_ids": response.prompt_ids,
         "tokens": response.token_ids,
@@ -546,6 +623,8 @@ async fn session(
         "failures": failures,
         // The primary scheduler killed: from the kill to the standby's first token at this client.
         "resumed_token_s": resumed_token_s,
+        // With the keystore: the answer's tokens as the signed token stream carried them.
+        "token_stream": token_stream,
         "stats": stats,
         "stale_messages": stale_messages,
     });

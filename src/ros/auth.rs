@@ -48,6 +48,23 @@ impl NodeAuth {
         }))
     }
 
+    /// A member of no role that only verifies (a client reading the token stream): the roster of
+    /// `keystore`, no key.
+    pub fn verifier(keystore: &str) -> anyhow::Result<Arc<Self>> {
+        let ks = Keystore::open(keystore.as_ref()).context("the swarm's keystore")?;
+        Ok(Arc::new(NodeAuth {
+            id: "client".into(),
+            signer: None,
+            verifier: Some(Mutex::new(Verifier::new(ks.roster))),
+        }))
+    }
+
+    /// Accepted and dropped messages so far: (accepted, dropped per reason, by name).
+    pub fn tally(&self) -> (u64, Vec<(&'static str, u64)>) {
+        let c = self.counts();
+        (c.accepted, Rejection::ALL.iter().map(|&w| (w.name(), c.rejected(w))).filter(|(_, n)| *n > 0).collect())
+    }
+
     fn sign(&self, topic: &str, body: impl FnOnce(&mut Encoder)) -> m::Auth {
         let Some(signer) = &self.signer else { return m::Auth::default() };
         let Auth { sender, counter, signature } = signer.sign(topic, body);
