@@ -1101,8 +1101,10 @@ impl Scheduler {
                 Err(_) => tracing::warn!(request = id, token = t.token_id, "followed token with a negative id ignored"),
             },
             TokenStep::Duplicate | TokenStep::Invalid => {}
+            // Every chunk after a gap is beyond it too (debug only); resumption starts at the gap,
+            // a request that ends with one is forgotten (warned below).
             TokenStep::Gap { have, got } => {
-                tracing::warn!(request = id, have, got, "a followed token is missing: resumption would start at it")
+                tracing::debug!(request = id, have, got, "a followed token is missing: resumption would start at it")
             }
             TokenStep::Done { finish, tokens } if tokens == have => {
                 let (tokens, _) = self.desk.progress(id);
