@@ -121,15 +121,11 @@ def row(scenario, codec, kv_codec, kill, d):
     })
     if r["predicted_tokens_per_s"]:
         r["measured_over_predicted"] = r["tokens_per_s"] / r["predicted_tokens_per_s"]
-        # Diagnostic, not the target: the same model with the executors' own measured compute per
-        # layer (their logs) in place of the scheduler's start-up figure, to tell the compute
-        # estimate's error from the link model's.
-        layers = {x["uav"]: x["layers"] for x in st.get("layout") or []}
-        per_layer = {u: s.get("hop_ms_per_layer_token") for u, s in sent.items()}
-        if layers and all(per_layer.get(u) for u in layers):
-            stages_s = sum(n * per_layer[u] / 1e3 for u, n in layers.items())
-            token_s = model["token_s"] - (model["compute_s"] - pred.get("gateway_s", 0.0)) + stages_s
-            r["predicted_executor_compute_tokens_per_s"] = 1.0 / token_s
+        # The prediction uses each executor's measured compute per layer (its heartbeat); the
+        # planner's start-up figure beside it shows how far planning's estimate was off.
+        ms = [v for v in (pred.get("compute_ms_per_layer") or {}).values() if v]
+        r["executor_ms_per_layer"] = statistics.mean(ms) if ms else None
+        r["planning_ms_per_layer"] = pred.get("planning_compute_ms_per_layer")
         r["slowest_steps"] = (st.get("steps") or {}).get("slowest")
         r["snapshot_periods"] = {x["uav"]: x["t"] for x in st.get("layout") or []}
     f = next((x for x in d["failures"] if x["uav"] == killed), None) if killed else None
@@ -144,7 +140,7 @@ def fmt(v, spec):
 
 def table(rows):
     head = (f"{'scenario':8} {'codec':5} {'kv':4} {'kill':8} {'tok/s':>6} {'step p50':>8} {'p99 ms':>7} {'B/tok/hop':>9} "
-            f"{'KV snap B':>10} {'replay B':>9} {'pred tok/s':>10} {'meas/pred':>9} {'pred(exec)':>10} {'fail->next':>10} {'false':>5} {'emu CPU':>7}")
+            f"{'KV snap B':>10} {'replay B':>9} {'pred tok/s':>10} {'meas/pred':>9} {'ms/L exec':>9} {'plan':>5} {'fail->next':>10} {'false':>5} {'emu CPU':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "failed" in r:
@@ -156,7 +152,7 @@ def table(rows):
             f"{r['scenario']:8} {r['codec']:5} {r['kv_codec']:4} {r['kill'] or '-':8} {fmt(r['tokens_per_s'], '6.1f')} "
             f"{fmt(r['step_p50_ms'], '8.1f')} {fmt(r['step_p99_ms'], '7.1f')} {fmt(r['bytes_per_token_per_hop'], '9.0f')} "
             f"{r['kv_snapshot_bytes']:10.0f} {r['replay_bytes']:9.0f} {fmt(r['predicted_tokens_per_s'], '10.1f')} "
-            f"{fmt(r.get('measured_over_predicted'), '9.2f')} {fmt(r.get('predicted_executor_compute_tokens_per_s'), '10.1f')} "
+            f"{fmt(r.get('measured_over_predicted'), '9.2f')} {fmt(r.get('executor_ms_per_layer'), '9.2f')} {fmt(r.get('planning_ms_per_layer'), '5.2f')} "
             f"{nxt:>10} {r['false_declarations']:5d} "
             f"{fmt(100 * (r['emulator_answer_cpu_share'] or float('nan')), '6.0f')}%")
     return "\n".join(lines)

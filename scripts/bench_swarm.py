@@ -31,8 +31,8 @@ RHYTHM = ROOT / "target/release/examples/pipeline_rhythm"
 PROMPT = "Write a detailed story about a swarm of drones that explores a mountain valley."
 
 
-def generate(tokens):
-    out = subprocess.run([AEROKV, "generate", "--user", PROMPT, "--max-tokens", str(tokens), "--ignore-eos", "--json"],
+def generate(tokens, prompt=PROMPT):
+    out = subprocess.run([AEROKV, "generate", "--user", prompt, "--max-tokens", str(tokens), "--ignore-eos", "--json"],
                          capture_output=True, text=True, check=True, timeout=600)
     return json.loads(out.stdout)
 
@@ -126,6 +126,119 @@ def bench_swarm(args):
     print(f"what the data plane costs (median paired ratio / rhythm): {statistics.median(paired) / rhythm:8.2f}x")
 
 
+CLIENT_PROMPTS = [PROMPT, "Explain how a relay drone keeps a team connected.",
+                  "Describe a glacier valley as seen from above.", "List the parts of a quadcopter."]
+
+
+def bench_concurrent(args):
+    """1, 2 and 4 clients at once against one 4-UAV swarm (launch files, real DDS)."""
+    import rclpy
+    from aerokv.action import Generate
+    from rclpy.action import ActionClient
+
+    references = {p: generate(args.tokens, p)["tokens"] for p in CLIENT_PROMPTS}
+    log_dir = Path(tempfile.mkdtemp(prefix="aerokv-bench-concurrent-"))
+    procs = [subprocess.Popen([AEROKV, "launch", str(ROOT / "launch/control.launch.xml"), "expected_uavs:=4",
+                               "--log-dir", str(log_dir / "control")], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)]
+    procs += [subprocess.Popen([AEROKV, "launch", str(ROOT / "launch/uav.launch.xml"), f"uav_id:=uav{i}",
+                                "--log-dir", str(log_dir / f"uav{i}")], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+              for i in range(1, 5)]
+    rclpy.init()
+    node = rclpy.create_node("bench_concurrent")
+    rows = []
+    try:
+        from aerokv.msg import Assignment
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+        latched = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
+        plan = {}
+        node.create_subscription(Assignment, "/aerokv/assignment", lambda m: plan.update(a=m), latched)
+        client = ActionClient(node, Generate, "/aerokv/generate")
+        if not client.wait_for_server(timeout_sec=120):
+            sys.exit("bench concurrent: no /aerokv/generate server")
+        spin = lambda pred, timeout: _spin_until(rclpy, node, pred, timeout)
+        if not spin(lambda: "a" in plan and len(plan["a"].ring) == 4, 120):
+            sys.exit("bench concurrent: no plan over 4 UAVs")
+        # A first request warms the swarm (plan, sessions); not counted.
+        _run_clients(client, spin, CLIENT_PROMPTS[:1], 8)
+        for n in (1, 2, 4):
+            prompts = CLIENT_PROMPTS[:n]
+            wall, results = _run_clients(client, spin, prompts, args.tokens)
+            for p, r in zip(prompts, results):
+                assert list(r.token_ids) == references[p], f"{n} clients: an answer differs from one process"
+            tokens = sum(len(r.token_ids) for r in results)
+            stats = json.loads(results[0].stats_json or "{}")
+            rows.append((n, tokens, wall, tokens / wall, stats.get("prediction")))
+            print(f"{n} client(s): {tokens} tokens in {wall:.2f} s (prompt to last token, every client)", flush=True)
+    finally:
+        node.destroy_node()
+        rclpy.shutdown()
+        for p in procs:  # the processes this benchmark started
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    one = rows[0][3]
+    print(f"\n== bench-swarm, concurrent clients: 4 UAVs, q4, {args.tokens} tokens each (identical answers)")
+    print("clients  aggregate tokens/s  ratio vs 1   cost model, drones with a CPU each (tokens/s, ratio)")
+    for n, _, _, rate, _ in rows:
+        model = _model_aggregate(rows[0][4], n)
+        model = f"{model[0]:8.1f}  {model[1]:5.2f}  ({model[2]})" if model else "n/a (no prediction in stats_json)"
+        print(f"{n:7d}  {rate:18.1f}  {rate / one:10.2f}   {model}")
+    print("(this machine: 2 shared cores for 4 stages and the gateway, shared with other work while measured; "
+          "today the swarm serves one request at a time: further clients wait in the queue)")
+
+
+def _model_aggregate(prediction, n):
+    """The cost model's aggregate for `n` requests in flight on drones with a CPU each: one request
+    takes `token_s` per token (every stage, hop and the gateway in turn); n interleaved requests
+    keep n steps in the pipeline, bounded by its busiest stage, the channel's airtime per token
+    and the gateway, whichever is slowest. Returns (tokens/s, ratio to one request, the bound) or None."""
+    m = (prediction or {}).get("model") or {}
+    token_s = m.get("token_s")
+    if not token_s:
+        return None
+    bounds = {"busiest stage": m.get("busiest_stage_s", 0.0),
+              "channel airtime": m.get("activation_airtime_s", 0.0) + m.get("snapshot_airtime_s", 0.0),
+              "gateway": prediction.get("gateway_s", 0.0)}
+    name, bottleneck = max(bounds.items(), key=lambda kv: kv[1])
+    if bottleneck <= 0 or n / token_s <= 1.0 / bottleneck:
+        return n / token_s, float(n), "pipeline round trip"
+    return 1.0 / bottleneck, token_s / bottleneck, f"{name} {bottleneck * 1e3:.1f} ms/token"
+
+
+def _spin_until(rclpy, node, pred, timeout):
+    import time
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            return False
+        rclpy.spin_once(node, timeout_sec=0.05)
+    return True
+
+
+def _run_clients(client, spin, prompts, tokens):
+    """Sends one goal per prompt at once; returns the wall time until the last result and the results."""
+    import time
+    from aerokv.action import Generate
+
+    started = time.monotonic()
+    sends = [client.send_goal_async(Generate.Goal(user=p, max_tokens=tokens, ignore_eos=True)) for p in prompts]
+    if not spin(lambda: all(s.done() for s in sends), 60):
+        sys.exit("bench concurrent: goals not answered")
+    results = [s.result().get_result_async() for s in sends]
+    if not spin(lambda: all(r.done() for r in results), 900):
+        sys.exit("bench concurrent: results did not come")
+    wall = time.monotonic() - started
+    out = [r.result().result for r in results]
+    for r in out:
+        if not r.accepted or r.finish_reason != "length":
+            sys.exit(f"bench concurrent: a request ended {r.finish_reason}: {r.error}")
+    return wall, out
+
+
 def bench_recovery(args):
     rng = random.Random(args.seed)
     reference = generate(args.tokens)["tokens"]
@@ -208,6 +321,9 @@ def main():
     a = sub.add_parser("swarm")
     a.add_argument("--tokens", type=int, default=128)
     a.add_argument("--repeats", type=int, default=5)
+    a.add_argument("--concurrent-tokens", type=int, default=64)
+    c = sub.add_parser("concurrent")
+    c.add_argument("--tokens", type=int, default=64)
     b = sub.add_parser("recovery")
     b.add_argument("--runs", type=int, default=20)
     b.add_argument("--tokens", type=int, default=64)
@@ -215,7 +331,10 @@ def main():
     b.add_argument("--contexts", type=int, nargs="*", default=[256, 1024])
     b.add_argument("--scheduler-runs", type=int, default=10, help="runs that kill the primary scheduler (0: none)")
     args = ap.parse_args()
-    {"swarm": bench_swarm, "recovery": bench_recovery}[args.cmd](args)
+    {"swarm": bench_swarm, "recovery": bench_recovery, "concurrent": bench_concurrent}[args.cmd](args)
+    if args.cmd == "swarm":
+        # `make bench-swarm`: the concurrent clients too, in the same invocation.
+        bench_concurrent(argparse.Namespace(tokens=args.concurrent_tokens))
 
 
 if __name__ == "__main__":

@@ -390,7 +390,7 @@ pub struct BatteryHealthFields<'a> {
 }
 
 /// The figures of a `Heartbeat` message the scheduler acts on.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HeartbeatFields<'a> {
     pub uav_id: &'a str,
     pub layer_start: u32,
@@ -401,7 +401,27 @@ pub struct HeartbeatFields<'a> {
     pub compute_s_total: f64,
     /// Goodput of the bulk data it received, bit/s; 0 until measured (`crate::linkrate`).
     pub link_goodput_bps: f64,
+    /// Weights + every request's bytes ([`HeartbeatFields::kv`]).
+    pub memory_bytes: u64,
+    /// Weights of the layers loaded (a layer held natively and as a replica once).
+    pub weight_bytes: u64,
+    /// What each request it holds occupies.
+    pub kv: Vec<KvHeld>,
 }
+
+/// What one request occupies on one executor (the heartbeat's `kv`, docs/design.md "Memory").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvHeld {
+    pub request_id: u64,
+    /// Rows in the native KV caches.
+    pub kv_tokens: u32,
+    /// Its KV rows (native and replica layers), the predecessor's tail snapshot and the
+    /// successor's buffered tail inputs held for it.
+    pub kv_bytes: u64,
+}
+
+/// Most requests one heartbeat may account for (a bound on a hostile message's work).
+pub const MAX_REQUESTS_HELD: usize = 64;
 
 /// Why a telemetry message was not taken.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -418,6 +438,21 @@ pub enum TelemetryReject {
     ZeroCapacity,
     #[error("layer interval [{start}, {end}) is not within the model's {layers} layers")]
     BadInterval { start: u32, end: u32, layers: u32 },
+    #[error("memory_bytes {memory_bytes} is not weight_bytes {weight_bytes} + the requests' kv_bytes {kv_bytes:?}")]
+    MemoryMismatch { memory_bytes: u64, weight_bytes: u64, kv_bytes: Option<u64> },
+    #[error("kv: {0}")]
+    BadKv(KvReject),
+}
+
+/// Why a heartbeat's per-request memory is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KvReject {
+    #[error("{0} entries, more than {MAX_REQUESTS_HELD}")]
+    TooMany(usize),
+    #[error("request id 0")]
+    ZeroId,
+    #[error("request {0} appears twice")]
+    Duplicate(u64),
 }
 
 fn number(field: &'static str, value: f64) -> std::result::Result<f64, TelemetryReject> {
@@ -506,6 +541,32 @@ pub fn validate_heartbeat(
             field: "link_goodput_bps",
             value: goodput,
             limit: crate::linkrate::MAX_GOODPUT_BPS,
+        });
+    }
+    validate_memory(m)
+}
+
+/// The heartbeat's memory adds up: at most [`MAX_REQUESTS_HELD`] requests with distinct non-zero
+/// ids, and `memory_bytes` = `weight_bytes` + their bytes (without overflow).
+fn validate_memory(m: &HeartbeatFields) -> std::result::Result<(), TelemetryReject> {
+    if m.kv.len() > MAX_REQUESTS_HELD {
+        return Err(TelemetryReject::BadKv(KvReject::TooMany(m.kv.len())));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for k in &m.kv {
+        if k.request_id == 0 {
+            return Err(TelemetryReject::BadKv(KvReject::ZeroId));
+        }
+        if !ids.insert(k.request_id) {
+            return Err(TelemetryReject::BadKv(KvReject::Duplicate(k.request_id)));
+        }
+    }
+    let kv_bytes = m.kv.iter().try_fold(0u64, |sum, k| sum.checked_add(k.kv_bytes));
+    if kv_bytes.and_then(|kv| kv.checked_add(m.weight_bytes)) != Some(m.memory_bytes) {
+        return Err(TelemetryReject::MemoryMismatch {
+            memory_bytes: m.memory_bytes,
+            weight_bytes: m.weight_bytes,
+            kv_bytes,
         });
     }
     Ok(())
@@ -707,39 +768,77 @@ mod tests {
             compute_ms_per_layer: 0.4,
             compute_s_total: 12.0,
             link_goodput_bps: 0.0,
+            memory_bytes: 0,
+            weight_bytes: 0,
+            kv: Vec::new(),
         };
         assert_eq!(validate_heartbeat(&hb, "uav1", 30), Ok(()));
         assert_eq!(
-            validate_heartbeat(&HeartbeatFields { layer_end: 0, replica_start: 0, replica_end: 0, ..hb }, "uav1", 30),
+            validate_heartbeat(
+                &HeartbeatFields { layer_end: 0, replica_start: 0, replica_end: 0, ..hb.clone() },
+                "uav1",
+                30
+            ),
             Ok(())
         );
         assert!(matches!(validate_heartbeat(&hb, "uav3", 30), Err(TelemetryReject::WrongUav { .. })));
         assert!(matches!(validate_heartbeat(&hb, "uav1", 9), Err(TelemetryReject::BadInterval { end: 10, .. })));
         let around_the_gateway =
-            HeartbeatFields { layer_start: 25, layer_end: 35, replica_start: 29, replica_end: 1, ..hb };
+            HeartbeatFields { layer_start: 25, layer_end: 35, replica_start: 29, replica_end: 1, ..hb.clone() };
         assert_eq!(validate_heartbeat(&around_the_gateway, "uav1", 30), Ok(()));
-        let too_long = HeartbeatFields { layer_start: 25, layer_end: 56, ..hb };
+        let too_long = HeartbeatFields { layer_start: 25, layer_end: 56, ..hb.clone() };
         assert!(matches!(validate_heartbeat(&too_long, "uav1", 30), Err(TelemetryReject::BadInterval { .. })));
-        let reversed = HeartbeatFields { layer_start: 9, ..hb };
+        let reversed = HeartbeatFields { layer_start: 9, ..hb.clone() };
         assert!(matches!(
             validate_heartbeat(&reversed, "uav1", 30),
             Err(TelemetryReject::BadInterval { start: 9, .. })
         ));
-        let nan = HeartbeatFields { compute_s_total: f64::NAN, ..hb };
+        let nan = HeartbeatFields { compute_s_total: f64::NAN, ..hb.clone() };
         assert!(matches!(validate_heartbeat(&nan, "uav1", 30), Err(TelemetryReject::BadNumber { .. })));
-        let negative = HeartbeatFields { compute_ms_per_layer: -1.0, ..hb };
+        let negative = HeartbeatFields { compute_ms_per_layer: -1.0, ..hb.clone() };
         assert!(matches!(validate_heartbeat(&negative, "uav1", 30), Err(TelemetryReject::BadNumber { .. })));
-        let measured = HeartbeatFields { link_goodput_bps: 18e6, ..hb };
+        let measured = HeartbeatFields { link_goodput_bps: 18e6, ..hb.clone() };
         assert_eq!(validate_heartbeat(&measured, "uav1", 30), Ok(()));
         for bad in [f64::NAN, -1.0, f64::INFINITY] {
-            let goodput = HeartbeatFields { link_goodput_bps: bad, ..hb };
+            let goodput = HeartbeatFields { link_goodput_bps: bad, ..hb.clone() };
             assert!(matches!(
                 validate_heartbeat(&goodput, "uav1", 30),
                 Err(TelemetryReject::BadNumber { field: "link_goodput_bps", .. })
             ));
         }
-        let absurd = HeartbeatFields { link_goodput_bps: 1e15, ..hb };
+        let absurd = HeartbeatFields { link_goodput_bps: 1e15, ..hb.clone() };
         assert!(matches!(validate_heartbeat(&absurd, "uav1", 30), Err(TelemetryReject::Absurd { .. })));
+        // Memory: weights + every request's bytes, requests named once each.
+        let held = |id, kv_bytes| KvHeld { request_id: id, kv_tokens: 3, kv_bytes };
+        let memory = HeartbeatFields {
+            memory_bytes: 1_000,
+            weight_bytes: 700,
+            kv: vec![held(4, 100), held(5, 200)],
+            ..hb.clone()
+        };
+        assert_eq!(validate_heartbeat(&memory, "uav1", 30), Ok(()));
+        let refused = |m: HeartbeatFields| validate_heartbeat(&m, "uav1", 30).unwrap_err();
+        assert_eq!(
+            refused(HeartbeatFields { memory_bytes: 999, ..memory.clone() }),
+            TelemetryReject::MemoryMismatch { memory_bytes: 999, weight_bytes: 700, kv_bytes: Some(300) }
+        );
+        let overflow = HeartbeatFields { kv: vec![held(4, u64::MAX), held(5, 1)], ..memory.clone() };
+        assert!(matches!(refused(overflow), TelemetryReject::MemoryMismatch { kv_bytes: None, .. }));
+        let wrapped = HeartbeatFields { memory_bytes: 99, weight_bytes: u64::MAX, ..memory.clone() };
+        assert!(matches!(refused(wrapped), TelemetryReject::MemoryMismatch { .. }));
+        assert_eq!(
+            refused(HeartbeatFields { kv: vec![held(4, 100), held(4, 200)], ..memory.clone() }),
+            TelemetryReject::BadKv(KvReject::Duplicate(4))
+        );
+        assert_eq!(
+            refused(HeartbeatFields { kv: vec![held(0, 300)], ..memory.clone() }),
+            TelemetryReject::BadKv(KvReject::ZeroId)
+        );
+        let many = (1..=65).map(|id| held(id, 0)).collect();
+        assert_eq!(
+            refused(HeartbeatFields { kv: many, memory_bytes: 700, ..memory.clone() }),
+            TelemetryReject::BadKv(KvReject::TooMany(65))
+        );
     }
 
     #[test]

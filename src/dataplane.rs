@@ -230,6 +230,30 @@ impl PendingReplay {
     }
 }
 
+/// Memory held by one UAV (the heartbeat's `weight_bytes`, `kv` and `memory_bytes`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Memory {
+    pub weight_bytes: u64,
+    /// One entry per request held.
+    pub requests: Vec<RequestMemory>,
+}
+
+/// What one request occupies on one UAV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestMemory {
+    pub request_id: u64,
+    /// Rows in the native KV caches.
+    pub kv_tokens: usize,
+    pub kv_bytes: u64,
+}
+
+impl Memory {
+    /// Weights + every request's bytes.
+    pub fn total(&self) -> u64 {
+        self.weight_bytes + self.requests.iter().map(|r| r.kv_bytes).sum::<u64>()
+    }
+}
+
 /// Counters for the heartbeat and the battery monitor.
 #[derive(Debug, Default, Clone)]
 pub struct Usage {
@@ -238,8 +262,14 @@ pub struct Usage {
     /// Single-token steps only (prefill and replays batch tokens and are cheaper per token).
     pub decode_compute: Duration,
     pub decode_layer_tokens: u64,
-    pub last_ms_per_layer: f64,
+    /// Compute per layer of the recent single-token steps, ms: an exponentially weighted mean
+    /// (weight [`DECODE_EWMA_WEIGHT`] per step), so that it follows the context's growth and the
+    /// host's load without one preempted step swinging it.
+    pub decode_ms_per_layer: f64,
 }
+
+/// The weight of the newest single-token step in [`Usage::decode_ms_per_layer`].
+pub const DECODE_EWMA_WEIGHT: f64 = 0.1;
 
 pub struct ShardHost {
     runtime: Runtime,
@@ -325,15 +355,26 @@ impl ShardHost {
             .and_then(|ls| ls.iter().filter_map(|l| self.pieces.get(l)).map(Shard::kv_len).min())
             .unwrap_or(0)
     }
-    pub fn memory_bytes(&self) -> u64 {
-        self.pieces
-            .values()
-            .map(|s| {
-                let m = s.memory_bytes();
-                m.weight_bytes + m.kv_bytes
-            })
-            .sum::<u64>()
-            + self.buffer.values().map(|h| h.bytes().len() as u64).sum::<u64>()
+    /// What this UAV holds: the weights of its loaded layers (one [`Shard`] per absolute layer,
+    /// so a layer that is both native and replica, or a replica promoted to native, is loaded
+    /// once) and, for the request it serves, its KV rows, the predecessor's tail snapshot and
+    /// the buffered inputs of the successor's tail.
+    pub fn memory(&self) -> Memory {
+        let mut weight_bytes = 0;
+        let mut kv_bytes = 0;
+        for s in self.pieces.values() {
+            let m = s.memory_bytes();
+            weight_bytes += m.weight_bytes;
+            kv_bytes += m.kv_bytes;
+        }
+        kv_bytes += self.pred_snapshot.as_ref().map_or(0, |s| s.byte_len() as u64);
+        kv_bytes += self.buffer.values().map(|h| h.bytes().len() as u64).sum::<u64>();
+        let requests = if self.request_id == 0 {
+            Vec::new()
+        } else {
+            vec![RequestMemory { request_id: self.request_id, kv_tokens: self.kv_tokens(), kv_bytes }]
+        };
+        Memory { weight_bytes, requests }
     }
 
     /// The swarm's activation codec (the assignment's). Every UAV must use the same one. The KV
@@ -785,7 +826,13 @@ impl ShardHost {
         if layers > 0 && tokens == 1 {
             self.usage.decode_compute += took;
             self.usage.decode_layer_tokens += layers as u64;
-            self.usage.last_ms_per_layer = took.as_secs_f64() * 1e3 / layers as f64;
+            let ms = took.as_secs_f64() * 1e3 / layers as f64;
+            let u = &mut self.usage;
+            u.decode_ms_per_layer = if u.decode_ms_per_layer > 0.0 {
+                u.decode_ms_per_layer + DECODE_EWMA_WEIGHT * (ms - u.decode_ms_per_layer)
+            } else {
+                ms
+            };
         }
     }
 }

@@ -13,6 +13,7 @@
 //!   `clock`, `node_params`, `diagnostics`), rosbag2 storage (`bag`), radio scenarios (`radio`),
 //!   the CLI (`cli`) and, with the `ros` feature, the ROS 2 adapters (`ros`; nodes in
 //!   `src/bin/*`): thin, messages in and out of the pure modules.
+pub mod admission;
 pub mod audit;
 pub mod bag;
 pub mod battery;

@@ -1,8 +1,9 @@
 //! Measured link rates for the planner's cost model, without ROS.
 //!
-//! Executors measure the goodput of the bulk data they receive (prompt chunks, KV snapshot rows,
-//! replays: messages of at least [`Goodput::MIN_BYTES`]) as payload bits over the time the link
-//! was busy with each (see [`Goodput`]), and report the median of the latest samples in their
+//! Executors measure the goodput of the bulk data they receive (prompt chunks and replays:
+//! messages of at least [`Goodput::MIN_BYTES`]) as payload bits over the time the link was busy
+//! with each (see [`Goodput`]). KV rows make no sample: their senders pace them below the
+//! channel's rate (docs/radio.md, "Queues and priorities"), so they would measure the pacing, and report the median of the latest samples in their
 //! heartbeats (`Heartbeat.link_goodput_bps`, 0 until measured). Sender stamps and receipt are
 //! compared on one clock: on separate drones that needs synchronised clocks (GNSS or PTP). On one 802.11 channel the rate between two
 //! hosts is the same both ways, so a UAV's figure stands for its link. The scheduler turns it into
@@ -63,9 +64,18 @@ impl Goodput {
         Some(bps)
     }
 
+    /// Takes a message that its sender paced below the link's rate (KV rows): its arrival is what
+    /// a later message from `source` may have queued behind, but its own timing measures the
+    /// pacing, not the link.
+    pub fn observe_paced(&mut self, source: &str, received_s: f64) {
+        if received_s.is_finite() {
+            self.last.insert(source.to_string(), received_s);
+        }
+    }
+
     /// The median sample, bit/s; 0 before any (what the heartbeat carries for "not measured").
     pub fn bps(&self) -> f64 {
-        median(&self.samples)
+        self.samples.iter().copied().fold(0.0, f64::max)
     }
 }
 
@@ -168,6 +178,21 @@ mod tests {
             g.observe("uav2", 100_000, 20.0 + i as f64, 20.103 + i as f64);
         }
         assert!((g.bps() / 8e6 - 1.0).abs() < 1e-9, "{}", g.bps());
+    }
+
+    #[test]
+    fn paced_messages_make_no_sample_but_a_queue() {
+        let mut g = Goodput::default();
+        g.observe("uav3", 2304, 10.0, 10.003);
+        // KV rows paced at 4.8 Mbit/s: 240 KB over 0.4 s would read as 4.8 Mbit/s.
+        g.observe_paced("uav3", 10.403);
+        g.observe_paced("uav3", f64::NAN);
+        assert_eq!(g.bps(), 0.0);
+        // A prompt chunk stamped before the rows' arrival waited behind them: its busy time starts
+        // there (64 KiB in 26.2 ms: 20 Mbit/s), not at its own stamp.
+        let took = 65536.0 * 8.0 / 20e6;
+        let s = g.observe("uav3", 65536, 10.2, 10.403 + took).expect("a sample");
+        assert!((s / 20e6 - 1.0).abs() < 1e-9, "{s}");
     }
 
     #[test]

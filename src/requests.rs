@@ -90,6 +90,8 @@ pub enum Refusal {
     ShuttingDown,
     #[error("no UAV is up (no heartbeat and battery health from any shard executor)")]
     NoUav,
+    #[error("{uav} cannot hold this request: its weights and the KV of {tokens} tokens (prompt + max_tokens) need {need_bytes} bytes, its memory budget is {budget_bytes} bytes (ask for fewer tokens)")]
+    Memory { uav: String, tokens: u64, need_bytes: u64, budget_bytes: u64 },
 }
 
 /// Checks a request's fields against the limits; `encode` tokenizes its prompt (the raw `prompt`

@@ -7,7 +7,7 @@
 //! codec's bytes and the answer is that of one process that feeds every layer its predecessor's
 //! output through the codec, with or without the failure. Uses the `tiny` variant
 //! (random weights, 4 layers, same graph) and the real ONNX Runtime.
-use aerokv::dataplane::{gateway_steps, step_at, Emit, ShardHost, Stage, SwarmPlan};
+use aerokv::dataplane::{gateway_steps, step_at, Emit, RequestMemory, ShardHost, Stage, SwarmPlan};
 use aerokv_codec::{ActivationCodec, Encoded};
 use aerokv_engine::{
     argmax, prompt_chunks, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Shard, PREFILL_CHUNK_TOKENS,
@@ -623,4 +623,62 @@ fn a_replica_seeded_steps_after_the_plan_catches_up_and_protects_the_next_failov
     assert_eq!(served_while_pending, 3, "steps served while the replica waited for its seed");
     assert!(failures.is_empty() && !swarm.hosts["uav1"].replica_pending());
     assert_eq!(got, want);
+}
+
+#[test]
+fn the_memory_a_host_reports_is_its_weights_once_and_the_requests_rows() {
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let mut gateway = Gateway::load(&rt, &m).unwrap();
+    let weights =
+        |layers: &[usize]| -> u64 { layers.iter().map(|&l| m.interval_memory(l, l + 1).unwrap().weight_bytes).sum() };
+    let per_token_layer = m.architecture.kv_bytes_per_token_per_layer();
+    let row_bytes = (m.architecture.hidden * 4) as u64; // one raw f32 hidden state
+                                                        // uav1 holds layer 0 and uav2's head (layer 1); uav3 holds layer 3 and uav2's tail snapshot.
+    let stages = vec![stage("uav1", 0, 1, 0, 0), stage("uav2", 1, 2, 1, 2), stage("uav3", 3, 1, 0, 1)];
+    let first = plan(1, 9, 0, stages);
+    let hosts = ["uav1", "uav2", "uav3"].map(|u| (u.to_string(), ShardHost::new(rt.clone(), m.clone(), u).unwrap()));
+    let mut swarm = Swarm::new(hosts, ActivationCodec::Raw);
+    swarm.apply(&first, None);
+    // Loaded, the plan's request not begun: weights only.
+    let idle = swarm.hosts["uav1"].memory();
+    assert_eq!(idle.weight_bytes, weights(&[0, 1]));
+    assert_eq!(idle.requests, vec![RequestMemory { request_id: 9, kv_tokens: 0, kv_bytes: 0 }]);
+    assert_eq!(idle.total(), idle.weight_bytes);
+    let prompt = gateway.encode_chat(SHORT).unwrap();
+    swarm.send(&first, &mut gateway, &prompt, 0);
+    swarm.drain().unwrap();
+    for position in prompt.len()..prompt.len() + 5 {
+        swarm.send(&first, &mut gateway, &[42], position);
+        swarm.drain().unwrap();
+    }
+    let n = (prompt.len() + 5) as u64;
+    let snapshot = |uav: &str| swarm.hosts[uav].pred_snapshot_tokens() as u64;
+    // uav1: KV of layers 0 and 1, uav2's tail input buffered for every position, and the
+    // snapshot of uav3's tail (layer 3) as far as it reached.
+    let uav1 = swarm.hosts["uav1"].memory();
+    assert_eq!(uav1.weight_bytes, weights(&[0, 1]));
+    assert_eq!(uav1.requests.len(), 1);
+    let r = uav1.requests[0];
+    assert_eq!((r.request_id, r.kv_tokens as u64), (9, n));
+    assert!(snapshot("uav1") > 0);
+    assert_eq!(r.kv_bytes, (2 * n + snapshot("uav1")) * per_token_layer + n * row_bytes);
+    assert_eq!(uav1.total(), uav1.weight_bytes + r.kv_bytes);
+    // uav3: KV of layer 3, the snapshot of uav2's tail (layer 2), and uav1's input (uav1's tail
+    // has no head before it).
+    let uav3 = swarm.hosts["uav3"].memory();
+    assert!(snapshot("uav3") > 0);
+    assert_eq!(uav3.weight_bytes, weights(&[3]));
+    assert_eq!(uav3.requests[0].kv_bytes, (n + snapshot("uav3")) * per_token_layer + n * row_bytes);
+    // uav2 fails: uav1 promotes its replica of layer 1 (the loaded layer, not a second copy) and
+    // takes uav3's head (layer 2) as its new replica; each layer's weights count once.
+    let recovery = SwarmPlan {
+        resume_position: n as usize,
+        ..plan(2, 9, 0, vec![stage("uav1", 0, 2, 1, 1), stage("uav3", 2, 2, 1, 1)])
+    };
+    swarm.kill("uav2");
+    swarm.apply(&recovery, None);
+    let uav1 = swarm.hosts["uav1"].memory();
+    assert_eq!(uav1.weight_bytes, weights(&[0, 1, 2]));
+    assert_eq!(uav1.requests[0].kv_tokens as u64, n);
 }

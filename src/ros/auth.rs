@@ -345,7 +345,10 @@ fn encode_heartbeat(e: &mut Encoder, h: &Heartbeat) {
     let c = &h.auth_counters;
     e.u64(c.accepted).u64(c.not_signed).u64(c.unknown_sender).u64(c.wrong_role);
     e.u64(c.bad_signature).u64(c.replayed).u64(c.malformed);
-    e.f64(h.link_goodput_bps);
+    e.f64(h.link_goodput_bps).u64(h.weight_bytes);
+    e.seq(&h.kv, |e, k| {
+        e.u64(k.request_id).u32(k.kv_tokens).u64(k.kv_bytes);
+    });
 }
 
 fn encode_battery(e: &mut Encoder, b: &BatteryHealth) {
@@ -461,6 +464,8 @@ mod tests {
             "compute_s_total",
             "tx_bytes_total",
             "memory_bytes",
+            "weight_bytes",
+            "kv",
             "stale_messages",
             "stamp",
             "auth_counters",
@@ -472,6 +477,7 @@ mod tests {
             &AuthCounters::default(),
             &["accepted", "not_signed", "unknown_sender", "wrong_role", "bad_signature", "replayed", "malformed"],
         );
+        same(&m::RequestKv::default(), &["request_id", "kv_tokens", "kv_bytes"]);
         let b = [
             "uav_id",
             "stamp",

@@ -246,5 +246,12 @@ pub fn heartbeat_fields(m: &Heartbeat) -> HeartbeatFields<'_> {
         compute_ms_per_layer: m.compute_ms_per_layer,
         compute_s_total: m.compute_s_total,
         link_goodput_bps: m.link_goodput_bps,
+        memory_bytes: m.memory_bytes,
+        weight_bytes: m.weight_bytes,
+        kv: m
+            .kv
+            .iter()
+            .map(|k| crate::control::KvHeld { request_id: k.request_id, kv_tokens: k.kv_tokens, kv_bytes: k.kv_bytes })
+            .collect(),
     }
 }

@@ -1,4 +1,5 @@
 //! A contiguous interval of decoder layers with its per-layer KV caches.
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -235,6 +236,10 @@ pub struct Shard {
     parts: Vec<LayerPart>,
     kv: Vec<LayerKv>,
     kv_capacity: usize,
+    /// The request `kv` belongs to (0 until [`Shard::switch_request`]).
+    request: u64,
+    /// Other requests' caches and their capacities, kept while the shard computes for `request`.
+    parked: BTreeMap<u64, (Vec<LayerKv>, usize)>,
     io: StepIo,
     weight_bytes: u64,
     loaded_rss_bytes: u64,
@@ -301,6 +306,8 @@ impl Shard {
             start: layers.start,
             end: layers.end,
             kv: (layers.start..layers.end).map(LayerKv::empty).collect(),
+            request: 0,
+            parked: BTreeMap::new(),
             parts,
             io,
             weight_bytes: files.iter().map(|f| f.weight_bytes).sum(),
@@ -392,18 +399,71 @@ impl Shard {
     }
 
     /// Weights and KV bytes of this shard.
+    /// Weights and KV bytes of this shard (the KV of every request it holds, see
+    /// [`Shard::switch_request`]).
     pub fn memory_bytes(&self) -> ShardMemory {
         let per_layer = self.arch.kv_bytes_per_token_per_layer();
         let layers = (self.end - self.start) as u64;
-        let held: u64 = self.kv.iter().map(|k| k.len as u64).sum::<u64>() * per_layer;
-        let allocated = self.kv.iter().filter(|k| k.key.is_some()).count() as u64;
+        let contexts =
+            std::iter::once((&self.kv, self.kv_capacity)).chain(self.parked.values().map(|(kv, c)| (kv, *c)));
+        let (mut held, mut reserved) = (0, 0);
+        for (kv, capacity) in contexts {
+            held += kv.iter().map(|k| k.len as u64).sum::<u64>() * per_layer;
+            reserved += kv.iter().filter(|k| k.key.is_some()).count() as u64 * capacity as u64 * per_layer;
+        }
         ShardMemory {
             weight_bytes: self.weight_bytes,
             kv_bytes_per_token: per_layer * layers,
             kv_bytes: held,
-            kv_reserved_bytes: allocated * self.kv_capacity as u64 * per_layer,
+            kv_reserved_bytes: reserved,
             loaded_rss_bytes: self.loaded_rss_bytes,
         }
+    }
+
+    /// The request whose KV caches steps, exports, imports, truncations and resets use (0 until
+    /// [`Shard::switch_request`] names one).
+    pub fn request(&self) -> u64 {
+        self.request
+    }
+
+    /// Makes `request_id`'s KV caches the current ones and keeps the current ones aside: one
+    /// loaded shard (its weights once) holds the caches of several requests, whose steps may
+    /// interleave. A request not seen before starts with empty caches (of the current
+    /// capacity). Nothing is copied: the caches are bound to the sessions again. A step gives
+    /// the same bits whichever requests ran in between.
+    pub fn switch_request(&mut self, request_id: u64) -> Result<()> {
+        if request_id == self.request {
+            return Ok(());
+        }
+        let fresh = || ((self.start..self.end).map(LayerKv::empty).collect(), self.kv_capacity);
+        let (kv, capacity) = self.parked.remove(&request_id).unwrap_or_else(fresh);
+        let outgoing = (std::mem::replace(&mut self.kv, kv), std::mem::replace(&mut self.kv_capacity, capacity));
+        self.parked.insert(self.request, outgoing);
+        self.request = request_id;
+        if self.kv.iter().all(|k| k.key.is_some()) {
+            // Allocated: bind them (a fresh context allocates at its first step or import).
+            self.allocate_kv()?;
+        }
+        Ok(())
+    }
+
+    /// Frees the caches of `request_id` (the current request's are emptied; its buffers stay).
+    pub fn drop_request(&mut self, request_id: u64) {
+        if request_id == self.request {
+            self.reset();
+        } else {
+            self.parked.remove(&request_id);
+        }
+    }
+
+    /// Every request whose caches the shard holds rows for, with its rows (the current request's
+    /// first when it holds any).
+    pub fn requests(&self) -> Vec<(u64, usize)> {
+        let len = |kv: &[LayerKv]| kv.iter().map(|k| k.len).min().unwrap_or(0);
+        std::iter::once((self.request, len(&self.kv)))
+            .chain(self.parked.iter().map(|(&id, (kv, _))| (id, len(kv))))
+            .filter(|&(_, n)| n > 0)
+            .collect()
     }
 
     /// Allocates the caches that are not (for [`Shard::kv_capacity`] tokens) and binds every
@@ -607,7 +667,7 @@ impl Shard {
         Ok(())
     }
 
-    /// Clears every KV cache (a new request); the buffers stay allocated.
+    /// Clears the current request's KV caches (every layer); the buffers stay allocated.
     pub fn reset(&mut self) {
         for cache in &mut self.kv {
             cache.len = 0;
@@ -618,6 +678,9 @@ impl Shard {
     /// this shard, e.g. when a replica of a successor's head becomes native layers. The joined
     /// shard keeps this shard's KV capacity.
     pub fn join(mut self, mut next: Shard) -> Result<Shard> {
+        if !self.parked.is_empty() || !next.parked.is_empty() || self.request != next.request {
+            return Err(EngineError::InvalidInput("cannot join shards that hold several requests' caches".into()));
+        }
         if next.start != self.end || next.variant != self.variant {
             return Err(EngineError::InvalidInput(format!(
                 "cannot join [{}, {}) of `{}` after [{}, {}) of `{}`",

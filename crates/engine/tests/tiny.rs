@@ -343,3 +343,65 @@ fn in_place_cache_capacity_truncate_and_regrow_keep_the_bits() {
     let b = roomy[0].forward(&next, end).unwrap();
     assert!(a.bit_identical(&b), "a step after growing the cache differs");
 }
+
+#[test]
+fn requests_interleaved_on_one_shard_each_give_their_answer_alone() {
+    let rt = runtime();
+    let m = manifest("tiny");
+    let mut gw = aerokv_engine::Gateway::load(&rt, &m).unwrap();
+    let layers = m.architecture.layers;
+    let prompts = [gw.encode_chat(PROMPT).unwrap(), gw.encode_chat("Name three uses of a swarm.").unwrap()];
+    let mut solo = [shards(&rt, &m, &[layers]), shards(&rt, &m, &[layers])];
+    let alone: Vec<_> = prompts.iter().zip(&mut solo).map(|(p, s)| run_pipeline(&mut gw, s, p, 6)).collect();
+    // One shard, two requests (ids 7 and 9), their steps alternating: prefill 7, prefill 9, a
+    // token of 7, a token of 9, ...
+    let mut shard = shards(&rt, &m, &[layers]).remove(0);
+    let mut sampler = aerokv_engine::Sampler::new(Sampling::Greedy);
+    let ids = [7u64, 9];
+    let mut chunks: Vec<Vec<u32>> = prompts.to_vec();
+    let mut positions = [0usize; 2];
+    let mut tokens = [Vec::new(), Vec::new()];
+    let mut hidden: [Vec<Hidden>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..=6 {
+        for r in 0..2 {
+            shard.switch_request(ids[r]).unwrap();
+            assert_eq!((shard.request(), shard.kv_len()), (ids[r], positions[r]));
+            let h = shard.forward(&gw.embed(&chunks[r]).unwrap(), positions[r]).unwrap();
+            let next = sampler.sample(&gw.logits(&h).unwrap()).unwrap();
+            positions[r] += chunks[r].len();
+            chunks[r] = vec![next];
+            tokens[r].push(next);
+            hidden[r].push(h);
+        }
+    }
+    for r in 0..2 {
+        assert_eq!(tokens[r], alone[r].tokens, "request {}", ids[r]);
+        assert_bit_identical(&hidden[r].iter().collect::<Vec<_>>(), &final_hidden(&alone[r]), "interleaved");
+    }
+    // Each request's caches are its own: rows, exports and memory.
+    let mut held = shard.requests();
+    held.sort();
+    assert_eq!(held, vec![(7, positions[0]), (9, positions[1])]);
+    let per_token = m.architecture.kv_bytes_per_token_per_layer() * layers as u64;
+    assert_eq!(shard.memory_bytes().kv_bytes, (positions[0] + positions[1]) as u64 * per_token);
+    let rows_9 = shard.export_kv(0..layers, 0..positions[1]).unwrap();
+    shard.switch_request(7).unwrap();
+    let rows_7 = shard.export_kv(0..layers, 0..positions[0]).unwrap();
+    // The rows each request's solo run holds (before its last token, which it did not feed).
+    assert_eq!(rows_7, solo[0][0].export_kv(0..layers, 0..positions[0]).unwrap());
+    assert_eq!(rows_9, solo[1][0].export_kv(0..layers, 0..positions[1]).unwrap());
+    // A request imported into a fresh context continues exactly (a snapshot restore beside another).
+    shard.switch_request(11).unwrap();
+    assert_eq!(shard.kv_len(), 0);
+    shard.import_kv(&rows_9).unwrap();
+    let last = *tokens[1].last().unwrap();
+    let a = shard.forward(&gw.embed(&[last]).unwrap(), positions[1]).unwrap();
+    shard.switch_request(9).unwrap();
+    let b = shard.forward(&gw.embed(&[last]).unwrap(), positions[1]).unwrap();
+    assert!(a.bit_identical(&b));
+    // Dropped: its memory is freed, the others' stay.
+    shard.drop_request(11);
+    shard.drop_request(7);
+    assert_eq!(shard.requests(), vec![(9, positions[1] + 1)]);
+    assert_eq!(shard.memory_bytes().kv_bytes, (positions[1] + 1) as u64 * per_token);
+}

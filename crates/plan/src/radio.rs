@@ -185,6 +185,9 @@ pub struct Traffic {
     pub heartbeat_period_s: f64,
     /// The gateway's time per token (LM head, sampling, embedding), s.
     pub gateway_s: f64,
+    /// The most bytes of KV rows a sender puts on the air in one go (its bulk flow controller's
+    /// bytes per period): what an activation may find ahead of it.
+    pub bulk_burst_bytes: f64,
 }
 
 impl Default for Traffic {
@@ -197,6 +200,7 @@ impl Default for Traffic {
             heartbeat_bytes: 200.0,
             heartbeat_period_s: 0.05,
             gateway_s: 0.0,
+            bulk_burst_bytes: 6000.0,
         }
     }
 }
@@ -206,7 +210,7 @@ impl Traffic {
         let ok = [self.hidden_size, self.bytes_per_element, self.kv_bytes_per_element, self.heartbeat_period_s]
             .iter()
             .all(|v| v.is_finite() && *v > 0.0)
-            && [self.message_overhead_bytes, self.heartbeat_bytes, self.gateway_s]
+            && [self.message_overhead_bytes, self.heartbeat_bytes, self.gateway_s, self.bulk_burst_bytes]
                 .iter()
                 .all(|v| v.is_finite() && *v >= 0.0);
         if ok {
@@ -233,8 +237,17 @@ pub struct RadioPrediction {
     pub hops: u32,
     /// Airtime of every hop's activation, s per token.
     pub activation_airtime_s: f64,
-    /// Snapshot airtime per token (each burst spread over its T tokens), s.
+    /// Snapshot airtime per token (each burst spread over its T tokens), s. Paced KV rows take
+    /// channel time beside the token's path, not on it: they count through `contention_s` and
+    /// `channel_s`.
     pub snapshot_airtime_s: f64,
+    /// The token's own path: compute, activation airtime, hop latency and contention, s.
+    pub critical_path_s: f64,
+    /// Expected wait of the token's activations behind KV rows already on the air, s per token.
+    pub contention_s: f64,
+    /// Channel time every token needs (activations, snapshots, heartbeats): a channel that
+    /// cannot carry it sets the pace, s.
+    pub channel_s: f64,
     /// Per-hop latency beyond airtime, s per token.
     pub hop_latency_s: f64,
     /// Share of the channel's time the heartbeats take.
@@ -307,9 +320,23 @@ pub fn predict_tokens_per_s(
     if heartbeat_share >= 1.0 {
         return Err(PlanError::InvalidConfig(format!("heartbeats alone fill the channel ({heartbeat_share:.2})")));
     }
-    let airtime = (activation_airtime_s + snapshot_airtime_s) / (1.0 - heartbeat_share);
+    let activation_s = activation_airtime_s / (1.0 - heartbeat_share);
     let hop_latency_s = f64::from(hops) * channel.hop_latency_s;
-    let token_s = (compute_s + airtime + hop_latency_s).max(busiest);
+    let path_s = compute_s + activation_s + hop_latency_s;
+    // An activation that finds KV rows on the air (the channel's share busy with them, rho = S/x)
+    // waits for the rest of that burst, on average half its airtime: x = path + hops rho B/2 has
+    // the root below. Snapshots are paced and sent while the stages compute, so their airtime
+    // is not on the path itself.
+    let burst_s = if snapshot_airtime_s > 0.0 {
+        channel.message_airtime_s(traffic.bulk_burst_bytes, mean_rate(swarm)) / 2.0
+    } else {
+        0.0
+    };
+    let critical_path_s =
+        (path_s + (path_s * path_s + 4.0 * f64::from(hops) * snapshot_airtime_s * burst_s).sqrt()) / 2.0;
+    let contention_s = critical_path_s - path_s;
+    let channel_s = (activation_airtime_s + snapshot_airtime_s) / (1.0 - heartbeat_share);
+    let token_s = critical_path_s.max(channel_s).max(busiest);
     Ok(RadioPrediction {
         tokens_per_s: 1.0 / token_s,
         token_s,
@@ -317,11 +344,19 @@ pub fn predict_tokens_per_s(
         hops,
         activation_airtime_s,
         snapshot_airtime_s,
+        critical_path_s,
+        contention_s,
+        channel_s,
         hop_latency_s,
         heartbeat_share,
         channel_share: heartbeat_share + (activation_airtime_s + snapshot_airtime_s) / token_s,
         busiest_stage_s: busiest,
     })
+}
+
+/// The mean of the members' link rates, bit/s.
+fn mean_rate(swarm: &SwarmState) -> f64 {
+    swarm.uavs.iter().map(|u| u.link_bps).sum::<f64>() / swarm.uavs.len().max(1) as f64
 }
 
 #[cfg(test)]
@@ -462,6 +497,34 @@ mod tests {
         // The first stage's head replica needs the gateway's copy of its input: one hop more.
         assert_eq!(a.hops, none.hops + 1);
         assert!(a.tokens_per_s < none.tokens_per_s);
+    }
+
+    #[test]
+    fn paced_snapshots_cost_contention_until_they_fill_the_channel() {
+        let c = Channel::default();
+        let t = Traffic { gateway_s: 4e-3, ..Traffic::default() };
+        let layout = uniform(4);
+        let plan = |period| ProtectionPlan {
+            per_uav: layout.entries().iter().map(|&(u, _)| (u, Protection { k: 2, period: Some(period) })).collect(),
+            ..ProtectionPlan::none(&layout)
+        };
+        let light = predict(4, Some(&plan(16)), &c, &t);
+        // Off the token's path: a wait behind at most half a burst per hop, no more.
+        assert!(light.contention_s > 0.0);
+        let burst = c.message_airtime_s(t.bulk_burst_bytes, 24e6);
+        assert!(light.contention_s < f64::from(light.hops) * burst / 2.0, "{light:?}");
+        let path = light.compute_s + light.activation_airtime_s / (1.0 - light.heartbeat_share) + light.hop_latency_s;
+        assert!((light.critical_path_s - path - light.contention_s).abs() < 1e-12);
+        assert!(light.token_s < path + light.snapshot_airtime_s);
+        // The same snapshots on a slow channel fill it: the channel sets the pace.
+        let slow = SwarmState {
+            uavs: swarm(4).uavs.into_iter().map(|u| UavState { link_bps: 2e6, ..u }).collect(),
+            ..swarm(4)
+        };
+        let p = predict_tokens_per_s(&slow, &model(), &layout, &layout.ring(), &plan(16), &c, &t).expect("prediction");
+        assert!(p.channel_s > p.critical_path_s, "{p:?}");
+        assert_eq!(p.token_s, p.channel_s);
+        assert!((p.channel_share - 1.0).abs() < 1e-9, "{}", p.channel_share);
     }
 
     #[test]

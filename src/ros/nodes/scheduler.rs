@@ -6,13 +6,14 @@
 //! restart when the state to fail over is not there) and retires UAVs before their batteries die.
 use super::discovery::uavs_with_topic;
 use super::generate_api::Desk;
+use crate::admission::{self, Verdict};
 use crate::control::{self, Airframe, Controller, Heard, Membership, ModelSize, Planned, Telemetry, TelemetryKind};
 use crate::dataplane::{gateway_steps, step_at, SwarmPlan};
 use crate::decision::{self, Decision, PlanInputs, SnapshotHeld};
 use crate::detector::FailureReason;
 use crate::epoch::{self as epochs, EpochClock, ExecutorState, Readiness};
 use crate::linkrate::LinkRates;
-use crate::requests::{Answer, Finish, Job, Spec};
+use crate::requests::{Answer, Finish, Job, Spec, MAX_RUNNING};
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::diagnostics::Diagnostics;
 use crate::ros::fallback::{self, Input};
@@ -950,14 +951,30 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The cost model's tokens/s for the current plan with the activation codec's bytes and the
-    /// gateway's mean time per step in `steps`: with the link rates the planner uses (measured
-    /// where measured) and with the configured rate.
+    /// The cost model's tokens/s for the current plan with the activation codec's bytes, the
+    /// gateway's mean time per step in `steps` and each stage's compute per layer as its executor
+    /// measures it (its heartbeat; the start-up figure where none has arrived): with the link
+    /// rates the planner uses (measured where measured) and with the configured rate. Planning
+    /// keeps the start-up figure (see [`Self::uav_inputs`]); a prediction of this run's speed
+    /// wants what this run's hosts did.
     fn prediction(&mut self, steps: &[Step]) -> serde_json::Value {
         let Some(current) = self.current.clone() else { return serde_json::Value::Null };
         let gateway_s = steps.iter().map(|s| s.gateway_ms).sum::<f64>() / steps.len().max(1) as f64 / 1e3;
         let traffic = crate::linkrate::traffic(self.codec, self.hidden, gateway_s);
-        let telemetry = self.telemetry();
+        let mut telemetry = self.telemetry();
+        let measured_ms: BTreeMap<String, f64> = {
+            let live = self.lock();
+            live.beats
+                .iter()
+                .filter(|(_, (_, hb))| hb.compute_ms_per_layer > 0.0)
+                .map(|(u, (_, hb))| (u.clone(), hb.compute_ms_per_layer))
+                .collect()
+        };
+        for (uav, t) in telemetry.iter_mut() {
+            if let Some(ms) = measured_ms.get(uav) {
+                t.layer_latency_s = ms / 1e3;
+            }
+        }
         let configured: BTreeMap<String, Telemetry> =
             telemetry.iter().map(|(u, t)| (u.clone(), Telemetry { link_bps: None, ..*t })).collect();
         match (
@@ -969,6 +986,8 @@ impl Scheduler {
                 "configured_rate_tokens_per_s": c.tokens_per_s,
                 "activation_bytes_per_token": traffic.activation_bytes(),
                 "gateway_s": traffic.gateway_s,
+                "compute_ms_per_layer": current.plan.stages.iter().map(|s| (s.uav.clone(), telemetry.get(&s.uav).map(|t| t.layer_latency_s * 1e3))).collect::<BTreeMap<_, _>>(),
+                "planning_compute_ms_per_layer": self.own_layer_latency_s * 1e3,
                 "link_bps": current.plan.stages.iter().map(|s| (s.uav.clone(), telemetry.get(&s.uav).and_then(|t| t.link_bps))).collect::<BTreeMap<_, _>>(),
                 "configured_link_bps": self.p.link_rate_bps,
             }),
@@ -985,6 +1004,11 @@ impl Scheduler {
         if members.is_empty() {
             let why = crate::requests::Refusal::NoUav;
             tracing::warn!("request refused: {why}");
+            return Answer::refused(job.request_id, &why);
+        }
+        let tokens = (job.prompt_ids.len() + job.max_tokens) as u64;
+        if let Verdict::Refuse(why) = admission::admit(&self.uav_memory(), &[], MAX_RUNNING, tokens) {
+            tracing::warn!(request = job.request_id, "request refused: {why}");
             return Answer::refused(job.request_id, &why);
         }
         let mut run = Run::new(job.request_id, job.prompt_ids, job.max_tokens, job.sampling);
@@ -1190,6 +1214,20 @@ impl Scheduler {
                 self.generate(run).await
             }
         }
+    }
+
+    /// Every UAV's memory under the current plan (none before the first plan), with the weights
+    /// its executor reports loaded.
+    fn uav_memory(&self) -> Vec<admission::UavMemory> {
+        let Some(current) = &self.current else { return Vec::new() };
+        let reported = self.lock().beats.iter().map(|(uav, (_, hb))| (uav.clone(), hb.weight_bytes)).collect();
+        let m = &self.plan_params.model;
+        let model = admission::ModelBytes {
+            weight_bytes_per_layer: m.weight_bytes_per_layer as u64,
+            kv_bytes_per_token_layer: m.kv_bytes_per_token_layer as u64,
+            activation_bytes_per_token: self.codec.row_bytes(self.hidden) as u64,
+        };
+        admission::plan_memory(&current.plan, model, self.p.memory_budget_bytes as u64, &reported)
     }
 
     /// The answer of a request stopped because nobody wants it any more.

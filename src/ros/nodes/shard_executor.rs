@@ -13,7 +13,7 @@ use aerokv_codec::KvCodec;
 use aerokv_engine::{models_root, Manifest, Runtime, RuntimeConfig};
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
-use r2r::aerokv::msg::{Activation, Assignment, Heartbeat, KvSnapshot};
+use r2r::aerokv::msg::{Activation, Assignment, Heartbeat, KvSnapshot, RequestKv};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -346,13 +346,13 @@ impl Worker {
                 return;
             }
         }
-        let received = match &ev {
-            Event::Input { msg, .. } | Event::Replay { msg, .. } => Some((&msg.source, msg.payload.len(), &msg.stamp)),
-            Event::Kv(m) => Some((&m.source, m.payload.len(), &m.stamp)),
-            Event::Assignment(_) => None,
-        };
-        if let Some((source, bytes, stamp)) = received {
-            self.goodput.observe(source, bytes, crate::ros::stamp_secs(stamp), crate::ros::unix_now());
+        match &ev {
+            Event::Input { msg, .. } | Event::Replay { msg, .. } => {
+                let sent = crate::ros::stamp_secs(&msg.stamp);
+                self.goodput.observe(&msg.source, msg.payload.len(), sent, crate::ros::unix_now());
+            }
+            Event::Kv(m) => self.goodput.observe_paced(&m.source, crate::ros::unix_now()),
+            Event::Assignment(_) => {}
         }
         let result = match ev {
             Event::Assignment(a) if a.epoch <= current.max(self.failed_epoch) => Ok(()),
@@ -598,10 +598,17 @@ impl Worker {
         hb.kv_tokens = self.host.kv_tokens() as u32;
         hb.request_id = self.host.request_id();
         hb.pred_snapshot_tokens = self.host.pred_snapshot_tokens() as u32;
-        hb.compute_ms_per_layer = self.host.usage.last_ms_per_layer;
+        hb.compute_ms_per_layer = self.host.usage.decode_ms_per_layer;
         hb.compute_s_total = self.host.usage.compute.as_secs_f64();
         hb.link_goodput_bps = self.goodput.bps();
-        hb.memory_bytes = self.host.memory_bytes();
+        let memory = self.host.memory();
+        hb.memory_bytes = memory.total();
+        hb.weight_bytes = memory.weight_bytes;
+        hb.kv = memory
+            .requests
+            .iter()
+            .map(|r| RequestKv { request_id: r.request_id, kv_tokens: r.kv_tokens as u32, kv_bytes: r.kv_bytes })
+            .collect();
         hb.auth_counters = self.auth.counters();
         let before = std::mem::take(&mut hb.state);
         hb.state = if before.starts_with("error") {

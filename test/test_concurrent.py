@@ -1,0 +1,147 @@
+"""Several clients at once (docs/generate-api.md, "Concurrency and admission"), against one real
+swarm (three UAVs, the q4 model, DDS over shared memory) with a small memory budget per UAV:
+
+- three rclpy action clients send different prompts with different sampling seeds at the same
+  time; every answer equals `aerokv generate` with the same options (one process);
+- the same with a UAV killed in the middle of the answers: every answer is still identical;
+- a request whose KV could never fit a UAV's memory (weights + prompt + max_tokens) is refused
+  with the UAV and the bytes;
+- the executors' heartbeats account their memory: weights of the layers they hold, and the
+  bytes of the request they serve.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+
+import pytest
+import yaml
+from conftest import BIN, MODELS, ROOT, spin_until
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+
+# (prompt, temperature, seed): greedy and sampled answers, each its own.
+CASES = [
+    ("What is a drone?", 0.0, 0),
+    ("Name three uses of a swarm of drones.", 0.8, 7),
+    ("Why do drones need batteries?", 0.8, 11),
+]
+KILL_CASES = [(p, t, s + 100) for p, t, s in CASES]
+MAX_TOKENS = 32
+# The idle plan is made for 64 tokens; 100 MB per UAV hold any layout's weights (81 MB for all 30
+# layers of q4) with the KV of these requests, never that of an 8,000-token answer (>= 10 layers on
+# the most loaded of three UAVs: 27 MB of weights + 123 MB of KV).
+BUDGET = 100_000_000
+HUGE_TOKENS = 8000
+LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
+SUCCEEDED, ABORTED = 4, 6  # action_msgs/GoalStatus
+
+
+def options(temperature, seed):
+    return ["--temperature", str(temperature), "--top-p", "0.9", "--seed", str(seed)] if temperature > 0 else []
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Every case's answer from one process: (prompt, temperature, seed) -> answer."""
+    out = {}
+    for prompt, temperature, seed in CASES + KILL_CASES:
+        r = subprocess.run([BIN / "aerokv", "generate", "--user", prompt, "--max-tokens", str(MAX_TOKENS), "--json",
+                            *options(temperature, seed)], capture_output=True, text=True, timeout=300, check=True)
+        out[prompt, temperature, seed] = json.loads(r.stdout)
+    return out
+
+
+class Goal:
+    def __init__(self, node, client, prompt, temperature, seed, max_tokens=MAX_TOKENS):
+        from aerokv.action import Generate
+
+        self.node, self.feedback, self.case = node, [], (prompt, temperature, seed)
+        goal = Generate.Goal(user=prompt, max_tokens=max_tokens, temperature=temperature,
+                             top_p=0.9 if temperature > 0 else 0.0, seed=seed)
+        self.send = client.send_goal_async(goal, feedback_callback=lambda m: self.feedback.append(m.feedback))
+
+    def wait(self, timeout=180):
+        assert spin_until(self.node, self.send.done, timeout=30)
+        h = self.send.result()
+        assert h.accepted
+        result = h.get_result_async()
+        assert spin_until(self.node, result.done, timeout=timeout)
+        r = result.result()
+        return r.status, r.result
+
+
+def test_concurrent_clients_kill_and_admission(rclpy_node, procs, reference, tmp_path):
+    from aerokv.action import Generate
+    from aerokv.msg import Assignment, Heartbeat
+    from rclpy.action import ActionClient
+
+    params = yaml.safe_load((ROOT / "config/swarm.yaml").read_text())
+    params["/**/scheduler"]["ros__parameters"].update(
+        memory_budget_bytes=float(BUDGET), plan_tokens=64, max_tokens_limit=HUGE_TOKENS)
+    swarm_yaml = tmp_path / "swarm.yaml"
+    swarm_yaml.write_text(yaml.safe_dump(params))
+    logs = tmp_path / "nodes"
+    control = procs([BIN / "aerokv", "launch", ROOT / "launch/control.launch.xml", f"params_file:={swarm_yaml}",
+                     "expected_uavs:=3", "--log-dir", logs], "control")
+    control.node_logs = logs
+    uavs = {u: procs([BIN / "aerokv", "launch", ROOT / "launch/uav.launch.xml", f"uav_id:={u}", "--log-dir", logs / u], u)
+            for u in ["uav1", "uav2", "uav3"]}
+    latest, beats = {}, {}
+    rclpy_node.create_subscription(Assignment, "/aerokv/assignment", lambda m: latest.update(a=m), LATCHED)
+    for u in uavs:
+        rclpy_node.create_subscription(Heartbeat, f"/{u}/heartbeat", lambda m: beats.update({m.uav_id: m}),
+                                       qos_profile_sensor_data)
+    assert spin_until(rclpy_node, lambda: "a" in latest and len(latest["a"].ring) == 3, 90), control.output()
+    client = ActionClient(rclpy_node, Generate, "/aerokv/generate")
+    assert client.wait_for_server(timeout_sec=30)
+
+    # -- Memory accounted: each executor's weights are its native and replica layers, once each.
+    manifest = json.loads((MODELS / "q4" / "manifest.json").read_text())
+    layer_bytes = {f["start"]: f["weight_bytes"] for f in manifest["files"] if f["kind"] == "layers"}
+    plan = {u.uav_id: u for u in latest["a"].uavs}
+
+    def planned_weights(uav):
+        ring = list(latest["a"].ring)
+        me, succ = plan[uav], plan[ring[(ring.index(uav) + 1) % len(ring)]]
+        layers = {(me.layer_start + i) % 30 for i in range(me.layer_end - me.layer_start)}
+        layers |= {(succ.layer_start + i) % 30 for i in range(succ.overlap_layers)}
+        return sum(layer_bytes[l] for l in layers)
+
+    weights_reported = lambda: all(u in beats and beats[u].epoch == latest["a"].epoch
+                                   and beats[u].weight_bytes == planned_weights(u) for u in uavs)
+    assert spin_until(rclpy_node, weights_reported, 30), {u: (b.weight_bytes, planned_weights(u)) for u, b in beats.items()}
+
+    # -- Refused: an answer whose KV would never fit, with the UAV and the bytes.
+    status, r = Goal(rclpy_node, client, CASES[0][0], 0.0, 0, max_tokens=HUGE_TOKENS).wait(timeout=60)
+    assert status == ABORTED and not r.accepted and r.finish_reason == "refused", (status, r.error)
+    m = re.search(r"(uav\d) cannot hold this request: .* need (\d+) bytes, its memory budget is (\d+) bytes", r.error)
+    assert m and m[1] in uavs and int(m[2]) > BUDGET and int(m[3]) == BUDGET, r.error
+
+    def exact(goals):
+        results = []
+        for g in goals:
+            status, r = g.wait()
+            ref = reference[g.case]
+            assert status == SUCCEEDED and r.accepted, (g.case, r.error, control.output())
+            assert list(r.token_ids) == ref["tokens"] and r.text == ref["text"], (g.case, r.text, ref["text"])
+            results.append(r)
+        return results
+
+    # -- Three clients at once: each answer is its own, as if it ran alone.
+    goals = [Goal(rclpy_node, client, *case) for case in CASES]
+    exact(goals)
+    served = {u: b.kv[0].request_id for u, b in beats.items() if b.kv}
+    assert served and all(b.memory_bytes == b.weight_bytes + sum(k.kv_bytes for k in b.kv) for b in beats.values())
+    assert all(k.kv_bytes > 0 for b in beats.values() for k in b.kv), served
+
+    # -- The same with a UAV killed in the middle of the answers.
+    goals = [Goal(rclpy_node, client, *case) for case in KILL_CASES]
+    assert spin_until(rclpy_node, lambda: len(goals[0].feedback) >= 4, 120), control.output()
+    pid = int(re.search(r"/uav2/shard_executor \(pid (\d+)\)", uavs["uav2"].output())[1])
+    os.kill(pid, signal.SIGKILL)  # a process this test started (through its launcher)
+    results = exact(goals)
+    assert "uav2" not in latest["a"].ring
+    # The answer in flight at the kill went through the failure (failover or exact restart).
+    incidents = [i for r in results for i in json.loads(r.stats_json)["incidents"]]
+    assert any(i["uav"] == "uav2" for i in incidents), incidents
