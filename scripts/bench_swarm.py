@@ -8,7 +8,10 @@
   recovery  N runs with a random kill (random UAV, random token) -> completed, identical to the
             failure-free answer, detection / recovery / failure-to-next-token p50 and p95; and, at
             256 and 1024 tokens of context, a failover against an exact restart (two UAVs killed
-            at once: the second fails during the first's recovery), failure to next token.
+            at once: the second fails during the first's recovery), failure to next token; and
+            M runs with a standby scheduler whose primary is killed at a random token: identical,
+            kill -> takeover, kill -> next token (the standby's), kill -> next token at the client
+            (it resumes its goal by request id from the standby).
 Figures are printed, never asserted: speed is not a test.
 """
 import argparse
@@ -258,6 +261,8 @@ def bench_recovery(args):
         target = "   (target next token p50 < 0.5 s)" if key == "next_token_s" else ""
         print(f"{label:22s} p50 {pct(v, 0.5):6.3f} s   p95 {pct(v, 0.95):6.3f} s{target}")
 
+    bench_scheduler_death(args, rng, reference)
+
     print("\n== failover vs an exact restart, same invocation")
     for ctx in args.contexts:
         # the prompt is ~25 tokens: kill once about `ctx` tokens of context are in the caches
@@ -282,6 +287,34 @@ def bench_recovery(args):
             print(f"context {ctx:5d}: no failover of uav2 and restart to compare: {s['failures']}, {r['failures']}")
 
 
+def bench_scheduler_death(args, rng, reference):
+    """The primary scheduler killed (SIGKILL) at a random token; the standby takes over."""
+    if not args.scheduler_runs:
+        return
+    rows = []
+    for i in range(args.scheduler_runs):
+        token = rng.randint(4, args.tokens - 8)
+        s = swarm(args.tokens, "--standby", "--kill", f"scheduler:{token}")
+        ok = "_failed" not in s
+        same = ok and s["tokens"] == reference
+        f = next((x for x in s.get("failures", []) if x["uav"] == "scheduler"), None) if ok else None
+        client = s.get("resumed_token_s") if ok else None
+        rows.append({"completed": ok, "identical": same, "failure": f, "client": client})
+        desc = (f"takeover {f['detection_s']:.3f} s, next token {f['next_token_s']:.3f} s, at the client {client or float('nan'):.3f} s"
+                if f else s.get("_failed", "no takeover recorded")[-300:])
+        print(f"run {i + 1:2d}: kill the primary at token {token:3d} -> {'identical' if same else 'DIFFERENT' if ok else 'FAILED'}; {desc}", flush=True)
+    fs = [r["failure"] for r in rows if r["failure"]]
+    print(f"\n== bench-recovery, the scheduler's death: {args.scheduler_runs} runs, 4 UAVs + a standby, {args.tokens} tokens, "
+          f"the primary killed at a random token")
+    print(f"completed: {sum(r['completed'] for r in rows)}/{args.scheduler_runs}   identical to the failure-free answer: "
+          f"{sum(r['identical'] for r in rows)}/{args.scheduler_runs}")
+    for label, v in [("kill -> takeover", [f["detection_s"] for f in fs]),
+                     ("kill -> next token", [f["next_token_s"] for f in fs if f["next_token_s"] == f["next_token_s"]]),
+                     ("kill -> token at client", [r["client"] for r in rows if r["client"] is not None])]:
+        target = "   (target < 2 s)" if label == "kill -> next token" else ""
+        print(f"{label:24s} p50 {pct(v, 0.5):6.3f} s   p95 {pct(v, 0.95):6.3f} s   max {max(v, default=float('nan')):6.3f} s{target}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -296,6 +329,7 @@ def main():
     b.add_argument("--tokens", type=int, default=64)
     b.add_argument("--seed", type=int, default=7)
     b.add_argument("--contexts", type=int, nargs="*", default=[256, 1024])
+    b.add_argument("--scheduler-runs", type=int, default=10, help="runs that kill the primary scheduler (0: none)")
     args = ap.parse_args()
     {"swarm": bench_swarm, "recovery": bench_recovery, "concurrent": bench_concurrent}[args.cmd](args)
     if args.cmd == "swarm":

@@ -190,6 +190,12 @@ impl EpochClock {
         above
     }
 
+    /// Another scheduler issued `epoch` (a standby follows the primary's plans): this one's plans
+    /// go above it, even when no executor has applied it yet.
+    pub fn followed(&mut self, epoch: u64) {
+        self.issued = self.issued.max(epoch);
+    }
+
     /// The highest epoch issued by this scheduler or applied by any executor it heard.
     pub fn current(&self) -> u64 {
         self.heard.values().copied().max().unwrap_or(0).max(self.issued)
@@ -296,6 +302,16 @@ mod tests {
         // Epochs never go back, whatever an executor reports later.
         assert!(!c.observe("uav1", 1));
         assert_eq!(c.issue(), Ok(14));
+    }
+
+    /// A standby plans above the primary's plans even when no executor has applied them yet.
+    #[test]
+    fn a_followed_plan_is_above_which_the_next_goes() {
+        let mut c = EpochClock::new(Instant::now(), Duration::ZERO, 0);
+        c.observe("uav1", 4);
+        c.followed(6);
+        c.followed(5);
+        assert_eq!(c.issue(), Ok(7));
     }
 
     #[test]

@@ -147,11 +147,29 @@ impl Launcher {
                     }
                     self.load_file(&file, given, &scope.ns, out)?;
                 }
-                "node" => out.push(self.node(child, scope)?),
+                "node" if self.condition(child, scope)? => out.push(self.node(child, scope)?),
+                "node" => {}
                 _ => return Err(LaunchError::Unsupported { file: scope.file.clone(), tag: tag.into() }),
             }
         }
         Ok(())
+    }
+
+    /// A node's `if` / `unless` attribute (true, false, 1, 0), as `ros2 launch` reads it.
+    fn condition(&self, el: roxmltree::Node, scope: &Scope) -> Result<bool, LaunchError> {
+        let mut keep = true;
+        for (attr, wanted) in [("if", true), ("unless", false)] {
+            if let Some(v) = el.attribute(attr) {
+                let v = self.subst(v, scope)?;
+                let b = match v.to_ascii_lowercase().as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(scope.bad(&v, &format!("`{attr}` must be true or false"))),
+                };
+                keep &= b == wanted;
+            }
+        }
+        Ok(keep)
     }
 
     fn node(&self, el: roxmltree::Node, scope: &Scope) -> Result<NodeProcess, LaunchError> {
@@ -275,6 +293,18 @@ mod tests {
         assert!(args.windows(2).any(|w| w[0] == "-r" && w[1] == "__ns:=/uav3"), "{args:?}");
         // An empty value reaches rcl as YAML's empty string (rcl refuses `-p name:=`).
         assert!(args.windows(2).any(|w| w[0] == "-p" && w[1] == "px4_namespace:=''"), "{args:?}");
+    }
+
+    #[test]
+    fn the_standby_scheduler_starts_only_when_asked() {
+        let l = Launcher::new(share());
+        let file = share().join("launch/control.launch.xml");
+        let fqns = |args: &[(&str, &str)]| l.load(&file, args).unwrap().iter().map(|n| n.fqn()).collect::<Vec<_>>();
+        assert_eq!(fqns(&[]), ["/aerokv/scheduler", "/aerokv/watchdog"]);
+        let nodes = l.load(&file, &[("standby", "true")]).unwrap();
+        let standby = nodes.iter().find(|n| n.fqn() == "/aerokv/standby/scheduler").expect("standby");
+        assert!(standby.params.contains(&("role".to_string(), "standby".to_string())));
+        assert!(matches!(l.load(&file, &[("standby", "maybe")]), Err(LaunchError::Substitution { .. })));
     }
 
     #[test]

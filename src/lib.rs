@@ -37,4 +37,5 @@ pub mod replay;
 pub mod requests;
 #[cfg(feature = "ros")]
 pub mod ros;
+pub mod standby;
 pub mod supervisor;

@@ -167,6 +167,13 @@ impl Finish {
         }
     }
 
+    /// The name [`Self::as_str`] gives (a `TokenChunk`'s `finish_reason`).
+    pub fn parse(s: &str) -> Option<Finish> {
+        [Finish::Eos, Finish::Length, Finish::Context, Finish::Error, Finish::Canceled, Finish::Refused]
+            .into_iter()
+            .find(|f| f.as_str() == s)
+    }
+
     /// The answer is complete (the goal succeeds).
     pub fn succeeded(self) -> bool {
         matches!(self, Finish::Eos | Finish::Length | Finish::Context)
@@ -272,7 +279,10 @@ struct Entry<F> {
 
 impl<F> Entry<F> {
     fn catch_up(&self, from: usize) -> CatchUp {
-        let from = from.min(self.tokens.len());
+        if from > self.tokens.len() {
+            // A client ahead of this scheduler (it had them from another): it waits for them.
+            return CatchUp { from, ..CatchUp::default() };
+        }
         CatchUp { from, tokens: self.tokens[from..].to_vec(), text: self.texts[from..].concat() }
     }
 }
@@ -360,7 +370,9 @@ impl<F> Requests<F> {
                 if e.spec != spec {
                     return Admission::Refused { reason: Refusal::IdInUse(request_id), sink };
                 }
-                if from > e.tokens.len() {
+                // A client may have more tokens than this scheduler (a standby that took over
+                // regenerates the ones it did not follow): it gets them from `from` on.
+                if from > e.job.max_tokens {
                     return Admission::Refused { reason: beyond(e.tokens.len()), sink };
                 }
                 let catch_up = e.catch_up(from);
@@ -441,6 +453,11 @@ impl<F> Requests<F> {
         Some((index, e.followers.iter().filter(|f| f.from <= index).map(|f| &f.sink).collect()))
     }
 
+    /// The spec of a running request.
+    pub fn spec(&self, request_id: u64) -> Option<&Spec> {
+        self.running.get(&request_id).map(|e| &e.spec)
+    }
+
     /// A running request's tokens so far and their text.
     pub fn progress(&self, request_id: u64) -> Option<(&[u32], String)> {
         self.running.get(&request_id).map(|e| (e.tokens.as_slice(), e.texts.concat()))
@@ -501,6 +518,51 @@ impl<F> Requests<F> {
             });
         }
         e.followers
+    }
+
+    /// A request another scheduler admitted (a standby follows the primary's): queued with
+    /// nobody following it yet. False when its id is known already or the queue is full.
+    pub fn follow(&mut self, spec: Spec, job: Job) -> bool {
+        if job.request_id == 0 || self.known(job.request_id) || self.queue.len() >= self.limits.max_queue {
+            return false;
+        }
+        self.next_request = self.next_request.max(job.request_id.saturating_add(1));
+        self.queue.push_back(Entry {
+            spec,
+            job,
+            followers: Vec::new(),
+            tokens: Vec::new(),
+            texts: Vec::new(),
+            canceled: false,
+        });
+        true
+    }
+
+    /// The other scheduler started the followed request `request_id`: it runs. Requests queued
+    /// before it that never started left that scheduler's queue (canceled): they leave this one.
+    /// False when it is neither queued nor running here.
+    pub fn followed_start(&mut self, request_id: u64) -> bool {
+        if self.running.contains_key(&request_id) {
+            return true;
+        }
+        let Some(at) = self.queue.iter().position(|e| e.job.request_id == request_id) else { return false };
+        self.queue.drain(..at);
+        if let Some(e) = self.queue.pop_front() {
+            self.running.insert(request_id, e);
+        }
+        true
+    }
+
+    /// Forgets a followed request whose answer this scheduler cannot give exactly (it missed
+    /// tokens of it and it has ended): a client that resumes it is told there is nothing to resume.
+    pub fn forget(&mut self, request_id: u64) -> Vec<F> {
+        let e = self.running.remove(&request_id);
+        e.into_iter().flat_map(|e| e.followers).map(|f| f.sink).collect()
+    }
+
+    /// The running request and how many tokens it has (a standby resumes it at its takeover).
+    pub fn running(&self) -> Option<(Job, usize)> {
+        self.running.values().next().map(|e| (e.job.clone(), e.tokens.len()))
     }
 
     /// Every follower of a waiting or running request (the scheduler stops).
@@ -654,10 +716,16 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(t.push_token(id, 13, "w".into()).unwrap(), (3, vec![&"first", &"again"]));
-        // More than it has: refused.
-        assert_eq!(refused(t.submit(id, 5, spec("a"), ok, "X")), Refusal::ResumeBeyond { id, from: 5, have: 4 });
+        // More than it has (a client ahead of a standby that took over): it waits for them.
+        match t.submit(id, 5, spec("a"), ok, "ahead") {
+            Admission::Following { catch_up, .. } => assert_eq!(catch_up, CatchUp { from: 5, ..CatchUp::default() }),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(t.push_token(id, 14, "v".into()).unwrap(), (4, vec![&"first", &"again"]));
+        // More than the request can have: refused.
+        assert_eq!(refused(t.submit(id, 9, spec("a"), ok, "X")), Refusal::ResumeBeyond { id, from: 9, have: 5 });
         let followers = t.finish(&answer(id, vec![10, 11, 12, 13], Finish::Length));
-        assert_eq!(followers.iter().map(|f| f.sink).collect::<Vec<_>>(), vec!["first", "again"]);
+        assert_eq!(followers.iter().map(|f| f.sink).collect::<Vec<_>>(), vec!["first", "again", "ahead"]);
         // Finished: the rest at once, and the answer.
         match t.submit(id, 1, spec("a"), ok, "late") {
             Admission::Finished { catch_up, answer, sink } => {
@@ -670,6 +738,28 @@ mod tests {
             matches!(t.submit(id, 4, spec("a"), ok, "all"), Admission::Finished { catch_up, .. } if catch_up.tokens.is_empty())
         );
         assert_eq!(refused(t.submit(id, 5, spec("a"), ok, "X")), Refusal::ResumeBeyond { id, from: 5, have: 4 });
+    }
+
+    /// A standby mirrors the primary's table: requests queued there, started there (those
+    /// canceled there never start), their tokens; it resumes the running one.
+    #[test]
+    fn a_standby_follows_the_primarys_requests() {
+        let mut t = table();
+        let job = |id| Job { request_id: id, ..ok(&spec("a")).unwrap() };
+        assert!(t.follow(spec("a"), job(3)));
+        assert!(t.follow(spec("a"), job(4)));
+        assert!(!t.follow(spec("a"), job(4)), "known already");
+        assert!(!t.follow(spec("a"), job(5)), "queue full");
+        assert!(t.followed_start(4), "3 was canceled on the primary");
+        assert!(!t.followed_start(3));
+        assert_eq!(t.queued(), 0);
+        assert_eq!(t.push_token(4, 7, "x".into()).unwrap().0, 0);
+        assert_eq!(t.running().map(|(j, n)| (j.request_id, n)), Some((4, 1)));
+        // A client resumes it by id; new ids continue above the ones followed.
+        assert!(matches!(t.submit(4, 1, spec("a"), ok, "c"), Admission::Following { .. }));
+        assert_eq!(queued(t.submit(0, 0, spec("b"), ok, "d")).0, 5);
+        assert_eq!(t.forget(4), vec!["c"]);
+        assert!(t.running().is_none());
     }
 
     #[test]

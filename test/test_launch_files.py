@@ -13,7 +13,7 @@ SCHEMA = {
     "launch": set(),
     "arg": {"name", "default", "description"},
     "let": {"name", "value"},
-    "node": {"pkg", "exec", "name", "namespace", "output", "args"},
+    "node": {"pkg", "exec", "name", "namespace", "output", "args", "if", "unless"},
     "param": {"name", "value", "from"},
     "include": {"file"},
     "group": {"scoped", "namespace"},

@@ -22,6 +22,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::time::timeout;
 
 #[derive(clap::Args, Debug)]
 pub struct SwarmArgs {
@@ -37,9 +38,14 @@ pub struct SwarmArgs {
     #[arg(long)]
     pub json: bool,
     /// SIGKILL UAV's shard executor after TOKEN generated tokens, e.g. uav2:10, or once the first
-    /// N prompt tokens are through the swarm, e.g. uav2:p256 (repeatable).
+    /// N prompt tokens are through the swarm, e.g. uav2:p256 (repeatable). With --standby,
+    /// `scheduler:TOKEN` kills the primary scheduler; the goal is resumed from the standby.
     #[arg(long, value_name = "UAV:TOKEN|UAV:pN")]
     pub kill: Vec<String>,
+    /// Also start a standby scheduler (control.launch.xml standby:=true) that takes over when the
+    /// primary dies; this command then resumes its goal by request id from the standby.
+    #[arg(long)]
+    pub standby: bool,
     /// Initial state of charge of one UAV's simulated battery (repeatable), e.g. uav3=0.6.
     #[arg(long, value_name = "UAV=SOC")]
     pub soc: Vec<String>,
@@ -182,7 +188,16 @@ struct Kill {
     at: Option<Instant>,
 }
 
-fn parse_kills(v: &[String], uavs: usize) -> anyhow::Result<Vec<Kill>> {
+/// The node a kill of `target` (a UAV, or "scheduler") strikes.
+fn kill_fqn(target: &str) -> String {
+    if target == "scheduler" {
+        "/aerokv/scheduler".into()
+    } else {
+        format!("/{target}/shard_executor")
+    }
+}
+
+fn parse_kills(v: &[String], uavs: usize, standby: bool) -> anyhow::Result<Vec<Kill>> {
     v.iter()
         .map(|s| {
             let (uav, when) = s
@@ -199,6 +214,14 @@ fn parse_kills(v: &[String], uavs: usize) -> anyhow::Result<Vec<Kill>> {
                 ),
             };
             anyhow::ensure!(n >= 1, "--kill {s}: the count must be at least 1");
+            if uav == "scheduler" {
+                anyhow::ensure!(standby, "--kill {s}: killing the scheduler needs --standby");
+                anyhow::ensure!(
+                    matches!(point(n), KillPoint::AfterTokens(_)),
+                    "--kill {s}: the scheduler is killed after tokens"
+                );
+                return Ok(Kill { uav: uav.into(), point: point(n), at: None });
+            }
             let index: usize = uav
                 .strip_prefix("uav")
                 .and_then(|n| n.parse().ok())
@@ -217,7 +240,7 @@ fn strike(sup: &mut Supervisor, kills: &mut [Kill], reached: KillPoint) {
         _ => false,
     };
     for k in kills.iter_mut().filter(|k| k.at.is_none() && due(k)) {
-        let fqn = format!("/{}/shard_executor", k.uav);
+        let fqn = kill_fqn(&k.uav);
         if sup.signal(&fqn, libc::SIGKILL) {
             k.at = Some(Instant::now());
             eprintln!("[swarm] killed {fqn} {reached}");
@@ -235,6 +258,9 @@ fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
     let swarm_params = a.swarm_params.as_ref().or(radio_params.as_ref()).map(|p| p.display().to_string());
     let sim_time = if a.use_sim_time { "true" } else { "false" };
     let mut args = vec![("expected_uavs", n.as_str()), ("use_sim_time", sim_time)];
+    if a.standby {
+        args.push(("standby", "true"));
+    }
     if let Some(p) = &swarm_params {
         args.push(("params_file", p.as_str()));
     }
@@ -277,7 +303,7 @@ fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
 
 pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.uavs >= 1, "--uavs must be at least 1");
-    let mut kills = parse_kills(&a.kill, a.uavs)?;
+    let mut kills = parse_kills(&a.kill, a.uavs, a.standby)?;
     let nodes = nodes(&a)?;
     let log_dir =
         a.log_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("aerokv-swarm-{}", std::process::id())));
@@ -304,10 +330,11 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
     if let Some(r) = &radio {
         r.enter_control_station()?;
     }
-    let result = drive(&a, &mut sup, &mut kills, radio.as_mut());
+    let keystore = nodes.iter().find(|n| n.executable == "scheduler").and_then(keystore_of);
+    let result = drive(&a, &mut sup, &mut kills, radio.as_mut(), keystore.as_deref());
     let mut unclean = Vec::new();
     for (fqn, stopped) in sup.stop_all(Duration::from_secs(5)) {
-        let killed = kills.iter().any(|k| k.at.is_some() && fqn == format!("/{}/shard_executor", k.uav));
+        let killed = kills.iter().any(|k| k.at.is_some() && fqn == kill_fqn(&k.uav));
         if !stopped.is_clean() && !killed {
             unclean.push(format!("{fqn} ({stopped})"));
         }
@@ -331,12 +358,40 @@ pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
     result.and(recorded.map(|_| ()))
 }
 
-fn drive(a: &SwarmArgs, sup: &mut Supervisor, kills: &mut [Kill], radio: Option<&mut Radio>) -> anyhow::Result<()> {
+/// The keystore a node is given (a `-p` override, else the last parameter file that sets it).
+fn keystore_of(n: &NodeProcess) -> Option<String> {
+    if let Some((_, v)) = n.params.iter().rev().find(|(k, _)| k == "keystore") {
+        return Some(v.clone()).filter(|v| !v.is_empty() && v != "''");
+    }
+    n.params_files.iter().rev().find_map(|f| {
+        let doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(f).ok()?).ok()?;
+        doc.as_mapping()?.values().find_map(|section| {
+            section.get("ros__parameters")?.get("keystore")?.as_str().filter(|k| !k.is_empty()).map(str::to_string)
+        })
+    })
+}
+
+/// The signed token stream (`/aerokv/tokens`), checked against the keystore's roster: what this
+/// client verified of one request, for its report.
+#[derive(Default)]
+struct TokenStream {
+    /// Per request, the verified tokens by index.
+    tokens: BTreeMap<u64, BTreeMap<u32, i32>>,
+    done: BTreeMap<u64, bool>,
+}
+
+fn drive(
+    a: &SwarmArgs,
+    sup: &mut Supervisor,
+    kills: &mut [Kill],
+    radio: Option<&mut Radio>,
+    keystore: Option<&str>,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let ctx = r2r::Context::create()?;
     let node = Arc::new(Mutex::new(r2r::Node::create(ctx, "aerokv_swarm_cli", "")?));
     let spin = crate::ros::SpinThread::start(node.clone())?;
-    let out = rt.block_on(session(a, node, sup, kills, radio));
+    let out = rt.block_on(session(a, node, sup, kills, radio, keystore));
     spin.stop();
     out
 }
@@ -347,6 +402,7 @@ async fn session(
     sup: &mut Supervisor,
     kills: &mut [Kill],
     mut radio: Option<&mut Radio>,
+    keystore: Option<&str>,
 ) -> anyhow::Result<()> {
     let lock = || node.lock().unwrap_or_else(|e| e.into_inner());
     // Every UAV's latest heartbeat: how many messages of older epochs it has dropped (fenced).
@@ -368,6 +424,36 @@ async fn session(
         lock().subscribe::<Assignment>(crate::ros::names::ASSIGNMENT, crate::ros::names::latched())?;
     let mut progress = lock().subscribe::<PromptProgress>(crate::ros::names::PROGRESS, crate::ros::names::events())?;
     let client = lock().create_action_client::<Generate::Action>(crate::ros::names::GENERATE)?;
+    // With the swarm's keystore, the token stream's signatures are checked (docs/security.md).
+    let verifier = match keystore.map(crate::ros::auth::NodeAuth::verifier).transpose() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("[swarm] the token stream is not verified: {e:#}");
+            None
+        }
+    };
+    let stream = Arc::new(Mutex::new(TokenStream::default()));
+    if let Some(auth) = verifier.clone() {
+        let mut chunks =
+            lock().subscribe::<r2r::aerokv::msg::TokenChunk>(crate::ros::names::TOKENS, crate::ros::names::events())?;
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            while let Some(c) = chunks.next().await {
+                if !auth.accept_token(&c) {
+                    continue;
+                }
+                let mut s = stream.lock().unwrap_or_else(|e| e.into_inner());
+                if c.done {
+                    s.done.insert(c.request_id, true);
+                } else {
+                    s.tokens.entry(c.request_id).or_default().insert(c.index, c.token_id);
+                }
+            }
+        });
+    }
+    // The schedulers' heartbeats: a standby that serves (it took over) gets the goal again.
+    let mut schedulers =
+        lock().subscribe::<Heartbeat>(crate::ros::names::SCHEDULER_HEARTBEAT, crate::ros::names::telemetry())?;
     let available = r2r::Node::is_available(&client)?;
 
     // Ready: the scheduler serves and has planned over every UAV.
@@ -394,7 +480,7 @@ async fn session(
     }
     eprintln!("[swarm] ready in {:.1} s", started.elapsed().as_secs_f64());
 
-    let goal = Generate::Goal {
+    let mut goal = Generate::Goal {
         user: a.user.clone(),
         max_tokens: a.max_tokens,
         temperature: a.temperature,
@@ -403,12 +489,16 @@ async fn session(
         ignore_eos: a.ignore_eos,
         ..Default::default()
     };
-    let sent = client.send_goal_request(goal)?;
+    let sent = client.send_goal_request(goal.clone())?;
     if let Some(r) = radio.as_deref_mut() {
         r.request_sent()?;
     }
-    let (handle, result, mut feedback) = sent.await.context("the scheduler did not take the goal")?;
-    tokio::pin!(result);
+    let (mut handle, result, mut feedback) = sent.await.context("the scheduler did not take the goal")?;
+    let mut result = Box::pin(result);
+    // The primary scheduler was killed: the goal is sent again, by request id, to the standby.
+    let mut resuming = false;
+    // Seconds from the primary's kill to the first token the standby sent this client.
+    let mut resumed_token_s: Option<f64> = None;
     let stdout = std::io::stdout();
     let mut last_progress_print: Option<Instant> = None;
     // Tokens streamed so far; a cancel in progress.
@@ -418,7 +508,25 @@ async fn session(
     let mut cancel = None;
     let response = loop {
         tokio::select! {
-            r = &mut result => break r.context("the goal's result")?.1,
+            r = &mut result, if !resuming => break r.context("the goal's result")?.1,
+            Some(hb) = schedulers.next(), if resuming => {
+                if hb.uav_id != "standby" || hb.state != "serving" {
+                    continue;
+                }
+                goal.resume_from = streamed as u32;
+                let sent = client.send_goal_request(goal.clone())?;
+                // A goal request sent before the standby's server is matched is lost: sent again
+                // at its next heartbeat.
+                match timeout(Duration::from_millis(500), sent).await {
+                    Ok(Ok((h, r, f))) => {
+                        eprintln!("[swarm] resumed request {} from token {streamed} on the standby", goal.request_id);
+                        (handle, result, feedback) = (h, Box::pin(r), f);
+                        resuming = false;
+                    }
+                    Ok(Err(e)) => eprintln!("[swarm] the standby did not take the goal: {e}"),
+                    Err(_) => eprintln!("[swarm] no answer to the goal yet: sending it again"),
+                }
+            }
             Some(p) = progress.next() => {
                 // Long prompts only, at most once a second, and always the end.
                 let long = p.total as usize > aerokv_engine::PREFILL_CHUNK_TOKENS;
@@ -438,7 +546,16 @@ async fn session(
                     let _ = out.flush();
                 }
                 streamed = fb.index as usize + fb.token_ids.len();
+                goal.request_id = fb.request_id;
+                if goal.resume_from > 0 && resumed_token_s.is_none() && !fb.token_ids.is_empty() {
+                    resumed_token_s = kills.iter().find(|k| k.uav == "scheduler").and_then(|k| k.at).map(|t| t.elapsed().as_secs_f64());
+                }
                 strike(sup, kills, KillPoint::AfterTokens(streamed as u32));
+                if !resuming && kills.iter().any(|k| k.uav == "scheduler" && k.at.is_some()) && goal.resume_from == 0 {
+                    resuming = true;
+                    // The dead primary's feedback ends here.
+                    eprintln!("[swarm] waiting for the standby to take over");
+                }
             }
             _ = tokio::signal::ctrl_c() => {
                 anyhow::ensure!(!canceling, "interrupted again while the goal was being canceled");
@@ -480,6 +597,26 @@ async fn session(
         None => Vec::new(),
     };
     let stale_messages = stale.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let token_stream = match &verifier {
+        None => serde_json::Value::Null,
+        Some(auth) => {
+            // The last chunk may still be on its way.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let done = || stream.lock().unwrap_or_else(|e| e.into_inner()).done.contains_key(&goal.request_id);
+            while !done() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let s = stream.lock().unwrap_or_else(|e| e.into_inner());
+            let verified: Vec<i32> =
+                s.tokens.get(&goal.request_id).map(|t| t.values().copied().collect()).unwrap_or_default();
+            let matches = verified == response.token_ids;
+            let (accepted, dropped) = auth.tally();
+            if !matches || !dropped.is_empty() {
+                eprintln!("[swarm] WARNING: the signed token stream does not confirm the answer (verified {} of {} tokens, dropped: {dropped:?})", verified.len(), response.token_ids.len());
+            }
+            serde_json::json!({"verified_tokens": verified.len(), "matches_answer": matches, "accepted": accepted, "dropped": dropped.into_iter().collect::<BTreeMap<_, _>>()})
+        }
+    };
     let mut out = serde_json::json!({
         "prompt_ids": response.prompt_ids,
         "tokens": response.token_ids,
@@ -489,6 +626,10 @@ async fn session(
         "error": response.error,
         "uavs": a.uavs,
         "failures": failures,
+        // The primary scheduler killed: from the kill to the standby's first token at this client.
+        "resumed_token_s": resumed_token_s,
+        // With the keystore: the answer's tokens as the signed token stream carried them.
+        "token_stream": token_stream,
         "stats": stats,
         "stale_messages": stale_messages,
     });
@@ -627,7 +768,18 @@ mod tests {
     use super::*;
 
     fn parse(spec: &str) -> anyhow::Result<KillPoint> {
-        Ok(parse_kills(&[spec.to_string()], 4)?.remove(0).point)
+        Ok(parse_kills(&[spec.to_string()], 4, false)?.remove(0).point)
+    }
+
+    #[test]
+    fn the_primary_scheduler_is_killed_only_with_a_standby() {
+        let k = parse_kills(&["scheduler:8".to_string()], 4, true).unwrap();
+        assert_eq!((k[0].uav.as_str(), k[0].point), ("scheduler", KillPoint::AfterTokens(8)));
+        assert_eq!(kill_fqn("scheduler"), "/aerokv/scheduler");
+        assert_eq!(kill_fqn("uav2"), "/uav2/shard_executor");
+        let e = parse_kills(&["scheduler:8".to_string()], 4, false).err().unwrap();
+        assert!(e.to_string().contains("needs --standby"), "{e}");
+        assert!(parse_kills(&["scheduler:p8".to_string()], 4, true).is_err());
     }
 
     #[test]

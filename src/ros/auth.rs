@@ -7,7 +7,7 @@ use aerokv_auth::{Auth, Claim, Counts, Encoder, Keystore, NodeId, Rejection, Rol
 use anyhow::Context;
 use r2r::aerokv::msg::{
     self as m, Activation, Assignment, AuthCounters, BatteryHealth, FailureEvent, Heartbeat, KvSnapshot, PlanInputs,
-    PromptProgress, TokenChunk,
+    PromptProgress, RequestSpec, TokenChunk,
 };
 use r2r::builtin_interfaces::msg::Time;
 use r2r::diagnostic_msgs::msg::{DiagnosticArray, DiagnosticStatus, KeyValue};
@@ -29,7 +29,11 @@ impl NodeAuth {
     /// From the `keystore` parameter: a directory, or empty to run without authentication (said
     /// loudly: then anyone on the network can plan the swarm or declare its drones dead).
     pub fn load(keystore: &str, role: Role, uav: Option<&str>) -> anyhow::Result<Arc<Self>> {
-        let id = NodeId::of(role, uav)?;
+        Self::load_as(keystore, NodeId::of(role, uav)?)
+    }
+
+    /// [`Self::load`] for a node whose identity is not its role's (the standby scheduler).
+    pub fn load_as(keystore: &str, id: NodeId) -> anyhow::Result<Arc<Self>> {
         if keystore.is_empty() {
             tracing::warn!(identity = %id, "AUTHENTICATION OFF: parameter `keystore` is empty; unsigned messages (plans, failure declarations, telemetry, activations) are accepted from anyone (docs/security.md)");
             return Ok(Arc::new(NodeAuth { id: id.to_string(), signer: None, verifier: None }));
@@ -42,6 +46,23 @@ impl NodeAuth {
             signer: Some(Signer::new(id, key)),
             verifier: Some(Mutex::new(Verifier::new(ks.roster))),
         }))
+    }
+
+    /// A member of no role that only verifies (a client reading the token stream): the roster of
+    /// `keystore`, no key.
+    pub fn verifier(keystore: &str) -> anyhow::Result<Arc<Self>> {
+        let ks = Keystore::open(keystore.as_ref()).context("the swarm's keystore")?;
+        Ok(Arc::new(NodeAuth {
+            id: "client".into(),
+            signer: None,
+            verifier: Some(Mutex::new(Verifier::new(ks.roster))),
+        }))
+    }
+
+    /// Accepted and dropped messages so far: (accepted, dropped per reason, by name).
+    pub fn tally(&self) -> (u64, Vec<(&'static str, u64)>) {
+        let c = self.counts();
+        (c.accepted, Rejection::ALL.iter().map(|&w| (w.name(), c.rejected(w))).filter(|(_, n)| *n > 0).collect())
     }
 
     fn sign(&self, topic: &str, body: impl FnOnce(&mut Encoder)) -> m::Auth {
@@ -126,6 +147,25 @@ impl NodeAuth {
     /// What an assignment was decided from (read by recorders and `aerokv bag audit`).
     pub fn sign_plan_inputs(&self, i: &mut PlanInputs) {
         i.auth = self.sign(names::PLAN_INPUTS, |e| encode_plan_inputs(e, i));
+    }
+    /// A scheduler's heartbeat on `/aerokv/scheduler/heartbeat`; `uav_id` names its role
+    /// ("primary", "standby") and must be the sender's.
+    pub fn sign_scheduler_heartbeat(&self, h: &mut Heartbeat) {
+        h.auth = self.sign(names::SCHEDULER_HEARTBEAT, |e| encode_heartbeat(e, h));
+    }
+    pub fn accept_scheduler_heartbeat(&self, h: &Heartbeat) -> bool {
+        let author = match h.uav_id.as_str() {
+            "primary" => NodeId::of(Role::Scheduler, None).map(|id| id.to_string()).unwrap_or_default(),
+            "standby" => NodeId::standby_scheduler().to_string(),
+            _ => String::new(),
+        };
+        self.accept_from(names::SCHEDULER_HEARTBEAT, &h.auth, Some(&author), |e| encode_heartbeat(e, h))
+    }
+    pub fn sign_request(&self, r: &mut RequestSpec) {
+        r.auth = self.sign(names::REQUESTS, |e| encode_request(e, r));
+    }
+    pub fn accept_request(&self, r: &RequestSpec) -> bool {
+        self.accept(names::REQUESTS, &r.auth, |e| encode_request(e, r))
     }
     pub fn sign_progress(&self, p: &mut PromptProgress) {
         p.auth = self.sign(names::PROGRESS, |e| encode_progress(e, p));
@@ -267,7 +307,9 @@ fn uav_node(role: Role, uav: &str) -> String {
 /// Who signs an activation: the sending UAV's executor, or the scheduler as the gateway.
 fn activation_author(a: &Activation) -> String {
     let id = if a.source == GATEWAY_SOURCE {
-        NodeId::of(Role::Scheduler, None)
+        // The gateway is whichever scheduler serves: the primary, or the standby after its
+        // takeover (the executors' epochs decide which plan counts).
+        scheduler_author(&a.auth.sender)
     } else {
         NodeId::of(Role::ShardExecutor, Some(&a.source))
     };
@@ -426,6 +468,23 @@ fn encode_plan_inputs(e: &mut Encoder, i: &PlanInputs) {
     e.f64(i.inference_power_w).f64(i.tx_power_w).f64(i.link_rate_bps).f64(i.memory_budget_bytes);
     e.u32(i.num_layers).f64(i.weight_bytes_per_layer).f64(i.kv_bytes_per_token_layer).f64(i.member_timeout_s);
     encode_time(e, &i.stamp);
+}
+
+fn encode_request(e: &mut Encoder, r: &RequestSpec) {
+    e.str("aerokv/msg/RequestSpec").u64(r.request_id);
+    encode_u32s(e, &r.prompt_ids);
+    e.u32(r.max_tokens).f32(r.temperature).f32(r.top_p).u64(r.seed).bool(r.ignore_eos);
+    e.str(&r.user).str(&r.prompt);
+}
+
+/// The author a gateway activation must come from: the sender itself when it is one of the two
+/// scheduler identities, else the primary's (so that anyone else is refused as wrong role).
+fn scheduler_author(sender: &str) -> Result<NodeId, aerokv_auth::identity::BadNodeId> {
+    let standby = NodeId::standby_scheduler();
+    if sender == standby.as_str() {
+        return Ok(standby);
+    }
+    NodeId::of(Role::Scheduler, None)
 }
 
 fn encode_progress(e: &mut Encoder, p: &PromptProgress) {
@@ -605,6 +664,19 @@ mod tests {
             "heartbeat_stamp",
         ];
         same(&m::PlanTelemetry::default(), &t);
+        let r = [
+            "request_id",
+            "prompt_ids",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "ignore_eos",
+            "user",
+            "prompt",
+            "auth",
+        ];
+        same(&RequestSpec::default(), &r);
     }
 
     /// `aerokv bag audit --keystore`: a recorded message verified from its CDR bytes.
@@ -648,6 +720,38 @@ mod tests {
             verify_recorded(&mut roster(), "/uav1/battery", "aerokv/msg/BatteryHealth", &bytes),
             Some(Err(Rejection::WrongRole))
         );
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    /// The standby signs with its own key and the scheduler's role: the executors take its
+    /// embeddings as the gateway's; nobody else may sign them; a scheduler heartbeat must come
+    /// from the role it names.
+    #[test]
+    fn the_standby_speaks_as_a_scheduler_under_its_own_name() {
+        let tmp = std::env::temp_dir().join(format!("aerokv-ros-auth-standby-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let (scheduler, _watchdog, uav1) = keystore(&tmp);
+        let standby = NodeAuth::load_as(tmp.to_str().unwrap(), NodeId::standby_scheduler()).unwrap();
+        let topic = names::stage_input("uav1");
+        let mut a = Activation { source: GATEWAY_SOURCE.into(), epoch: 4, ..Default::default() };
+        standby.sign_activation(&topic, &mut a);
+        assert_eq!(a.auth.sender, "aerokv/standby_scheduler");
+        assert!(uav1.accept_activation(&topic, &a));
+        let mut forged = Activation { source: GATEWAY_SOURCE.into(), epoch: 5, ..Default::default() };
+        uav1.sign_activation(&topic, &mut forged);
+        assert!(!scheduler.accept_activation(&topic, &forged), "an executor signed the gateway's embeddings");
+        let mut hb = Heartbeat { uav_id: "primary".into(), ..Default::default() };
+        standby.sign_scheduler_heartbeat(&mut hb);
+        assert!(!uav1.accept_scheduler_heartbeat(&hb), "the standby posed as the primary");
+        let mut hb = Heartbeat { uav_id: "standby".into(), sequence: 1, ..Default::default() };
+        standby.sign_scheduler_heartbeat(&mut hb);
+        assert!(scheduler.accept_scheduler_heartbeat(&hb));
+        let mut r = RequestSpec { request_id: 7, prompt_ids: vec![1, 2], max_tokens: 3, ..Default::default() };
+        scheduler.sign_request(&mut r);
+        let mut forged = r.clone();
+        forged.prompt_ids.push(3);
+        assert!(!standby.accept_request(&forged));
+        assert!(standby.accept_request(&r));
         let _ = std::fs::remove_dir_all(&tmp);
     }
 

@@ -10,6 +10,11 @@ pub const PLAN_INPUTS: &str = "/aerokv/plan_inputs";
 pub const FAILURES: &str = "/aerokv/failures";
 /// The watchdog's own heartbeat: the scheduler notices its death (docs/security.md §5).
 pub const WATCHDOG_HEARTBEAT: &str = "/aerokv/watchdog/heartbeat";
+/// The schedulers' heartbeats: the standby notices the primary's death (docs/failure-detection.md,
+/// "The standby scheduler").
+pub const SCHEDULER_HEARTBEAT: &str = "/aerokv/scheduler/heartbeat";
+/// The requests the serving scheduler admitted, for the standby (`RequestSpec`).
+pub const REQUESTS: &str = "/aerokv/requests";
 /// `Activation.source` of the gateway's messages (the scheduler's embeddings).
 pub const GATEWAY_SOURCE: &str = "gateway";
 pub const TOKENS: &str = "/aerokv/tokens";

@@ -10,6 +10,9 @@ use std::fmt;
 /// The namespace of the swarm-wide nodes.
 pub const SWARM_NAMESPACE: &str = "aerokv";
 
+/// The ROS node name of the standby scheduler (in [`SWARM_NAMESPACE`]).
+pub const STANDBY_SCHEDULER_NODE: &str = "standby_scheduler";
+
 /// What a member is allowed to say (see [`crate::policy`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -81,6 +84,12 @@ impl NodeId {
     pub fn of(role: Role, uav: Option<&str>) -> Result<Self, BadNodeId> {
         let ns = if role.per_uav() { uav.unwrap_or("") } else { SWARM_NAMESPACE };
         Self::new(ns, role.node_name())
+    }
+
+    /// The standby scheduler (docs/security.md, "The standby"): a second member with the
+    /// scheduler's role and a key of its own, whose plans count once it has taken over.
+    pub fn standby_scheduler() -> Self {
+        NodeId(format!("{SWARM_NAMESPACE}/{STANDBY_SCHEDULER_NODE}"))
     }
 
     pub fn as_str(&self) -> &str {

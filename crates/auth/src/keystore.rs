@@ -121,7 +121,9 @@ impl Roster {
         for entry in parsed.members {
             let id = NodeId::parse(&entry.id).map_err(|e| bad(e.to_string()))?;
             let expected = NodeId::of(entry.role, Some(id.namespace()))?;
-            if id != expected {
+            // The standby scheduler is the one member a role has besides its own node.
+            let standby = entry.role == Role::Scheduler && id == NodeId::standby_scheduler();
+            if id != expected && !standby {
                 return Err(bad(format!("member {id}: role {} belongs to a node named {expected}", entry.role)));
             }
             let raw: [u8; 32] = hex::decode(&entry.public_key)
@@ -167,6 +169,7 @@ pub struct Keystore {
 pub fn swarm_identities(uavs: usize) -> Result<Vec<(NodeId, Role)>, BadNodeId> {
     let mut out = vec![
         (NodeId::of(Role::Scheduler, None)?, Role::Scheduler),
+        (NodeId::standby_scheduler(), Role::Scheduler),
         (NodeId::of(Role::Watchdog, None)?, Role::Watchdog),
     ];
     for i in 1..=uavs {
@@ -278,7 +281,7 @@ mod tests {
     #[test]
     fn init_writes_private_keys_0600_and_a_roster_that_loads_back() {
         let (tmp, ks) = store(2);
-        assert_eq!(ks.roster.members().count(), 6);
+        assert_eq!(ks.roster.members().count(), 7);
         assert_eq!(ks.roster.uavs(), BTreeSet::from(["uav1".to_string(), "uav2".to_string()]));
         let reopened = Keystore::open(tmp.path()).unwrap();
         assert_eq!(reopened.roster, ks.roster);
@@ -298,7 +301,7 @@ mod tests {
         assert!(matches!(Keystore::init(tmp.path(), &ids, false), Err(KeystoreError::Exists { .. })));
         assert_eq!(Keystore::open(tmp.path()).unwrap().roster, ks.roster, "refusal changed the keystore");
         let forced = Keystore::init(tmp.path(), &ids, true).unwrap();
-        assert_eq!(forced.roster.members().count(), 8);
+        assert_eq!(forced.roster.members().count(), 9);
         let old = ks.roster.get("aerokv/scheduler").unwrap().key;
         assert_ne!(forced.roster.get("aerokv/scheduler").unwrap().key, old, "keys were not renewed");
     }

@@ -21,7 +21,10 @@ pub fn rule(topic: &str) -> Option<Rule> {
     let (ns, leaf) = topic.strip_prefix('/')?.split_once('/')?;
     if ns == SWARM_NAMESPACE {
         return match leaf {
-            "assignment" | "tokens" | "progress" | "plan_inputs" => any(&[Scheduler]),
+            // The primary scheduler and the standby (after its takeover) share the role.
+            "assignment" | "tokens" | "progress" | "plan_inputs" | "requests" | "scheduler/heartbeat" => {
+                any(&[Scheduler])
+            }
             "failures" | "watchdog/heartbeat" => any(&[Watchdog]),
             "gateway/input" => any(&[ShardExecutor]),
             _ => None,

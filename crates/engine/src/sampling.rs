@@ -71,6 +71,17 @@ impl Sampler {
         Sampler { sampling, rng: SplitMix64::new(seed) }
     }
 
+    /// Where this sampler would stand after `n` samples: a process that resumes an answer of `n`
+    /// tokens (fed again, not sampled) samples the next one exactly as the first process would
+    /// have. Every sample of top-p draws one random number; greedy draws none.
+    pub fn skip(&mut self, n: usize) {
+        if let Sampling::TopP { .. } = self.sampling {
+            for _ in 0..n {
+                self.rng.next_f64();
+            }
+        }
+    }
+
     /// The next token id. Fails only on empty or all-NaN logits.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         match self.sampling {
@@ -136,6 +147,18 @@ mod tests {
         assert_eq!(argmax(&[1.0, 3.0, f32::NAN, 3.0]).unwrap(), 1);
         assert!(argmax(&[f32::NAN]).is_err());
         assert!(argmax(&[]).is_err());
+    }
+
+    #[test]
+    fn a_sampler_that_skips_n_samples_continues_like_one_that_made_them() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let sampling = Sampling::from_options(Some(0.9), Some(0.95), Some(42)).unwrap();
+        let mut whole = Sampler::new(sampling);
+        let all: Vec<u32> = (0..12).map(|_| whole.sample(&logits).unwrap()).collect();
+        let mut resumed = Sampler::new(sampling);
+        resumed.skip(7);
+        let rest: Vec<u32> = (0..5).map(|_| resumed.sample(&logits).unwrap()).collect();
+        assert_eq!(rest, all[7..]);
     }
 
     #[test]

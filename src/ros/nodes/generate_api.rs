@@ -76,29 +76,36 @@ pub struct Desk {
 }
 
 impl Desk {
-    /// Serves the action and the service on `ctx`'s node.
-    pub fn start(ctx: &NodeContext, encoder: PromptEncoder, limits: Limits) -> anyhow::Result<Arc<Desk>> {
-        let mut goals = ctx.lock().create_action_server::<GenerateAction::Action>(names::GENERATE)?;
-        let mut calls = ctx.lock().create_service::<Generate::Service>(names::GENERATE, r2r::QosProfile::default())?;
-        let desk = Arc::new(Desk {
+    /// The request table, serving nobody yet ([`Self::serve`] opens it to clients).
+    pub fn new(encoder: PromptEncoder, limits: Limits) -> Arc<Desk> {
+        Arc::new(Desk {
             table: Mutex::new(Requests::new(limits)),
             queued: Notify::new(),
             canceled: Notify::new(),
             encoder,
-        });
-        let d = desk.clone();
+        })
+    }
+
+    /// Serves the action and the service on `ctx`'s node (a standby scheduler only once it has
+    /// taken over: one action server at a time).
+    pub fn serve(self: &Arc<Self>, ctx: &NodeContext) -> anyhow::Result<()> {
+        let mut goals = ctx.lock().create_action_server::<GenerateAction::Action>(names::GENERATE)?;
+        let mut calls = ctx.lock().create_service::<Generate::Service>(names::GENERATE, r2r::QosProfile::default())?;
+        let d = self.clone();
         tokio::spawn(async move {
             while let Some(req) = goals.next().await {
                 d.take_goal(req);
             }
         });
-        let d = desk.clone();
+        let d = self.clone();
         tokio::spawn(async move {
             while let Some(call) = calls.next().await {
                 d.take_call(call);
             }
         });
-        Ok(desk)
+        // Requests it holds already (followed) may run.
+        self.queued.notify_one();
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Requests<Sink>> {
@@ -272,6 +279,40 @@ impl Desk {
     /// See [`Requests::ids_above`].
     pub fn ids_above(&self, floor: u64) {
         self.lock().ids_above(floor);
+    }
+
+    /// The spec of a running request (published for a standby).
+    pub fn spec(&self, request_id: u64) -> Option<Spec> {
+        self.lock().spec(request_id).cloned()
+    }
+
+    /// A request the primary started (a standby follows it). False when it was refused.
+    pub fn follow(&self, spec: Spec, job: Job) -> bool {
+        let id = job.request_id;
+        let mut table = self.lock();
+        table.follow(spec, job) && table.followed_start(id)
+    }
+
+    /// A followed request's next token. False when the request is not running here.
+    pub fn followed_token(&self, request_id: u64, token: u32, text: String) -> bool {
+        self.lock().push_token(request_id, token, text).is_some()
+    }
+
+    /// How many tokens a followed request has here (None: not running here).
+    pub fn followed_tokens(&self, request_id: u64) -> Option<usize> {
+        self.lock().progress(request_id).map(|(t, _)| t.len())
+    }
+
+    /// See [`Requests::forget`].
+    pub fn forget(&self, request_id: u64) {
+        for sink in self.lock().forget(request_id) {
+            answer(sink, &Answer::refused(request_id, &Refusal::ShuttingDown));
+        }
+    }
+
+    /// See [`Requests::running`].
+    pub fn running(&self) -> Option<(Job, usize)> {
+        self.lock().running()
     }
 
     /// The scheduler stops: every waiting and running request's clients are told.

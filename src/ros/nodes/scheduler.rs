@@ -13,20 +13,24 @@ use crate::decision::{self, Decision, PlanInputs, SnapshotHeld};
 use crate::detector::FailureReason;
 use crate::epoch::{self as epochs, EpochClock, ExecutorState, Readiness};
 use crate::linkrate::LinkRates;
-use crate::requests::{Answer, Finish, Job, MAX_RUNNING};
+use crate::requests::{Answer, Finish, Job, Spec, MAX_RUNNING};
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::diagnostics::Diagnostics;
 use crate::ros::fallback::{self, Input};
 use crate::ros::{clock, convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
-use aerokv_auth::Role;
+use crate::standby::{self, Phase, Resume, TokenStep, Watch};
+use aerokv_auth::{NodeId, Role};
 use aerokv_codec::{ActivationCodec, Encoded};
 use aerokv_engine::{
     models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
 };
 use futures::StreamExt;
-use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, PromptProgress, TokenChunk};
+use r2r::aerokv::msg::{
+    Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, PromptProgress, RequestSpec, TokenChunk,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -102,6 +106,13 @@ pub struct Params {
     /// Seconds per layer every plan assumes; 0: measured at start-up (a live replay pins the
     /// recorded figure, docs/bags.md).
     pub layer_latency_s: f64,
+    /// "primary" (serves from the start) or "standby" (follows the primary, takes over when it
+    /// dies: docs/failure-detection.md, "The standby scheduler").
+    pub role: String,
+    /// How often this scheduler beats on `/aerokv/scheduler/heartbeat`.
+    pub scheduler_heartbeat_period_s: f64,
+    /// A standby takes over once the primary has been silent this long.
+    pub primary_timeout_s: f64,
 }
 
 impl Default for Params {
@@ -137,6 +148,9 @@ impl Default for Params {
             max_queue: 16,
             finished_kept: 32,
             layer_latency_s: 0.0,
+            role: "primary".into(),
+            scheduler_heartbeat_period_s: 0.1,
+            primary_timeout_s: 0.5,
         }
     }
 }
@@ -146,8 +160,19 @@ impl Params {
         self.activation_codec.parse().map_err(|e| anyhow::anyhow!("parameter `activation_codec`: {e}"))
     }
 
+    fn role(&self) -> anyhow::Result<standby::Role> {
+        self.role.parse().map_err(|e| anyhow::anyhow!("parameter `role`: {e}"))
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         self.codec()?;
+        self.role()?;
+        anyhow::ensure!(
+            self.primary_timeout_s > self.scheduler_heartbeat_period_s,
+            "parameter `primary_timeout_s` ({}) must be above `scheduler_heartbeat_period_s` ({})",
+            self.primary_timeout_s,
+            self.scheduler_heartbeat_period_s
+        );
         anyhow::ensure!(self.expected_uavs >= 1, "parameter `expected_uavs` must be at least 1");
         anyhow::ensure!(self.threads >= 1, "parameter `threads` must be at least 1");
         anyhow::ensure!(self.max_tokens_limit >= 1, "parameter `max_tokens_limit` must be at least 1");
@@ -168,6 +193,8 @@ impl Params {
             ("ready_timeout_s", self.ready_timeout_s),
             ("step_timeout_s", self.step_timeout_s),
             ("replan_period_s", self.replan_period_s),
+            ("scheduler_heartbeat_period_s", self.scheduler_heartbeat_period_s),
+            ("primary_timeout_s", self.primary_timeout_s),
         ] {
             anyhow::ensure!(v.is_finite() && v > 0.0, "parameter `{name}` must be positive, not {v}");
         }
@@ -243,8 +270,80 @@ struct StageReady {
     ready_s: f64,
 }
 
+/// This scheduler's role and phase, shared with its heartbeat and subscription tasks.
+struct Duty {
+    role: standby::Role,
+    serving: AtomicBool,
+    origin: Instant,
+    /// The primary as a standby hears it (unused by a primary).
+    watch: Mutex<Watch>,
+}
+
+impl Duty {
+    fn new(role: standby::Role, primary_timeout_s: f64) -> Self {
+        Duty {
+            role,
+            serving: AtomicBool::new(Phase::initial(role) == Phase::Serving),
+            origin: clock::now(),
+            watch: Mutex::new(Watch::new(primary_timeout_s)),
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        if self.serving.load(Ordering::Acquire) {
+            Phase::Serving
+        } else {
+            Phase::Following
+        }
+    }
+
+    fn secs(&self) -> f64 {
+        clock::now().saturating_duration_since(self.origin).as_secs_f64()
+    }
+
+    fn watch(&self) -> std::sync::MutexGuard<'_, Watch> {
+        self.watch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn executor_heard(&self) {
+        if self.role == standby::Role::Standby {
+            let now = self.secs();
+            self.watch().executor_heard(now);
+        }
+    }
+
+    /// A standby's takeover, once its rule says so (see [`Watch::check`]).
+    fn check(&self) -> Option<standby::Takeover> {
+        let now = self.secs();
+        let t = self.watch().check(now)?;
+        self.serving.store(true, Ordering::Release);
+        Some(t)
+    }
+}
+
+/// What a standby hears of the primary's work.
+enum Followed {
+    Request(RequestSpec),
+    Token(TokenChunk),
+    Plan(u64),
+}
+
+/// The request a standby resumes after its takeover: followed this far, taken over at `at`
+/// (UNIX seconds) after the primary's silence of `silent_s`.
+struct Resumed {
+    job: Job,
+    have: usize,
+    at: f64,
+    silent_s: f64,
+}
+
 struct Scheduler {
     ctx: NodeContext,
+    duty: Arc<Duty>,
+    request_pub: SignedPublisher<RequestSpec>,
+    limits: crate::requests::Limits,
+    /// A standby's running request to resume once it took over.
+    resumed: Option<Resumed>,
     p: Params,
     codec: ActivationCodec,
     gateway: Gateway,
@@ -321,7 +420,12 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     tracing::info!(variant = %p.variant, layers = arch.layers, layer_ms = own_layer_latency_s * 1e3, "gateway loaded");
     let links = LinkRates::new(p.link_rate_bps, plan_params.config().channel.unwrap_or_default());
 
-    let auth = NodeAuth::load(&p.keystore, Role::Scheduler, None)?;
+    let role = p.role()?;
+    let auth = match role {
+        standby::Role::Primary => NodeAuth::load(&p.keystore, Role::Scheduler, None)?,
+        standby::Role::Standby => NodeAuth::load_as(&p.keystore, NodeId::standby_scheduler())?,
+    };
+    let duty = Arc::new(Duty::new(role, p.primary_timeout_s));
     auth.publish_diagnostics(&ctx, AUTH_DIAGNOSTICS_PERIOD)?;
     let outputs = {
         let auth = auth.clone();
@@ -347,10 +451,27 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         max_queue: p.max_queue,
         finished_kept: p.finished_kept,
     };
-    let desk = Desk::start(&ctx, gateway.encoder(), limits)?;
+    let desk = Desk::new(gateway.encoder(), limits);
+    if role == standby::Role::Primary {
+        desk.serve(&ctx)?;
+    }
+    let (step_down, mut stepped_down) = mpsc::unbounded_channel();
+    beat_and_hear_schedulers(&ctx, auth.clone(), duty.clone(), p.scheduler_heartbeat_period_s, step_down)?;
+    let mut followed = match role {
+        standby::Role::Standby => follow_primary(&ctx, auth.clone(), duty.clone())?,
+        standby::Role::Primary => mpsc::unbounded_channel().1,
+    };
     let (member_timeout, rejoin_after) =
         (Duration::from_secs_f64(p.member_timeout_s), Duration::from_secs_f64(p.rejoin_after_s));
     let mut s = Scheduler {
+        duty: duty.clone(),
+        request_pub: SignedPublisher::new(
+            ctx.publisher(names::REQUESTS, names::events())?,
+            auth.clone(),
+            NodeAuth::sign_request,
+        ),
+        limits,
+        resumed: None,
         fallback,
         assign_pub: SignedPublisher::new(
             ctx.publisher(names::ASSIGNMENT, names::latched())?,
@@ -408,15 +529,24 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
     })?;
     let mut tick = clock::interval(Duration::from_secs_f64(s.p.replan_period_s.min(0.25)));
     let mut last_replan = clock::now();
+    let mut takeover_check = clock::interval(Duration::from_millis(50));
+    if role == standby::Role::Standby {
+        tracing::info!(timeout_s = s.p.primary_timeout_s, "standby: following the primary");
+    }
     let shutdown = ctx.shutdown();
     tokio::pin!(shutdown);
     loop {
+        let serving = duty.phase() == Phase::Serving;
         tokio::select! {
             _ = &mut shutdown => { desk.shutdown(); return Ok(()); }
-            job = desk.next() => {
+            Some(()) = stepped_down.recv() => {
+                desk.shutdown();
+                anyhow::bail!("the standby scheduler took over (this one was taken for dead): stopping so that one scheduler plans");
+            }
+            (job, resumed) = next_job(&mut s.resumed, &desk), if serving => {
                 let id = job.request_id;
                 let answer = tokio::select! {
-                    a = s.serve(job) => a,
+                    a = s.serve(job, resumed) => a,
                     // Nobody wants it any more: no further steps (the executors' KV of it is
                     // dropped by the next request's plan).
                     _ = desk.canceled(id) => s.canceled(id),
@@ -425,12 +555,18 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
                 desk.finish(&answer);
             }
             Some(ev) = s.failures.recv() => { s.note_failure(&ev); }
+            Some(f) = followed.recv(), if !serving => s.follow(f),
+            _ = takeover_check.tick(), if !serving => {
+                if let Some(t) = duty.check() {
+                    s.take_over(t)?;
+                }
+            }
             Ok(()) = live.changed() => { s.p = live.borrow_and_update().clone(); }
             Some(msg) = s.outputs.next() => { s.stale_dropped += 1; tracing::debug!(epoch = msg.epoch, "activation outside a request dropped"); }
             _ = tick.tick() => {
                 s.discover()?;
                 s.publish_diagnostics(None);
-                if clock::since(last_replan).as_secs_f64() >= s.p.replan_period_s {
+                if serving && clock::since(last_replan).as_secs_f64() >= s.p.replan_period_s {
                     last_replan = clock::now();
                     if let Err(e) = s.idle_replan() {
                         tracing::warn!("idle planning: {e:#}");
@@ -439,6 +575,108 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Beats on `/aerokv/scheduler/heartbeat` (its role in `uav_id`, its phase in `state`) and hears
+/// the other scheduler's beats: a standby learns that the primary lives; a serving primary that
+/// hears a serving standby steps down (`step_down`).
+fn beat_and_hear_schedulers(
+    ctx: &NodeContext,
+    auth: Arc<NodeAuth>,
+    duty: Arc<Duty>,
+    period_s: f64,
+    step_down: mpsc::UnboundedSender<()>,
+) -> anyhow::Result<()> {
+    let publisher = ctx.publisher::<Heartbeat>(names::SCHEDULER_HEARTBEAT, names::heartbeat_qos())?;
+    let mut beats = ctx.subscribe::<Heartbeat>(names::SCHEDULER_HEARTBEAT, names::telemetry())?;
+    let (a, d, shutdown) = (auth.clone(), duty.clone(), ctx.shutdown());
+    tokio::spawn(async move {
+        tokio::pin!(shutdown);
+        let mut tick = clock::interval(Duration::from_secs_f64(period_s));
+        let mut sequence = 0u64;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tick.tick() => {
+                    sequence += 1;
+                    let mut hb = Heartbeat {
+                        uav_id: d.role.as_str().into(),
+                        state: d.phase().as_str().into(),
+                        sequence,
+                        stamp: crate::ros::now_stamp(),
+                        auth_counters: a.counters(),
+                        ..Default::default()
+                    };
+                    a.sign_scheduler_heartbeat(&mut hb);
+                    if let Err(e) = publisher.publish(&hb) {
+                        tracing::warn!("publish the scheduler heartbeat: {e}");
+                    }
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(hb) = beats.recv().await {
+            if !auth.accept_scheduler_heartbeat(&hb) {
+                continue;
+            }
+            let (Ok(role), Some(phase)) = (hb.uav_id.parse::<standby::Role>(), Phase::parse(&hb.state)) else {
+                continue;
+            };
+            match standby::peer(duty.role, duty.phase(), role, phase) {
+                standby::Peer::PrimaryAlive => {
+                    let now = duty.secs();
+                    duty.watch().primary_heartbeat(now);
+                }
+                standby::Peer::StepDown => {
+                    tracing::error!("the standby scheduler serves: this one steps down");
+                    let _ = step_down.send(());
+                }
+                standby::Peer::Ignore => {}
+            }
+        }
+    });
+    Ok(())
+}
+
+/// A standby's subscriptions to the primary's work: the requests it starts, the tokens it streams,
+/// the epochs of its plans (authenticated: only a scheduler may sign them).
+fn follow_primary(
+    ctx: &NodeContext,
+    auth: Arc<NodeAuth>,
+    duty: Arc<Duty>,
+) -> anyhow::Result<mpsc::UnboundedReceiver<Followed>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let requests = verified(ctx.subscribe(names::REQUESTS, names::events())?, auth.clone(), NodeAuth::accept_request);
+    let tokens = verified(ctx.subscribe(names::TOKENS, names::events())?, auth.clone(), NodeAuth::accept_token);
+    let plans = verified(ctx.subscribe(names::ASSIGNMENT, names::latched_reader())?, auth, NodeAuth::accept_assignment);
+    fn forward<T: Send + 'static>(
+        mut rx: mpsc::UnboundedReceiver<T>,
+        tx: mpsc::UnboundedSender<Followed>,
+        duty: Arc<Duty>,
+        wrap: fn(T) -> Followed,
+    ) {
+        tokio::spawn(async move {
+            // Once serving, what is on these topics is this scheduler's own.
+            while let Some(m) = rx.recv().await {
+                if duty.phase() == Phase::Serving || tx.send(wrap(m)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    forward(requests, tx.clone(), duty.clone(), Followed::Request);
+    forward(tokens, tx.clone(), duty.clone(), Followed::Token);
+    forward(plans, tx, duty, |a: Assignment| Followed::Plan(a.epoch));
+    Ok(rx)
+}
+
+/// The next request to serve: the one a standby resumes after its takeover, then the queue.
+async fn next_job(resumed: &mut Option<Resumed>, desk: &Desk) -> (Job, Option<Resumed>) {
+    if let Some(r) = resumed.take() {
+        return (r.job.clone(), Some(r));
+    }
+    (desk.next().await, None)
 }
 
 /// Decode latency of one layer on this machine (the executors report theirs; this is the
@@ -511,13 +749,14 @@ impl Scheduler {
             let (live, u, layers) = (self.live.clone(), uav.clone(), self.controller.model.num_layers);
             let member_timeout = self.membership.member_timeout;
             let (auth, topic, fallback) = (self.auth.clone(), names::heartbeat(&uav), self.fallback.tx.clone());
-            let desk = self.desk.clone();
+            let (desk, duty) = (self.desk.clone(), self.duty.clone());
             tokio::spawn(async move {
                 while let Some(hb) = beats.recv().await {
                     let now = clock::now();
                     if !auth.accept_heartbeat(&topic, &hb) {
                         continue;
                     }
+                    duty.executor_heard();
                     let checked = control::validate_heartbeat(&convert::heartbeat_fields(&hb), &u, layers);
                     let mut live = live.lock().unwrap_or_else(|e| e.into_inner());
                     if !live.rejects.passed(&u, TelemetryKind::Heartbeat, checked) {
@@ -760,8 +999,10 @@ impl Scheduler {
         }
     }
 
-    /// Serves one generation request (checked by [`crate::requests::check`]).
-    async fn serve(&mut self, job: Job) -> Answer {
+    /// Serves one generation request (checked by [`crate::requests::check`]); `resumed`: a
+    /// request the primary ran, from the tokens this standby followed.
+    async fn serve(&mut self, job: Job, resumed: Option<Resumed>) -> Answer {
+        self.announce(&job);
         self.await_settled().await;
         let members = self.members();
         if members.is_empty() {
@@ -776,7 +1017,10 @@ impl Scheduler {
         }
         let mut run = Run::new(job.request_id, job.prompt_ids, job.max_tokens, job.sampling);
         run.ignore_eos = job.ignore_eos;
-        let result = self.generate(&mut run).await;
+        let result = match resumed {
+            Some(r) => self.resume(&mut run, r).await,
+            None => self.generate(&mut run).await,
+        };
         self.requests_served += 1;
         let finish = result.as_ref().map_or(Finish::Error, |&f| f);
         // The done chunk carries what the detokenizer still held (an incomplete character).
@@ -817,6 +1061,162 @@ impl Scheduler {
             finish,
             tokens_per_s,
             stats_json: stats.to_string(),
+        }
+    }
+
+    /// Publishes the spec of a request that starts, for a standby (docs/generate-api.md, "Standby").
+    fn announce(&self, job: &Job) {
+        let Some(spec) = self.desk.spec(job.request_id) else { return };
+        let msg = RequestSpec {
+            request_id: job.request_id,
+            prompt_ids: job.prompt_ids.clone(),
+            max_tokens: spec.max_tokens,
+            temperature: spec.temperature,
+            top_p: spec.top_p,
+            seed: spec.seed,
+            ignore_eos: spec.ignore_eos,
+            user: spec.user,
+            prompt: spec.prompt,
+            ..Default::default()
+        };
+        if let Err(e) = self.request_pub.publish(&msg) {
+            tracing::warn!("publish the request's spec: {e}");
+        }
+    }
+
+    /// A standby applies what it heard of the primary's work.
+    fn follow(&mut self, f: Followed) {
+        match f {
+            Followed::Plan(epoch) => {
+                if let Some(c) = self.lock().clock.as_mut() {
+                    c.followed(epoch);
+                }
+                self.epoch = self.epoch.max(epoch);
+            }
+            Followed::Request(r) => {
+                let spec = Spec {
+                    user: r.user,
+                    prompt: r.prompt,
+                    max_tokens: r.max_tokens,
+                    temperature: r.temperature,
+                    top_p: r.top_p,
+                    seed: r.seed,
+                    ignore_eos: r.ignore_eos,
+                };
+                // Checked like a client's request, with the prompt ids the primary made of it.
+                let ids = r.prompt_ids;
+                match crate::requests::check(&spec, &self.limits, |_| Ok(ids)) {
+                    Ok(mut job) if r.request_id != 0 => {
+                        job.request_id = r.request_id;
+                        if self.desk.follow(spec, job) {
+                            tracing::info!(request = r.request_id, "following the primary's request");
+                        }
+                    }
+                    Ok(_) => tracing::warn!("followed request without an id ignored"),
+                    Err(why) => tracing::warn!(request = r.request_id, "followed request refused: {why}"),
+                }
+            }
+            Followed::Token(t) => self.follow_token(t),
+        }
+    }
+
+    fn follow_token(&mut self, t: TokenChunk) {
+        let id = t.request_id;
+        let Some(have) = self.desk.followed_tokens(id) else { return };
+        match standby::token_step(have, t.index as usize, t.done, &t.finish_reason) {
+            TokenStep::Append => match u32::try_from(t.token_id) {
+                Ok(token) => _ = self.desk.followed_token(id, token, t.text),
+                Err(_) => tracing::warn!(request = id, token = t.token_id, "followed token with a negative id ignored"),
+            },
+            TokenStep::Duplicate | TokenStep::Invalid => {}
+            // Every chunk after a gap is beyond it too (debug only); resumption starts at the gap,
+            // a request that ends with one is forgotten (warned below).
+            TokenStep::Gap { have, got } => {
+                tracing::debug!(request = id, have, got, "a followed token is missing: resumption would start at it")
+            }
+            TokenStep::Done { finish, tokens } if tokens == have => {
+                let (tokens, _) = self.desk.progress(id);
+                let prompt_ids = self.desk.running().map(|(j, _)| j.prompt_ids).unwrap_or_default();
+                let error = match finish {
+                    Finish::Error => "the primary scheduler's generation failed",
+                    Finish::Canceled => "canceled by the client",
+                    _ => "",
+                };
+                let answer = Answer {
+                    accepted: finish != Finish::Refused,
+                    error: error.into(),
+                    request_id: id,
+                    prompt_ids,
+                    text: self.gateway.decode(&tokens).unwrap_or_default(),
+                    tokens,
+                    finish,
+                    tokens_per_s: 0.0,
+                    stats_json: String::new(),
+                };
+                tracing::info!(
+                    request = id,
+                    tokens = answer.tokens.len(),
+                    finish = finish.as_str(),
+                    "followed request finished"
+                );
+                self.desk.finish(&answer);
+            }
+            TokenStep::Done { tokens, .. } => {
+                tracing::warn!(
+                    request = id,
+                    have,
+                    tokens,
+                    "followed request ended with tokens missing here: forgotten"
+                );
+                self.desk.forget(id);
+            }
+        }
+    }
+
+    /// The standby takes over: it serves clients, and resumes the request that was running.
+    fn take_over(&mut self, t: standby::Takeover) -> anyhow::Result<()> {
+        let next_epoch = self.next_epoch();
+        tracing::warn!(silent_s = t.silent_s, next_epoch, "PRIMARY SILENT: the standby takes over");
+        self.desk.serve(&self.ctx)?;
+        if let Some((job, have)) = self.desk.running() {
+            tracing::info!(request = job.request_id, tokens = have, "resuming the primary's running request");
+            self.resumed = Some(Resumed { job, have, at: unix_now(), silent_s: t.silent_s });
+        }
+        Ok(())
+    }
+
+    /// A request the primary ran, from the tokens followed: an exact restart (the prompt and those
+    /// tokens are fed again; the sampler stands where the primary's stood).
+    async fn resume(&mut self, run: &mut Run, r: Resumed) -> Result<Finish, Interrupt> {
+        let (mut known, _) = self.desk.progress(run.request_id);
+        known.truncate(r.have);
+        for &t in &known {
+            let _ = run.detok.push(&self.gateway, t);
+        }
+        run.sampler.skip(known.len());
+        let have = known.len();
+        run.tokens = known;
+        run.incidents.push(Incident {
+            uav: "scheduler".into(),
+            reason: "primary silent".into(),
+            token: have,
+            mode: "takeover".into(),
+            resume_position: 0,
+            replay_from: 0,
+            epoch: self.next_epoch(),
+            detected_at: r.at,
+            recovered_at: 0.0,
+            next_token_at: 0.0,
+            planned_recovery_s: 0.0,
+            why: format!("the primary was silent for {:.3} s", r.silent_s),
+            stages: BTreeMap::new(),
+        });
+        match standby::resume(have, run.max_tokens, run.prompt_ids.len(), self.max_context) {
+            Resume::Finished(finish) => Ok(finish),
+            Resume::Continue { from } => {
+                tracing::info!(request = run.request_id, from, "resuming from the followed tokens");
+                self.generate(run).await
+            }
         }
     }
 
@@ -975,6 +1375,11 @@ impl Scheduler {
         // A fresh plan for this request from current battery health and membership.
         self.plan_restart(run, "request").await?;
         run.started = true;
+        // A takeover's recovery ends with the first plan.
+        for inc in run.incidents.iter_mut().filter(|i| i.recovered_at == 0.0) {
+            inc.recovered_at = unix_now();
+            inc.epoch = self.epoch;
+        }
         // The next step leaves as soon as its token is sampled; streaming the token and the
         // retirement check happen while the swarm computes it.
         loop {
