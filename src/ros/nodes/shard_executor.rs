@@ -326,6 +326,16 @@ impl Worker {
         if !self.authentic(&ev) {
             return;
         }
+        // When it is taken from DDS, whatever its epoch: a message of an epoch not applied yet
+        // waits in `early`, and that wait is not the link's.
+        match &ev {
+            Event::Input { msg, .. } | Event::Replay { msg, .. } => {
+                let sent = crate::ros::stamp_secs(&msg.stamp);
+                self.goodput.observe(&msg.source, msg.payload.len(), sent, crate::ros::unix_now());
+            }
+            Event::Kv(m) => self.goodput.observe_paced(&m.source, crate::ros::unix_now()),
+            Event::Assignment(_) => {}
+        }
         self.handle_checked(ev);
     }
 
@@ -345,14 +355,6 @@ impl Worker {
                 self.early.push(ev);
                 return;
             }
-        }
-        match &ev {
-            Event::Input { msg, .. } | Event::Replay { msg, .. } => {
-                let sent = crate::ros::stamp_secs(&msg.stamp);
-                self.goodput.observe(&msg.source, msg.payload.len(), sent, crate::ros::unix_now());
-            }
-            Event::Kv(m) => self.goodput.observe_paced(&m.source, crate::ros::unix_now()),
-            Event::Assignment(_) => {}
         }
         let result = match ev {
             Event::Assignment(a) if a.epoch <= current.max(self.failed_epoch) => Ok(()),
