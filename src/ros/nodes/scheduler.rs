@@ -18,7 +18,7 @@ use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PER
 use crate::ros::diagnostics::Diagnostics;
 use crate::ros::fallback::{self, Input};
 use crate::ros::{clock, convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
-use crate::standby::{self, Phase, Resume, TokenStep, Watch};
+use crate::standby::{self, KvRestart, Phase, Resume, TokenStep, Watch};
 use aerokv_auth::{NodeId, Role};
 use aerokv_codec::{ActivationCodec, Encoded};
 use aerokv_engine::{
@@ -937,6 +937,11 @@ impl Scheduler {
     /// When idle: the first plan once enough UAVs are up, then a new one whenever membership or
     /// battery health changes the layout.
     fn idle_replan(&mut self) -> anyhow::Result<()> {
+        if self.resumed.is_some() {
+            // A standby that just took over: its plan for the running request comes next, on the
+            // executors' KV caches, which an idle plan would drop.
+            return Ok(());
+        }
         let members = self.members();
         if members.len() < self.p.expected_uavs && self.current.is_none() {
             return Ok(());
@@ -1215,9 +1220,89 @@ impl Scheduler {
             Resume::Finished(finish) => Ok(finish),
             Resume::Continue { from } => {
                 tracing::info!(request = run.request_id, from, "resuming from the followed tokens");
-                self.generate(run).await
+                let started = clock::now();
+                self.plan_takeover(run).await?;
+                self.decode(run, started).await
             }
         }
+    }
+
+    /// The takeover's plan for the running request: on the executors' KV caches when every
+    /// stage of a fresh plan holds them up to the last followed token ([`standby::kv_restart`]:
+    /// it resumes there), else an exact restart from position 0.
+    async fn plan_takeover(&mut self, run: &mut Run) -> Result<(), Interrupt> {
+        let members = self.members();
+        let why = if members.is_empty() {
+            "no member yet".to_string()
+        } else {
+            let decision = Decision::Initial { members };
+            let inputs = self.inputs(self.next_epoch(), run.request_id, decision, run.total_tokens(), 0);
+            match self.decide(&inputs) {
+                Ok(planned) => {
+                    let held = self.kv_holders();
+                    let restart = standby::kv_restart(
+                        &planned.plan.stages,
+                        &held,
+                        run.request_id,
+                        run.prompt_ids.len(),
+                        run.tokens.len(),
+                    );
+                    match restart {
+                        KvRestart::Resume { position } => match self.resume_on_kv(run, planned, inputs, position).await
+                        {
+                            Ok(()) => return Ok(()),
+                            Err(e) => format!("the plan resuming at {position} did not apply: {e}"),
+                        },
+                        KvRestart::Refeed(why) => why.to_string(),
+                    }
+                }
+                Err(e) => e.to_string(),
+            }
+        };
+        tracing::info!(request = run.request_id, %why, "takeover: feeding the prompt and the followed tokens again");
+        if let Some(inc) = run.incidents.last_mut() {
+            inc.why = format!("{}; fed again: {why}", inc.why);
+        }
+        run.rewind();
+        self.plan_restart(run, "takeover").await
+    }
+
+    /// Publishes `planned` resuming at `position` and waits until every stage applied it.
+    async fn resume_on_kv(
+        &mut self,
+        run: &mut Run,
+        mut planned: Planned,
+        inputs: PlanInputs,
+        position: usize,
+    ) -> Result<(), Interrupt> {
+        let inputs = PlanInputs { resume_position: position, ..inputs };
+        planned.plan.resume_position = position;
+        self.publish(planned, &inputs, "takeover").map_err(|e| Interrupt::Fatal(e.to_string()))?;
+        run.epochs.push(self.epoch);
+        self.wait_ready().await?;
+        tracing::info!(request = run.request_id, position, "takeover: resuming on the executors' KV caches");
+        run.position = position;
+        run.sent_until = position;
+        if let Some(inc) = run.incidents.last_mut() {
+            inc.resume_position = position;
+        }
+        Ok(())
+    }
+
+    /// What each executor holds, from its last heartbeat.
+    fn kv_holders(&self) -> BTreeMap<String, standby::KvHolder> {
+        self.lock()
+            .beats
+            .iter()
+            .map(|(uav, (_, hb))| {
+                let holder = standby::KvHolder {
+                    layer_start: hb.layer_start as usize,
+                    layer_end: hb.layer_end as usize,
+                    kv: hb.kv.iter().map(|k| (k.request_id, k.kv_tokens as usize)).collect(),
+                };
+                (uav.clone(), holder)
+            })
+            .collect()
     }
 
     /// Every UAV's memory under the current plan (none before the first plan), with the weights
@@ -1374,6 +1459,11 @@ impl Scheduler {
         let started = clock::now();
         // A fresh plan for this request from current battery health and membership.
         self.plan_restart(run, "request").await?;
+        self.decode(run, started).await
+    }
+
+    /// Runs `run` to its end on the current plan, from `run.position`.
+    async fn decode(&mut self, run: &mut Run, started: Instant) -> Result<Finish, Interrupt> {
         run.started = true;
         // A takeover's recovery ends with the first plan.
         for inc in run.incidents.iter_mut().filter(|i| i.recovered_at == 0.0) {
@@ -1468,22 +1558,26 @@ impl Scheduler {
 
     fn stream_token(&mut self, run: &mut Run, index: usize, id: u32) {
         let text = run.detok.push(&self.gateway, id).ok().flatten().unwrap_or_default();
-        // Its goals' feedback first; a request nobody wants any more streams nothing.
-        if !self.desk.token(run.request_id, id, &text) {
-            return;
-        }
         let chunk = TokenChunk {
             request_id: run.request_id,
             index: index as u32,
             token_id: id as i32,
-            text,
+            text: text.clone(),
             done: false,
             finish_reason: String::new(),
             epoch: self.epoch,
             ..Default::default()
         };
-        if let Err(e) = self.token_pub.publish(&chunk) {
-            tracing::warn!("publish token: {e}");
+        // On the token topic before the goals' feedback (a primary killed in between leaves its
+        // standby no token behind its clients); a request nobody wants any more streams nothing.
+        let token_pub = &self.token_pub;
+        let wanted = self.desk.token(run.request_id, id, &text, || {
+            if let Err(e) = token_pub.publish(&chunk) {
+                tracing::warn!("publish token: {e}");
+            }
+        });
+        if !wanted {
+            return;
         }
         self.publish_diagnostics(Some(&*run));
     }
