@@ -326,6 +326,8 @@ enum Followed {
     Request(RequestSpec),
     Token(TokenChunk),
     Plan(u64),
+    /// What one of its plans was decided from.
+    Inputs(Box<r2r::aerokv::msg::PlanInputs>),
 }
 
 /// The request a standby resumes after its takeover: followed this far, taken over at `at`
@@ -344,6 +346,8 @@ struct Scheduler {
     limits: crate::requests::Limits,
     /// A standby's running request to resume once it took over.
     resumed: Option<Resumed>,
+    /// What the primary's latest plan was decided from (a standby's).
+    followed_inputs: Option<PlanInputs>,
     p: Params,
     codec: ActivationCodec,
     gateway: Gateway,
@@ -472,6 +476,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         ),
         limits,
         resumed: None,
+        followed_inputs: None,
         fallback,
         assign_pub: SignedPublisher::new(
             ctx.publisher(names::ASSIGNMENT, names::latched())?,
@@ -649,7 +654,10 @@ fn follow_primary(
     let (tx, rx) = mpsc::unbounded_channel();
     let requests = verified(ctx.subscribe(names::REQUESTS, names::events())?, auth.clone(), NodeAuth::accept_request);
     let tokens = verified(ctx.subscribe(names::TOKENS, names::events())?, auth.clone(), NodeAuth::accept_token);
-    let plans = verified(ctx.subscribe(names::ASSIGNMENT, names::latched_reader())?, auth, NodeAuth::accept_assignment);
+    let plans =
+        verified(ctx.subscribe(names::ASSIGNMENT, names::latched_reader())?, auth.clone(), NodeAuth::accept_assignment);
+    let inputs =
+        verified(ctx.subscribe(names::PLAN_INPUTS, names::latched_reader())?, auth, NodeAuth::accept_plan_inputs);
     fn forward<T: Send + 'static>(
         mut rx: mpsc::UnboundedReceiver<T>,
         tx: mpsc::UnboundedSender<Followed>,
@@ -667,7 +675,8 @@ fn follow_primary(
     }
     forward(requests, tx.clone(), duty.clone(), Followed::Request);
     forward(tokens, tx.clone(), duty.clone(), Followed::Token);
-    forward(plans, tx, duty, |a: Assignment| Followed::Plan(a.epoch));
+    forward(plans, tx.clone(), duty.clone(), |a: Assignment| Followed::Plan(a.epoch));
+    forward(inputs, tx, duty, |i: r2r::aerokv::msg::PlanInputs| Followed::Inputs(Box::new(i)));
     Ok(rx)
 }
 
@@ -1122,6 +1131,13 @@ impl Scheduler {
                 }
             }
             Followed::Token(t) => self.follow_token(t),
+            Followed::Inputs(msg) => match crate::ros::record::plan_inputs(&msg) {
+                Ok(i) if self.followed_inputs.as_ref().is_none_or(|f| f.epoch < i.epoch) => {
+                    self.followed_inputs = Some(i)
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("the primary's plan inputs ignored: {e}"),
+            },
         }
     }
 
@@ -1232,39 +1248,68 @@ impl Scheduler {
     /// it resumes there), else an exact restart from position 0.
     async fn plan_takeover(&mut self, run: &mut Run) -> Result<(), Interrupt> {
         let members = self.members();
-        let why = if members.is_empty() {
-            "no member yet".to_string()
+        let held: BTreeMap<String, standby::KvHolder> =
+            self.kv_holders().into_iter().filter(|(uav, _)| members.contains(uav)).collect();
+        let mut why = Vec::new();
+        // A fresh plan, else the primary's latest plan (decided again from its inputs): the
+        // layout the executors hold, when a battery's drain since moved a boundary.
+        let fresh = if members.is_empty() {
+            Err("no member yet".to_string())
         } else {
             let decision = Decision::Initial { members };
             let inputs = self.inputs(self.next_epoch(), run.request_id, decision, run.total_tokens(), 0);
-            match self.decide(&inputs) {
-                Ok(planned) => {
-                    let held = self.kv_holders();
-                    let restart = standby::kv_restart(
-                        &planned.plan.stages,
-                        &held,
-                        run.request_id,
-                        run.prompt_ids.len(),
-                        run.tokens.len(),
-                    );
-                    match restart {
-                        KvRestart::Resume { position } => match self.resume_on_kv(run, planned, inputs, position).await
-                        {
-                            Ok(()) => return Ok(()),
-                            Err(e) => format!("the plan resuming at {position} did not apply: {e}"),
-                        },
-                        KvRestart::Refeed(why) => why.to_string(),
-                    }
-                }
-                Err(e) => e.to_string(),
-            }
+            self.decide(&inputs).map(|p| (p, inputs)).map_err(|e| e.to_string())
         };
+        for candidate in [fresh, self.primary_plan(run.request_id)] {
+            let (planned, inputs) = match candidate {
+                Ok(c) => c,
+                Err(e) => {
+                    why.push(e);
+                    continue;
+                }
+            };
+            let restart = standby::kv_restart(
+                &planned.plan.stages,
+                &held,
+                run.request_id,
+                run.prompt_ids.len(),
+                run.tokens.len(),
+            );
+            match restart {
+                KvRestart::Resume { position } => match self.resume_on_kv(run, planned, inputs, position).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        why.push(format!("the plan resuming at {position} did not apply: {e}"));
+                        break;
+                    }
+                },
+                KvRestart::Refeed(r) => why.push(r.to_string()),
+            }
+        }
+        let why = why.join("; ");
         tracing::info!(request = run.request_id, %why, "takeover: feeding the prompt and the followed tokens again");
         if let Some(inc) = run.incidents.last_mut() {
             inc.why = format!("{}; fed again: {why}", inc.why);
         }
         run.rewind();
         self.plan_restart(run, "takeover").await
+    }
+
+    /// The primary's latest plan, decided again from its inputs as `aerokv bag audit` does, when
+    /// it is a plan for `request_id` from position 0 and this controller numbers the UAVs as the
+    /// primary's did (its later failovers name them).
+    fn primary_plan(&mut self, request_id: u64) -> Result<(Planned, PlanInputs), String> {
+        let i = self.followed_inputs.clone().ok_or("no plan of the primary's heard")?;
+        if i.request_id != request_id || i.resume_position != 0 || !matches!(i.decision, Decision::Initial { .. }) {
+            return Err(format!("the primary's plan of epoch {} is no plan of this request from 0", i.epoch));
+        }
+        let planned =
+            decision::decide(&mut i.params.controller(&i.planning_ids), &i, None).map_err(|e| e.to_string())?;
+        self.controller.restore_ids(&i.planning_ids);
+        if self.controller.planning_ids() != i.planning_ids {
+            return Err("the UAVs are numbered otherwise than in the primary's plan".into());
+        }
+        Ok((planned, i))
     }
 
     /// Publishes `planned` resuming at `position` and waits until every stage applied it.
