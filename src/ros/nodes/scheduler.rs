@@ -1244,8 +1244,9 @@ impl Scheduler {
     }
 
     /// The takeover's plan for the running request: on the executors' KV caches when every
-    /// stage of a fresh plan holds them up to the last followed token ([`standby::kv_restart`]:
-    /// it resumes there), else an exact restart from position 0.
+    /// stage of a fresh plan, or else of the primary's latest plan, holds them up to the last
+    /// followed token ([`standby::kv_restart`]: it resumes there), else an exact restart from
+    /// position 0.
     async fn plan_takeover(&mut self, run: &mut Run) -> Result<(), Interrupt> {
         let members = self.members();
         let held: BTreeMap<String, standby::KvHolder> =
