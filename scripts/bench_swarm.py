@@ -301,6 +301,7 @@ def bench_scheduler_death(args, rng, reference):
         client = s.get("resumed_token_s") if ok else None
         rows.append({"completed": ok, "identical": same, "failure": f, "client": client})
         desc = (f"takeover {f['detection_s']:.3f} s, next token {f['next_token_s']:.3f} s, at the client {client or float('nan'):.3f} s"
+                f" [{'on the KV from position ' + str(f['resume_position']) if f.get('resume_position') else 'fed again: ' + str(f.get('why', ''))[-120:]}]"
                 if f else s.get("_failed", "no takeover recorded")[-300:])
         print(f"run {i + 1:2d}: kill the primary at token {token:3d} -> {'identical' if same else 'DIFFERENT' if ok else 'FAILED'}; {desc}", flush=True)
     fs = [r["failure"] for r in rows if r["failure"]]

@@ -47,7 +47,9 @@ impl Parameters {
 /// What kind of decision, with what it needs beyond the telemetry.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    /// A fresh layout and protection over `members` (ring order), from position 0.
+    /// A fresh layout and protection over `members` (ring order), from the inputs' resume
+    /// position: 0, or where a standby taking over finds every stage's KV caches
+    /// ([`crate::standby::kv_restart`]).
     Initial { members: Vec<String> },
     /// `failed`'s layers move to the survivors of the plan of `based_on_epoch` (a failure, or a
     /// planned retirement when `graceful`), resuming at the inputs' resume position.
@@ -127,7 +129,11 @@ pub fn decide(
     let telemetry = inputs.telemetry();
     match &inputs.decision {
         Decision::Initial { members } => {
-            Ok(controller.initial(members, &telemetry, inputs.total_tokens, inputs.epoch, inputs.request_id)?)
+            let mut planned =
+                controller.initial(members, &telemetry, inputs.total_tokens, inputs.epoch, inputs.request_id)?;
+            // 0, but for a standby's takeover that keeps the executors' KV caches.
+            planned.plan.resume_position = inputs.resume_position;
+            Ok(planned)
         }
         Decision::Failover { failed, graceful, based_on_epoch, snapshot } => {
             let current = current

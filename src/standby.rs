@@ -7,9 +7,12 @@
 //! tokens it streams (`TokenChunk`), its plans (`Assignment`) and the executors' epochs. When
 //! the primary has been silent for `primary_timeout_s` while the executors were heard for that
 //! whole time, the standby takes over: it serves the action, plans above every epoch it saw, and
-//! resumes the running request from the tokens it followed (an exact restart: the prompt and
-//! those tokens are fed again, the sampler continues where the primary's stood).
+//! resumes the running request from the tokens it followed, the sampler where the primary's
+//! stood: on the executors' KV caches when every stage of its plan still holds them
+//! ([`kv_restart`]), else an exact restart (the prompt and those tokens are fed again).
+use crate::dataplane::Stage;
 use crate::requests::Finish;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -215,6 +218,81 @@ pub fn resume(have: usize, max_tokens: usize, prompt_len: usize, max_context: us
     }
 }
 
+/// What one executor holds, from its last heartbeat: its native layers `layer_start` up to
+/// `layer_end` (exclusive; past the model's last layer when they wrap around) and, per request,
+/// the rows in their KV caches (`kv`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KvHolder {
+    pub layer_start: usize,
+    pub layer_end: usize,
+    pub kv: Vec<(u64, usize)>,
+}
+
+/// How the standby restarts the running request on its takeover plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvRestart {
+    /// Every stage holds the request's KV up to `position`: the plan resumes there (each cache
+    /// is cut back to it, also one that computed a step the standby never saw) and the step at
+    /// `position` (the last followed token) is fed next.
+    Resume { position: usize },
+    /// The prompt and the followed tokens are fed again, from position 0.
+    Refeed(Refeed),
+}
+
+/// Why the KV caches cannot be reused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refeed {
+    #[error("no token was followed (the prompt is fed in chunks)")]
+    NoToken,
+    #[error("{0} was not heard")]
+    Unheard(String),
+    #[error("{uav} holds layers {held_start}..{held_end}, the plan gives it {start}..{end}")]
+    OtherLayers { uav: String, held_start: usize, held_end: usize, start: usize, end: usize },
+    #[error("{0} holds no KV of the request")]
+    OtherRequest(String),
+    #[error("{uav} holds {held} tokens of the request, {need} are needed")]
+    Short { uav: String, held: usize, need: usize },
+}
+
+/// How the request `request_id` of `prompt_len` prompt tokens, `have` of its tokens followed,
+/// restarts on a plan of `stages`, given what the executors hold (`held`, by UAV). The caches
+/// hold the prompt and every token fed, so with `have` tokens they must reach the position of
+/// the last one, `prompt_len + have - 1`, which is fed again (its output is token `have`). A
+/// stage is usable only if it keeps the native layers it computed them with.
+pub fn kv_restart(
+    stages: &[Stage],
+    held: &BTreeMap<String, KvHolder>,
+    request_id: u64,
+    prompt_len: usize,
+    have: usize,
+) -> KvRestart {
+    let Some(position) = (prompt_len + have).checked_sub(1).filter(|_| have > 0) else {
+        return KvRestart::Refeed(Refeed::NoToken);
+    };
+    for s in stages {
+        let Some(h) = held.get(&s.uav) else { return KvRestart::Refeed(Refeed::Unheard(s.uav.clone())) };
+        if (h.layer_start, h.layer_end) != (s.start, s.start + s.len) {
+            return KvRestart::Refeed(Refeed::OtherLayers {
+                uav: s.uav.clone(),
+                held_start: h.layer_start,
+                held_end: h.layer_end,
+                start: s.start,
+                end: s.start + s.len,
+            });
+        }
+        let Some(&(_, tokens)) = h.kv.iter().find(|(id, _)| *id == request_id) else {
+            return KvRestart::Refeed(Refeed::OtherRequest(s.uav.clone()));
+        };
+        if tokens < position {
+            return KvRestart::Refeed(Refeed::Short { uav: s.uav.clone(), held: tokens, need: position });
+        }
+    }
+    if stages.is_empty() {
+        return KvRestart::Refeed(Refeed::Unheard("any stage".into()));
+    }
+    KvRestart::Resume { position }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,5 +371,64 @@ mod tests {
         assert_eq!(resume(0, 48, 10, 2048), Resume::Continue { from: 0 });
         assert_eq!(resume(48, 48, 10, 2048), Resume::Finished(Finish::Length));
         assert_eq!(resume(5, 48, 2043, 2048), Resume::Finished(Finish::Context));
+    }
+
+    fn stages() -> Vec<Stage> {
+        vec![
+            Stage { uav: "uav1".into(), start: 0, len: 10, k: 2, t: 4 },
+            Stage { uav: "uav2".into(), start: 10, len: 12, k: 2, t: 4 },
+            Stage { uav: "uav3".into(), start: 22, len: 8, k: 2, t: 4 },
+        ]
+    }
+
+    fn holders(kv: &[(u64, usize)]) -> BTreeMap<String, KvHolder> {
+        stages()
+            .iter()
+            .map(|s| (s.uav.clone(), KvHolder { layer_start: s.start, layer_end: s.start + s.len, kv: kv.to_vec() }))
+            .collect()
+    }
+
+    #[test]
+    fn the_takeover_resumes_on_the_kv_when_every_stage_holds_it() {
+        // 10 prompt tokens, 5 followed: rows 0..14 are needed, the step at 14 (token 4) is next.
+        assert_eq!(kv_restart(&stages(), &holders(&[(7, 14)]), 7, 10, 5), KvRestart::Resume { position: 14 });
+        // A stage ahead (it computed a step the standby never saw): cut back to 14.
+        let mut held = holders(&[(7, 14)]);
+        held.get_mut("uav2").expect("uav2").kv = vec![(7, 15)];
+        assert_eq!(kv_restart(&stages(), &held, 7, 10, 5), KvRestart::Resume { position: 14 });
+        assert_eq!(kv_restart(&stages(), &holders(&[(7, 10)]), 7, 10, 1), KvRestart::Resume { position: 10 });
+    }
+
+    #[test]
+    fn the_takeover_feeds_again_when_a_stage_falls_short() {
+        let mut held = holders(&[(7, 14)]);
+        held.get_mut("uav3").expect("uav3").kv = vec![(7, 13)];
+        assert_eq!(
+            kv_restart(&stages(), &held, 7, 10, 5),
+            KvRestart::Refeed(Refeed::Short { uav: "uav3".into(), held: 13, need: 14 })
+        );
+        let mut held = holders(&[(7, 14)]);
+        held.get_mut("uav1").expect("uav1").kv = vec![(6, 40)];
+        assert_eq!(kv_restart(&stages(), &held, 7, 10, 5), KvRestart::Refeed(Refeed::OtherRequest("uav1".into())));
+        let mut held = holders(&[(7, 14)]);
+        held.get_mut("uav2").expect("uav2").layer_end = 21;
+        assert!(matches!(kv_restart(&stages(), &held, 7, 10, 5), KvRestart::Refeed(Refeed::OtherLayers { .. })));
+        let mut held = holders(&[(7, 14)]);
+        held.remove("uav3");
+        assert_eq!(kv_restart(&stages(), &held, 7, 10, 5), KvRestart::Refeed(Refeed::Unheard("uav3".into())));
+    }
+
+    #[test]
+    fn the_takeover_feeds_again_when_nothing_is_held() {
+        assert_eq!(
+            kv_restart(&stages(), &holders(&[]), 7, 10, 5),
+            KvRestart::Refeed(Refeed::OtherRequest("uav1".into()))
+        );
+        assert_eq!(
+            kv_restart(&stages(), &BTreeMap::new(), 7, 10, 5),
+            KvRestart::Refeed(Refeed::Unheard("uav1".into()))
+        );
+        assert_eq!(kv_restart(&stages(), &holders(&[(7, 14)]), 7, 10, 0), KvRestart::Refeed(Refeed::NoToken));
+        assert!(matches!(kv_restart(&[], &holders(&[(7, 14)]), 7, 10, 5), KvRestart::Refeed(Refeed::Unheard(_))));
     }
 }

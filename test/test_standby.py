@@ -108,7 +108,8 @@ def test_the_standby_takes_over_mid_answer_and_resumes_by_id(rclpy_node, procs, 
     log = standby.output()
     assert "PRIMARY SILENT" in log and "resuming the primary's running request" in log
     print(f"\nprimary killed after {have} tokens: standby serving after {took_over - killed_at:.3f} s, "
-          f"next token at the client after {next_token_s:.3f} s (the scheduler's takeover: {takeover[0]['why']})")
+          f"next token at the client after {next_token_s:.3f} s (the scheduler's takeover: {takeover[0]['why']}; "
+          f"resumed at position {takeover[0]['resume_position']}, 0: fed again)")
 
     # 3. The first answer, finished under the primary, resumed from the standby by id.
     late = goal(PROMPTS[0], request_id=first.feedback[0].request_id, resume_from=5)

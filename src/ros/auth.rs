@@ -148,6 +148,9 @@ impl NodeAuth {
     pub fn sign_plan_inputs(&self, i: &mut PlanInputs) {
         i.auth = self.sign(names::PLAN_INPUTS, |e| encode_plan_inputs(e, i));
     }
+    pub fn accept_plan_inputs(&self, i: &PlanInputs) -> bool {
+        self.accept(names::PLAN_INPUTS, &i.auth, |e| encode_plan_inputs(e, i))
+    }
     /// A scheduler's heartbeat on `/aerokv/scheduler/heartbeat`; `uav_id` names its role
     /// ("primary", "standby") and must be the sender's.
     pub fn sign_scheduler_heartbeat(&self, h: &mut Heartbeat) {

@@ -247,11 +247,13 @@ impl Desk {
         }
     }
 
-    /// A running request's next token, with the text it adds: feedback to its goals. False when
-    /// nobody wants the request any more (the token goes nowhere).
-    pub fn token(&self, request_id: u64, token: u32, text: &str) -> bool {
+    /// A running request's next token, with the text it adds: `stream` (the token topic), then
+    /// feedback to its goals, so that a standby has every token a client has. False when nobody
+    /// wants the request any more (the token goes nowhere).
+    pub fn token(&self, request_id: u64, token: u32, text: &str, stream: impl FnOnce()) -> bool {
         let mut table = self.lock();
         let Some((index, sinks)) = table.push_token(request_id, token, text.to_string()) else { return false };
+        stream();
         let fb = CatchUp { from: index, tokens: vec![token], text: text.to_string() };
         for sink in sinks {
             if let Sink::Goal { goal, .. } = sink {

@@ -18,7 +18,7 @@ use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PER
 use crate::ros::diagnostics::Diagnostics;
 use crate::ros::fallback::{self, Input};
 use crate::ros::{clock, convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
-use crate::standby::{self, Phase, Resume, TokenStep, Watch};
+use crate::standby::{self, KvRestart, Phase, Resume, TokenStep, Watch};
 use aerokv_auth::{NodeId, Role};
 use aerokv_codec::{ActivationCodec, Encoded};
 use aerokv_engine::{
@@ -326,6 +326,8 @@ enum Followed {
     Request(RequestSpec),
     Token(TokenChunk),
     Plan(u64),
+    /// What one of its plans was decided from.
+    Inputs(Box<r2r::aerokv::msg::PlanInputs>),
 }
 
 /// The request a standby resumes after its takeover: followed this far, taken over at `at`
@@ -344,6 +346,8 @@ struct Scheduler {
     limits: crate::requests::Limits,
     /// A standby's running request to resume once it took over.
     resumed: Option<Resumed>,
+    /// What the primary's latest plan was decided from (a standby's).
+    followed_inputs: Option<PlanInputs>,
     p: Params,
     codec: ActivationCodec,
     gateway: Gateway,
@@ -472,6 +476,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         ),
         limits,
         resumed: None,
+        followed_inputs: None,
         fallback,
         assign_pub: SignedPublisher::new(
             ctx.publisher(names::ASSIGNMENT, names::latched())?,
@@ -649,7 +654,10 @@ fn follow_primary(
     let (tx, rx) = mpsc::unbounded_channel();
     let requests = verified(ctx.subscribe(names::REQUESTS, names::events())?, auth.clone(), NodeAuth::accept_request);
     let tokens = verified(ctx.subscribe(names::TOKENS, names::events())?, auth.clone(), NodeAuth::accept_token);
-    let plans = verified(ctx.subscribe(names::ASSIGNMENT, names::latched_reader())?, auth, NodeAuth::accept_assignment);
+    let plans =
+        verified(ctx.subscribe(names::ASSIGNMENT, names::latched_reader())?, auth.clone(), NodeAuth::accept_assignment);
+    let inputs =
+        verified(ctx.subscribe(names::PLAN_INPUTS, names::latched_reader())?, auth, NodeAuth::accept_plan_inputs);
     fn forward<T: Send + 'static>(
         mut rx: mpsc::UnboundedReceiver<T>,
         tx: mpsc::UnboundedSender<Followed>,
@@ -667,7 +675,8 @@ fn follow_primary(
     }
     forward(requests, tx.clone(), duty.clone(), Followed::Request);
     forward(tokens, tx.clone(), duty.clone(), Followed::Token);
-    forward(plans, tx, duty, |a: Assignment| Followed::Plan(a.epoch));
+    forward(plans, tx.clone(), duty.clone(), |a: Assignment| Followed::Plan(a.epoch));
+    forward(inputs, tx, duty, |i: r2r::aerokv::msg::PlanInputs| Followed::Inputs(Box::new(i)));
     Ok(rx)
 }
 
@@ -937,6 +946,11 @@ impl Scheduler {
     /// When idle: the first plan once enough UAVs are up, then a new one whenever membership or
     /// battery health changes the layout.
     fn idle_replan(&mut self) -> anyhow::Result<()> {
+        if self.resumed.is_some() {
+            // A standby that just took over: its plan for the running request comes next, on the
+            // executors' KV caches, which an idle plan would drop.
+            return Ok(());
+        }
         let members = self.members();
         if members.len() < self.p.expected_uavs && self.current.is_none() {
             return Ok(());
@@ -1117,6 +1131,13 @@ impl Scheduler {
                 }
             }
             Followed::Token(t) => self.follow_token(t),
+            Followed::Inputs(msg) => match crate::ros::record::plan_inputs(&msg) {
+                Ok(i) if self.followed_inputs.as_ref().is_none_or(|f| f.epoch < i.epoch) => {
+                    self.followed_inputs = Some(i)
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("the primary's plan inputs ignored: {e}"),
+            },
         }
     }
 
@@ -1215,9 +1236,119 @@ impl Scheduler {
             Resume::Finished(finish) => Ok(finish),
             Resume::Continue { from } => {
                 tracing::info!(request = run.request_id, from, "resuming from the followed tokens");
-                self.generate(run).await
+                let started = clock::now();
+                self.plan_takeover(run).await?;
+                self.decode(run, started).await
             }
         }
+    }
+
+    /// The takeover's plan for the running request: on the executors' KV caches when every
+    /// stage of a fresh plan, or else of the primary's latest plan, holds them up to the last
+    /// followed token ([`standby::kv_restart`]: it resumes there), else an exact restart from
+    /// position 0.
+    async fn plan_takeover(&mut self, run: &mut Run) -> Result<(), Interrupt> {
+        let members = self.members();
+        let held: BTreeMap<String, standby::KvHolder> =
+            self.kv_holders().into_iter().filter(|(uav, _)| members.contains(uav)).collect();
+        let mut why = Vec::new();
+        // A fresh plan, else the primary's latest plan (decided again from its inputs): the
+        // layout the executors hold, when a battery's drain since moved a boundary.
+        let fresh = if members.is_empty() {
+            Err("no member yet".to_string())
+        } else {
+            let decision = Decision::Initial { members };
+            let inputs = self.inputs(self.next_epoch(), run.request_id, decision, run.total_tokens(), 0);
+            self.decide(&inputs).map(|p| (p, inputs)).map_err(|e| e.to_string())
+        };
+        for candidate in [fresh, self.primary_plan(run.request_id)] {
+            let (planned, inputs) = match candidate {
+                Ok(c) => c,
+                Err(e) => {
+                    why.push(e);
+                    continue;
+                }
+            };
+            let restart = standby::kv_restart(
+                &planned.plan.stages,
+                &held,
+                run.request_id,
+                run.prompt_ids.len(),
+                run.tokens.len(),
+            );
+            match restart {
+                KvRestart::Resume { position } => match self.resume_on_kv(run, planned, inputs, position).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        why.push(format!("the plan resuming at {position} did not apply: {e}"));
+                        break;
+                    }
+                },
+                KvRestart::Refeed(r) => why.push(r.to_string()),
+            }
+        }
+        let why = why.join("; ");
+        tracing::info!(request = run.request_id, %why, "takeover: feeding the prompt and the followed tokens again");
+        if let Some(inc) = run.incidents.last_mut() {
+            inc.why = format!("{}; fed again: {why}", inc.why);
+        }
+        run.rewind();
+        self.plan_restart(run, "takeover").await
+    }
+
+    /// The primary's latest plan, decided again from its inputs as `aerokv bag audit` does, when
+    /// it is a plan for `request_id` from position 0 and this controller numbers the UAVs as the
+    /// primary's did (its later failovers name them).
+    fn primary_plan(&mut self, request_id: u64) -> Result<(Planned, PlanInputs), String> {
+        let i = self.followed_inputs.clone().ok_or("no plan of the primary's heard")?;
+        if i.request_id != request_id || i.resume_position != 0 || !matches!(i.decision, Decision::Initial { .. }) {
+            return Err(format!("the primary's plan of epoch {} is no plan of this request from 0", i.epoch));
+        }
+        let planned =
+            decision::decide(&mut i.params.controller(&i.planning_ids), &i, None).map_err(|e| e.to_string())?;
+        self.controller.restore_ids(&i.planning_ids);
+        if self.controller.planning_ids() != i.planning_ids {
+            return Err("the UAVs are numbered otherwise than in the primary's plan".into());
+        }
+        Ok((planned, i))
+    }
+
+    /// Publishes `planned` resuming at `position` and waits until every stage applied it.
+    async fn resume_on_kv(
+        &mut self,
+        run: &mut Run,
+        mut planned: Planned,
+        inputs: PlanInputs,
+        position: usize,
+    ) -> Result<(), Interrupt> {
+        let inputs = PlanInputs { resume_position: position, ..inputs };
+        planned.plan.resume_position = position;
+        self.publish(planned, &inputs, "takeover").map_err(|e| Interrupt::Fatal(e.to_string()))?;
+        run.epochs.push(self.epoch);
+        self.wait_ready().await?;
+        tracing::info!(request = run.request_id, position, "takeover: resuming on the executors' KV caches");
+        run.position = position;
+        run.sent_until = position;
+        if let Some(inc) = run.incidents.last_mut() {
+            inc.resume_position = position;
+        }
+        Ok(())
+    }
+
+    /// What each executor holds, from its last heartbeat.
+    fn kv_holders(&self) -> BTreeMap<String, standby::KvHolder> {
+        self.lock()
+            .beats
+            .iter()
+            .map(|(uav, (_, hb))| {
+                let holder = standby::KvHolder {
+                    layer_start: hb.layer_start as usize,
+                    layer_end: hb.layer_end as usize,
+                    kv: hb.kv.iter().map(|k| (k.request_id, k.kv_tokens as usize)).collect(),
+                };
+                (uav.clone(), holder)
+            })
+            .collect()
     }
 
     /// Every UAV's memory under the current plan (none before the first plan), with the weights
@@ -1374,6 +1505,11 @@ impl Scheduler {
         let started = clock::now();
         // A fresh plan for this request from current battery health and membership.
         self.plan_restart(run, "request").await?;
+        self.decode(run, started).await
+    }
+
+    /// Runs `run` to its end on the current plan, from `run.position`.
+    async fn decode(&mut self, run: &mut Run, started: Instant) -> Result<Finish, Interrupt> {
         run.started = true;
         // A takeover's recovery ends with the first plan.
         for inc in run.incidents.iter_mut().filter(|i| i.recovered_at == 0.0) {
@@ -1468,22 +1604,26 @@ impl Scheduler {
 
     fn stream_token(&mut self, run: &mut Run, index: usize, id: u32) {
         let text = run.detok.push(&self.gateway, id).ok().flatten().unwrap_or_default();
-        // Its goals' feedback first; a request nobody wants any more streams nothing.
-        if !self.desk.token(run.request_id, id, &text) {
-            return;
-        }
         let chunk = TokenChunk {
             request_id: run.request_id,
             index: index as u32,
             token_id: id as i32,
-            text,
+            text: text.clone(),
             done: false,
             finish_reason: String::new(),
             epoch: self.epoch,
             ..Default::default()
         };
-        if let Err(e) = self.token_pub.publish(&chunk) {
-            tracing::warn!("publish token: {e}");
+        // On the token topic before the goals' feedback (a primary killed in between leaves its
+        // standby no token behind its clients); a request nobody wants any more streams nothing.
+        let token_pub = &self.token_pub;
+        let wanted = self.desk.token(run.request_id, id, &text, || {
+            if let Err(e) = token_pub.publish(&chunk) {
+                tracing::warn!("publish token: {e}");
+            }
+        });
+        if !wanted {
+            return;
         }
         self.publish_diagnostics(Some(&*run));
     }
