@@ -157,12 +157,8 @@ impl NodeAuth {
         h.auth = self.sign(names::SCHEDULER_HEARTBEAT, |e| encode_heartbeat(e, h));
     }
     pub fn accept_scheduler_heartbeat(&self, h: &Heartbeat) -> bool {
-        let author = match h.uav_id.as_str() {
-            "primary" => NodeId::of(Role::Scheduler, None).map(|id| id.to_string()).unwrap_or_default(),
-            "standby" => NodeId::standby_scheduler().to_string(),
-            _ => String::new(),
-        };
-        self.accept_from(names::SCHEDULER_HEARTBEAT, &h.auth, Some(&author), |e| encode_heartbeat(e, h))
+        let author = heartbeat_author(names::SCHEDULER_HEARTBEAT, h);
+        self.accept_from(names::SCHEDULER_HEARTBEAT, &h.auth, author.as_deref(), |e| encode_heartbeat(e, h))
     }
     pub fn sign_request(&self, r: &mut RequestSpec) {
         r.auth = self.sign(names::REQUESTS, |e| encode_request(e, r));
@@ -307,6 +303,20 @@ fn uav_node(role: Role, uav: &str) -> String {
     NodeId::of(role, Some(uav)).map(|id| id.to_string()).unwrap_or_default()
 }
 
+/// Who signs a heartbeat on `topic`: the watchdog's own (any watchdog: the topic's rule), a
+/// scheduler's as the role its `uav_id` names ("primary", "standby"), else `uav_id`'s executor.
+fn heartbeat_author(topic: &str, h: &Heartbeat) -> Option<String> {
+    match topic {
+        names::WATCHDOG_HEARTBEAT => None,
+        names::SCHEDULER_HEARTBEAT => Some(match h.uav_id.as_str() {
+            "primary" => NodeId::of(Role::Scheduler, None).map(|id| id.to_string()).unwrap_or_default(),
+            "standby" => NodeId::standby_scheduler().to_string(),
+            _ => String::new(),
+        }),
+        _ => Some(uav_node(Role::ShardExecutor, &h.uav_id)),
+    }
+}
+
 /// Who signs an activation: the sending UAV's executor, or the scheduler as the gateway.
 fn activation_author(a: &Activation) -> String {
     let id = if a.source == GATEWAY_SOURCE {
@@ -346,14 +356,10 @@ pub fn verify_recorded(v: &mut Verifier, topic: &str, type_name: &str, data: &[u
             check::<PromptProgress>(v, topic, data, |m| &m.auth, |_, _| None, encode_progress)
         }
         "aerokv/msg/PlanInputs" => check::<PlanInputs>(v, topic, data, |m| &m.auth, |_, _| None, encode_plan_inputs),
-        "aerokv/msg/Heartbeat" => check::<Heartbeat>(
-            v,
-            topic,
-            data,
-            |m| &m.auth,
-            |h, topic| (topic != names::WATCHDOG_HEARTBEAT).then(|| uav_node(Role::ShardExecutor, &h.uav_id)),
-            encode_heartbeat,
-        ),
+        "aerokv/msg/RequestSpec" => check::<RequestSpec>(v, topic, data, |m| &m.auth, |_, _| None, encode_request),
+        "aerokv/msg/Heartbeat" => {
+            check::<Heartbeat>(v, topic, data, |m| &m.auth, |h, topic| heartbeat_author(topic, h), encode_heartbeat)
+        }
         "aerokv/msg/BatteryHealth" => check::<BatteryHealth>(
             v,
             topic,
@@ -715,6 +721,18 @@ mod tests {
             Some(Err(Rejection::Malformed))
         );
         assert_eq!(verify_recorded(&mut roster(), "/uav1/battery_state", "sensor_msgs/msg/BatteryState", &[]), None);
+        // A scheduler's heartbeat is the scheduler's whose role it names.
+        let mut hb = Heartbeat { uav_id: "primary".into(), ..Default::default() };
+        scheduler.sign_scheduler_heartbeat(&mut hb);
+        let beat = |h: &Heartbeat| h.to_serialized_bytes().unwrap();
+        let sched = names::SCHEDULER_HEARTBEAT;
+        assert_eq!(verify_recorded(&mut roster(), sched, "aerokv/msg/Heartbeat", &beat(&hb)), Some(Ok(())));
+        hb.uav_id = "standby".into();
+        scheduler.sign_scheduler_heartbeat(&mut hb);
+        assert_eq!(
+            verify_recorded(&mut roster(), sched, "aerokv/msg/Heartbeat", &beat(&hb)),
+            Some(Err(Rejection::WrongRole))
+        );
         // A battery report is its UAV's monitor's, on its own topic.
         let mut b = BatteryHealth { uav_id: "uav1".into(), ..Default::default() };
         b.auth = scheduler.sign("/uav1/battery", |e| encode_battery(e, &b));
