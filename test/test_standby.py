@@ -94,7 +94,10 @@ def test_the_standby_takes_over_mid_answer_and_resumes_by_id(rclpy_node, procs, 
     next_token_s = time.monotonic() - killed_at
     r = resumed.wait(180)
     assert resumed.status == SUCCEEDED and r.error == "", (r.error, standby.output())
-    assert contiguous([second, resumed]) == refs[1] == list(r.token_ids), (r.text, standby.output())
+    # rclpy drops a goal's feedback taken after its result (another topic): the feedback may end
+    # early, each token once and in order; the result is the whole answer.
+    fed = contiguous([second, resumed])
+    assert list(r.token_ids) == refs[1] and len(fed) > have and fed == refs[1][:len(fed)], (r.text, standby.output())
     stats = json.loads(r.stats_json)
     takeover = [i for i in stats["incidents"] if i["mode"] == "takeover"]
     assert takeover and takeover[0]["token"] >= have, stats["incidents"]
@@ -115,7 +118,8 @@ def test_the_standby_takes_over_mid_answer_and_resumes_by_id(rclpy_node, procs, 
     late = goal(PROMPTS[0], request_id=first.feedback[0].request_id, resume_from=5)
     r = late.wait(30)
     assert late.status == SUCCEEDED and list(r.token_ids) == refs[0], r.error
-    assert late.first_index() == 5 and late.tokens() == refs[0][5:]
+    got = late.tokens()
+    assert late.first_index() == 5 and got and got == refs[0][5:5 + len(got)]
 
     # 4. A battery monitor dies mid-answer: the drone's executor computes on, the answer is exact.
     third = goal(PROMPTS[0])
