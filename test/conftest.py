@@ -118,3 +118,20 @@ def spin_until(node, predicate, timeout=10.0):
             return True
         rclpy.spin_once(node, timeout_sec=0.05)
     return predicate()
+
+
+def launch_swarm(procs, tmp_path, uavs, **scheduler):
+    """control.launch.xml with config/swarm.yaml's scheduler parameters updated by `scheduler`,
+    and uav.launch.xml per UAV, logs under tmp_path/nodes. Returns (control, {uav: process})."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "config/swarm.yaml").read_text())
+    params["/**/scheduler"]["ros__parameters"].update(scheduler)
+    swarm_yaml = tmp_path / "swarm.yaml"
+    swarm_yaml.write_text(yaml.safe_dump(params))
+    logs = tmp_path / "nodes"
+    control = procs([BIN / "aerokv", "launch", ROOT / "launch/control.launch.xml", f"params_file:={swarm_yaml}",
+                     f"expected_uavs:={len(uavs)}", "--log-dir", logs], "control")
+    control.node_logs = logs
+    return control, {u: procs([BIN / "aerokv", "launch", ROOT / "launch/uav.launch.xml", f"uav_id:={u}",
+                               "--log-dir", logs / u], u) for u in uavs}

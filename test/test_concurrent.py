@@ -16,8 +16,7 @@ import signal
 import subprocess
 
 import pytest
-import yaml
-from conftest import BIN, MODELS, ROOT, spin_until
+from conftest import BIN, MODELS, launch_swarm, spin_until
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 # (prompt, temperature, seed): greedy and sampled answers, each its own.
@@ -76,17 +75,8 @@ def test_concurrent_clients_kill_and_admission(rclpy_node, procs, reference, tmp
     from aerokv.msg import Assignment, Heartbeat
     from rclpy.action import ActionClient
 
-    params = yaml.safe_load((ROOT / "config/swarm.yaml").read_text())
-    params["/**/scheduler"]["ros__parameters"].update(
-        memory_budget_bytes=float(BUDGET), plan_tokens=64, max_tokens_limit=HUGE_TOKENS)
-    swarm_yaml = tmp_path / "swarm.yaml"
-    swarm_yaml.write_text(yaml.safe_dump(params))
-    logs = tmp_path / "nodes"
-    control = procs([BIN / "aerokv", "launch", ROOT / "launch/control.launch.xml", f"params_file:={swarm_yaml}",
-                     "expected_uavs:=3", "--log-dir", logs], "control")
-    control.node_logs = logs
-    uavs = {u: procs([BIN / "aerokv", "launch", ROOT / "launch/uav.launch.xml", f"uav_id:={u}", "--log-dir", logs / u], u)
-            for u in ["uav1", "uav2", "uav3"]}
+    control, uavs = launch_swarm(procs, tmp_path, ["uav1", "uav2", "uav3"], memory_budget_bytes=float(BUDGET),
+                                 plan_tokens=64, max_tokens_limit=HUGE_TOKENS)
     latest, beats = {}, {}
     rclpy_node.create_subscription(Assignment, "/aerokv/assignment", lambda m: latest.update(a=m), LATCHED)
     for u in uavs:

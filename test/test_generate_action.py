@@ -11,8 +11,7 @@ import math
 import subprocess
 
 import pytest
-import yaml
-from conftest import BIN, ROOT, spin_until
+from conftest import BIN, launch_swarm, spin_until
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
 PROMPTS = ["What is a drone?", "Name three uses of a swarm of drones."]
@@ -77,16 +76,7 @@ def test_goals_queue_cancel_and_resume_by_id(rclpy_node, procs, reference, tmp_p
     from rclpy.action import ActionClient
     from aerokv.action import Generate
 
-    params = yaml.safe_load((ROOT / "config/swarm.yaml").read_text())
-    params["/**/scheduler"]["ros__parameters"].update(max_queue=2, finished_kept=4)
-    swarm_yaml = tmp_path / "swarm.yaml"
-    swarm_yaml.write_text(yaml.safe_dump(params))
-    logs = tmp_path / "nodes"
-    control = procs([BIN / "aerokv", "launch", ROOT / "launch/control.launch.xml", f"params_file:={swarm_yaml}",
-                     "expected_uavs:=2", "--log-dir", logs], "control")
-    control.node_logs = logs
-    for uav in ["uav1", "uav2"]:
-        procs([BIN / "aerokv", "launch", ROOT / "launch/uav.launch.xml", f"uav_id:={uav}", "--log-dir", logs / uav], uav)
+    control, _ = launch_swarm(procs, tmp_path, ["uav1", "uav2"], max_queue=2, finished_kept=4)
     latest, chunks = {}, []
     rclpy_node.create_subscription(Assignment, "/aerokv/assignment", lambda m: latest.update(a=m), LATCHED)
     rclpy_node.create_subscription(TokenChunk, "/aerokv/tokens", chunks.append, EVENTS)
