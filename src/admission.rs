@@ -173,6 +173,7 @@ mod tests {
             request_id: 0,
             resume_position: 0,
             replay_from: 0,
+            requests: Vec::new(),
         };
         let model =
             ModelBytes { weight_bytes_per_layer: 1_000, kv_bytes_per_token_layer: 10, activation_bytes_per_token: 7 };

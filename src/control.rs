@@ -274,7 +274,15 @@ impl Controller {
             })
             .collect();
         Planned {
-            plan: SwarmPlan { epoch, num_layers: l, stages, request_id, resume_position: resume, replay_from: 0 },
+            plan: SwarmPlan {
+                epoch,
+                num_layers: l,
+                stages,
+                request_id,
+                resume_position: resume,
+                replay_from: 0,
+                requests: Vec::new(),
+            },
             layout,
             ring,
             protection,

@@ -78,7 +78,24 @@ pub struct SwarmPlan {
     /// After a failure: the failed UAV's successor holds its tail's snapshot at least this far,
     /// so the replay of the tail's inputs starts here, not at 0 (it crosses the radio link).
     pub replay_from: usize,
+    /// Every request whose caches survive this plan, each with its own resume point
+    /// (`request_id`, `resume_position` and `replay_from` above are the request the decision was
+    /// made for). Empty: that one request, if any ([`SwarmPlan::carried`]).
+    pub requests: Vec<RequestResume>,
 }
+
+/// Where one request resumes under a new plan (the Assignment's `requests`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestResume {
+    pub request_id: u64,
+    /// Its KV caches are cut back to this many tokens; its generation resumes here.
+    pub resume_position: usize,
+    /// A failed UAV's tail inputs of this request are replayed from here (see `SwarmPlan::replay_from`).
+    pub replay_from: usize,
+}
+
+/// Requests one plan may carry (and one executor may hold caches for).
+pub const MAX_CARRIED_REQUESTS: usize = 64;
 
 impl SwarmPlan {
     pub fn validate(&self) -> Result<()> {
@@ -91,6 +108,25 @@ impl SwarmPlan {
                 "replay from {} is past the resume position {}",
                 self.replay_from, self.resume_position
             )));
+        }
+        let carried = self.carried();
+        if carried.len() > MAX_CARRIED_REQUESTS {
+            return Err(DataPlaneError::Plan(format!(
+                "{} requests carried, at most {MAX_CARRIED_REQUESTS}",
+                carried.len()
+            )));
+        }
+        let mut ids = BTreeSet::new();
+        for r in &carried {
+            if r.request_id == 0 || !ids.insert(r.request_id) {
+                return Err(DataPlaneError::Plan(format!("request {} carried twice or as 0", r.request_id)));
+            }
+            if r.replay_from > r.resume_position {
+                return Err(DataPlaneError::Plan(format!(
+                    "request {}: replay from {} is past its resume position {}",
+                    r.request_id, r.replay_from, r.resume_position
+                )));
+            }
         }
         let mut seen = vec![false; l];
         let mut uavs = BTreeSet::new();
@@ -118,6 +154,24 @@ impl SwarmPlan {
             return Err(DataPlaneError::Plan(format!("layer {missing} is assigned to nobody")));
         }
         Ok(())
+    }
+
+    /// Every request whose caches survive this plan: `requests`, or (empty) the decision's
+    /// request when it has one.
+    pub fn carried(&self) -> Vec<RequestResume> {
+        if !self.requests.is_empty() {
+            return self.requests.clone();
+        }
+        let single = RequestResume {
+            request_id: self.request_id,
+            resume_position: self.resume_position,
+            replay_from: self.replay_from,
+        };
+        if self.request_id == 0 {
+            Vec::new()
+        } else {
+            vec![single]
+        }
     }
 
     pub fn stage(&self, uav: &str) -> Option<&Stage> {

@@ -282,6 +282,7 @@ pub(crate) mod tests {
             request_id: 1,
             resume_position: resume,
             replay_from: 0,
+            requests: Vec::new(),
         }
     }
 

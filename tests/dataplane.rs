@@ -31,7 +31,7 @@ fn stage(uav: &str, start: usize, len: usize, k: usize, t: usize) -> Stage {
 
 /// A plan over the tiny model's 4 layers.
 fn plan(epoch: u64, request_id: u64, resume_position: usize, stages: Vec<Stage>) -> SwarmPlan {
-    SwarmPlan { epoch, num_layers: 4, stages, request_id, resume_position, replay_from: 0 }
+    SwarmPlan { epoch, num_layers: 4, stages, request_id, resume_position, replay_from: 0, requests: Vec::new() }
 }
 
 /// The swarm in one process: hosts plus the message queue between them.
@@ -589,6 +589,7 @@ fn holds_agrees_with_the_listed_layers_for_every_stage_shape() {
                     request_id: 1,
                     resume_position: 0,
                     replay_from: 0,
+                    requests: Vec::new(),
                 };
                 for layer in 0..num_layers + 2 {
                     assert_eq!(p.holds(&s, layer), p.layers(&s).contains(&layer), "L={num_layers} {s:?} layer {layer}");

@@ -400,6 +400,9 @@ fn encode_assignment(e: &mut Encoder, a: &Assignment) {
     });
     e.str(&a.reason).u64(a.request_id).u32(a.resume_position).u32(a.replay_from);
     e.str(&a.activation_codec);
+    e.seq(&a.requests, |e, r| {
+        e.u64(r.request_id).u32(r.resume_position).u32(r.replay_from);
+    });
 }
 
 fn encode_failure(e: &mut Encoder, f: &FailureEvent) {
@@ -424,7 +427,7 @@ fn encode_heartbeat(e: &mut Encoder, h: &Heartbeat) {
     e.u64(c.bad_signature).u64(c.replayed).u64(c.malformed);
     e.f64(h.link_goodput_bps).u64(h.weight_bytes);
     e.seq(&h.kv, |e, k| {
-        e.u64(k.request_id).u32(k.kv_tokens).u64(k.kv_bytes);
+        e.u64(k.request_id).u32(k.kv_tokens).u64(k.kv_bytes).u32(k.pred_snapshot_tokens);
     });
 }
 

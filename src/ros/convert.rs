@@ -3,7 +3,7 @@
 //! zstd); `codec` names it, `dtype` is always "f32" (what the payload decodes to). Everything a
 //! message declares is checked before anything is allocated from it.
 use crate::control::{BatteryHealthFields, HeartbeatFields};
-use crate::dataplane::{Stage, SwarmPlan};
+use crate::dataplane::{RequestResume, Stage, SwarmPlan};
 use aerokv_codec::{check_dtype, ActivationCodec, CodecError, Encoded, KvCodec, DTYPE};
 use aerokv_engine::{Architecture, Hidden, KvRows, LayerRows};
 use r2r::aerokv::msg::{Activation, Assignment, BatteryHealth, Heartbeat, KvSnapshot, UavAssignment};
@@ -183,6 +183,15 @@ pub fn plan(a: &Assignment) -> SwarmPlan {
         request_id: a.request_id,
         resume_position: a.resume_position as usize,
         replay_from: a.replay_from as usize,
+        requests: a
+            .requests
+            .iter()
+            .map(|r| RequestResume {
+                request_id: r.request_id,
+                resume_position: r.resume_position as usize,
+                replay_from: r.replay_from as usize,
+            })
+            .collect(),
     }
 }
 
@@ -219,6 +228,15 @@ pub fn assignment(plan: &SwarmPlan, variant: &str, reason: &str, codec: Activati
         request_id: plan.request_id,
         resume_position: plan.resume_position as u32,
         replay_from: plan.replay_from as u32,
+        requests: plan
+            .requests
+            .iter()
+            .map(|r| r2r::aerokv::msg::RequestResume {
+                request_id: r.request_id,
+                resume_position: r.resume_position as u32,
+                replay_from: r.replay_from as u32,
+            })
+            .collect(),
         auth: Default::default(), // signed by the publisher (crate::ros::auth)
     }
 }

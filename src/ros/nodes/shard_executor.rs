@@ -613,7 +613,12 @@ impl Worker {
         hb.kv = memory
             .requests
             .iter()
-            .map(|r| RequestKv { request_id: r.request_id, kv_tokens: r.kv_tokens as u32, kv_bytes: r.kv_bytes })
+            .map(|r| RequestKv {
+                request_id: r.request_id,
+                kv_tokens: r.kv_tokens as u32,
+                kv_bytes: r.kv_bytes,
+                ..Default::default()
+            })
             .collect();
         hb.auth_counters = self.auth.counters();
         let before = std::mem::take(&mut hb.state);
