@@ -168,7 +168,7 @@ def bench_concurrent(args):
                 assert list(r.token_ids) == references[p], f"{n} clients: an answer differs from one process"
             tokens = sum(len(r.token_ids) for r in results)
             stats = json.loads(results[0].stats_json or "{}")
-            rows.append((n, tokens, wall, tokens / wall, stats.get("prediction")))
+            rows.append((n, tokens, wall, tokens / wall, stats.get("prediction"), results))
             print(f"{n} client(s): {tokens} tokens in {wall:.2f} s (prompt to last token, every client)", flush=True)
     finally:
         node.destroy_node()
@@ -183,12 +183,14 @@ def bench_concurrent(args):
     one = rows[0][3]
     print(f"\n== bench-swarm, concurrent clients: 4 UAVs, q4, {args.tokens} tokens each (identical answers)")
     print("clients  aggregate tokens/s  ratio vs 1   cost model, drones with a CPU each (tokens/s, ratio)")
-    for n, _, _, rate, _ in rows:
+    for n, _, _, rate, _, _ in rows:
         model = _model_aggregate(rows[0][4], n)
         model = f"{model[0]:8.1f}  {model[1]:5.2f}  ({model[2]})" if model else "n/a (no prediction in stats_json)"
         print(f"{n:7d}  {rate:18.1f}  {rate / one:10.2f}   {model}")
-    print("(this machine: 2 shared cores for 4 stages and the gateway, shared with other work while measured; "
-          "today the swarm serves one request at a time: further clients wait in the queue)")
+    peaks = ", ".join(f"{n}: {json.loads(results[0].stats_json or '{}').get('peak_running', '?')}"
+                      for n, _, _, _, _, results in rows)
+    print(f"(requests running at once, as the scheduler saw them: {peaks}; this machine: 2 shared cores for "
+          "4 stages and the gateway, shared with other work while measured)")
 
 
 def _model_aggregate(prediction, n):

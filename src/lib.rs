@@ -9,7 +9,7 @@
 //! - `crates/codec`  (`aerokv-codec`): activation and KV codecs. `crates/auth` (`aerokv-auth`):
 //!   identities, keystore, Ed25519 signing with replay windows. No ROS.
 //! - this crate (`aerokv`): the pure decisions of the nodes (`control`, `decision`, `epoch`,
-//!   `requests`, `admission`, `standby`, `detector`, `fallback`, `linkrate`, `dataplane`, `battery`, `audit`, `mission`, `replay`,
+//!   `requests`, `interleave`, `admission`, `standby`, `detector`, `fallback`, `linkrate`, `dataplane`, `battery`, `audit`, `mission`, `replay`,
 //!   `clock`, `node_params`, `diagnostics`), rosbag2 storage (`bag`), radio scenarios (`radio`),
 //!   the CLI (`cli`) and, with the `ros` feature, the ROS 2 adapters (`ros`; nodes in
 //!   `src/bin/*`): thin, messages in and out of the pure modules.
@@ -26,6 +26,7 @@ pub mod detector;
 pub mod diagnostics;
 pub mod epoch;
 pub mod fallback;
+pub mod interleave;
 pub mod launch;
 pub mod linkrate;
 pub mod mission;

@@ -3,13 +3,9 @@
 //! resume an answer by its request id), and who follows each one (action goals, service calls)
 //! from which token on. No ROS: the node hands its goal and service handles in as `F`.
 //!
-//! One request runs at a time today ([`MAX_RUNNING`]); the table keeps the running requests in a
-//! map so that several can be in flight later.
+//! Up to [`Limits::max_running`] requests run at once; the scheduler interleaves their steps.
 use aerokv_engine::Sampling;
 use std::collections::{BTreeMap, VecDeque};
-
-/// Requests served at once.
-pub const MAX_RUNNING: usize = 1;
 
 /// A prompt longer than this many bytes per allowed prompt token is refused before it is
 /// tokenized (a hostile client could send megabytes). No token of the model's vocabulary is this
@@ -43,6 +39,8 @@ pub struct Limits {
     pub max_queue: usize,
     /// Finished requests kept for resumption (`finished_kept`).
     pub finished_kept: usize,
+    /// Requests served at once (`max_running`, at least 1).
+    pub max_running: usize,
 }
 
 /// A request checked and ready to run.
@@ -431,9 +429,15 @@ impl<F> Requests<F> {
         self.next_request = self.next_request.max(floor.saturating_add(1));
     }
 
-    /// The next request to run, if fewer than [`MAX_RUNNING`] run.
+    /// The next request to run, if fewer than [`Limits::max_running`] run.
     pub fn start_next(&mut self) -> Option<Job> {
-        if self.running.len() >= MAX_RUNNING {
+        self.start_next_if(|_| true)
+    }
+
+    /// The next request to run, if fewer than [`Limits::max_running`] run and `fits` takes it
+    /// (otherwise it stays first in the queue: a request waits for memory, it is not overtaken).
+    pub fn start_next_if(&mut self, fits: impl FnOnce(&Job) -> bool) -> Option<Job> {
+        if self.running.len() >= self.limits.max_running.max(1) || !fits(&self.queue.front()?.job) {
             return None;
         }
         let e = self.queue.pop_front()?;
@@ -560,9 +564,14 @@ impl<F> Requests<F> {
         e.into_iter().flat_map(|e| e.followers).map(|f| f.sink).collect()
     }
 
-    /// The running request and how many tokens it has (a standby resumes it at its takeover).
-    pub fn running(&self) -> Option<(Job, usize)> {
-        self.running.values().next().map(|e| (e.job.clone(), e.tokens.len()))
+    /// The running requests and how many tokens each has (a standby resumes them at its takeover).
+    pub fn running(&self) -> Vec<(Job, usize)> {
+        self.running.values().map(|e| (e.job.clone(), e.tokens.len())).collect()
+    }
+
+    /// A running request's job.
+    pub fn running_job(&self, request_id: u64) -> Option<&Job> {
+        self.running.get(&request_id).map(|e| &e.job)
     }
 
     /// Every follower of a waiting or running request (the scheduler stops).
@@ -577,8 +586,14 @@ impl<F> Requests<F> {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits =
-        Limits { max_tokens: 64, max_prompt_tokens: 100, max_context: 128, max_queue: 2, finished_kept: 2 };
+    const LIMITS: Limits = Limits {
+        max_tokens: 64,
+        max_prompt_tokens: 100,
+        max_context: 128,
+        max_queue: 2,
+        finished_kept: 2,
+        max_running: 1,
+    };
 
     fn spec(user: &str) -> Spec {
         Spec { user: user.into(), max_tokens: 8, ..Spec::default() }
@@ -680,6 +695,21 @@ mod tests {
     }
 
     #[test]
+    fn several_requests_run_up_to_the_limit_and_one_that_does_not_fit_waits_first_in_line() {
+        let mut t = Requests::new(Limits { max_running: 2, max_queue: 4, ..LIMITS });
+        for user in ["a", "b", "c", "d"] {
+            queued(t.submit(0, 0, spec(user), ok, user));
+        }
+        assert_eq!(t.start_next().unwrap().request_id, 1);
+        // 2 does not fit now: it stays first, 3 does not overtake it.
+        assert!(t.start_next_if(|j| j.request_id != 2).is_none());
+        assert_eq!(t.start_next_if(|j| j.request_id == 2).unwrap().request_id, 2);
+        assert!(t.start_next().is_none(), "two run");
+        t.finish(&answer(1, vec![5], Finish::Eos));
+        assert_eq!(t.start_next().unwrap().request_id, 3);
+    }
+
+    #[test]
     fn client_chosen_ids_are_kept_and_never_given_to_another_request() {
         let mut t = table();
         assert_eq!(queued(t.submit(2, 0, spec("a"), ok, "A")).0, 2);
@@ -754,12 +784,12 @@ mod tests {
         assert!(!t.followed_start(3));
         assert_eq!(t.queued(), 0);
         assert_eq!(t.push_token(4, 7, "x".into()).unwrap().0, 0);
-        assert_eq!(t.running().map(|(j, n)| (j.request_id, n)), Some((4, 1)));
+        assert_eq!(t.running().iter().map(|(j, n)| (j.request_id, *n)).collect::<Vec<_>>(), vec![(4, 1)]);
         // A client resumes it by id; new ids continue above the ones followed.
         assert!(matches!(t.submit(4, 1, spec("a"), ok, "c"), Admission::Following { .. }));
         assert_eq!(queued(t.submit(0, 0, spec("b"), ok, "d")).0, 5);
         assert_eq!(t.forget(4), vec!["c"]);
-        assert!(t.running().is_none());
+        assert!(t.running().is_empty());
     }
 
     #[test]

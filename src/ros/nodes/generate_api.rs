@@ -225,23 +225,29 @@ impl Desk {
 
     /// The next request to run (waits for one).
     pub async fn next(&self) -> Job {
+        self.next_if(|_| true).await
+    }
+
+    /// The next request to run once `fits` takes it (waits, first in line, while it does not:
+    /// a running request's end wakes it to try again).
+    pub async fn next_if(&self, fits: impl Fn(&Job) -> bool) -> Job {
         loop {
             let queued = self.queued.notified();
-            if let Some(job) = self.lock().start_next() {
+            if let Some(job) = self.lock().start_next_if(&fits) {
                 return job;
             }
             queued.await;
         }
     }
 
-    /// Resolves once nobody follows the running request `request_id` any more.
-    pub async fn canceled(&self, request_id: u64) {
+    /// Resolves with the first of `request_ids` (running) that nobody follows any more.
+    pub async fn canceled(&self, request_ids: &[u64]) -> u64 {
         loop {
             let canceled = self.canceled.notified();
             tokio::pin!(canceled);
             canceled.as_mut().enable();
-            if self.lock().is_canceled(request_id) {
-                return;
+            if let Some(&id) = request_ids.iter().find(|&&id| self.lock().is_canceled(id)) {
+                return id;
             }
             canceled.await;
         }
@@ -313,8 +319,13 @@ impl Desk {
     }
 
     /// See [`Requests::running`].
-    pub fn running(&self) -> Option<(Job, usize)> {
+    pub fn running(&self) -> Vec<(Job, usize)> {
         self.lock().running()
+    }
+
+    /// The prompt of a running request (empty when it is not running).
+    pub fn prompt_ids(&self, request_id: u64) -> Vec<u32> {
+        self.lock().running_job(request_id).map(|j| j.prompt_ids.clone()).unwrap_or_default()
     }
 
     /// The scheduler stops: every waiting and running request's clients are told.

@@ -13,7 +13,7 @@ use crate::decision::{self, Decision, PlanInputs, SnapshotHeld};
 use crate::detector::FailureReason;
 use crate::epoch::{self as epochs, EpochClock, ExecutorState, Readiness};
 use crate::linkrate::LinkRates;
-use crate::requests::{Answer, Finish, Job, Spec, MAX_RUNNING};
+use crate::requests::{Answer, Finish, Job, Spec};
 use crate::ros::auth::{verified, NodeAuth, SignedPublisher, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::diagnostics::Diagnostics;
 use crate::ros::fallback::{self, Input};
@@ -21,9 +21,7 @@ use crate::ros::{clock, convert, hop_ms, names, percentiles, stamp_secs, unix_no
 use crate::standby::{self, KvRestart, Phase, Resume, TokenStep, Watch};
 use aerokv_auth::{NodeId, Role};
 use aerokv_codec::{ActivationCodec, Encoded};
-use aerokv_engine::{
-    models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
-};
+use aerokv_engine::{models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Shard};
 use futures::StreamExt;
 use r2r::aerokv::msg::{
     Activation, Assignment, BatteryHealth, FailureEvent, Heartbeat, PromptProgress, RequestSpec, TokenChunk,
@@ -40,9 +38,16 @@ use tokio::sync::mpsc;
 /// r2r's subscription queue (10), which drop what overflows.
 const MAX_STEPS_IN_FLIGHT: usize = 4;
 
+/// Most requests `max_running` may allow: each holds KV on every stage, and the steps in flight
+/// are shared among them.
+const MAX_RUNNING_LIMIT: usize = 16;
+
 /// A (re)started scheduler plans once it heard `expected_uavs` executors' heartbeats, or after
 /// this many member timeouts of listening (docs/design.md, "Epochs").
 const EPOCH_SETTLE_TIMEOUTS: f64 = 2.0;
+
+mod serving;
+use serving::{BatchEnd, Run, Step};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -103,6 +108,8 @@ pub struct Params {
     pub max_queue: usize,
     /// Finished answers kept for clients that resume them by request id.
     pub finished_kept: usize,
+    /// Requests served at once, their steps interleaved (docs/generate-api.md).
+    pub max_running: usize,
     /// Seconds per layer every plan assumes; 0: measured at start-up (a live replay pins the
     /// recorded figure, docs/bags.md).
     pub layer_latency_s: f64,
@@ -147,6 +154,7 @@ impl Default for Params {
             keystore: String::new(),
             max_queue: 16,
             finished_kept: 32,
+            max_running: 4,
             layer_latency_s: 0.0,
             role: "primary".into(),
             scheduler_heartbeat_period_s: 0.1,
@@ -178,6 +186,11 @@ impl Params {
         anyhow::ensure!(self.max_tokens_limit >= 1, "parameter `max_tokens_limit` must be at least 1");
         anyhow::ensure!(self.max_prompt_tokens >= 1, "parameter `max_prompt_tokens` must be at least 1");
         anyhow::ensure!(self.max_queue >= 1, "parameter `max_queue` must be at least 1");
+        anyhow::ensure!(
+            (1..=MAX_RUNNING_LIMIT).contains(&self.max_running),
+            "parameter `max_running` must be in 1..={MAX_RUNNING_LIMIT}, not {}",
+            self.max_running
+        );
         anyhow::ensure!(
             self.layer_latency_s.is_finite() && (0.0..=10.0).contains(&self.layer_latency_s),
             "parameter `layer_latency_s` must be in [0, 10] (0: measure), not {}",
@@ -344,8 +357,12 @@ struct Scheduler {
     duty: Arc<Duty>,
     request_pub: SignedPublisher<RequestSpec>,
     limits: crate::requests::Limits,
-    /// A standby's running request to resume once it took over.
+    /// A standby's running request to resume once it took over, and the primary's other running
+    /// requests (fed again beside it).
     resumed: Option<Resumed>,
+    resumed_more: Vec<Resumed>,
+    /// Steps sent so far (the interleaving's clock).
+    steps_sent: u64,
     /// What the primary's latest plan was decided from (a standby's).
     followed_inputs: Option<PlanInputs>,
     p: Params,
@@ -454,6 +471,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         max_context: manifest.architecture.max_context,
         max_queue: p.max_queue,
         finished_kept: p.finished_kept,
+        max_running: p.max_running,
     };
     let desk = Desk::new(gateway.encoder(), limits);
     if role == standby::Role::Primary {
@@ -476,6 +494,8 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         ),
         limits,
         resumed: None,
+        resumed_more: Vec::new(),
+        steps_sent: 0,
         followed_inputs: None,
         fallback,
         assign_pub: SignedPublisher::new(
@@ -549,15 +569,10 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
                 anyhow::bail!("the standby scheduler took over (this one was taken for dead): stopping so that one scheduler plans");
             }
             (job, resumed) = next_job(&mut s.resumed, &desk), if serving => {
-                let id = job.request_id;
-                let answer = tokio::select! {
-                    a = s.serve(job, resumed) => a,
-                    // Nobody wants it any more: no further steps (the executors' KV of it is
-                    // dropped by the next request's plan).
-                    _ = desk.canceled(id) => s.canceled(id),
-                    _ = &mut shutdown => { desk.shutdown(); return Ok(()); }
-                };
-                desk.finish(&answer);
+                if let BatchEnd::Shutdown = s.serve_batch(job, resumed, &mut shutdown).await {
+                    desk.shutdown();
+                    return Ok(());
+                }
             }
             Some(ev) = s.failures.recv() => { s.note_failure(&ev); }
             Some(f) = followed.recv(), if !serving => s.follow(f),
@@ -1013,71 +1028,6 @@ impl Scheduler {
         }
     }
 
-    /// Serves one generation request (checked by [`crate::requests::check`]); `resumed`: a
-    /// request the primary ran, from the tokens this standby followed.
-    async fn serve(&mut self, job: Job, resumed: Option<Resumed>) -> Answer {
-        self.announce(&job);
-        self.await_settled().await;
-        let members = self.members();
-        if members.is_empty() {
-            let why = crate::requests::Refusal::NoUav;
-            tracing::warn!("request refused: {why}");
-            return Answer::refused(job.request_id, &why);
-        }
-        let tokens = (job.prompt_ids.len() + job.max_tokens) as u64;
-        if let Verdict::Refuse(why) = admission::admit(&self.uav_memory(), &[], MAX_RUNNING, tokens) {
-            tracing::warn!(request = job.request_id, "request refused: {why}");
-            return Answer::refused(job.request_id, &why);
-        }
-        let mut run = Run::new(job.request_id, job.prompt_ids, job.max_tokens, job.sampling);
-        run.ignore_eos = job.ignore_eos;
-        let result = match resumed {
-            Some(r) => self.resume(&mut run, r).await,
-            None => self.generate(&mut run).await,
-        };
-        self.requests_served += 1;
-        let finish = result.as_ref().map_or(Finish::Error, |&f| f);
-        // The done chunk carries what the detokenizer still held (an incomplete character).
-        let rest = run.detok.finish(&self.gateway).ok().flatten().unwrap_or_default();
-        self.publish_done(run.request_id, run.tokens.len(), rest, finish);
-        let text = self.gateway.decode(&run.tokens).unwrap_or_default();
-        let decode_s = run.first_token_at.map_or(0.0, |t| clock::since(t).as_secs_f64());
-        let tokens_per_s =
-            if run.tokens.len() > 1 && decode_s > 0.0 { (run.tokens.len() - 1) as f64 / decode_s } else { 0.0 };
-        let stats = serde_json::json!({
-            "request_id": run.request_id,
-            "activation_codec": self.codec.name(),
-            "epochs": run.epochs,
-            "incidents": run.incidents,
-            "stale_dropped": self.stale_dropped,
-            "watchdog": self.fallback.status(),
-            "auth": self.auth.counters_json(),
-            "prefill_s": run.prefill_s,
-            "gateway_hop_ms": percentiles(&std::mem::take(&mut self.hops)),
-            "steps": step_stats(&run.steps),
-            "prediction": self.prediction(&run.steps),
-            "layout": self.current.as_ref().map(|c| c.plan.stages.iter().map(|s| serde_json::json!({"uav": s.uav, "start": s.start, "layers": s.len, "k": s.k, "t": s.t})).collect::<Vec<_>>()),
-        });
-        let (accepted, error) = match result {
-            Ok(_) => (true, String::new()),
-            Err(e) => {
-                tracing::error!(request = run.request_id, "generation failed: {e}");
-                (run.started, e.to_string())
-            }
-        };
-        Answer {
-            accepted,
-            error,
-            request_id: run.request_id,
-            prompt_ids: run.prompt_ids,
-            tokens: run.tokens,
-            text,
-            finish,
-            tokens_per_s,
-            stats_json: stats.to_string(),
-        }
-    }
-
     /// Publishes the spec of a request that starts, for a standby (docs/generate-api.md, "Standby").
     fn announce(&self, job: &Job) {
         let Some(spec) = self.desk.spec(job.request_id) else { return };
@@ -1157,7 +1107,7 @@ impl Scheduler {
             }
             TokenStep::Done { finish, tokens } if tokens == have => {
                 let (tokens, _) = self.desk.progress(id);
-                let prompt_ids = self.desk.running().map(|(j, _)| j.prompt_ids).unwrap_or_default();
+                let prompt_ids = self.desk.prompt_ids(id);
                 let error = match finish {
                     Finish::Error => "the primary scheduler's generation failed",
                     Finish::Canceled => "canceled by the client",
@@ -1199,101 +1149,13 @@ impl Scheduler {
         let next_epoch = self.next_epoch();
         tracing::warn!(silent_s = t.silent_s, next_epoch, "PRIMARY SILENT: the standby takes over");
         self.desk.serve(&self.ctx)?;
-        if let Some((job, have)) = self.desk.running() {
+        let mut running = self.desk.running().into_iter().map(|(job, have)| {
             tracing::info!(request = job.request_id, tokens = have, "resuming the primary's running request");
-            self.resumed = Some(Resumed { job, have, at: unix_now(), silent_s: t.silent_s });
-        }
-        Ok(())
-    }
-
-    /// A request the primary ran, from the tokens followed: an exact restart (the prompt and those
-    /// tokens are fed again; the sampler stands where the primary's stood).
-    async fn resume(&mut self, run: &mut Run, r: Resumed) -> Result<Finish, Interrupt> {
-        let (mut known, _) = self.desk.progress(run.request_id);
-        known.truncate(r.have);
-        for &t in &known {
-            let _ = run.detok.push(&self.gateway, t);
-        }
-        run.sampler.skip(known.len());
-        let have = known.len();
-        run.tokens = known;
-        run.incidents.push(Incident {
-            uav: "scheduler".into(),
-            reason: "primary silent".into(),
-            token: have,
-            mode: "takeover".into(),
-            resume_position: 0,
-            replay_from: 0,
-            epoch: self.next_epoch(),
-            detected_at: r.at,
-            recovered_at: 0.0,
-            next_token_at: 0.0,
-            planned_recovery_s: 0.0,
-            why: format!("the primary was silent for {:.3} s", r.silent_s),
-            stages: BTreeMap::new(),
+            Resumed { job, have, at: unix_now(), silent_s: t.silent_s }
         });
-        match standby::resume(have, run.max_tokens, run.prompt_ids.len(), self.max_context) {
-            Resume::Finished(finish) => Ok(finish),
-            Resume::Continue { from } => {
-                tracing::info!(request = run.request_id, from, "resuming from the followed tokens");
-                let started = clock::now();
-                self.plan_takeover(run).await?;
-                self.decode(run, started).await
-            }
-        }
-    }
-
-    /// The takeover's plan for the running request: on the executors' KV caches when every
-    /// stage of a fresh plan, or else of the primary's latest plan, holds them up to the last
-    /// followed token ([`standby::kv_restart`]: it resumes there), else an exact restart from
-    /// position 0.
-    async fn plan_takeover(&mut self, run: &mut Run) -> Result<(), Interrupt> {
-        let members = self.members();
-        let held: BTreeMap<String, standby::KvHolder> =
-            self.kv_holders().into_iter().filter(|(uav, _)| members.contains(uav)).collect();
-        let mut why = Vec::new();
-        // A fresh plan, else the primary's latest plan (decided again from its inputs): the
-        // layout the executors hold, when a battery's drain since moved a boundary.
-        let fresh = if members.is_empty() {
-            Err("no member yet".to_string())
-        } else {
-            let decision = Decision::Initial { members };
-            let inputs = self.inputs(self.next_epoch(), run.request_id, decision, run.total_tokens(), 0);
-            self.decide(&inputs).map(|p| (p, inputs)).map_err(|e| e.to_string())
-        };
-        for candidate in [fresh, self.primary_plan(run.request_id)] {
-            let (planned, inputs) = match candidate {
-                Ok(c) => c,
-                Err(e) => {
-                    why.push(e);
-                    continue;
-                }
-            };
-            let restart = standby::kv_restart(
-                &planned.plan.stages,
-                &held,
-                run.request_id,
-                run.prompt_ids.len(),
-                run.tokens.len(),
-            );
-            match restart {
-                KvRestart::Resume { position } => match self.resume_on_kv(run, planned, inputs, position).await {
-                    Ok(()) => return Ok(()),
-                    Err(e) => {
-                        why.push(format!("the plan resuming at {position} did not apply: {e}"));
-                        break;
-                    }
-                },
-                KvRestart::Refeed(r) => why.push(r.to_string()),
-            }
-        }
-        let why = why.join("; ");
-        tracing::info!(request = run.request_id, %why, "takeover: feeding the prompt and the followed tokens again");
-        if let Some(inc) = run.incidents.last_mut() {
-            inc.why = format!("{}; fed again: {why}", inc.why);
-        }
-        run.rewind();
-        self.plan_restart(run, "takeover").await
+        self.resumed = running.next();
+        self.resumed_more = running.collect();
+        Ok(())
     }
 
     /// The primary's latest plan, decided again from its inputs as `aerokv bag audit` does, when
@@ -1311,28 +1173,6 @@ impl Scheduler {
             return Err("the UAVs are numbered otherwise than in the primary's plan".into());
         }
         Ok((planned, i))
-    }
-
-    /// Publishes `planned` resuming at `position` and waits until every stage applied it.
-    async fn resume_on_kv(
-        &mut self,
-        run: &mut Run,
-        mut planned: Planned,
-        inputs: PlanInputs,
-        position: usize,
-    ) -> Result<(), Interrupt> {
-        let inputs = PlanInputs { resume_position: position, ..inputs };
-        planned.plan.resume_position = position;
-        self.publish(planned, &inputs, "takeover").map_err(|e| Interrupt::Fatal(e.to_string()))?;
-        run.epochs.push(self.epoch);
-        self.wait_ready().await?;
-        tracing::info!(request = run.request_id, position, "takeover: resuming on the executors' KV caches");
-        run.position = position;
-        run.sent_until = position;
-        if let Some(inc) = run.incidents.last_mut() {
-            inc.resume_position = position;
-        }
-        Ok(())
     }
 
     /// What each executor holds, from its last heartbeat.
@@ -1399,521 +1239,6 @@ impl Scheduler {
         if let Err(e) = self.token_pub.publish(&chunk) {
             tracing::warn!("publish the last token chunk: {e}");
         }
-    }
-}
-
-/// Where one decode step's time went.
-#[derive(Clone, Copy)]
-struct Step {
-    position: usize,
-    /// From sending the step to its output: every stage and hop.
-    round_trip_ms: f64,
-    /// LM head, sampling, embedding and sending the next token.
-    gateway_ms: f64,
-}
-
-/// The steps' round trips and gateway times, and the slowest round trips with their positions.
-fn step_stats(steps: &[Step]) -> serde_json::Value {
-    let round_trips: Vec<f64> = steps.iter().map(|s| s.round_trip_ms).collect();
-    let gateway: Vec<f64> = steps.iter().map(|s| s.gateway_ms).collect();
-    let mut slowest = steps.to_vec();
-    slowest.sort_by(|a, b| b.round_trip_ms.total_cmp(&a.round_trip_ms));
-    let slowest: Vec<_> = slowest
-        .iter()
-        .take(3)
-        .map(|s| serde_json::json!({"position": s.position, "round_trip_ms": s.round_trip_ms}))
-        .collect();
-    serde_json::json!({"round_trip_ms": percentiles(&round_trips), "gateway_ms": percentiles(&gateway), "slowest": slowest})
-}
-
-/// The state of one request.
-struct Run {
-    request_id: u64,
-    prompt_ids: Vec<u32>,
-    max_tokens: usize,
-    sampler: Sampler,
-    ignore_eos: bool,
-    detok: Detokenizer,
-    tokens: Vec<u32>,
-    /// The oldest step without output (a prompt chunk, or one token): its first position.
-    position: usize,
-    /// Steps are sent up to here: several ahead of `position` when their ids are known (the
-    /// prompt's chunks, tokens fed again after a restart), so that the stages work as a pipeline.
-    sent_until: usize,
-    started: bool,
-    first_token_at: Option<Instant>,
-    prefill_s: f64,
-    epochs: Vec<u64>,
-    incidents: Vec<Incident>,
-    /// When the step in flight left the gateway.
-    sent_at: Option<Instant>,
-    /// The decode steps so far.
-    steps: Vec<Step>,
-}
-
-impl Run {
-    fn new(request_id: u64, prompt_ids: Vec<u32>, max_tokens: usize, sampling: Sampling) -> Self {
-        Run {
-            request_id,
-            prompt_ids,
-            max_tokens,
-            sampler: Sampler::new(sampling),
-            ignore_eos: false,
-            detok: Detokenizer::new(),
-            tokens: Vec::new(),
-            position: 0,
-            sent_until: 0,
-            started: false,
-            first_token_at: None,
-            prefill_s: 0.0,
-            epochs: Vec::new(),
-            incidents: Vec::new(),
-            sent_at: None,
-            steps: Vec::new(),
-        }
-    }
-
-    /// The ids of the step that starts at `position`, once they are known.
-    fn step_at(&self, position: usize) -> Option<&[u32]> {
-        step_at(&self.prompt_ids, &self.tokens, position)
-    }
-
-    /// How many steps have been sent and have no output yet.
-    fn in_flight(&self) -> usize {
-        let (mut at, mut n) = (self.position, 0);
-        while at < self.sent_until {
-            at += self.step_at(at).map_or(1, <[u32]>::len);
-            n += 1;
-        }
-        n
-    }
-
-    fn total_tokens(&self) -> u64 {
-        (self.prompt_ids.len() + self.max_tokens) as u64
-    }
-
-    /// Back to the start: every known token is fed again, in the steps first computed.
-    fn rewind(&mut self) {
-        self.position = 0;
-        self.sent_until = 0;
-    }
-}
-
-impl Scheduler {
-    /// Runs `run` to its end; returns the finish reason.
-    async fn generate(&mut self, run: &mut Run) -> Result<Finish, Interrupt> {
-        let started = clock::now();
-        // A fresh plan for this request from current battery health and membership.
-        self.plan_restart(run, "request").await?;
-        self.decode(run, started).await
-    }
-
-    /// Runs `run` to its end on the current plan, from `run.position`.
-    async fn decode(&mut self, run: &mut Run, started: Instant) -> Result<Finish, Interrupt> {
-        run.started = true;
-        // A takeover's recovery ends with the first plan.
-        for inc in run.incidents.iter_mut().filter(|i| i.recovered_at == 0.0) {
-            inc.recovered_at = unix_now();
-            inc.epoch = self.epoch;
-        }
-        // The next step leaves as soon as its token is sampled; streaming the token and the
-        // retirement check happen while the swarm computes it.
-        loop {
-            self.send_steps(run)?;
-            let hidden = match self.await_output(run).await {
-                Ok(h) => h,
-                Err(Interrupt::Failed(uav)) => {
-                    self.recover(run, &uav, "failure").await?;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let step = run.step_at(run.position).map_or(1, <[u32]>::len);
-            if run.position < run.prompt_ids.len() {
-                self.report_progress(run, run.position + step);
-            }
-            // The output of the prompt's last chunk yields token 0, each token's the next one.
-            let Some(index) = (run.position + step).checked_sub(run.prompt_ids.len()) else {
-                run.position += step; // a prompt chunk before the last
-                continue;
-            };
-            if index < run.tokens.len() {
-                run.position += step; // a known token fed again after a restart
-                continue;
-            }
-            let received_at = clock::now();
-            // Decode steps only, not the prompt's.
-            let round_trip_ms = run
-                .sent_at
-                .filter(|_| run.position >= run.prompt_ids.len())
-                .map(|t| (received_at - t).as_secs_f64() * 1e3);
-            let logits = self.gateway.logits(&hidden).map_err(|e| Interrupt::Fatal(format!("LM head: {e}")))?;
-            let id = run.sampler.sample(&logits).map_err(|e| Interrupt::Fatal(format!("sampling: {e}")))?;
-            if run.first_token_at.is_none() {
-                run.first_token_at = Some(clock::now());
-                run.prefill_s = clock::since(started).as_secs_f64();
-            }
-            let now = unix_now();
-            for inc in run.incidents.iter_mut().filter(|i| i.next_token_at == 0.0) {
-                inc.next_token_at = now;
-            }
-            if !run.ignore_eos && self.gateway.is_stop(id) {
-                return Ok(Finish::Eos);
-            }
-            run.tokens.push(id);
-            run.position += step;
-            let finish = if run.tokens.len() >= run.max_tokens {
-                Some(Finish::Length)
-            } else if run.position + 1 > self.max_context {
-                Some(Finish::Context)
-            } else {
-                self.send_steps(run)?;
-                None
-            };
-            if let Some(round_trip_ms) = round_trip_ms {
-                run.steps.push(Step {
-                    position: run.position,
-                    round_trip_ms,
-                    gateway_ms: clock::since(received_at).as_secs_f64() * 1e3,
-                });
-            }
-            self.stream_token(run, index, id);
-            if let Some(reason) = finish {
-                return Ok(reason);
-            }
-            if self.p.retirement {
-                self.maybe_retire(run).await?;
-            }
-        }
-    }
-
-    fn report_progress(&self, run: &Run, done: usize) {
-        let total = run.prompt_ids.len();
-        tracing::debug!(request = run.request_id, done, total, "prompt progress");
-        let msg = PromptProgress {
-            request_id: run.request_id,
-            done: done as u32,
-            total: total as u32,
-            epoch: self.epoch,
-            ..Default::default()
-        };
-        if let Err(e) = self.progress_pub.publish(&msg) {
-            tracing::warn!("publish prompt progress: {e}");
-        }
-    }
-
-    fn stream_token(&mut self, run: &mut Run, index: usize, id: u32) {
-        let text = run.detok.push(&self.gateway, id).ok().flatten().unwrap_or_default();
-        let chunk = TokenChunk {
-            request_id: run.request_id,
-            index: index as u32,
-            token_id: id as i32,
-            text: text.clone(),
-            done: false,
-            finish_reason: String::new(),
-            epoch: self.epoch,
-            ..Default::default()
-        };
-        // On the token topic before the goals' feedback (a primary killed in between leaves its
-        // standby no token behind its clients); a request nobody wants any more streams nothing.
-        let token_pub = &self.token_pub;
-        let wanted = self.desk.token(run.request_id, id, &text, || {
-            if let Err(e) = token_pub.publish(&chunk) {
-                tracing::warn!("publish token: {e}");
-            }
-        });
-        if !wanted {
-            return;
-        }
-        self.publish_diagnostics(Some(&*run));
-    }
-
-    /// Embeds and sends to the owner of layer 0 every step whose ids are known and that has not
-    /// been sent, while fewer than one per stage (at most [`MAX_STEPS_IN_FLIGHT`]) are in flight.
-    fn send_steps(&mut self, run: &mut Run) -> Result<(), Interrupt> {
-        let plan = &self.current.as_ref().ok_or_else(|| Interrupt::Fatal("no plan".into()))?.plan;
-        let first = plan.first().ok_or_else(|| Interrupt::Fatal("the plan has no first stage".into()))?.uav.clone();
-        let (epoch, window) = (plan.epoch, plan.stages.len().clamp(1, MAX_STEPS_IN_FLIGHT));
-        let topic = names::stage_input(&first);
-        let mut in_flight = run.in_flight();
-        while in_flight < window {
-            let Some(ids) = run.step_at(run.sent_until) else { break };
-            let hidden = self.embed(ids)?;
-            let mut msg =
-                convert::activation(epoch, run.request_id, 0, run.sent_until, 0, names::GATEWAY_SOURCE, &hidden);
-            self.auth.sign_activation(&topic, &mut msg);
-            let publisher = self.activation_pub(&topic).map_err(|e| Interrupt::Fatal(e.to_string()))?;
-            publisher.publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {topic}: {e}")))?;
-            run.sent_until += hidden.rows();
-            run.sent_at = Some(clock::now());
-            in_flight += 1;
-        }
-        Ok(())
-    }
-
-    /// The embeddings of `ids`, encoded as they travel.
-    fn embed(&mut self, ids: &[u32]) -> Result<Encoded, Interrupt> {
-        let hidden = self.gateway.embed(ids).map_err(|e| Interrupt::Fatal(format!("embedding: {e}")))?;
-        Encoded::encode(self.codec, hidden.as_slice(), hidden.width())
-            .map_err(|e| Interrupt::Fatal(format!("encoding the embeddings: {e}")))
-    }
-
-    /// The publisher of a stage input or replay topic.
-    fn activation_pub(&mut self, topic: &str) -> anyhow::Result<&r2r::Publisher<Activation>> {
-        self.activation_pubs.get(&self.ctx, topic, names::activation_qos(topic))
-    }
-
-    /// A stage around the gateway fails: its recovering successor replays the tail's layers after
-    /// the gateway with the embeddings they were fed, which only the gateway has. Every step that
-    /// fed layer 0 from `from` (the successor's snapshot holds the rest) to the resume position,
-    /// chunked as it was sent (the prompt's chunks, then a token at a time).
-    fn replay_embeddings(&mut self, run: &Run, failed: &str, from: usize) -> Result<(), Interrupt> {
-        let mut chunks = Vec::new();
-        for (position, ids) in gateway_steps(&run.prompt_ids, &run.tokens, from, run.position) {
-            // Encoded again: the same bytes the stage was fed (the codecs are deterministic).
-            chunks.push((position, self.embed(ids)?));
-        }
-        let mut msg = convert::packed_activation(self.epoch, run.request_id, 0, names::GATEWAY_SOURCE, &chunks)
-            .map_err(|e| Interrupt::Fatal(format!("replay of {failed}'s embeddings: {e}")))?;
-        let topic = names::replay(failed);
-        self.auth.sign_activation(&topic, &mut msg);
-        tracing::info!(
-            failed,
-            steps = chunks.len(),
-            tokens = msg.token_count,
-            "replaying the embeddings of a stage around the gateway"
-        );
-        let publisher = self.activation_pub(&topic).map_err(|e| Interrupt::Fatal(e.to_string()))?;
-        publisher.publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {topic}: {e}")))
-    }
-
-    /// Waits for the last stage's output of the step in flight.
-    async fn await_output(&mut self, run: &Run) -> Result<Hidden, Interrupt> {
-        let deadline = clock::sleep(Duration::from_secs_f64(self.p.step_timeout_s));
-        tokio::pin!(deadline);
-        loop {
-            tokio::select! {
-                Some(msg) = self.outputs.next() => {
-                    if msg.epoch != self.epoch || msg.request_id != run.request_id || msg.position as usize != run.position {
-                        self.stale_dropped += 1;
-                        tracing::debug!(epoch = msg.epoch, position = msg.position, "stale output dropped");
-                        continue;
-                    }
-                    match convert::hidden(&msg) {
-                        Ok(h) => {
-                            self.hops.push(hop_ms(&msg.stamp));
-                            return Ok(h);
-                        }
-                        // Not the stage's output (that one decodes): keep waiting for it.
-                        Err(e) => tracing::warn!(source = %msg.source, "undecodable output ignored: {e}"),
-                    }
-                }
-                Some(ev) = self.failures.recv() => {
-                    if self.note_failure(&ev) && self.in_plan(&ev.uav_id) {
-                        return Err(Interrupt::Failed(ev.uav_id));
-                    }
-                }
-                _ = &mut deadline => {
-                    let plan = self.current.as_ref().map(|c| c.plan.clone()).ok_or_else(|| Interrupt::Fatal("no plan".into()))?;
-                    let reports = self.reports(&plan);
-                    let why = epochs::diagnose_stall(plan.epoch, run.request_id, reports.iter().map(|(u, r)| (u.as_str(), r.as_ref())), self.membership.member_timeout);
-                    return Err(Interrupt::Fatal(format!("no output for position {} within {} s and no failure declared; {why}", run.position, self.p.step_timeout_s)));
-                }
-            }
-        }
-    }
-
-    fn in_plan(&self, uav: &str) -> bool {
-        self.current.as_ref().is_some_and(|c| c.plan.stage(uav).is_some())
-    }
-
-    /// Failover of `failed` at the oldest step in flight; an exact restart when failover is
-    /// impossible.
-    async fn recover(&mut self, run: &mut Run, failed: &str, reason: &str) -> Result<(), Interrupt> {
-        let detected_at = unix_now();
-        let current = self.current.clone().ok_or_else(|| Interrupt::Fatal("no plan".into()))?;
-        let graceful = reason == "retirement";
-        let snapshot = self.snapshot_held_after(&current.plan, failed, run.request_id);
-        let decision =
-            Decision::Failover { failed: failed.into(), graceful, based_on_epoch: current.plan.epoch, snapshot };
-        let inputs = self.inputs(self.next_epoch(), run.request_id, decision, run.total_tokens(), run.position);
-        let planned = self.decide(&inputs).map_err(|e| e.to_string());
-        let needs_embeddings = current.plan.stage(failed).is_some_and(|s| current.plan.tail_needs_gateway_replay(s));
-        let mut incident = Incident {
-            uav: failed.into(),
-            reason: reason.into(),
-            token: run.tokens.len(),
-            mode: if graceful { "retirement" } else { "failover" }.into(),
-            resume_position: run.position,
-            replay_from: 0,
-            epoch: self.next_epoch(),
-            detected_at,
-            recovered_at: 0.0,
-            next_token_at: 0.0,
-            planned_recovery_s: 0.0,
-            why: String::new(),
-            stages: BTreeMap::new(),
-        };
-        let why = match planned {
-            Ok(planned) if planned.plan.resume_position > 0 => {
-                incident.planned_recovery_s = planned.protection.worst_recovery_s;
-                incident.replay_from = planned.plan.replay_from;
-                self.publish(planned, &inputs, &format!("{reason} of {failed}"))
-                    .map_err(|e| Interrupt::Fatal(e.to_string()))?;
-                incident.epoch = self.epoch;
-                run.epochs.push(self.epoch);
-                if needs_embeddings {
-                    self.replay_embeddings(run, failed, incident.replay_from)?;
-                }
-                match self.wait_ready().await {
-                    Ok(stages) => {
-                        incident.stages = stages
-                            .into_iter()
-                            .map(|(uav, t)| {
-                                (
-                                    uav,
-                                    StageReady { loaded_s: t.loaded_s - detected_at, ready_s: t.ready_s - detected_at },
-                                )
-                            })
-                            .collect();
-                        None
-                    }
-                    Err(Interrupt::Failed(other)) => Some(format!("another failure during recovery: {other}")),
-                    Err(e) => Some(format!("failover did not complete: {e}")),
-                }
-            }
-            Ok(_) => Some("the failure came during the prompt's first chunk: nothing to recover".to_string()),
-            Err(why) => Some(format!("no failover plan: {why}")),
-        };
-        if let Some(why) = why {
-            tracing::warn!(failed, %why, "restarting exactly");
-            incident.why = why;
-            incident.mode = "restart".into();
-            run.rewind();
-            self.plan_restart(run, &format!("restart after {reason} of {failed}")).await?;
-            incident.epoch = self.epoch;
-            incident.resume_position = 0;
-            incident.replay_from = 0;
-        }
-        // The steps in flight went out in an older epoch: they are sent again.
-        run.sent_until = run.position;
-        incident.recovered_at = unix_now();
-        tracing::info!(failed, mode = %incident.mode, recovery_s = incident.recovered_at - detected_at, "recovered");
-        run.incidents.push(incident);
-        Ok(())
-    }
-
-    /// How far `failed`'s successor holds its tail's snapshot, from its last heartbeat in this
-    /// plan's epoch and this request (a lower bound: snapshots only grow within an epoch).
-    fn snapshot_held_after(&self, plan: &SwarmPlan, failed: &str, request_id: u64) -> Option<SnapshotHeld> {
-        let succ = plan.succ(failed).filter(|s| s.uav != failed)?;
-        let live = self.lock();
-        let (_, hb) = live.beats.get(&succ.uav)?;
-        (hb.epoch == plan.epoch && hb.request_id == request_id)
-            .then_some(SnapshotHeld { tokens: hb.pred_snapshot_tokens as usize, heartbeat_sequence: hb.sequence })
-    }
-
-    /// A fresh plan over the members, from position 0 (the start of a request, or a restart).
-    async fn plan_restart(&mut self, run: &mut Run, reason: &str) -> Result<(), Interrupt> {
-        // A DDS stall after a drone is killed can silence live drones for a second (false failure
-        // declarations); they count as members again once their heartbeats resume. Give them that
-        // long before the request fails for want of drones.
-        let grace = clock::now() + Duration::from_secs_f64(2.0 * self.p.member_timeout_s);
-        loop {
-            let members = self.members();
-            if members.is_empty() {
-                if clock::now() < grace {
-                    clock::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-                return Err(Interrupt::Fatal("no UAV left to serve the request".into()));
-            }
-            let decision = Decision::Initial { members };
-            let inputs = self.inputs(self.next_epoch(), run.request_id, decision, run.total_tokens(), 0);
-            let planned = self
-                .decide(&inputs)
-                .map_err(|e| Interrupt::Fatal(format!("the swarm cannot serve this request: {e}")))?;
-            self.publish(planned, &inputs, reason).map_err(|e| Interrupt::Fatal(e.to_string()))?;
-            run.epochs.push(self.epoch);
-            match self.wait_ready().await {
-                Ok(_) => return Ok(()),
-                Err(Interrupt::Failed(uav)) => {
-                    tracing::warn!(%uav, "failed while the plan was applied: planning again")
-                }
-                Err(Interrupt::Superseded { uav, epoch }) => {
-                    tracing::warn!(%uav, epoch, "an executor runs a later epoch: planning again above it")
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Waits until every stage of the current plan runs it (heartbeat epoch and state "ready").
-    async fn wait_ready(&mut self) -> Result<BTreeMap<String, StageReady>, Interrupt> {
-        let plan = self.current.as_ref().map(|c| c.plan.clone()).ok_or_else(|| Interrupt::Fatal("no plan".into()))?;
-        let deadline = clock::now() + Duration::from_secs_f64(self.p.ready_timeout_s);
-        let mut poll = clock::interval(Duration::from_millis(5));
-        let mut seen: BTreeMap<String, StageReady> = BTreeMap::new();
-        loop {
-            tokio::select! {
-                Some(ev) = self.failures.recv() => {
-                    if self.note_failure(&ev) && plan.stage(&ev.uav_id).is_some() {
-                        return Err(Interrupt::Failed(ev.uav_id));
-                    }
-                }
-                _ = poll.tick() => {
-                    let reports = self.reports(&plan);
-                    let now = unix_now();
-                    for (uav, r) in &reports {
-                        if let Some(r) = r.as_ref().filter(|r| r.epoch == plan.epoch) {
-                            let t = seen.entry(uav.clone()).or_insert(StageReady { loaded_s: now, ready_s: 0.0 });
-                            if r.state == ExecutorState::Ready && t.ready_s == 0.0 {
-                                t.ready_s = now;
-                            }
-                        }
-                    }
-                    match epochs::readiness(plan.epoch, reports.iter().map(|(u, r)| (u.as_str(), r.as_ref()))) {
-                        Readiness::Ready => return Ok(seen),
-                        Readiness::Superseded { uav, epoch } => return Err(Interrupt::Superseded { uav, epoch }),
-                        Readiness::Refused { uav, why } => {
-                            return Err(Interrupt::Fatal(format!("{uav} cannot apply epoch {}: {why}", plan.epoch)));
-                        }
-                        Readiness::Waiting(lags) if clock::now() > deadline => {
-                            let lags: Vec<String> = lags.iter().map(ToString::to_string).collect();
-                            return Err(Interrupt::Fatal(format!("not ready with epoch {} after {} s: {}", plan.epoch, self.p.ready_timeout_s, lags.join("; "))));
-                        }
-                        Readiness::Waiting(_) => {}
-                    }
-                }
-            }
-        }
-    }
-
-    /// Planned retirement: a member whose battery will not last the rest of the request hands
-    /// its layers over now, between two tokens, with no failure.
-    async fn maybe_retire(&mut self, run: &mut Run) -> Result<(), Interrupt> {
-        let telemetry = self.telemetry();
-        // Runs every token: borrow the plan, do not copy it.
-        let Some(current) = self.current.as_ref() else { return Ok(()) };
-        let done = run.position as u64;
-        match self.controller.retirement_candidate(
-            current,
-            &telemetry,
-            run.total_tokens(),
-            done,
-            self.p.retirement_horizon_tokens,
-        ) {
-            Ok(Some(uav)) => {
-                tracing::warn!(%uav, "battery will not last the request: retiring it");
-                self.recover(run, &uav, "retirement").await?;
-                // It stays out of plans until it restarts (recharged, as a new process).
-                let seq = self.lock().beats.get(&uav).map_or(0, |(_, hb)| hb.sequence);
-                self.membership.retire(&uav, seq);
-            }
-            Ok(None) => {}
-            Err(e) => tracing::debug!("retirement check: {e}"),
-        }
-        Ok(())
     }
 }
 
