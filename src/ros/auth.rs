@@ -535,6 +535,7 @@ mod tests {
             "request_id",
             "resume_position",
             "replay_from",
+            "requests",
             "activation_codec",
         ];
         expected.sort();
@@ -581,7 +582,8 @@ mod tests {
             &AuthCounters::default(),
             &["accepted", "not_signed", "unknown_sender", "wrong_role", "bad_signature", "replayed", "malformed"],
         );
-        same(&m::RequestKv::default(), &["request_id", "kv_tokens", "kv_bytes"]);
+        same(&m::RequestKv::default(), &["request_id", "kv_tokens", "kv_bytes", "pred_snapshot_tokens"]);
+        same(&m::RequestResume::default(), &["request_id", "resume_position", "replay_from"]);
         let b = [
             "uav_id",
             "stamp",
@@ -798,10 +800,11 @@ mod tests {
             epoch: 3,
             ring: vec!["uav1".into(), "uav2".into()],
             uavs: vec![UavAssignment { uav_id: "uav1".into(), layer_end: 15, ..Default::default() }],
+            requests: vec![m::RequestResume { request_id: 4, resume_position: 9, replay_from: 8 }],
             ..Default::default()
         };
         scheduler.sign_assignment(&mut a);
-        let tamper: [fn(&mut Assignment); 13] = [
+        let tamper: [fn(&mut Assignment); 17] = [
             |a| a.epoch += 1,
             |a| a.stamp.nanosec += 1,
             |a| a.model_variant.push('x'),
@@ -815,6 +818,10 @@ mod tests {
             |a| a.resume_position += 1,
             |a| a.replay_from += 1,
             |a| a.activation_codec.push('x'),
+            |a| a.requests.push(m::RequestResume::default()),
+            |a| a.requests[0].request_id += 1,
+            |a| a.requests[0].resume_position += 1,
+            |a| a.requests[0].replay_from -= 1,
         ];
         for t in tamper {
             let mut forged = a.clone();
@@ -834,7 +841,7 @@ mod tests {
         scheduler.sign_failure(&mut by_scheduler);
         assert!(!uav1.accept_failure(&by_scheduler), "a failure declared by the scheduler counted");
         let c = uav1.counters();
-        assert_eq!((c.accepted, c.bad_signature, c.replayed, c.wrong_role), (1, 13, 1, 1));
+        assert_eq!((c.accepted, c.bad_signature, c.replayed, c.wrong_role), (1, 17, 1, 1));
         assert!(uav1.admits_uav("uav2") && !uav1.admits_uav("uav3"));
         // Data plane: an activation is the sender's own (`source`), and every field is signed.
         let topic = names::stage_input("uav2");
