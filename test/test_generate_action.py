@@ -76,7 +76,8 @@ def test_goals_queue_cancel_and_resume_by_id(rclpy_node, procs, reference, tmp_p
     from rclpy.action import ActionClient
     from aerokv.action import Generate
 
-    control, _ = launch_swarm(procs, tmp_path, ["uav1", "uav2"], max_queue=2, finished_kept=4)
+    # One request at a time, so that goals queue (several at once: test_concurrent.py).
+    control, _ = launch_swarm(procs, tmp_path, ["uav1", "uav2"], max_queue=2, finished_kept=4, max_running=1)
     latest, chunks = {}, []
     rclpy_node.create_subscription(Assignment, "/aerokv/assignment", lambda m: latest.update(a=m), LATCHED)
     rclpy_node.create_subscription(TokenChunk, "/aerokv/tokens", chunks.append, EVENTS)

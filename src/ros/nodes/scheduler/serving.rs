@@ -746,7 +746,9 @@ impl Scheduler {
         let snapshot = snapshots.get(&lead.0).copied().flatten();
         let decision =
             Decision::Failover { failed: failed.into(), graceful, based_on_epoch: current.plan.epoch, snapshot };
-        let total = runs.values().map(Run::total_tokens).max().unwrap_or(lead.2);
+        // Every running request's tokens: the survivors must hold all their KV (the recovery's
+        // memory check) and serve all of them (the lifespan).
+        let total = runs.values().map(Run::total_tokens).sum::<u64>().max(lead.2);
         let inputs = self.inputs(self.next_epoch(), lead.0, decision, total, lead.1);
         let planned = self.decide(&inputs).map_err(|e| e.to_string());
         let needs_embeddings = current.plan.stage(failed).is_some_and(|s| current.plan.tail_needs_gateway_replay(s));
