@@ -7,7 +7,10 @@
 //! codec's bytes and the answer is that of one process that feeds every layer its predecessor's
 //! output through the codec, with or without the failure. Uses the `tiny` variant
 //! (random weights, 4 layers, same graph) and the real ONNX Runtime.
-use aerokv::dataplane::{gateway_steps, step_at, DataPlaneError, Emit, RequestMemory, ShardHost, Stage, SwarmPlan};
+use aerokv::dataplane::{
+    gateway_steps, step_at, DataPlaneError, Emit, RequestMemory, RequestResume, ShardHost, Stage, Stale, SwarmPlan,
+    MAX_CARRIED_REQUESTS,
+};
 use aerokv_codec::{ActivationCodec, Encoded};
 use aerokv_engine::{
     argmax, prompt_chunks, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Shard, PREFILL_CHUNK_TOKENS,
@@ -87,13 +90,18 @@ impl Swarm {
 
     /// Delivers queued messages until the gateway gets an output (returned) or nothing is left.
     fn drain(&mut self) -> Option<Hidden> {
+        self.drain_any().map(|(_, _, h)| h)
+    }
+
+    /// [`Swarm::drain`], with the request and position the output is for.
+    fn drain_any(&mut self) -> Option<(u64, usize, Hidden)> {
         let plan = self.hosts.values().next()?.plan()?.clone();
         while let Some((from, e)) = self.queue.pop_front() {
             match e {
-                Emit::Activation { to: None, hidden, .. } => {
+                Emit::Activation { to: None, hidden, request_id, position, .. } => {
                     self.hop_bytes += hidden.bytes().len();
                     self.hop_tokens += hidden.rows();
-                    return Some(Hidden::new(hidden.decode().unwrap(), hidden.width()).unwrap());
+                    return Some((request_id, position, Hidden::new(hidden.decode().unwrap(), hidden.width()).unwrap()));
                 }
                 Emit::Activation { to: Some(to), boundary, request_id, position, hidden } => {
                     self.input(&plan, &to, boundary, request_id, position, &hidden)
@@ -105,9 +113,10 @@ impl Swarm {
                         self.queue.extend(emits.into_iter().map(|e| (holder.clone(), e)));
                     }
                 }
-                Emit::Replay { failed, to, boundary, chunks, .. } => {
+                Emit::Replay { failed, to, boundary, request_id, chunks } => {
                     self.replayed.extend(chunks.iter().map(|(pos, h)| (*pos, h.rows())));
-                    let emits = self.hosts.get_mut(&to).unwrap().on_replay(&failed, boundary, chunks).unwrap();
+                    let emits =
+                        self.hosts.get_mut(&to).unwrap().on_replay(&failed, boundary, request_id, chunks).unwrap();
                     self.queue.extend(emits.into_iter().map(|e| (to.clone(), e)));
                 }
             }
@@ -117,9 +126,14 @@ impl Swarm {
 
     /// The gateway sends a step to the owner of layer 0.
     fn send(&mut self, plan: &SwarmPlan, gateway: &mut Gateway, ids: &[u32], position: usize) {
+        self.send_request(plan, gateway, plan.request_id, ids, position)
+    }
+
+    /// [`Swarm::send`] for a given request.
+    fn send_request(&mut self, plan: &SwarmPlan, gateway: &mut Gateway, request: u64, ids: &[u32], position: usize) {
         let first = plan.first().unwrap().uav.clone();
         let embedded = encode(self.codec, &gateway.embed(ids).unwrap());
-        self.input(plan, &first, 0, plan.request_id, position, &embedded);
+        self.input(plan, &first, 0, request, position, &embedded);
     }
 
     /// Held KV rows go out now, ahead of what is queued, in the order they were sent.
@@ -336,7 +350,7 @@ fn run_with_failure(
         if position == kill_at {
             // What the successor reports in its heartbeat, as the scheduler reads it.
             let succ = current.succ(failed).unwrap().uav.clone();
-            replay_from = swarm.hosts[&succ].pred_snapshot_tokens().min(position);
+            replay_from = swarm.hosts[&succ].pred_snapshot_tokens(current.request_id).min(position);
             swarm.kill(failed);
             let mut next = recovery.clone();
             next.resume_position = position;
@@ -399,21 +413,22 @@ fn the_snapshot_a_successor_reports_is_never_more_than_it_could_restore() {
         swarm.send(&first, &mut gateway, &[42], position);
         swarm.drain().unwrap();
     }
-    let held = swarm.hosts["uav3"].pred_snapshot_tokens();
+    let held = swarm.hosts["uav3"].pred_snapshot_tokens(9);
     assert!(held + 2 > prompt.len() + 6 && held <= prompt.len() + 6, "{held}");
     // A new epoch that cuts the caches back (the same stages: a failure elsewhere in a larger
     // ring). Until uav2's first snapshot of it arrives, uav3 reports no more than the cut.
     let cut = prompt.len() + 1;
     let second = plan(2, 9, cut, stages);
     swarm.hosts.get_mut("uav3").unwrap().apply_plan(second.clone()).unwrap();
-    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(), cut);
+    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(9), cut);
     let emits = swarm.hosts.get_mut("uav2").unwrap().apply_plan(second.clone()).unwrap();
     swarm.queue.extend(emits.into_iter().map(|e| ("uav2".to_string(), e)));
     assert!(swarm.drain().is_none());
-    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(), cut);
+    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(9), cut);
     // A new request starts from nothing.
     swarm.hosts.get_mut("uav3").unwrap().apply_plan(plan(3, 10, 0, second.stages.clone())).unwrap();
-    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(), 0);
+    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(10), 0);
+    assert_eq!(swarm.hosts["uav3"].requests(), vec![10]);
 }
 
 #[test]
@@ -500,32 +515,50 @@ fn an_activation_in_another_codec_than_the_plans_is_refused() {
 }
 
 #[test]
-fn a_repeated_input_and_an_older_requests_input_are_dropped_without_touching_the_state() {
+fn stragglers_and_repeated_inputs_are_dropped_without_touching_the_state() {
     let rt = runtime();
     let m = Manifest::load_variant(models(), "tiny").unwrap();
     let width = m.architecture.hidden;
     let mut host = ShardHost::new(rt, m, "uav1").unwrap();
     host.apply_plan(plan(1, 2, 0, vec![stage("uav1", 0, 4, 0, 0)])).unwrap();
     let x = |v: f32| Encoded::encode(ActivationCodec::Raw, &vec![v; width], width).unwrap();
-    let first = host.on_input(2, 0, 0, &x(0.5)).unwrap();
-    host.on_input(2, 0, 1, &x(0.25)).unwrap();
-    // The step at position 0 again (a resent copy): dropped, the caches keep their 2 tokens.
-    let e = host.on_input(2, 0, 0, &x(0.5)).unwrap_err();
-    assert!(e.is_stale() && matches!(e, DataPlaneError::Duplicate { position: 0, layer: 0, held: 2 }), "{e}");
-    assert_eq!(host.kv_tokens(), 2);
-    // A straggler of request 1 must not wipe request 2's context.
-    let e = host.on_input(1, 0, 2, &x(0.5)).unwrap_err();
-    assert!(matches!(e, DataPlaneError::StaleRequest { request: 1, newest: 2 }), "{e}");
-    assert_eq!(host.kv_tokens(), 2);
-    // The next position still runs; a new request starts from nothing and gives the first output again.
-    host.on_input(2, 0, 2, &x(0.125)).unwrap();
-    assert_eq!(host.kv_tokens(), 3);
-    let again = host.on_input(3, 0, 0, &x(0.5)).unwrap();
     let out = |e: &[Emit]| match e {
         [Emit::Activation { hidden, .. }] => hidden.clone(),
         other => panic!("{other:?}"),
     };
+    let first = host.on_input(2, 0, 0, &x(0.5)).unwrap();
+    host.on_input(2, 0, 1, &x(0.25)).unwrap();
+    // The step at position 0 again (a resent copy): dropped, the caches keep their 2 tokens.
+    let e = host.on_input(2, 0, 0, &x(0.5)).unwrap_err();
+    assert!(e.is_stale() && matches!(e, DataPlaneError::Duplicate { request: 2, position: 0, layer: 0, held: 2 }), "{e}");
+    assert_eq!(host.kv_tokens(2), 2);
+    // A request not held, past its first step (a straggler of a request a plan dropped): stale.
+    let e = host.on_input(1, 0, 2, &x(0.5)).unwrap_err();
+    assert!(e.is_stale() && matches!(e, DataPlaneError::StaleRequest { request: 1, position: 2, why: Stale::NotStarted }), "{e}");
+    assert_eq!((host.kv_tokens(2), host.kv_tokens(1), host.requests()), (2, 0, vec![2]));
+    // The next position still runs; a new request starts from nothing at position 0 (no plan
+    // needed) and gives the first output again; request 2 keeps its rows.
+    host.on_input(2, 0, 2, &x(0.125)).unwrap();
+    let again = host.on_input(3, 0, 0, &x(0.5)).unwrap();
     assert_eq!(out(&first), out(&again));
+    assert_eq!((host.kv_tokens(2), host.kv_tokens(3), host.requests()), (3, 1, vec![2, 3]));
+    // An older id is no straggler: it starts too.
+    host.on_input(1, 0, 0, &x(0.5)).unwrap();
+    assert_eq!(host.requests(), vec![1, 2, 3]);
+    // A finished request: freed, and every late message of it is stale, position 0 included.
+    host.finish_request(2);
+    assert_eq!((host.kv_tokens(2), host.requests()), (0, vec![1, 3]));
+    for position in [3, 0] {
+        let e = host.on_input(2, 0, position, &x(0.5)).unwrap_err();
+        assert!(e.is_stale() && matches!(e, DataPlaneError::StaleRequest { request: 2, why: Stale::Finished, .. }), "{e}");
+    }
+    assert_eq!(host.memory().requests.iter().map(|r| r.request_id).collect::<Vec<_>>(), vec![1, 3]);
+    // The other requests carry on where they were.
+    let next = host.on_input(3, 0, 1, &x(0.25)).unwrap();
+    let mut alone = ShardHost::new(runtime(), Manifest::load_variant(models(), "tiny").unwrap(), "uav1").unwrap();
+    alone.apply_plan(plan(1, 0, 0, vec![stage("uav1", 0, 4, 0, 0)])).unwrap();
+    alone.on_input(7, 0, 0, &x(0.5)).unwrap();
+    assert_eq!(out(&next), out(&alone.on_input(7, 0, 1, &x(0.25)).unwrap()));
 }
 
 #[test]
@@ -630,7 +663,7 @@ fn a_replica_seeded_steps_after_the_plan_catches_up_and_protects_the_next_failov
             let (_, failed, mut next) = failures.pop_front().unwrap();
             let succ = current.succ(failed).unwrap().uav.clone();
             next.resume_position = position;
-            next.replay_from = swarm.hosts[&succ].pred_snapshot_tokens().min(position);
+            next.replay_from = swarm.hosts[&succ].pred_snapshot_tokens(current.request_id).min(position);
             swarm.kill(failed);
             if release_at.is_none() {
                 swarm.held = Some(Vec::new());
@@ -673,7 +706,7 @@ fn the_memory_a_host_reports_is_its_weights_once_and_the_requests_rows() {
     // Loaded, the plan's request not begun: weights only.
     let idle = swarm.hosts["uav1"].memory();
     assert_eq!(idle.weight_bytes, weights(&[0, 1]));
-    assert_eq!(idle.requests, vec![RequestMemory { request_id: 9, kv_tokens: 0, kv_bytes: 0 }]);
+    assert_eq!(idle.requests, vec![RequestMemory { request_id: 9, kv_tokens: 0, kv_bytes: 0, pred_snapshot_tokens: 0 }]);
     assert_eq!(idle.total(), idle.weight_bytes);
     let prompt = gateway.encode_chat(SHORT).unwrap();
     swarm.send(&first, &mut gateway, &prompt, 0);
@@ -683,7 +716,7 @@ fn the_memory_a_host_reports_is_its_weights_once_and_the_requests_rows() {
         swarm.drain().unwrap();
     }
     let n = (prompt.len() + 5) as u64;
-    let snapshot = |uav: &str| swarm.hosts[uav].pred_snapshot_tokens() as u64;
+    let snapshot = |uav: &str| swarm.hosts[uav].pred_snapshot_tokens(9) as u64;
     // uav1: KV of layers 0 and 1, uav2's tail input buffered for every position, and the
     // snapshot of uav3's tail (layer 3) as far as it reached.
     let uav1 = swarm.hosts["uav1"].memory();
@@ -692,6 +725,7 @@ fn the_memory_a_host_reports_is_its_weights_once_and_the_requests_rows() {
     let r = uav1.requests[0];
     assert_eq!((r.request_id, r.kv_tokens as u64), (9, n));
     assert!(snapshot("uav1") > 0);
+    assert_eq!(r.pred_snapshot_tokens as u64, snapshot("uav1"));
     assert_eq!(r.kv_bytes, (2 * n + snapshot("uav1")) * per_token_layer + n * row_bytes);
     assert_eq!(uav1.total(), uav1.weight_bytes + r.kv_bytes);
     // uav3: KV of layer 3, the snapshot of uav2's tail (layer 2), and uav1's input (uav1's tail
