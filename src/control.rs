@@ -862,7 +862,10 @@ mod tests {
         );
         // A request's predecessor snapshot is never past the rows it holds (up to them: fine).
         let full = KvHeld { pred_snapshot_tokens: 3, ..held(5, 200) };
-        assert_eq!(validate_heartbeat(&HeartbeatFields { kv: vec![held(4, 100), full], ..memory.clone() }, "uav1", 30), Ok(()));
+        assert_eq!(
+            validate_heartbeat(&HeartbeatFields { kv: vec![held(4, 100), full], ..memory.clone() }, "uav1", 30),
+            Ok(())
+        );
         let past = KvHeld { pred_snapshot_tokens: 4, ..held(5, 200) };
         assert_eq!(
             refused(HeartbeatFields { kv: vec![held(4, 100), past], ..memory.clone() }),

@@ -596,11 +596,8 @@ impl ShardHost {
         new.validate()?;
         // A finished request carried from scratch needs nothing; carried further it cannot be
         // resumed here (its state is gone): the layers below say so.
-        let carried: Vec<RequestResume> = new
-            .carried()
-            .into_iter()
-            .filter(|r| r.resume_position > 0 || !self.is_finished(r.request_id))
-            .collect();
+        let carried: Vec<RequestResume> =
+            new.carried().into_iter().filter(|r| r.resume_position > 0 || !self.is_finished(r.request_id)).collect();
         let old = self.plan.take();
         self.stepped = None;
         let kept: BTreeSet<u64> = carried.iter().map(|r| r.request_id).collect();
@@ -766,7 +763,8 @@ impl ShardHost {
             c.replay = Some(PendingReplay { failed: failed.clone(), from, segments });
         }
         for (id, boundary, chunks) in local_replays {
-            if let Some(seg) = self.contexts.get_mut(&id).and_then(|c| c.replay.as_mut()).and_then(|r| r.segment(boundary))
+            if let Some(seg) =
+                self.contexts.get_mut(&id).and_then(|c| c.replay.as_mut()).and_then(|r| r.segment(boundary))
             {
                 seg.chunks.extend(chunks);
             }

@@ -536,9 +536,13 @@ mod tests {
             "resume_position",
             "replay_from",
             "activation_codec",
+            "requests",
         ];
         expected.sort();
         assert_eq!(a, expected);
+        let mut r = fields(&r2r::aerokv::msg::RequestResume::default());
+        r.sort();
+        assert_eq!(r, ["replay_from", "request_id", "resume_position"]);
         let mut u = fields(&UavAssignment::default());
         u.sort();
         assert_eq!(u, ["layer_end", "layer_start", "overlap_layers", "snapshot_period", "uav_id"]);
@@ -581,7 +585,7 @@ mod tests {
             &AuthCounters::default(),
             &["accepted", "not_signed", "unknown_sender", "wrong_role", "bad_signature", "replayed", "malformed"],
         );
-        same(&m::RequestKv::default(), &["request_id", "kv_tokens", "kv_bytes"]);
+        same(&m::RequestKv::default(), &["request_id", "kv_tokens", "kv_bytes", "pred_snapshot_tokens"]);
         let b = [
             "uav_id",
             "stamp",

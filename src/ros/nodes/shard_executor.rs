@@ -394,7 +394,9 @@ impl Worker {
             }
             Event::Replay { failed, msg } => convert::unpack(&msg)
                 .map_err(anyhow::Error::from)
-                .and_then(|chunks| Ok(self.host.on_replay(&failed, msg.layer_boundary as usize, msg.request_id, chunks)?))
+                .and_then(|chunks| {
+                    Ok(self.host.on_replay(&failed, msg.layer_boundary as usize, msg.request_id, chunks)?)
+                })
                 .and_then(|emits| self.emit(emits)),
             Event::Token(_) => Ok(()),
         };
