@@ -426,6 +426,9 @@ pub struct KvHeld {
     /// Its KV rows (native and replica layers), the predecessor's tail snapshot and the
     /// successor's buffered tail inputs held for it.
     pub kv_bytes: u64,
+    /// How far its predecessor's tail of this request could be restored there (the request's
+    /// `replay_from` after that predecessor fails); never more than `kv_tokens`.
+    pub pred_snapshot_tokens: u32,
 }
 
 /// Most requests one heartbeat may account for (a bound on a hostile message's work).
@@ -461,6 +464,8 @@ pub enum KvReject {
     ZeroId,
     #[error("request {0} appears twice")]
     Duplicate(u64),
+    #[error("request {request}: a predecessor snapshot of {snapshot} tokens, past its {kv_tokens} tokens held")]
+    SnapshotPastContext { request: u64, snapshot: u32, kv_tokens: u32 },
 }
 
 fn number(field: &'static str, value: f64) -> std::result::Result<f64, TelemetryReject> {
@@ -555,7 +560,8 @@ pub fn validate_heartbeat(
 }
 
 /// The heartbeat's memory adds up: at most [`MAX_REQUESTS_HELD`] requests with distinct non-zero
-/// ids, and `memory_bytes` = `weight_bytes` + their bytes (without overflow).
+/// ids, each with a predecessor snapshot no longer than its rows, and `memory_bytes` =
+/// `weight_bytes` + their bytes (without overflow).
 fn validate_memory(m: &HeartbeatFields) -> std::result::Result<(), TelemetryReject> {
     if m.kv.len() > MAX_REQUESTS_HELD {
         return Err(TelemetryReject::BadKv(KvReject::TooMany(m.kv.len())));
@@ -567,6 +573,13 @@ fn validate_memory(m: &HeartbeatFields) -> std::result::Result<(), TelemetryReje
         }
         if !ids.insert(k.request_id) {
             return Err(TelemetryReject::BadKv(KvReject::Duplicate(k.request_id)));
+        }
+        if k.pred_snapshot_tokens > k.kv_tokens {
+            return Err(TelemetryReject::BadKv(KvReject::SnapshotPastContext {
+                request: k.request_id,
+                snapshot: k.pred_snapshot_tokens,
+                kv_tokens: k.kv_tokens,
+            }));
         }
     }
     let kv_bytes = m.kv.iter().try_fold(0u64, |sum, k| sum.checked_add(k.kv_bytes));
@@ -817,7 +830,7 @@ mod tests {
         let absurd = HeartbeatFields { link_goodput_bps: 1e15, ..hb.clone() };
         assert!(matches!(validate_heartbeat(&absurd, "uav1", 30), Err(TelemetryReject::Absurd { .. })));
         // Memory: weights + every request's bytes, requests named once each.
-        let held = |id, kv_bytes| KvHeld { request_id: id, kv_tokens: 3, kv_bytes };
+        let held = |id, kv_bytes| KvHeld { request_id: id, kv_tokens: 3, kv_bytes, pred_snapshot_tokens: 2 };
         let memory = HeartbeatFields {
             memory_bytes: 1_000,
             weight_bytes: 700,
@@ -846,6 +859,17 @@ mod tests {
         assert_eq!(
             refused(HeartbeatFields { kv: many, memory_bytes: 700, ..memory.clone() }),
             TelemetryReject::BadKv(KvReject::TooMany(65))
+        );
+        // A request's predecessor snapshot is never past the rows it holds (up to them: fine).
+        let full = KvHeld { pred_snapshot_tokens: 3, ..held(5, 200) };
+        assert_eq!(
+            validate_heartbeat(&HeartbeatFields { kv: vec![held(4, 100), full], ..memory.clone() }, "uav1", 30),
+            Ok(())
+        );
+        let past = KvHeld { pred_snapshot_tokens: 4, ..held(5, 200) };
+        assert_eq!(
+            refused(HeartbeatFields { kv: vec![held(4, 100), past], ..memory.clone() }),
+            TelemetryReject::BadKv(KvReject::SnapshotPastContext { request: 5, snapshot: 4, kv_tokens: 3 })
         );
     }
 

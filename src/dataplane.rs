@@ -19,7 +19,7 @@
 //! of the same codec without the failure. Replays carry the very bytes the stage was fed.
 use aerokv_codec::{ActivationCodec, CodecError, Encoded};
 use aerokv_engine::{prompt_chunks, EngineError, Hidden, KvRows, LayerRows, Manifest, Runtime, Shard};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,12 +36,27 @@ pub enum DataPlaneError {
     LostLayer { uav: String, layer: usize, position: usize },
     #[error("the variant's layer files hold several layers each ({0}); the swarm needs one layer per file")]
     GroupedFiles(String),
-    /// A message of a request older than one this UAV has already served (request ids only grow).
-    #[error("a message of request {request}, older than request {newest} already served: dropped")]
-    StaleRequest { request: u64, newest: u64 },
+    /// A message of a request this UAV holds nothing for: finished, or not started here (a
+    /// request starts with its step at position 0; a later one is a straggler of a request a
+    /// plan dropped).
+    #[error("a message of request {request} at position {position}, {why}: dropped")]
+    StaleRequest { request: u64, position: usize, why: Stale },
     /// An input for a position whose step has already run (a resent or replayed copy).
-    #[error("an input for position {position} at layer {layer}, which already holds {held} tokens: dropped")]
-    Duplicate { position: usize, layer: usize, held: usize },
+    #[error("an input of request {request} for position {position} at layer {layer}, which already holds {held} tokens: dropped")]
+    Duplicate { request: u64, position: usize, layer: usize, held: usize },
+    /// A new request while this UAV holds as many as it may: refused (the scheduler keeps
+    /// fewer in flight).
+    #[error("request {request} refused: this UAV already holds {held} requests (at most {MAX_CARRIED_REQUESTS})")]
+    TooManyRequests { request: u64, held: usize },
+}
+
+/// Why a request's message is stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Stale {
+    #[error("a request that has finished")]
+    Finished,
+    #[error("a request not started here (its first step is at position 0)")]
+    NotStarted,
 }
 
 impl DataPlaneError {
@@ -259,19 +274,33 @@ pub enum Emit {
     Replay { failed: String, to: String, boundary: usize, request_id: u64, chunks: Vec<(usize, Encoded)> },
 }
 
-/// Recovery work waiting for state from other UAVs.
+/// Finished requests a host remembers (the most recent ones): their stragglers are dropped.
+pub const FINISHED_REMEMBERED: usize = 256;
+
+/// What one request holds on one UAV besides its rows in the shared [`Shard`]s, and its
+/// recovery work waiting for state from other UAVs.
 #[derive(Debug, Default)]
-struct Pending {
+struct Context {
+    /// Inputs of the successor's tail (outputs of its head replica), by position, as encoded
+    /// for the tail: a replay sends these bytes, which decode to exactly what the tail was fed.
+    buffer: BTreeMap<usize, Encoded>,
+    /// The predecessor's tail snapshot, accumulated, and the epoch of its latest part.
+    pred_snapshot: Option<KvRows>,
+    pred_snapshot_epoch: u64,
+    /// This UAV's tail rows already sent to its successor.
+    snapshot_sent_until: usize,
+    /// Where the current plan resumed the request (0: from scratch, or started in this epoch).
+    resume: usize,
     /// Restored tail layers of the failed predecessor, to be brought from the snapshot end to
     /// the resume position by replaying buffered inputs.
     replay: Option<PendingReplay>,
-    /// Fresh replica layers waiting for the successor's head seed.
+    /// Replica layers waiting for the successor's head seed of this request.
     seed_layers: Vec<usize>,
-    /// The successor's inputs that arrived before its head seed, `(request, position, input)` in
-    /// arrival order: the replica computes them once seeded. Serving does not wait for the seed
-    /// (over a radio it is paced behind the activations and takes a second or more); only the
+    /// The successor's inputs that arrived before its head seed, `(position, input)` in arrival
+    /// order: the replica computes them once seeded. Serving does not wait for the seed (over a
+    /// radio it is paced behind the activations and takes a second or more); only the
     /// protection of the successor's head does.
-    seed_inputs: Vec<(u64, usize, Encoded)>,
+    seed_inputs: Vec<(usize, Encoded)>,
     /// Seeds and snapshots to send once the native layers are complete.
     announce: bool,
 }
@@ -301,7 +330,7 @@ impl PendingReplay {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Memory {
     pub weight_bytes: u64,
-    /// One entry per request held.
+    /// One entry per request held (per context), by request id.
     pub requests: Vec<RequestMemory>,
 }
 
@@ -312,6 +341,10 @@ pub struct RequestMemory {
     /// Rows in the native KV caches.
     pub kv_tokens: usize,
     pub kv_bytes: u64,
+    /// How far this UAV could restore its predecessor's tail of this request
+    /// ([`ShardHost::pred_snapshot_tokens`]), never more than `kv_tokens` (a lower bound either
+    /// way: this UAV's rows cover every position the gateway has an answer for).
+    pub pred_snapshot_tokens: usize,
 }
 
 impl Memory {
@@ -343,19 +376,19 @@ pub struct ShardHost {
     manifest: Manifest,
     uav: String,
     plan: Option<SwarmPlan>,
+    /// The loaded layers, shared by every request (weights once); each holds one KV cache per
+    /// request ([`Shard::switch_request`]).
     pieces: BTreeMap<usize, Shard>,
-    request_id: u64,
-    /// The newest request this UAV has heard of: an older one's messages are stale.
-    newest_request: u64,
-    /// Inputs of the successor's tail (outputs of its head replica), by position, as encoded
-    /// for the tail: a replay sends these bytes, which decode to exactly what the tail was fed.
-    buffer: BTreeMap<usize, Encoded>,
+    /// Every request held, by id.
+    contexts: BTreeMap<u64, Context>,
+    /// The request of the latest native step (after a plan: the plan's request): the
+    /// heartbeat's top-level figures are its.
+    recent: u64,
+    /// The request whose native step ran last, until its snapshot was considered.
+    stepped: Option<u64>,
+    /// Finished requests, oldest first, at most [`FINISHED_REMEMBERED`].
+    finished: VecDeque<u64>,
     codec: ActivationCodec,
-    /// The predecessor's tail snapshot, accumulated, and the epoch of its latest part.
-    pred_snapshot: Option<KvRows>,
-    pred_snapshot_epoch: u64,
-    snapshot_sent_until: usize,
-    pending: Pending,
     pub usage: Usage,
 }
 
@@ -372,14 +405,11 @@ impl ShardHost {
             uav: uav.into(),
             plan: None,
             pieces: BTreeMap::new(),
-            request_id: 0,
-            newest_request: 0,
-            buffer: BTreeMap::new(),
+            contexts: BTreeMap::new(),
+            recent: 0,
+            stepped: None,
+            finished: VecDeque::new(),
             codec: ActivationCodec::Raw,
-            pred_snapshot: None,
-            pred_snapshot_epoch: 0,
-            snapshot_sent_until: 0,
-            pending: Pending::default(),
             usage: Usage::default(),
         })
     }
@@ -393,15 +423,19 @@ impl ShardHost {
     pub fn epoch(&self) -> u64 {
         self.plan.as_ref().map_or(0, |p| p.epoch)
     }
-    /// True when this UAV can serve the current plan: its native layers are complete. A head
-    /// replica still waiting for its seed does not count (it catches up when the seed arrives).
+    /// True when this UAV can serve the current plan: its native layers are complete for every
+    /// request it holds (no replay pending). A head replica still waiting for a seed does not
+    /// count (it catches up when the seed arrives).
     pub fn ready(&self) -> bool {
-        self.plan.as_ref().is_some_and(|p| p.stage(&self.uav).is_none() || self.pending.replay.is_none())
+        self.plan
+            .as_ref()
+            .is_some_and(|p| p.stage(&self.uav).is_none() || self.contexts.values().all(|c| c.replay.is_none()))
     }
-    /// True while the successor's head replica waits for its seed (the successor's head is not
-    /// protected yet: a failure of the successor now means an exact restart).
+    /// True while the successor's head replica waits for a seed of some request (the
+    /// successor's head is not protected yet: a failure of the successor now means an exact
+    /// restart).
     pub fn replica_pending(&self) -> bool {
-        !self.pending.seed_layers.is_empty()
+        self.contexts.values().any(|c| !c.seed_layers.is_empty())
     }
     pub fn my_stage(&self) -> Option<Stage> {
         self.plan.as_ref()?.stage(&self.uav).cloned()
@@ -418,52 +452,50 @@ impl ShardHost {
             None => Vec::new(),
         }
     }
-    /// Tokens in the native KV caches.
-    pub fn kv_tokens(&self) -> usize {
-        self.my_stage()
-            .and_then(|s| self.plan.as_ref().map(|p| p.layers(&s)))
-            .and_then(|ls| ls.iter().filter_map(|l| self.pieces.get(l)).map(Shard::kv_len).min())
-            .unwrap_or(0)
+    /// Every request held (one context each), in id order.
+    pub fn requests(&self) -> Vec<u64> {
+        self.contexts.keys().copied().collect()
+    }
+    /// Tokens of `request` in the native KV caches.
+    pub fn kv_tokens(&self, request: u64) -> usize {
+        let Some(plan) = &self.plan else { return 0 };
+        let Some(me) = plan.stage(&self.uav) else { return 0 };
+        plan.layers(me).iter().filter_map(|l| self.pieces.get(l)).map(|s| rows_of(s, request)).min().unwrap_or(0)
     }
     /// What this UAV holds: the weights of its loaded layers (one [`Shard`] per absolute layer,
     /// so a layer that is both native and replica, or a replica promoted to native, is loaded
-    /// once) and, for the request it serves, its KV rows, the predecessor's tail snapshot and
+    /// once) and, for every request it holds, its KV rows, the predecessor's tail snapshot and
     /// the buffered inputs of the successor's tail.
     pub fn memory(&self) -> Memory {
-        let mut weight_bytes = 0;
-        let mut kv_bytes = 0;
-        for s in self.pieces.values() {
-            let m = s.memory_bytes();
-            weight_bytes += m.weight_bytes;
-            kv_bytes += m.kv_bytes;
-        }
-        kv_bytes += self.pred_snapshot.as_ref().map_or(0, |s| s.byte_len() as u64);
-        kv_bytes += self.buffer.values().map(|h| h.bytes().len() as u64).sum::<u64>();
-        let requests = if self.request_id == 0 {
-            Vec::new()
-        } else {
-            vec![RequestMemory { request_id: self.request_id, kv_tokens: self.kv_tokens(), kv_bytes }]
-        };
+        let weight_bytes = self.pieces.values().map(|s| s.memory_bytes().weight_bytes).sum();
+        let per_row = self.manifest.architecture.kv_bytes_per_token_per_layer();
+        let requests = self
+            .contexts
+            .iter()
+            .map(|(&id, c)| {
+                let rows: u64 = self.pieces.values().map(|s| rows_of(s, id) as u64).sum();
+                let kv_bytes = rows * per_row
+                    + c.pred_snapshot.as_ref().map_or(0, |s| s.byte_len() as u64)
+                    + c.buffer.values().map(|h| h.bytes().len() as u64).sum::<u64>();
+                let kv_tokens = self.kv_tokens(id);
+                let pred_snapshot_tokens = self.pred_snapshot_tokens(id).min(kv_tokens);
+                RequestMemory { request_id: id, kv_tokens, kv_bytes, pred_snapshot_tokens }
+            })
+            .collect();
         Memory { weight_bytes, requests }
     }
 
     /// The swarm's activation codec (the assignment's). Every UAV must use the same one. The KV
-    /// held for a request was computed under the codec it had: a change forgets it, so that a
-    /// plan resuming that request fails (state lost) instead of mixing two arithmetics.
+    /// held for a request was computed under the codec it had: a change forgets every request,
+    /// so that a plan resuming one fails (state lost) instead of mixing two arithmetics.
     pub fn set_activation_codec(&mut self, codec: ActivationCodec) {
         if codec != self.codec {
             tracing::info!(from = %self.codec, to = %codec, "activation codec changed");
             self.codec = codec;
-            self.forget_context();
+            for id in self.requests() {
+                self.drop_context(id);
+            }
         }
-    }
-
-    /// An input as this UAV's layers see it (and checks it is in the plan's codec).
-    fn decode(&self, e: &Encoded) -> Result<Hidden> {
-        if e.codec() != self.codec {
-            return Err(DataPlaneError::CodecMismatch { got: e.codec(), want: self.codec });
-        }
-        Ok(Hidden::new(e.decode()?, e.width())?)
     }
 
     fn encode(&self, h: &Hidden) -> Result<Encoded> {
@@ -474,155 +506,252 @@ impl ShardHost {
         Ok(Shard::load(&self.runtime, &self.manifest, layer..layer + 1)?)
     }
 
-    /// Makes `request_id` the request held (forgetting another's context), unless it is older
-    /// than one already heard of.
-    fn new_request(&mut self, request_id: u64) -> Result<()> {
-        if request_id < self.newest_request {
-            return Err(DataPlaneError::StaleRequest { request: request_id, newest: self.newest_request });
+    fn is_finished(&self, request: u64) -> bool {
+        self.finished.contains(&request)
+    }
+
+    /// Whether a message of `request` at `position` may be used, before anything changes: a
+    /// request held, or the first step (position 0) of a new one while there is room for it.
+    fn admit(&self, request: u64, position: usize) -> Result<()> {
+        let stale = |why| Err(DataPlaneError::StaleRequest { request, position, why });
+        if self.is_finished(request) {
+            return stale(Stale::Finished);
         }
-        self.newest_request = request_id;
-        if request_id != self.request_id {
-            self.request_id = request_id;
-            self.forget_context();
+        if self.contexts.contains_key(&request) {
+            return Ok(());
+        }
+        if request == 0 || position != 0 {
+            return stale(Stale::NotStarted);
+        }
+        if self.contexts.len() >= MAX_CARRIED_REQUESTS {
+            return Err(DataPlaneError::TooManyRequests { request, held: self.contexts.len() });
         }
         Ok(())
     }
 
-    /// Every KV row, buffered input and snapshot of the request: it starts (again) from token 0.
-    fn forget_context(&mut self) {
-        for s in self.pieces.values_mut() {
-            s.reset();
+    /// The context of `request`, made (with empty caches) if it has none.
+    fn open(&mut self, request: u64) -> &mut Context {
+        if !self.contexts.contains_key(&request) {
+            for s in self.pieces.values_mut() {
+                s.drop_request(request);
+            }
         }
-        self.buffer.clear();
-        self.pred_snapshot = None;
-        self.snapshot_sent_until = 0;
+        self.contexts.entry(request).or_default()
     }
 
-    /// The request this UAV's caches belong to (0 = none yet).
+    /// Forgets `request`: its KV caches on every layer, its snapshot, buffer and recovery work.
+    fn drop_context(&mut self, request: u64) {
+        self.contexts.remove(&request);
+        for s in self.pieces.values_mut() {
+            s.drop_request(request);
+        }
+        if self.stepped == Some(request) {
+            self.stepped = None;
+        }
+    }
+
+    /// `request` is over (its last token went out): its caches and context are freed, and its
+    /// late messages (any position) are dropped as [`DataPlaneError::StaleRequest`] from now on.
+    pub fn finish_request(&mut self, request: u64) {
+        self.drop_context(request);
+        if !self.is_finished(request) {
+            if self.finished.len() == FINISHED_REMEMBERED {
+                self.finished.pop_front();
+            }
+            self.finished.push_back(request);
+        }
+    }
+
+    /// The request of the latest native step (after a plan: the plan's request; 0 = none yet).
     pub fn request_id(&self) -> u64 {
-        self.request_id
+        self.recent
     }
 
-    /// How far this UAV could restore its predecessor's tail now (for the heartbeat, and from
-    /// there the scheduler's `replay_from`): the snapshot's rows when they cover every layer of
-    /// that tail in the current plan, else 0. Never more than a restore later in this epoch
-    /// finds: a snapshot from an older epoch counts only up to the resume position, because the
-    /// predecessor's first snapshot of this epoch replaces it with that many rows.
-    pub fn pred_snapshot_tokens(&self) -> usize {
-        let (Some(plan), Some(s)) = (&self.plan, &self.pred_snapshot) else { return 0 };
+    /// How far this UAV could restore its predecessor's tail of `request` now (for the
+    /// heartbeat, and from there the scheduler's `replay_from`): the snapshot's rows when they
+    /// cover every layer of that tail in the current plan, else 0. Never more than a restore later
+    /// in this epoch finds: a snapshot from an older epoch counts only up to the request's resume
+    /// position, because the predecessor's first snapshot of this epoch replaces it with that
+    /// many rows.
+    pub fn pred_snapshot_tokens(&self, request: u64) -> usize {
+        let (Some(plan), Some(c)) = (&self.plan, self.contexts.get(&request)) else { return 0 };
+        let Some(s) = &c.pred_snapshot else { return 0 };
         let Some(pred) = plan.pred(&self.uav).filter(|p| p.uav != self.uav) else { return 0 };
         let tail = plan.tail(pred);
         if s.token_start != 0 || tail.is_empty() || !tail.iter().all(|&l| layer_rows(s, l).is_some()) {
             return 0;
         }
-        if self.pred_snapshot_epoch == plan.epoch {
+        if c.pred_snapshot_epoch == plan.epoch {
             s.tokens
         } else {
-            s.tokens.min(plan.resume_position)
+            s.tokens.min(c.resume)
         }
     }
 
-    /// Applies a new plan (epoch). Returns what to send now (replays for a failed successor's
-    /// tail, and, once complete, seeds and snapshots for the new neighbours).
+    /// Applies a new plan (epoch). Every request it carries ([`SwarmPlan::carried`]) keeps its
+    /// state, cut back to its resume position; the others are forgotten. Returns what to send now
+    /// (replays for a failed successor's tail, and, once complete, seeds and snapshots for the new
+    /// neighbours), per carried request.
     pub fn apply_plan(&mut self, new: SwarmPlan) -> Result<Vec<Emit>> {
         new.validate()?;
+        // A finished request carried from scratch needs nothing; carried further it cannot be
+        // resumed here (its state is gone): the layers below say so.
+        let carried: Vec<RequestResume> =
+            new.carried().into_iter().filter(|r| r.resume_position > 0 || !self.is_finished(r.request_id)).collect();
         let old = self.plan.take();
-        let p = new.resume_position;
-        let mut emits = Vec::new();
-        if new.request_id != self.request_id || p == 0 {
-            self.request_id = new.request_id;
-            self.newest_request = self.newest_request.max(new.request_id);
-            self.forget_context();
+        self.stepped = None;
+        let kept: BTreeSet<u64> = carried.iter().map(|r| r.request_id).collect();
+        for id in self.requests().into_iter().filter(|id| !kept.contains(id)) {
+            self.drop_context(id);
         }
-        // A failed successor: its recovering successor needs the buffered inputs of its tail.
-        let mut local_replay = None;
-        if let (Some(old), true) = (&old, p > 0) {
+        for r in &carried {
+            if r.resume_position == 0 {
+                self.drop_context(r.request_id);
+            }
+            if !self.is_finished(r.request_id) {
+                let c = self.open(r.request_id);
+                let p = r.resume_position;
+                c.resume = p;
+                (c.replay, c.announce) = (None, p > 0);
+                c.seed_layers.clear();
+                c.seed_inputs.clear();
+                c.snapshot_sent_until = c.snapshot_sent_until.min(p);
+            }
+        }
+        let mut emits = Vec::new();
+        // A failed successor: its recovering successor needs the buffered inputs of its tail,
+        // for every request carried.
+        let mut local_replays = Vec::new();
+        if let Some(old) = &old {
             if let Some(failed) = old.succ(&self.uav).filter(|s| s.uav != self.uav && new.stage(&s.uav).is_none()) {
                 if let (Some(to), Some(boundary)) = (old.succ(&failed.uav), old.tail_input_from_pred(failed)) {
-                    // From the step that holds `replay_from`: the rest is in the snapshot.
-                    let chunks: Vec<(usize, Encoded)> = self
-                        .buffer
-                        .range(..p)
-                        .filter(|(&pos, h)| pos + h.rows() > new.replay_from)
-                        .map(|(&pos, h)| (pos, h.clone()))
-                        .collect();
-                    if to.uav == self.uav {
-                        // A ring of two: the recovering successor is this UAV.
-                        local_replay = Some((boundary, chunks));
-                    } else if !chunks.is_empty() {
-                        emits.push(Emit::Replay {
-                            failed: failed.uav.clone(),
-                            to: to.uav.clone(),
-                            boundary,
-                            request_id: self.request_id,
-                            chunks,
-                        });
+                    for r in carried.iter().filter(|r| r.resume_position > 0) {
+                        let Some(c) = self.contexts.get(&r.request_id) else { continue };
+                        // From the step that holds `replay_from`: the rest is in the snapshot.
+                        let chunks: Vec<(usize, Encoded)> = c
+                            .buffer
+                            .range(..r.resume_position)
+                            .filter(|(&pos, h)| pos + h.rows() > r.replay_from)
+                            .map(|(&pos, h)| (pos, h.clone()))
+                            .collect();
+                        if to.uav == self.uav {
+                            // A ring of two: the recovering successor is this UAV.
+                            local_replays.push((r.request_id, boundary, chunks));
+                        } else if !chunks.is_empty() {
+                            emits.push(Emit::Replay {
+                                failed: failed.uav.clone(),
+                                to: to.uav.clone(),
+                                boundary,
+                                request_id: r.request_id,
+                                chunks,
+                            });
+                        }
                     }
                 }
             }
         }
-        self.buffer.retain(|&pos, _| pos < p);
-        if let Some(snap) = &self.pred_snapshot {
-            if snap.token_start != 0 {
-                self.pred_snapshot = None;
+        for r in &carried {
+            if let Some(c) = self.contexts.get_mut(&r.request_id) {
+                c.buffer.retain(|&pos, _| pos < r.resume_position);
+                if c.pred_snapshot.as_ref().is_some_and(|s| s.token_start != 0) {
+                    c.pred_snapshot = None;
+                }
             }
         }
 
-        let mut pending = Pending { announce: p > 0, ..Pending::default() };
         let Some(me) = new.stage(&self.uav).cloned() else {
             // Not a member of this plan: hold nothing.
             self.pieces.clear();
+            self.contexts.clear();
+            self.recent = new.request_id;
             self.plan = Some(new);
-            self.pending = pending;
             return Ok(emits);
         };
         let native = new.layers(&me);
         let replica = self.replica_of(Some(&new));
-        let mut keep = BTreeMap::new();
-        let mut restored = Vec::new();
-        for &layer in native.iter().chain(replica.iter()) {
+        // The failed predecessor's tail: restored here from its snapshot and a replay.
+        let failed_pred = old.as_ref().and_then(|o| {
+            o.pred(&self.uav)
+                .filter(|f| f.uav != self.uav && new.stage(&f.uav).is_none())
+                .map(|f| (f.uav.clone(), o.tail(f)))
+        });
+        let resuming: Vec<(u64, usize)> =
+            carried.iter().filter(|r| r.resume_position > 0).map(|r| (r.request_id, r.resume_position)).collect();
+        let mut keep: BTreeMap<usize, Shard> = BTreeMap::new();
+        let mut restore: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+        let mut lost = None;
+        'layers: for &layer in native.iter().chain(replica.iter()) {
             if keep.contains_key(&layer) {
                 continue;
             }
-            if let Some(mut shard) = self.pieces.remove(&layer) {
-                shard.truncate(p)?;
-                if shard.kv_len() == p {
-                    keep.insert(layer, shard);
+            let mut shard = match self.pieces.remove(&layer) {
+                Some(s) => s,
+                None => match self.load(layer) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        lost = Some(e);
+                        break 'layers;
+                    }
+                },
+            };
+            let is_native = native.contains(&layer);
+            for &(id, p) in &resuming {
+                let intact = !self.is_finished(id) && {
+                    shard.switch_request(id)?;
+                    shard.truncate(p)?;
+                    shard.kv_len() == p
+                };
+                if intact {
                     continue;
                 }
-                // Fewer rows than needed (e.g. a replica that missed tokens): treat as not held.
-            }
-            let mut shard = self.load(layer)?;
-            if p > 0 && native.contains(&layer) {
-                // The failed predecessor's tail: its last snapshot, or nothing when none was due
-                // yet; the replay of its buffered inputs brings it to the resume position.
-                let tail_of_pred = old.as_ref().is_some_and(|o| {
-                    o.pred(&self.uav)
-                        .is_some_and(|f| f.uav != self.uav && new.stage(&f.uav).is_none() && o.tail(f).contains(&layer))
-                });
-                if !tail_of_pred {
-                    return Err(DataPlaneError::LostLayer { uav: self.uav.clone(), layer, position: p });
+                // Fewer rows than needed (a layer new here, a replica that missed tokens): this
+                // request's rows on it start over, restored from the failed predecessor's
+                // snapshot or the successor's seed; the other requests' rows stay (a reload
+                // would drop them).
+                shard.drop_request(id);
+                let restorable =
+                    !self.is_finished(id) && failed_pred.as_ref().is_some_and(|(_, tail)| tail.contains(&layer));
+                if is_native && !restorable {
+                    lost = Some(DataPlaneError::LostLayer { uav: self.uav.clone(), layer, position: p });
+                } else if is_native {
+                    restore.entry(id).or_default().push(layer);
+                } else if let Some(c) = self.contexts.get_mut(&id) {
+                    c.seed_layers.push(layer);
                 }
-                let snap = self.pred_snapshot.as_ref().and_then(|s| layer_rows(s, layer).map(|r| (s, r)));
-                match snap {
-                    Some((s, rows)) => {
-                        let upto = s.tokens.min(p);
-                        shard.import_kv(&single_layer(s, rows, upto))?;
-                        restored.push((layer, upto));
-                    }
-                    None => restored.push((layer, 0)),
-                }
-            } else if p > 0 {
-                pending.seed_layers.push(layer);
             }
             keep.insert(layer, shard);
+            if lost.is_some() {
+                break;
+            }
+        }
+        if let Some(e) = lost {
+            // Refused: the loaded layers stay (the next plan may use them), the requests do not.
+            self.pieces.extend(keep);
+            for id in self.requests() {
+                self.drop_context(id);
+            }
+            return Err(e);
         }
         self.pieces = keep;
-        if !restored.is_empty() {
-            let from = restored.iter().map(|r| r.1).min().unwrap_or(0);
+        let failed = failed_pred.map(|f| f.0).unwrap_or_default();
+        for (id, layers) in restore {
+            let Some(c) = self.contexts.get_mut(&id) else { continue };
+            // Its last snapshot, or nothing when none was due yet; the replay of its buffered
+            // inputs brings it to the resume position.
+            let mut from = c.resume;
+            for &layer in &layers {
+                let snap = c.pred_snapshot.as_ref().and_then(|s| layer_rows(s, layer).map(|r| (s, r)));
+                let upto = snap.map_or(0, |(s, _)| s.tokens.min(c.resume));
+                if let (Some((s, rows)), Some(shard)) = (snap, self.pieces.get_mut(&layer)) {
+                    shard.switch_request(id)?;
+                    shard.import_kv(&single_layer(s, rows, upto))?;
+                }
+                from = from.min(upto);
+            }
             let mut segments: Vec<Segment> = Vec::new();
-            for &(layer, _) in &restored {
+            for &layer in &layers {
                 if let Some(s) = self.pieces.get_mut(&layer) {
+                    s.switch_request(id)?;
                     s.truncate(from)?;
                 }
                 // In pipeline order; the run breaks only where the gateway's input enters.
@@ -631,25 +760,39 @@ impl ShardHost {
                     _ => segments.push(Segment { layers: vec![layer], chunks: BTreeMap::new() }),
                 }
             }
-            let failed = old.as_ref().and_then(|o| o.pred(&self.uav)).map(|s| s.uav.clone()).unwrap_or_default();
-            pending.replay = Some(PendingReplay { failed, from, segments });
+            c.replay = Some(PendingReplay { failed: failed.clone(), from, segments });
         }
-        self.plan = Some(new);
-        self.pending = pending;
-        if let (Some(r), Some((boundary, chunks))) = (&mut self.pending.replay, local_replay) {
-            if let Some(seg) = r.segment(boundary) {
+        for (id, boundary, chunks) in local_replays {
+            if let Some(seg) =
+                self.contexts.get_mut(&id).and_then(|c| c.replay.as_mut()).and_then(|r| r.segment(boundary))
+            {
                 seg.chunks.extend(chunks);
             }
         }
+        self.recent = new.request_id;
+        self.plan = Some(new);
         emits.extend(self.try_complete()?);
         Ok(emits)
     }
 
-    /// Runs pending replays and sends seeds once possible.
+    /// Runs pending replays and sends seeds once possible, for every request.
     fn try_complete(&mut self) -> Result<Vec<Emit>> {
-        let Some(plan) = self.plan.clone() else { return Ok(Vec::new()) };
-        let p = plan.resume_position;
-        if let Some(r) = &self.pending.replay {
+        let due: Vec<u64> =
+            self.contexts.iter().filter(|(_, c)| c.replay.is_some() || c.announce).map(|(&id, _)| id).collect();
+        let mut emits = Vec::new();
+        for id in due {
+            emits.extend(self.complete(id)?);
+        }
+        Ok(emits)
+    }
+
+    /// Runs the pending replay of `request` once its inputs are all there, then sends its seed
+    /// and tail snapshot to the new neighbours.
+    fn complete(&mut self, request: u64) -> Result<Vec<Emit>> {
+        let Some(plan) = &self.plan else { return Ok(Vec::new()) };
+        let Some(c) = self.contexts.get_mut(&request) else { return Ok(Vec::new()) };
+        let p = c.resume;
+        if let Some(r) = &c.replay {
             // Complete when every segment's chunks cover [from, p) exactly.
             let covers = |seg: &Segment| {
                 let mut at = r.from;
@@ -664,67 +807,44 @@ impl ShardHost {
             if !r.segments.iter().all(covers) {
                 return Ok(Vec::new());
             }
-            let r = self.pending.replay.take().expect("checked above");
+        }
+        if let Some(r) = c.replay.take() {
             for seg in &r.segments {
-                tracing::info!(failed = %r.failed, layers = ?seg.layers, from = r.from, to = p, chunks = seg.chunks.len(), "replaying buffered inputs through the recovered tail");
+                tracing::info!(request, failed = %r.failed, layers = ?seg.layers, from = r.from, to = p, chunks = seg.chunks.len(), "replaying buffered inputs through the recovered tail");
                 for (&pos, h) in seg.chunks.range(r.from..p) {
                     // One chunk at a time, as the failed UAV computed them (exactness).
-                    let x = self.decode(h)?;
-                    run_layers(&mut self.pieces, self.codec, &seg.layers, x, pos)?;
+                    let x = decode(self.codec, h)?;
+                    run_layers(&mut self.pieces, self.codec, &seg.layers, request, x, pos)?;
                 }
             }
         }
         let mut emits = Vec::new();
-        if self.pending.announce {
-            self.pending.announce = false;
-            let me = plan.stage(&self.uav).cloned();
-            if let Some(me) = me {
-                let (pred, succ) = (plan.pred(&self.uav).cloned(), plan.succ(&self.uav).cloned());
-                if let Some(pred) = pred.filter(|s| s.uav != self.uav) {
-                    let head = plan.head(&me);
+        if std::mem::take(&mut c.announce) {
+            if let Some(me) = plan.stage(&self.uav) {
+                if let Some(pred) = plan.pred(&self.uav).filter(|s| s.uav != self.uav) {
+                    let head = plan.head(me);
                     if !head.is_empty() {
-                        emits.push(Emit::Kv {
-                            holder: pred.uav,
-                            request_id: self.request_id,
-                            rows: self.export(&head, 0..p)?,
-                        });
+                        let rows = export(&mut self.pieces, &head, request, 0..p)?;
+                        emits.push(Emit::Kv { holder: pred.uav.clone(), request_id: request, rows });
                     }
                 }
-                if let Some(succ) = succ.filter(|s| s.uav != self.uav) {
-                    let tail = plan.tail(&me);
+                if let Some(succ) = plan.succ(&self.uav).filter(|s| s.uav != self.uav) {
+                    let tail = plan.tail(me);
                     if me.t > 0 && !tail.is_empty() {
-                        emits.push(Emit::Kv {
-                            holder: succ.uav,
-                            request_id: self.request_id,
-                            rows: self.export(&tail, 0..p)?,
-                        });
+                        let rows = export(&mut self.pieces, &tail, request, 0..p)?;
+                        emits.push(Emit::Kv { holder: succ.uav.clone(), request_id: request, rows });
                     }
                 }
-                self.snapshot_sent_until = p;
+                c.snapshot_sent_until = p;
             }
         }
         Ok(emits)
     }
 
-    fn export(&self, layers: &[usize], tokens: std::ops::Range<usize>) -> Result<KvRows> {
-        // In pipeline order: a wrapped interval (29, 0, 1) travels as one contiguous range mod L.
-        let mut out: Option<KvRows> = None;
-        for &layer in layers {
-            let shard = self
-                .pieces
-                .get(&layer)
-                .ok_or_else(|| DataPlaneError::Plan(format!("export of layer {layer}, not held")))?;
-            let rows = shard.export_kv(layer..layer + 1, tokens.clone())?;
-            match &mut out {
-                None => out = Some(rows),
-                Some(o) => o.layers.extend(rows.layers),
-            }
-        }
-        out.ok_or_else(|| DataPlaneError::Plan("export of no layers".into()))
-    }
-
-    /// Hidden states for this UAV's native layers starting at `boundary`: returns the output for
-    /// the next stage (or the gateway). Call [`ShardHost::snapshot_due`] once it is on its way.
+    /// Hidden states of `request` for this UAV's native layers starting at `boundary`: returns
+    /// the output for the next stage (or the gateway). Call [`ShardHost::snapshot_due`] once it
+    /// is on its way. Position 0 of a request not held starts it; a later position of one, or
+    /// any of a finished one, is [`DataPlaneError::StaleRequest`].
     pub fn on_input(
         &mut self,
         request_id: u64,
@@ -750,23 +870,26 @@ impl ShardHost {
         }
         // Checked and decoded before anything changes: a malformed, stale or repeated message
         // leaves the state as it was.
-        if request_id == self.request_id {
-            let held = self.pieces.get(&boundary).map_or(0, Shard::kv_len);
+        self.admit(request_id, position)?;
+        if self.contexts.contains_key(&request_id) {
+            let held = self.pieces.get(&boundary).map_or(0, |s| rows_of(s, request_id));
             if position < held {
-                return Err(DataPlaneError::Duplicate { position, layer: boundary, held });
+                return Err(DataPlaneError::Duplicate { request: request_id, position, layer: boundary, held });
             }
         }
-        let x = self.decode(input)?;
-        self.new_request(request_id)?;
+        let x = decode(self.codec, input)?;
+        self.open(request_id);
+        (self.recent, self.stepped) = (request_id, Some(request_id));
         let started = std::time::Instant::now();
         let layers: Vec<usize> = (boundary..end).collect();
-        let y = run_layers(&mut self.pieces, self.codec, &layers, x, position)?;
+        let y = run_layers(&mut self.pieces, self.codec, &layers, request_id, x, position)?;
         let hidden = self.encode(&y)?;
         self.account(started.elapsed(), end - boundary, input.rows());
         Ok(vec![Emit::Activation { to, boundary: end % num_layers, request_id, position, hidden }])
     }
 
     /// The successor's input: compute its head replica and buffer the output (its tail's input).
+    /// Requests start and go stale as in [`ShardHost::on_input`].
     pub fn on_successor_input(
         &mut self,
         request_id: u64,
@@ -780,11 +903,19 @@ impl ShardHost {
             }
             _ => return Ok(()),
         };
-        if !self.pending.seed_layers.is_empty() {
+        self.admit(request_id, position)?;
+        let codec = self.codec;
+        if let Some(c) = self.contexts.get_mut(&request_id).filter(|c| !c.seed_layers.is_empty()) {
             // Checked now (a malformed input is refused as it would be seeded), computed later.
-            self.decode(input)?;
-            self.pending.seed_inputs.push((request_id, position, input.clone()));
+            decode(codec, input)?;
+            c.seed_inputs.push((position, input.clone()));
             return Ok(());
+        }
+        if let Some(&first) = self.replica_layers().first() {
+            let held = self.pieces.get(&first).map_or(0, |s| rows_of(s, request_id));
+            if self.contexts.contains_key(&request_id) && position < held {
+                return Err(DataPlaneError::Duplicate { request: request_id, position, layer: first, held });
+            }
         }
         self.run_replica(request_id, position, input, succ_has_tail)
     }
@@ -793,45 +924,57 @@ impl ShardHost {
     /// the successor's tail.
     fn run_replica(&mut self, request_id: u64, position: usize, input: &Encoded, succ_has_tail: bool) -> Result<()> {
         let head = self.replica_layers();
-        let x = self.decode(input)?;
-        self.new_request(request_id)?;
+        let x = decode(self.codec, input)?;
+        self.open(request_id);
         let started = std::time::Instant::now();
-        let y = run_layers(&mut self.pieces, self.codec, &head, x, position)?;
+        let y = run_layers(&mut self.pieces, self.codec, &head, request_id, x, position)?;
         self.account(started.elapsed(), head.len(), input.rows());
         // With no head (K = 0) the tail's input is the stage input itself. A tail that starts
         // at layer 0 is fed by the gateway: the scheduler replays it.
         if succ_has_tail {
             let tail_input = if head.is_empty() { input.clone() } else { self.encode(&y)? };
-            self.buffer.insert(position, tail_input);
+            self.open(request_id).buffer.insert(position, tail_input);
         }
         Ok(())
     }
 
-    /// KV rows from another UAV: the predecessor's tail snapshot, or the successor's head seed.
+    /// KV rows of `request_id` from another UAV: the predecessor's tail snapshot, or the
+    /// successor's head seed. A request not held is taken only from its start (`token_start` 0)
+    /// and when the plan carries it; otherwise the rows are [`DataPlaneError::StaleRequest`].
     pub fn on_kv(&mut self, source: &str, request_id: u64, rows: KvRows) -> Result<Vec<Emit>> {
         let Some(plan) = self.plan.clone() else { return Ok(Vec::new()) };
-        self.new_request(request_id)?;
+        if !self.contexts.contains_key(&request_id) {
+            let carried = plan.carried().iter().any(|r| r.request_id == request_id);
+            if rows.token_start != 0 || !carried {
+                let why = if self.is_finished(request_id) { Stale::Finished } else { Stale::NotStarted };
+                return Err(DataPlaneError::StaleRequest { request: request_id, position: rows.token_start, why });
+            }
+            self.admit(request_id, 0)?;
+            self.open(request_id);
+        }
         // In a ring of two the successor is also the predecessor: its seed and its tail snapshot
         // come from the same UAV; the layers they carry tell them apart.
+        let c = self.contexts.get_mut(&request_id).expect("opened above");
         let seed = plan.succ(&self.uav).is_some_and(|s| s.uav == source)
-            && !self.pending.seed_layers.is_empty()
-            && self.pending.seed_layers.iter().all(|&l| layer_rows(&rows, l).is_some());
+            && !c.seed_layers.is_empty()
+            && c.seed_layers.iter().all(|&l| layer_rows(&rows, l).is_some());
         if seed {
-            for layer in std::mem::take(&mut self.pending.seed_layers) {
+            for layer in std::mem::take(&mut c.seed_layers) {
                 let shard = self
                     .pieces
                     .get_mut(&layer)
                     .ok_or_else(|| DataPlaneError::Plan(format!("seed for layer {layer}, not loaded")))?;
                 if let Some(r) = layer_rows(&rows, layer) {
+                    shard.switch_request(request_id)?;
                     shard.import_kv(&single_layer(&rows, r, rows.tokens))?;
                 }
             }
-            let caught_up = std::mem::take(&mut self.pending.seed_inputs);
-            tracing::info!(%source, tokens = rows.tokens, inputs_after = caught_up.len(), "head replica seeded");
+            let caught_up = std::mem::take(&mut c.seed_inputs);
+            tracing::info!(%source, request = request_id, tokens = rows.tokens, inputs_after = caught_up.len(), "head replica seeded");
             let succ_has_tail = plan.succ(&self.uav).is_some_and(|s| plan.tail_input_from_pred(s).is_some());
-            for (request, position, input) in caught_up {
-                if request == self.request_id && position >= rows.tokens {
-                    self.run_replica(request, position, &input, succ_has_tail)?;
+            for (position, input) in caught_up {
+                if position >= rows.tokens {
+                    self.run_replica(request_id, position, &input, succ_has_tail)?;
                 }
             }
         }
@@ -842,38 +985,47 @@ impl ShardHost {
             let mut want = tail.clone();
             want.sort_unstable();
             if ls == want {
-                match (&mut self.pred_snapshot, rows.token_start) {
+                let c = self.contexts.get_mut(&request_id).expect("opened above");
+                match (&mut c.pred_snapshot, rows.token_start) {
                     (_, 0) => {
-                        self.pred_snapshot = Some(rows);
-                        self.pred_snapshot_epoch = plan.epoch;
+                        c.pred_snapshot = Some(rows);
+                        c.pred_snapshot_epoch = plan.epoch;
                     }
                     (Some(s), _) if s.token_start + s.tokens == rows.token_start => {
                         s.append(&rows)?;
-                        self.pred_snapshot_epoch = plan.epoch;
+                        c.pred_snapshot_epoch = plan.epoch;
                     }
                     (s, start) => {
-                        tracing::warn!(start, held = ?s.as_ref().map(|s| s.tokens), "snapshot out of order, ignored")
+                        tracing::warn!(request = request_id, start, held = ?s.as_ref().map(|s| s.tokens), "snapshot out of order, ignored")
                     }
                 }
             }
         }
-        self.try_complete()
+        self.complete(request_id)
     }
 
-    /// Inputs of a failed UAV's tail entering layer `boundary`, for the replay: buffered by its
-    /// predecessor, or the gateway's embeddings for the layers after the gateway.
-    pub fn on_replay(&mut self, failed: &str, boundary: usize, chunks: Vec<(usize, Encoded)>) -> Result<Vec<Emit>> {
+    /// Inputs of `request_id` for a failed UAV's tail entering layer `boundary`, for the replay:
+    /// buffered by its predecessor, or the gateway's embeddings for the layers after the gateway.
+    pub fn on_replay(
+        &mut self,
+        failed: &str,
+        boundary: usize,
+        request_id: u64,
+        chunks: Vec<(usize, Encoded)>,
+    ) -> Result<Vec<Emit>> {
+        let pending = self.contexts.get_mut(&request_id).and_then(|c| c.replay.as_mut()).filter(|r| r.failed == failed);
         tracing::debug!(
             failed,
             boundary,
+            request = request_id,
             chunks = chunks.len(),
-            waiting = self.pending.replay.is_some(),
+            waiting = pending.is_some(),
             "replay received"
         );
-        match self.pending.replay.as_mut().filter(|r| r.failed == failed).map(|r| r.segment(boundary)) {
+        match pending.map(|r| r.segment(boundary)) {
             Some(Some(seg)) => {
                 seg.chunks.extend(chunks);
-                self.try_complete()
+                self.complete(request_id)
             }
             Some(None) => Err(DataPlaneError::Plan(format!(
                 "replay of {failed} at layer {boundary}: no restored layers start there"
@@ -882,27 +1034,29 @@ impl ShardHost {
         }
     }
 
-    /// The boundary snapshot owed to the successor after the last step, if `t` tokens have
-    /// accumulated since the previous one. Separate from [`ShardHost::on_input`] so that the
-    /// step's output leaves first and the next drone computes while this one exports and sends
-    /// ~1 MB of KV rows. Call it before the next input.
+    /// The boundary snapshot of the request of the last step owed to the successor, if `t`
+    /// tokens of it have accumulated since its previous one. Separate from
+    /// [`ShardHost::on_input`] so that the step's output leaves first and the next drone computes
+    /// while this one exports and sends ~1 MB of KV rows. Call it before the next input.
     pub fn snapshot_due(&mut self) -> Result<Vec<Emit>> {
         // Called after every step: borrows the plan, copies only when a snapshot is due.
+        let Some(request) = self.stepped.take() else { return Ok(Vec::new()) };
         let Some(plan) = &self.plan else { return Ok(Vec::new()) };
         let Some(me) = plan.stage(&self.uav) else { return Ok(Vec::new()) };
         let Some(succ) = plan.succ(&self.uav).filter(|s| s.uav != self.uav) else { return Ok(Vec::new()) };
+        let Some(c) = self.contexts.get_mut(&request) else { return Ok(Vec::new()) };
         let tail = plan.tail(me);
         if me.t == 0 || tail.is_empty() {
             return Ok(Vec::new());
         }
-        let upto = tail.iter().filter_map(|l| self.pieces.get(l)).map(Shard::kv_len).min().unwrap_or(0);
-        if upto < self.snapshot_sent_until + me.t {
+        let upto = tail.iter().filter_map(|l| self.pieces.get(l)).map(|s| rows_of(s, request)).min().unwrap_or(0);
+        if upto < c.snapshot_sent_until + me.t {
             return Ok(Vec::new());
         }
         let holder = succ.uav.clone();
-        let rows = self.export(&tail, self.snapshot_sent_until..upto)?;
-        self.snapshot_sent_until = upto;
-        Ok(vec![Emit::Kv { holder, request_id: self.request_id, rows }])
+        let rows = export(&mut self.pieces, &tail, request, c.snapshot_sent_until..upto)?;
+        c.snapshot_sent_until = upto;
+        Ok(vec![Emit::Kv { holder, request_id: request, rows }])
     }
 
     fn account(&mut self, took: Duration, layers: usize, tokens: usize) {
@@ -922,13 +1076,15 @@ impl ShardHost {
     }
 }
 
-/// Runs `x` through `layers` in order and returns the last one's output. Every layer after the
-/// first is fed its predecessor's output as `codec` delivers it (module comment: exactness).
-/// With no layers, `x` itself.
+/// Runs `x` of `request` through `layers` in order and returns the last one's output (each
+/// layer switched to that request's caches first). Every layer after the first is fed its
+/// predecessor's output as `codec` delivers it (module comment: exactness). With no layers, `x`
+/// itself.
 fn run_layers(
     pieces: &mut BTreeMap<usize, Shard>,
     codec: ActivationCodec,
     layers: &[usize],
+    request: u64,
     mut x: Hidden,
     position: usize,
 ) -> Result<Hidden> {
@@ -937,9 +1093,49 @@ fn run_layers(
             x = Hidden::new(codec.round_trip(x.as_slice(), x.width())?, x.width())?;
         }
         let shard = pieces.get_mut(layer).ok_or_else(|| DataPlaneError::Plan(format!("layer {layer} not loaded")))?;
+        shard.switch_request(request)?;
         x = shard.forward(&x, position)?;
     }
     Ok(x)
+}
+
+/// Rows of `request`'s tokens `tokens` on `layers`, in pipeline order: a wrapped interval
+/// (29, 0, 1) travels as one contiguous range mod L.
+fn export(
+    pieces: &mut BTreeMap<usize, Shard>,
+    layers: &[usize],
+    request: u64,
+    tokens: std::ops::Range<usize>,
+) -> Result<KvRows> {
+    let mut out: Option<KvRows> = None;
+    for &layer in layers {
+        let shard =
+            pieces.get_mut(&layer).ok_or_else(|| DataPlaneError::Plan(format!("export of layer {layer}, not held")))?;
+        shard.switch_request(request)?;
+        let rows = shard.export_kv(layer..layer + 1, tokens.clone())?;
+        match &mut out {
+            None => out = Some(rows),
+            Some(o) => o.layers.extend(rows.layers),
+        }
+    }
+    out.ok_or_else(|| DataPlaneError::Plan("export of no layers".into()))
+}
+
+/// The rows `request` holds on a one-layer shard (without switching it).
+fn rows_of(shard: &Shard, request: u64) -> usize {
+    if shard.request() == request {
+        shard.kv_len()
+    } else {
+        shard.requests().into_iter().find(|&(id, _)| id == request).map_or(0, |(_, n)| n)
+    }
+}
+
+/// An input as this UAV's layers see it (and checks it is in the plan's codec).
+fn decode(codec: ActivationCodec, e: &Encoded) -> Result<Hidden> {
+    if e.codec() != codec {
+        return Err(DataPlaneError::CodecMismatch { got: e.codec(), want: codec });
+    }
+    Ok(Hidden::new(e.decode()?, e.width())?)
 }
 
 fn layer_rows(rows: &KvRows, layer: usize) -> Option<&LayerRows> {

@@ -7,12 +7,15 @@
 //! codec's bytes and the answer is that of one process that feeds every layer its predecessor's
 //! output through the codec, with or without the failure. Uses the `tiny` variant
 //! (random weights, 4 layers, same graph) and the real ONNX Runtime.
-use aerokv::dataplane::{gateway_steps, step_at, DataPlaneError, Emit, RequestMemory, ShardHost, Stage, SwarmPlan};
+use aerokv::dataplane::{
+    gateway_steps, step_at, DataPlaneError, Emit, RequestMemory, RequestResume, ShardHost, Stage, Stale, SwarmPlan,
+    MAX_CARRIED_REQUESTS,
+};
 use aerokv_codec::{ActivationCodec, Encoded};
 use aerokv_engine::{
     argmax, prompt_chunks, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Shard, PREFILL_CHUNK_TOKENS,
 };
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 
 fn models() -> PathBuf {
@@ -38,8 +41,8 @@ fn plan(epoch: u64, request_id: u64, resume_position: usize, stages: Vec<Stage>)
 struct Swarm {
     hosts: BTreeMap<String, ShardHost>,
     queue: VecDeque<(String, Emit)>,
-    /// Every replayed input chunk, `(position, tokens)`: what crossed the link for a failover.
-    replayed: Vec<(usize, usize)>,
+    /// Every replayed input chunk, `(request, position, tokens)`: what crossed the link for a failover.
+    replayed: Vec<(u64, usize, usize)>,
     codec: ActivationCodec,
     /// Activation payload bytes and tokens of every hop between UAVs and the gateway.
     hop_bytes: usize,
@@ -47,17 +50,24 @@ struct Swarm {
     /// While set, KV rows (snapshots, seeds) wait here instead of being delivered: over a radio
     /// they are paced behind the activations and arrive steps later.
     held: Option<Vec<(String, Emit)>>,
+    /// The requests of KV rows dropped as stale.
+    stale_kv: Vec<u64>,
 }
 
 impl Swarm {
     /// Every host takes the plan; `gateway` is what the scheduler sends with it.
     fn apply(&mut self, plan: &SwarmPlan, gateway: Option<Emit>) {
+        self.apply_all(plan, gateway)
+    }
+
+    /// [`Swarm::apply`] with any number of messages from the scheduler.
+    fn apply_all(&mut self, plan: &SwarmPlan, gateway: impl IntoIterator<Item = Emit>) {
         let names: Vec<String> = self.hosts.keys().cloned().collect();
         for name in names {
             let emits = self.hosts.get_mut(&name).unwrap().apply_plan(plan.clone()).unwrap();
             self.queue.extend(emits.into_iter().map(|e| (name.clone(), e)));
         }
-        self.queue.extend(gateway.map(|e| ("gateway".to_string(), e)));
+        self.queue.extend(gateway.into_iter().map(|e| ("gateway".to_string(), e)));
         assert!(self.drain().is_none(), "no activation may flow while a plan is applied");
         assert!(self.hosts.values().all(ShardHost::ready), "every host holds its layers after the plan");
     }
@@ -67,7 +77,16 @@ impl Swarm {
         for h in hosts.values_mut() {
             h.set_activation_codec(codec);
         }
-        Swarm { hosts, queue: VecDeque::new(), replayed: Vec::new(), codec, hop_bytes: 0, hop_tokens: 0, held: None }
+        Swarm {
+            hosts,
+            queue: VecDeque::new(),
+            replayed: Vec::new(),
+            codec,
+            hop_bytes: 0,
+            hop_tokens: 0,
+            held: None,
+            stale_kv: Vec::new(),
+        }
     }
 
     /// The stage input goes to its owner and to the holder of the owner's head replica.
@@ -87,13 +106,22 @@ impl Swarm {
 
     /// Delivers queued messages until the gateway gets an output (returned) or nothing is left.
     fn drain(&mut self) -> Option<Hidden> {
+        self.drain_any().map(|(_, _, h)| h)
+    }
+
+    /// [`Swarm::drain`], with the request and position the output is for.
+    fn drain_any(&mut self) -> Option<(u64, usize, Hidden)> {
         let plan = self.hosts.values().next()?.plan()?.clone();
         while let Some((from, e)) = self.queue.pop_front() {
             match e {
-                Emit::Activation { to: None, hidden, .. } => {
+                Emit::Activation { to: None, hidden, request_id, position, .. } => {
                     self.hop_bytes += hidden.bytes().len();
                     self.hop_tokens += hidden.rows();
-                    return Some(Hidden::new(hidden.decode().unwrap(), hidden.width()).unwrap());
+                    return Some((
+                        request_id,
+                        position,
+                        Hidden::new(hidden.decode().unwrap(), hidden.width()).unwrap(),
+                    ));
                 }
                 Emit::Activation { to: Some(to), boundary, request_id, position, hidden } => {
                     self.input(&plan, &to, boundary, request_id, position, &hidden)
@@ -101,13 +129,19 @@ impl Swarm {
                 e @ Emit::Kv { .. } if self.held.is_some() => self.held.as_mut().unwrap().push((from, e)),
                 Emit::Kv { holder, request_id, rows } => {
                     if let Some(h) = self.hosts.get_mut(&holder) {
-                        let emits = h.on_kv(&from, request_id, rows).unwrap();
-                        self.queue.extend(emits.into_iter().map(|e| (holder.clone(), e)));
+                        // Rows of a request the holder has finished or dropped (a plan that did
+                        // not carry it) since they were sent: dropped, as the executor does.
+                        match h.on_kv(&from, request_id, rows) {
+                            Ok(emits) => self.queue.extend(emits.into_iter().map(|e| (holder.clone(), e))),
+                            Err(e) if e.is_stale() => self.stale_kv.push(request_id),
+                            Err(e) => panic!("{e}"),
+                        }
                     }
                 }
-                Emit::Replay { failed, to, boundary, chunks, .. } => {
-                    self.replayed.extend(chunks.iter().map(|(pos, h)| (*pos, h.rows())));
-                    let emits = self.hosts.get_mut(&to).unwrap().on_replay(&failed, boundary, chunks).unwrap();
+                Emit::Replay { failed, to, boundary, request_id, chunks } => {
+                    self.replayed.extend(chunks.iter().map(|(pos, h)| (request_id, *pos, h.rows())));
+                    let emits =
+                        self.hosts.get_mut(&to).unwrap().on_replay(&failed, boundary, request_id, chunks).unwrap();
                     self.queue.extend(emits.into_iter().map(|e| (to.clone(), e)));
                 }
             }
@@ -117,9 +151,14 @@ impl Swarm {
 
     /// The gateway sends a step to the owner of layer 0.
     fn send(&mut self, plan: &SwarmPlan, gateway: &mut Gateway, ids: &[u32], position: usize) {
+        self.send_request(plan, gateway, plan.request_id, ids, position)
+    }
+
+    /// [`Swarm::send`] for a given request.
+    fn send_request(&mut self, plan: &SwarmPlan, gateway: &mut Gateway, request: u64, ids: &[u32], position: usize) {
         let first = plan.first().unwrap().uav.clone();
         let embedded = encode(self.codec, &gateway.embed(ids).unwrap());
-        self.input(plan, &first, 0, plan.request_id, position, &embedded);
+        self.input(plan, &first, 0, request, position, &embedded);
     }
 
     /// Held KV rows go out now, ahead of what is queued, in the order they were sent.
@@ -336,7 +375,7 @@ fn run_with_failure(
         if position == kill_at {
             // What the successor reports in its heartbeat, as the scheduler reads it.
             let succ = current.succ(failed).unwrap().uav.clone();
-            replay_from = swarm.hosts[&succ].pred_snapshot_tokens().min(position);
+            replay_from = swarm.hosts[&succ].pred_snapshot_tokens(current.request_id).min(position);
             swarm.kill(failed);
             let mut next = recovery.clone();
             next.resume_position = position;
@@ -363,7 +402,15 @@ fn run_with_failure(
     }
     let hop_bytes_per_token = swarm.hop_bytes as f64 / swarm.hop_tokens as f64;
     let width = m.architecture.hidden;
-    Outcome { got, want, resume_position: kill_at, replay_from, replayed: swarm.replayed, hop_bytes_per_token, width }
+    Outcome {
+        got,
+        want,
+        resume_position: kill_at,
+        replay_from,
+        replayed: swarm.replayed.iter().map(|r| (r.1, r.2)).collect(),
+        hop_bytes_per_token,
+        width,
+    }
 }
 
 #[test]
@@ -399,21 +446,22 @@ fn the_snapshot_a_successor_reports_is_never_more_than_it_could_restore() {
         swarm.send(&first, &mut gateway, &[42], position);
         swarm.drain().unwrap();
     }
-    let held = swarm.hosts["uav3"].pred_snapshot_tokens();
+    let held = swarm.hosts["uav3"].pred_snapshot_tokens(9);
     assert!(held + 2 > prompt.len() + 6 && held <= prompt.len() + 6, "{held}");
     // A new epoch that cuts the caches back (the same stages: a failure elsewhere in a larger
     // ring). Until uav2's first snapshot of it arrives, uav3 reports no more than the cut.
     let cut = prompt.len() + 1;
     let second = plan(2, 9, cut, stages);
     swarm.hosts.get_mut("uav3").unwrap().apply_plan(second.clone()).unwrap();
-    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(), cut);
+    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(9), cut);
     let emits = swarm.hosts.get_mut("uav2").unwrap().apply_plan(second.clone()).unwrap();
     swarm.queue.extend(emits.into_iter().map(|e| ("uav2".to_string(), e)));
     assert!(swarm.drain().is_none());
-    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(), cut);
+    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(9), cut);
     // A new request starts from nothing.
     swarm.hosts.get_mut("uav3").unwrap().apply_plan(plan(3, 10, 0, second.stages.clone())).unwrap();
-    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(), 0);
+    assert_eq!(swarm.hosts["uav3"].pred_snapshot_tokens(10), 0);
+    assert_eq!(swarm.hosts["uav3"].requests(), vec![10]);
 }
 
 #[test]
@@ -500,32 +548,59 @@ fn an_activation_in_another_codec_than_the_plans_is_refused() {
 }
 
 #[test]
-fn a_repeated_input_and_an_older_requests_input_are_dropped_without_touching_the_state() {
+fn stragglers_and_repeated_inputs_are_dropped_without_touching_the_state() {
     let rt = runtime();
     let m = Manifest::load_variant(models(), "tiny").unwrap();
     let width = m.architecture.hidden;
     let mut host = ShardHost::new(rt, m, "uav1").unwrap();
     host.apply_plan(plan(1, 2, 0, vec![stage("uav1", 0, 4, 0, 0)])).unwrap();
     let x = |v: f32| Encoded::encode(ActivationCodec::Raw, &vec![v; width], width).unwrap();
-    let first = host.on_input(2, 0, 0, &x(0.5)).unwrap();
-    host.on_input(2, 0, 1, &x(0.25)).unwrap();
-    // The step at position 0 again (a resent copy): dropped, the caches keep their 2 tokens.
-    let e = host.on_input(2, 0, 0, &x(0.5)).unwrap_err();
-    assert!(e.is_stale() && matches!(e, DataPlaneError::Duplicate { position: 0, layer: 0, held: 2 }), "{e}");
-    assert_eq!(host.kv_tokens(), 2);
-    // A straggler of request 1 must not wipe request 2's context.
-    let e = host.on_input(1, 0, 2, &x(0.5)).unwrap_err();
-    assert!(matches!(e, DataPlaneError::StaleRequest { request: 1, newest: 2 }), "{e}");
-    assert_eq!(host.kv_tokens(), 2);
-    // The next position still runs; a new request starts from nothing and gives the first output again.
-    host.on_input(2, 0, 2, &x(0.125)).unwrap();
-    assert_eq!(host.kv_tokens(), 3);
-    let again = host.on_input(3, 0, 0, &x(0.5)).unwrap();
     let out = |e: &[Emit]| match e {
         [Emit::Activation { hidden, .. }] => hidden.clone(),
         other => panic!("{other:?}"),
     };
+    let first = host.on_input(2, 0, 0, &x(0.5)).unwrap();
+    host.on_input(2, 0, 1, &x(0.25)).unwrap();
+    // The step at position 0 again (a resent copy): dropped, the caches keep their 2 tokens.
+    let e = host.on_input(2, 0, 0, &x(0.5)).unwrap_err();
+    assert!(
+        e.is_stale() && matches!(e, DataPlaneError::Duplicate { request: 2, position: 0, layer: 0, held: 2 }),
+        "{e}"
+    );
+    assert_eq!(host.kv_tokens(2), 2);
+    // A request not held, past its first step (a straggler of a request a plan dropped): stale.
+    let e = host.on_input(1, 0, 2, &x(0.5)).unwrap_err();
+    assert!(
+        e.is_stale() && matches!(e, DataPlaneError::StaleRequest { request: 1, position: 2, why: Stale::NotStarted }),
+        "{e}"
+    );
+    assert_eq!((host.kv_tokens(2), host.kv_tokens(1), host.requests()), (2, 0, vec![2]));
+    // The next position still runs; a new request starts from nothing at position 0 (no plan
+    // needed) and gives the first output again; request 2 keeps its rows.
+    host.on_input(2, 0, 2, &x(0.125)).unwrap();
+    let again = host.on_input(3, 0, 0, &x(0.5)).unwrap();
     assert_eq!(out(&first), out(&again));
+    assert_eq!((host.kv_tokens(2), host.kv_tokens(3), host.requests()), (3, 1, vec![2, 3]));
+    // An older id is no straggler: it starts too.
+    host.on_input(1, 0, 0, &x(0.5)).unwrap();
+    assert_eq!(host.requests(), vec![1, 2, 3]);
+    // A finished request: freed, and every late message of it is stale, position 0 included.
+    host.finish_request(2);
+    assert_eq!((host.kv_tokens(2), host.requests()), (0, vec![1, 3]));
+    for position in [3, 0] {
+        let e = host.on_input(2, 0, position, &x(0.5)).unwrap_err();
+        assert!(
+            e.is_stale() && matches!(e, DataPlaneError::StaleRequest { request: 2, why: Stale::Finished, .. }),
+            "{e}"
+        );
+    }
+    assert_eq!(host.memory().requests.iter().map(|r| r.request_id).collect::<Vec<_>>(), vec![1, 3]);
+    // The other requests carry on where they were.
+    let next = host.on_input(3, 0, 1, &x(0.25)).unwrap();
+    let mut alone = ShardHost::new(runtime(), Manifest::load_variant(models(), "tiny").unwrap(), "uav1").unwrap();
+    alone.apply_plan(plan(1, 0, 0, vec![stage("uav1", 0, 4, 0, 0)])).unwrap();
+    alone.on_input(7, 0, 0, &x(0.5)).unwrap();
+    assert_eq!(out(&next), out(&alone.on_input(7, 0, 1, &x(0.25)).unwrap()));
 }
 
 #[test]
@@ -630,7 +705,7 @@ fn a_replica_seeded_steps_after_the_plan_catches_up_and_protects_the_next_failov
             let (_, failed, mut next) = failures.pop_front().unwrap();
             let succ = current.succ(failed).unwrap().uav.clone();
             next.resume_position = position;
-            next.replay_from = swarm.hosts[&succ].pred_snapshot_tokens().min(position);
+            next.replay_from = swarm.hosts[&succ].pred_snapshot_tokens(current.request_id).min(position);
             swarm.kill(failed);
             if release_at.is_none() {
                 swarm.held = Some(Vec::new());
@@ -673,7 +748,10 @@ fn the_memory_a_host_reports_is_its_weights_once_and_the_requests_rows() {
     // Loaded, the plan's request not begun: weights only.
     let idle = swarm.hosts["uav1"].memory();
     assert_eq!(idle.weight_bytes, weights(&[0, 1]));
-    assert_eq!(idle.requests, vec![RequestMemory { request_id: 9, kv_tokens: 0, kv_bytes: 0 }]);
+    assert_eq!(
+        idle.requests,
+        vec![RequestMemory { request_id: 9, kv_tokens: 0, kv_bytes: 0, pred_snapshot_tokens: 0 }]
+    );
     assert_eq!(idle.total(), idle.weight_bytes);
     let prompt = gateway.encode_chat(SHORT).unwrap();
     swarm.send(&first, &mut gateway, &prompt, 0);
@@ -683,7 +761,7 @@ fn the_memory_a_host_reports_is_its_weights_once_and_the_requests_rows() {
         swarm.drain().unwrap();
     }
     let n = (prompt.len() + 5) as u64;
-    let snapshot = |uav: &str| swarm.hosts[uav].pred_snapshot_tokens() as u64;
+    let snapshot = |uav: &str| swarm.hosts[uav].pred_snapshot_tokens(9) as u64;
     // uav1: KV of layers 0 and 1, uav2's tail input buffered for every position, and the
     // snapshot of uav3's tail (layer 3) as far as it reached.
     let uav1 = swarm.hosts["uav1"].memory();
@@ -692,6 +770,7 @@ fn the_memory_a_host_reports_is_its_weights_once_and_the_requests_rows() {
     let r = uav1.requests[0];
     assert_eq!((r.request_id, r.kv_tokens as u64), (9, n));
     assert!(snapshot("uav1") > 0);
+    assert_eq!(r.pred_snapshot_tokens as u64, snapshot("uav1"));
     assert_eq!(r.kv_bytes, (2 * n + snapshot("uav1")) * per_token_layer + n * row_bytes);
     assert_eq!(uav1.total(), uav1.weight_bytes + r.kv_bytes);
     // uav3: KV of layer 3, the snapshot of uav2's tail (layer 2), and uav1's input (uav1's tail
@@ -711,4 +790,386 @@ fn the_memory_a_host_reports_is_its_weights_once_and_the_requests_rows() {
     let uav1 = swarm.hosts["uav1"].memory();
     assert_eq!(uav1.weight_bytes, weights(&[0, 1, 2]));
     assert_eq!(uav1.requests[0].kv_tokens as u64, n);
+}
+
+/// A third prompt, of one chunk, for the runs with several requests.
+const OTHER: &str = "Name three things a relay drone does above a camp.";
+
+/// One request's gateway side when several share the swarm: its steps sent as the scheduler
+/// sends them (the prompt's chunks, then one token each, up to [`WINDOW`] in flight), its outputs
+/// in position order.
+struct Job {
+    id: u64,
+    prompt: Vec<u32>,
+    n: usize,
+    /// Outputs the swarm gives (any request's) before this request starts.
+    start: usize,
+    got: Vec<u32>,
+    /// The step whose output the gateway waits for, the next step to send, steps in flight.
+    position: usize,
+    sent_until: usize,
+    in_flight: usize,
+    /// Every output, in position order: compared bit by bit between runs.
+    outputs: Vec<Hidden>,
+}
+
+impl Job {
+    fn new(id: u64, gateway: &mut Gateway, user: &str, n: usize, start: usize) -> Job {
+        let prompt = gateway.encode_chat(user).unwrap();
+        Job { id, prompt, n, start, got: Vec::new(), position: 0, sent_until: 0, in_flight: 0, outputs: Vec::new() }
+    }
+    fn done(&self) -> bool {
+        self.got.len() == self.n
+    }
+    fn fill(&mut self, swarm: &mut Swarm, plan: &SwarmPlan, gateway: &mut Gateway) {
+        while !self.done() && self.in_flight < WINDOW {
+            let Some(ids) = step_at(&self.prompt, &self.got, self.sent_until) else { break };
+            swarm.send_request(plan, gateway, self.id, ids, self.sent_until);
+            (self.sent_until, self.in_flight) = (self.sent_until + ids.len(), self.in_flight + 1);
+        }
+    }
+    fn take(&mut self, gateway: &mut Gateway, position: usize, out: Hidden) {
+        assert_eq!(position, self.position, "request {}: outputs in order", self.id);
+        self.in_flight -= 1;
+        self.position += step_at(&self.prompt, &self.got, position).unwrap().len();
+        if self.position >= self.prompt.len() {
+            self.got.push(argmax(&gateway.logits(&out).unwrap()).unwrap());
+        }
+        self.outputs.push(out);
+    }
+}
+
+/// A UAV killed once the swarm has given `at` outputs; `next`'s stages take over, carrying every
+/// request in flight. `hold_kv`: KV rows (seeds, snapshots) sent from then on arrive that many
+/// outputs later (paced behind the activations, as over a radio).
+struct Failure {
+    at: usize,
+    failed: &'static str,
+    next: SwarmPlan,
+    hold_kv: Option<usize>,
+}
+
+/// What a run with several requests gave.
+struct JobsRun {
+    jobs: Vec<Job>,
+    /// The request of every output, in the order the gateway got them.
+    order: Vec<u64>,
+    /// Most requests any UAV held at once.
+    most_held: usize,
+    /// What each failover plan carried.
+    carried: Vec<Vec<RequestResume>>,
+    /// Replayed input chunks `(request, position, tokens)`, per failover.
+    replayed: Vec<Vec<(u64, usize, usize)>>,
+    /// Outputs given while a head replica waited for a seed.
+    served_while_pending: usize,
+}
+
+/// Runs `jobs` through the swarm of `first` at once, each keeping up to [`WINDOW`] steps in
+/// flight, with `failures` on the way (the harness plays the scheduler: the failover plan carries
+/// every request in flight, each resuming at its next position, its `replay_from` from the
+/// successor's heartbeat entry for it, and the gateway's embeddings replayed per request for a
+/// stage around the gateway). A request that has all its tokens is finished on every UAV.
+fn run_jobs(
+    rt: &Runtime,
+    m: &Manifest,
+    gateway: &mut Gateway,
+    first: SwarmPlan,
+    mut jobs: Vec<Job>,
+    failures: Vec<Failure>,
+) -> JobsRun {
+    let hosts = first.stages.iter().map(|s| (s.uav.clone(), ShardHost::new(rt.clone(), m.clone(), &s.uav).unwrap()));
+    let mut swarm = Swarm::new(hosts, ActivationCodec::Raw);
+    swarm.apply(&first, None);
+    let mut current = first;
+    let mut failures = VecDeque::from(failures);
+    let (mut taken, mut order, mut most_held, mut release_at) = (0, Vec::new(), 0, None);
+    let (mut carried, mut replayed, mut served_while_pending) = (Vec::new(), Vec::new(), 0);
+    loop {
+        if release_at == Some(taken) {
+            swarm.release_kv();
+            release_at = None;
+        }
+        if failures.front().is_some_and(|f| f.at == taken) {
+            let Failure { failed, mut next, hold_kv, .. } = failures.pop_front().unwrap();
+            // What the failed UAV's successor reports per request in its heartbeat's `kv`.
+            let succ = current.succ(failed).unwrap().uav.clone();
+            let held: BTreeMap<u64, usize> =
+                swarm.hosts[&succ].memory().requests.iter().map(|r| (r.request_id, r.pred_snapshot_tokens)).collect();
+            swarm.kill(failed);
+            next.requests = jobs
+                .iter()
+                .filter(|j| j.start <= taken && !j.done())
+                .map(|j| RequestResume {
+                    request_id: j.id,
+                    resume_position: j.position,
+                    replay_from: held.get(&j.id).copied().unwrap_or(0).min(j.position),
+                })
+                .collect();
+            let decision = next.requests[0];
+            (next.request_id, next.resume_position, next.replay_from) =
+                (decision.request_id, decision.resume_position, decision.replay_from);
+            let old = current.stage(failed).unwrap();
+            let mut embeddings = Vec::new();
+            if current.tail_needs_gateway_replay(old) {
+                for (r, j) in next.requests.iter().zip(jobs.iter().filter(|j| j.start <= taken && !j.done())) {
+                    embeddings.push(Emit::Replay {
+                        failed: failed.into(),
+                        to: succ.clone(),
+                        boundary: 0,
+                        request_id: j.id,
+                        chunks: gateway_steps(&j.prompt, &j.got, r.replay_from, r.resume_position)
+                            .into_iter()
+                            .map(|(pos, ids)| (pos, encode(ActivationCodec::Raw, &gateway.embed(ids).unwrap())))
+                            .collect(),
+                    });
+                }
+            }
+            if let Some(later) = hold_kv {
+                swarm.held = Some(Vec::new());
+                release_at = Some(taken + later);
+            }
+            swarm.replayed.clear();
+            swarm.apply_all(&next, embeddings);
+            carried.push(next.requests.clone());
+            replayed.push(std::mem::take(&mut swarm.replayed));
+            current = next;
+            for j in &mut jobs {
+                (j.sent_until, j.in_flight) = (j.position, 0);
+            }
+        }
+        for j in jobs.iter_mut().filter(|j| j.start <= taken) {
+            j.fill(&mut swarm, &current, gateway);
+        }
+        most_held = most_held.max(swarm.hosts.values().map(|h| h.memory().requests.len()).max().unwrap_or(0));
+        if jobs.iter().all(Job::done) {
+            break;
+        }
+        let (id, position, out) = swarm.drain_any().expect("a step in flight answers");
+        let j = jobs.iter_mut().find(|j| j.id == id).unwrap();
+        j.take(gateway, position, out);
+        if j.done() {
+            for h in swarm.hosts.values_mut() {
+                h.finish_request(id);
+            }
+        }
+        order.push(id);
+        taken += 1;
+        served_while_pending += usize::from(swarm.hosts.values().any(ShardHost::replica_pending));
+    }
+    assert!(failures.is_empty() && release_at.is_none(), "every failure happened, every KV row arrived");
+    for h in swarm.hosts.values() {
+        assert!(h.memory().requests.is_empty() && !h.replica_pending(), "finished requests leave nothing behind");
+    }
+    JobsRun { jobs, order, most_held, carried, replayed, served_while_pending }
+}
+
+/// The three requests of the runs below (ids, prompts, tokens, when each joins).
+fn three_jobs(gateway: &mut Gateway) -> Vec<Job> {
+    vec![Job::new(11, gateway, SHORT, 10, 0), Job::new(12, gateway, LONG, 8, 2), Job::new(13, gateway, OTHER, 9, 5)]
+}
+
+/// Every job of `got` gave bit for bit the outputs of the same job in `want`, and one shard's
+/// greedy tokens.
+fn assert_same_outputs(got: &JobsRun, want: &[Job], rt: &Runtime, m: &Manifest, gateway: &mut Gateway, case: &str) {
+    for (g, w) in got.jobs.iter().zip(want) {
+        assert_eq!(g.id, w.id);
+        assert_eq!(g.outputs.len(), w.outputs.len(), "{case}: request {}", g.id);
+        for (i, (a, b)) in g.outputs.iter().zip(&w.outputs).enumerate() {
+            assert!(a.bit_identical(b), "{case}: request {} output {i} differs", g.id);
+        }
+        let reference = reference(rt, m, gateway, &g.prompt, g.n, ActivationCodec::Raw);
+        assert_eq!(g.got, reference, "{case}: request {}", g.id);
+    }
+}
+
+/// The middle stage's head is replicated on uav1, its tail snapshotted to uav3 every 2 tokens.
+fn three_stages() -> Vec<Stage> {
+    vec![stage("uav1", 0, 1, 1, 0), stage("uav2", 1, 2, 1, 2), stage("uav3", 3, 1, 0, 1)]
+}
+
+#[test]
+fn requests_interleaved_step_by_step_give_the_outputs_of_each_run_alone() {
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let mut gateway = Gateway::load(&rt, &m).unwrap();
+    // No request in the plan: each starts with its step at position 0.
+    let first = plan(1, 0, 0, three_stages());
+    let together = {
+        let jobs = three_jobs(&mut gateway);
+        run_jobs(&rt, &m, &mut gateway, first.clone(), jobs, Vec::new())
+    };
+    assert_eq!(together.most_held, 3, "the three requests were held at once");
+    // The outputs of the requests alternate (their steps share the pipeline).
+    let switches = together.order.windows(2).filter(|w| w[0] != w[1]).count();
+    assert!(switches >= 10, "{:?}", together.order);
+    let alone: Vec<Job> = three_jobs(&mut gateway)
+        .into_iter()
+        .map(|j| {
+            let j = Job { start: 0, ..j };
+            run_jobs(&rt, &m, &mut gateway, first.clone(), vec![j], Vec::new()).jobs.remove(0)
+        })
+        .collect();
+    assert_same_outputs(&together, &alone, &rt, &m, &mut gateway, "interleaved");
+}
+
+#[test]
+fn a_failure_with_requests_in_flight_at_different_positions_recovers_each_exactly() {
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let mut gateway = Gateway::load(&rt, &m).unwrap();
+    let scenarios = [
+        // The middle stage: uav1 promotes layer 1, uav3 restores layer 2 from each request's snapshot
+        // and replays what uav1 buffered for it.
+        (
+            plan(1, 0, 0, three_stages()),
+            "uav2",
+            plan(2, 0, 0, vec![stage("uav1", 0, 2, 1, 1), stage("uav3", 2, 2, 1, 1)]),
+        ),
+        // Around the gateway: uav1 restores layers 3 and 0, replays uav2's buffer and the gateway's
+        // embeddings, per request.
+        (
+            plan(1, 0, 0, vec![stage("uav1", 1, 1, 0, 2), stage("uav2", 2, 1, 0, 2), stage("uav3", 3, 2, 0, 2)]),
+            "uav3",
+            plan(2, 0, 0, vec![stage("uav1", 3, 3, 0, 2), stage("uav2", 2, 1, 0, 2)]),
+        ),
+    ];
+    for (first, failed, next) in scenarios {
+        let want = {
+            let jobs = three_jobs(&mut gateway);
+            run_jobs(&rt, &m, &mut gateway, first.clone(), jobs, Vec::new())
+        }
+        .jobs;
+        // While the long prompt's chunks are in flight, after they are through, late in the answers.
+        for at in [4, 9, 16] {
+            let failures = vec![Failure { at, failed, next: next.clone(), hold_kv: None }];
+            let got = {
+                let jobs = three_jobs(&mut gateway);
+                run_jobs(&rt, &m, &mut gateway, first.clone(), jobs, failures)
+            };
+            let case = format!("{failed} killed after {at} outputs");
+            assert_same_outputs(&got, &want, &rt, &m, &mut gateway, &case);
+            // Several requests carried, each at its own position; only what followed each
+            // request's snapshot was replayed.
+            let carried = &got.carried[0];
+            let positions: BTreeSet<usize> = carried.iter().map(|r| r.resume_position).collect();
+            assert!(carried.len() >= 2 && positions.len() == carried.len(), "{case}: {carried:?}");
+            for &(request, position, tokens) in &got.replayed[0] {
+                let r = carried.iter().find(|r| r.request_id == request).unwrap();
+                assert!(position + tokens > r.replay_from && position < r.resume_position, "{case}: {carried:?}");
+            }
+            eprintln!("{case}: carried {carried:?}, replayed {:?}", got.replayed[0]);
+        }
+    }
+}
+
+#[test]
+fn seeds_per_request_arrive_late_and_the_replicas_protect_the_next_failover() {
+    // uav2 dies: uav1 takes a new replica of uav3's head (layer 2), seeded by uav3 once per
+    // request in flight; the seeds arrive 4 outputs later while every request is served. Then
+    // uav3 dies: uav1 runs layer 2 (the late-seeded replica) and layer 3 (uav3's snapshot of each
+    // request and the replay of what the replica fed it).
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let mut gateway = Gateway::load(&rt, &m).unwrap();
+    let first = plan(1, 0, 0, three_stages());
+    let second = plan(2, 0, 0, vec![stage("uav1", 0, 2, 1, 1), stage("uav3", 2, 2, 1, 1)]);
+    let third = plan(3, 0, 0, vec![stage("uav1", 0, 4, 0, 0)]);
+    let want = {
+        let jobs = three_jobs(&mut gateway);
+        run_jobs(&rt, &m, &mut gateway, first.clone(), jobs, Vec::new())
+    }
+    .jobs;
+    // The first failure after request 13 started (three carried), or before (13 starts while
+    // the seeds of 11 and 12 are on their way: a new request needs none).
+    for (at, carried) in [(7, [3, 3]), (4, [2, 3])] {
+        let failures = vec![
+            Failure { at, failed: "uav2", next: second.clone(), hold_kv: Some(4) },
+            Failure { at: 17, failed: "uav3", next: third.clone(), hold_kv: None },
+        ];
+        let got = {
+            let jobs = three_jobs(&mut gateway);
+            run_jobs(&rt, &m, &mut gateway, first.clone(), jobs, failures)
+        };
+        let case = format!("uav2 killed after {at} outputs, uav3 after 17, late seeds");
+        assert_same_outputs(&got, &want, &rt, &m, &mut gateway, &case);
+        assert_eq!(got.served_while_pending, 4, "{case}: outputs served while the seeds were on their way");
+        assert_eq!(got.carried.iter().map(Vec::len).collect::<Vec<_>>(), carried, "{case}");
+    }
+}
+
+#[test]
+fn a_plan_that_does_not_carry_a_request_drops_it_and_memory_has_one_entry_per_request() {
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let mut gateway = Gateway::load(&rt, &m).unwrap();
+    let first = plan(1, 0, 0, three_stages());
+    let hosts = ["uav1", "uav2", "uav3"].map(|u| (u.to_string(), ShardHost::new(rt.clone(), m.clone(), u).unwrap()));
+    let mut swarm = Swarm::new(hosts, ActivationCodec::Raw);
+    swarm.apply(&first, None);
+    let prompt = gateway.encode_chat(SHORT).unwrap();
+    // Request 21: the prompt and 4 tokens; request 22: the prompt and 1 token.
+    let mut outputs = BTreeMap::new();
+    for (id, tokens) in [(21, 4), (22, 1)] {
+        swarm.send_request(&first, &mut gateway, id, &prompt, 0);
+        outputs.insert(id, swarm.drain().unwrap());
+        for position in prompt.len()..prompt.len() + tokens {
+            swarm.send_request(&first, &mut gateway, id, &[42], position);
+            swarm.drain().unwrap();
+        }
+    }
+    let n = prompt.len();
+    for (uav, host) in &swarm.hosts {
+        let memory = host.memory();
+        let held: Vec<(u64, usize)> = memory.requests.iter().map(|r| (r.request_id, r.kv_tokens)).collect();
+        assert_eq!(held, vec![(21, n + 4), (22, n + 1)], "{uav}");
+        assert!(memory.requests.iter().all(|r| r.kv_bytes > 0 && r.pred_snapshot_tokens <= r.kv_tokens), "{uav}");
+        assert_eq!(memory.total(), memory.weight_bytes + memory.requests.iter().map(|r| r.kv_bytes).sum::<u64>());
+    }
+    // uav3 holds uav2's tail snapshot of each request, as far as each went.
+    let snap = |id| swarm.hosts["uav3"].pred_snapshot_tokens(id);
+    assert!(snap(21) > n && snap(22) >= n, "{} {}", snap(21), snap(22));
+    // A plan (the same stages) that carries request 21 cut back by one token, not 22.
+    let carried = RequestResume { request_id: 21, resume_position: n + 3, replay_from: 0 };
+    let second = SwarmPlan { requests: vec![carried], ..plan(2, 21, n + 3, three_stages()) };
+    swarm.apply(&second, None);
+    for (uav, host) in &swarm.hosts {
+        let held: Vec<(u64, usize)> = host.memory().requests.iter().map(|r| (r.request_id, r.kv_tokens)).collect();
+        assert_eq!(held, vec![(21, n + 3)], "{uav}");
+        assert_eq!(host.kv_tokens(22), 0);
+    }
+    // 22's stragglers are stale; it may start again from position 0, and gives the same output.
+    let x = encode(ActivationCodec::Raw, &gateway.embed(&[42]).unwrap());
+    let e = swarm.hosts.get_mut("uav1").unwrap().on_input(22, 0, n + 1, &x).unwrap_err();
+    assert!(matches!(e, DataPlaneError::StaleRequest { request: 22, why: Stale::NotStarted, .. }), "{e}");
+    let e = swarm.hosts.get_mut("uav3").unwrap().on_successor_input(22, 1, n + 1, &x);
+    assert!(e.is_ok(), "uav3 replicates nobody's head: not its successor's input");
+    let e = swarm.hosts.get_mut("uav1").unwrap().on_successor_input(22, 1, n + 1, &x).unwrap_err();
+    assert!(matches!(e, DataPlaneError::StaleRequest { request: 22, .. }), "{e}");
+    swarm.send_request(&second, &mut gateway, 22, &prompt, 0);
+    assert!(swarm.drain().unwrap().bit_identical(&outputs[&22]));
+    // A fresh plan (nothing carried) drops everything.
+    swarm.apply(&plan(3, 0, 0, three_stages()), None);
+    assert!(swarm.hosts.values().all(|h| h.memory().requests.is_empty()));
+}
+
+#[test]
+fn a_host_holds_at_most_the_carried_requests_bound_and_refuses_more() {
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let width = m.architecture.hidden;
+    let mut host = ShardHost::new(rt, m, "uav1").unwrap();
+    // One layer here (the rest elsewhere): 64 contexts of one layer's caches.
+    host.apply_plan(plan(1, 0, 0, vec![stage("uav1", 0, 1, 0, 0), stage("uav2", 1, 3, 0, 0)])).unwrap();
+    let x = Encoded::encode(ActivationCodec::Raw, &vec![0.5; width], width).unwrap();
+    for id in 1..=MAX_CARRIED_REQUESTS as u64 {
+        host.on_input(id, 0, 0, &x).unwrap();
+    }
+    let e = host.on_input(1000, 0, 0, &x).unwrap_err();
+    assert!(!e.is_stale() && matches!(e, DataPlaneError::TooManyRequests { request: 1000, held: 64 }), "{e}");
+    assert_eq!(host.requests().len(), MAX_CARRIED_REQUESTS);
+    // The requests held are served on; a finished one makes room.
+    host.on_input(5, 0, 1, &x).unwrap();
+    host.finish_request(5);
+    host.on_input(1000, 0, 0, &x).unwrap();
+    assert_eq!(host.kv_tokens(1000), 1);
 }

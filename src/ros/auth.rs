@@ -540,6 +540,9 @@ mod tests {
         ];
         expected.sort();
         assert_eq!(a, expected);
+        let mut r = fields(&r2r::aerokv::msg::RequestResume::default());
+        r.sort();
+        assert_eq!(r, ["replay_from", "request_id", "resume_position"]);
         let mut u = fields(&UavAssignment::default());
         u.sort();
         assert_eq!(u, ["layer_end", "layer_start", "overlap_layers", "snapshot_period", "uav_id"]);

@@ -269,7 +269,12 @@ pub fn heartbeat_fields(m: &Heartbeat) -> HeartbeatFields<'_> {
         kv: m
             .kv
             .iter()
-            .map(|k| crate::control::KvHeld { request_id: k.request_id, kv_tokens: k.kv_tokens, kv_bytes: k.kv_bytes })
+            .map(|k| crate::control::KvHeld {
+                request_id: k.request_id,
+                kv_tokens: k.kv_tokens,
+                kv_bytes: k.kv_bytes,
+                pred_snapshot_tokens: k.pred_snapshot_tokens,
+            })
             .collect(),
     }
 }

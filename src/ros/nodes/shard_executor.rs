@@ -3,7 +3,7 @@
 //! snapshots, replays after a failure, heartbeats. All engine work happens on one worker thread
 //! that owns the [`ShardHost`] and spins the node itself: DDS wakes it directly when an
 //! activation arrives. The async side only heartbeats and handles shutdown.
-use crate::dataplane::{Emit, ShardHost, SwarmPlan};
+use crate::dataplane::{DataPlaneError, Emit, ShardHost, SwarmPlan};
 use crate::linkrate::Goodput;
 use crate::ros::auth::{NodeAuth, AUTH_DIAGNOSTICS_PERIOD};
 use crate::ros::diagnostics::Diagnostics;
@@ -13,7 +13,7 @@ use aerokv_codec::KvCodec;
 use aerokv_engine::{models_root, Manifest, Runtime, RuntimeConfig};
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
-use r2r::aerokv::msg::{Activation, Assignment, Heartbeat, KvSnapshot, RequestKv};
+use r2r::aerokv::msg::{Activation, Assignment, Heartbeat, KvSnapshot, RequestKv, TokenChunk};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -66,6 +66,8 @@ enum Event {
         failed: String,
         msg: Activation,
     },
+    /// The scheduler's token stream: a request's last chunk (`done`) frees its caches.
+    Token(TokenChunk),
 }
 
 impl Event {
@@ -74,6 +76,7 @@ impl Event {
             Event::Assignment(a) => a.epoch,
             Event::Input { msg, .. } | Event::Replay { msg, .. } => msg.epoch,
             Event::Kv(k) => k.epoch,
+            Event::Token(t) => t.epoch,
         }
     }
 }
@@ -150,6 +153,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     };
     worker.subscribe(names::ASSIGNMENT.to_string(), names::latched_reader(), Event::Assignment)?;
     worker.subscribe(names::kv_inbox(&p.uav_id), names::data_plane(), Event::Kv)?;
+    worker.subscribe(names::TOKENS.to_string(), names::events(), Event::Token)?;
     let worker = std::thread::Builder::new().name("data-plane".into()).spawn(move || worker.run())?;
     let mut beat = clock::interval(Duration::from_secs_f64(p.heartbeat_period_s));
     let shutdown = ctx.shutdown();
@@ -323,6 +327,10 @@ impl Worker {
     }
 
     fn handle_event(&mut self, ev: Event) {
+        // Only a request's last token chunk matters here (and is worth a signature check).
+        if matches!(&ev, Event::Token(t) if !t.done) {
+            return;
+        }
         if !self.authentic(&ev) {
             return;
         }
@@ -334,13 +342,21 @@ impl Worker {
                 self.goodput.observe(&msg.source, msg.payload.len(), sent, crate::ros::unix_now());
             }
             Event::Kv(m) => self.goodput.observe_paced(&m.source, crate::ros::unix_now()),
-            Event::Assignment(_) => {}
+            Event::Assignment(_) | Event::Token(_) => {}
         }
         self.handle_checked(ev);
     }
 
     /// An event that passed [`Self::authentic`].
     fn handle_checked(&mut self, ev: Event) {
+        if let Event::Token(t) = &ev {
+            // Whatever its epoch: the request is over, its stragglers are stale from now on.
+            if t.done {
+                tracing::debug!(request = t.request_id, finish = %t.finish_reason, "request finished: its caches are freed");
+                self.host.finish_request(t.request_id);
+            }
+            return;
+        }
         let current = self.host.epoch();
         let epoch = ev.epoch();
         let is_assignment = matches!(ev, Event::Assignment(_));
@@ -378,14 +394,23 @@ impl Worker {
             }
             Event::Replay { failed, msg } => convert::unpack(&msg)
                 .map_err(anyhow::Error::from)
-                .and_then(|chunks| Ok(self.host.on_replay(&failed, msg.layer_boundary as usize, chunks)?))
+                .and_then(|chunks| {
+                    Ok(self.host.on_replay(&failed, msg.layer_boundary as usize, msg.request_id, chunks)?)
+                })
                 .and_then(|emits| self.emit(emits)),
+            Event::Token(_) => Ok(()),
         };
         if let Err(e) = result {
-            if let Some(stale) = e.downcast_ref::<crate::dataplane::DataPlaneError>().filter(|d| d.is_stale()) {
+            let refused = e.downcast_ref::<DataPlaneError>();
+            if let Some(stale) = refused.filter(|d| d.is_stale()) {
                 let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
                 st.hb.stale_messages += 1;
                 tracing::info!(count = st.hb.stale_messages, "{stale}");
+            } else if let Some(full @ DataPlaneError::TooManyRequests { .. }) = refused {
+                // The requests held are served on; this one is not started here.
+                let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                st.ignored += 1;
+                tracing::warn!(count = st.ignored, "{full}");
             } else if is_assignment || !self.host.ready() {
                 // This epoch cannot be served: say so, the scheduler re-plans.
                 tracing::error!("{e:#}");
@@ -405,6 +430,7 @@ impl Worker {
             Event::Input { owner, msg } => self.auth.accept_activation(&names::stage_input(owner), msg),
             Event::Replay { failed, msg } => self.auth.accept_activation(&names::replay(failed), msg),
             Event::Kv(k) => self.auth.accept_kv(&names::kv_inbox(&self.uav), k),
+            Event::Token(t) => self.auth.accept_token(t),
         }
     }
 
@@ -601,9 +627,12 @@ impl Worker {
         let replica = self.host.replica_layers();
         hb.replica_start = replica.first().copied().unwrap_or(0) as u32;
         hb.replica_end = replica.last().map_or(hb.replica_start as usize, |l| l + 1) as u32;
-        hb.kv_tokens = self.host.kv_tokens() as u32;
-        hb.request_id = self.host.request_id();
-        hb.pred_snapshot_tokens = self.host.pred_snapshot_tokens() as u32;
+        // The top-level figures are the latest step's request (the standby scheduler reads them);
+        // `kv` has every request held.
+        let recent = self.host.request_id();
+        hb.kv_tokens = self.host.kv_tokens(recent) as u32;
+        hb.request_id = recent;
+        hb.pred_snapshot_tokens = self.host.pred_snapshot_tokens(recent) as u32;
         hb.compute_ms_per_layer = self.host.usage.decode_ms_per_layer;
         hb.compute_s_total = self.host.usage.compute.as_secs_f64();
         hb.link_goodput_bps = self.goodput.bps();
@@ -617,7 +646,7 @@ impl Worker {
                 request_id: r.request_id,
                 kv_tokens: r.kv_tokens as u32,
                 kv_bytes: r.kv_bytes,
-                ..Default::default()
+                pred_snapshot_tokens: r.pred_snapshot_tokens as u32,
             })
             .collect();
         hb.auth_counters = self.auth.counters();
