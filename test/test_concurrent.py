@@ -148,4 +148,5 @@ def test_concurrent_clients_kill_and_admission(rclpy_node, procs, reference, tmp
     stats = [json.loads(r.stats_json) for r in results]
     assert [s["peak_running"] for s in stats] == [3, 3, 3], stats
     kills = [[i for i in s["incidents"] if i["uav"] == "uav2"] for s in stats]
-    assert all(len(k) == 1 and k[0]["mode"] == "failover" and k[0]["resume_position"] > 0 for k in kills), kills
+    assert all(len(k) == 1 and k[0]["mode"] == "failover" and k[0]["resume_position"] > 0 for k in kills), \
+        [(i["mode"], i["resume_position"], i["replay_from"], i["why"]) for k in kills for i in k]

@@ -55,9 +55,11 @@ pub fn replay(uav: &str) -> String {
 pub fn data_plane() -> QosProfile {
     QosProfile::default().reliable().keep_last(8).transient_local()
 }
-/// Replays carry all of a failed stage's buffered inputs in one message.
+/// Replays carry all of a failed stage's buffered inputs of one request in one message; a
+/// failover sends one per running request (at most `max_running`, 8), from the predecessor and,
+/// around the gateway, from the scheduler: none may push another out of the history.
 pub fn replay_qos() -> QosProfile {
-    QosProfile::default().reliable().keep_last(2).transient_local()
+    QosProfile::default().reliable().keep_last(8).transient_local()
 }
 /// The QoS of an activation topic: a stage input or a replay.
 pub fn activation_qos(topic: &str) -> QosProfile {

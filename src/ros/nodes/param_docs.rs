@@ -87,7 +87,7 @@ pub const SCHEDULER: &[Doc] = &[
     Doc::live_in("max_tokens_limit", "longest answer a request may ask for (next request on)", 1.0, 1e6),
     Doc::live_in("max_prompt_tokens", "longest prompt a request may bring (next request on)", 1.0, 1e6),
     Doc::fixed_in("max_queue", "requests that may wait; a goal beyond them is refused", 1.0, 1e6),
-    Doc::fixed_in("max_running", "requests served at once, their steps interleaved", 1.0, 16.0),
+    Doc::fixed_in("max_running", "requests served at once, their steps interleaved", 1.0, 8.0),
     Doc::fixed_in("finished_kept", "finished answers kept for a client that resumes by request id", 0.0, 1e6),
     Doc::fixed("role", "primary (serves from the start) or standby (follows the primary, takes over when it dies)"),
     Doc::fixed_in("scheduler_heartbeat_period_s", "this scheduler's heartbeat period, s (> 0)", 0.0, 60.0),

@@ -38,9 +38,9 @@ use tokio::sync::mpsc;
 /// r2r's subscription queue (10), which drop what overflows.
 const MAX_STEPS_IN_FLIGHT: usize = 4;
 
-/// Most requests `max_running` may allow: each holds KV on every stage, and the steps in flight
-/// are shared among them.
-const MAX_RUNNING_LIMIT: usize = 16;
+/// Most requests `max_running` may allow: each holds KV on every stage, the steps in flight are
+/// shared among them, and a failover sends one replay per request (the replay topics keep 8).
+const MAX_RUNNING_LIMIT: usize = 8;
 
 /// A (re)started scheduler plans once it heard `expected_uavs` executors' heartbeats, or after
 /// this many member timeouts of listening (docs/design.md, "Epochs").
