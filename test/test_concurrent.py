@@ -6,6 +6,7 @@ swarm (three UAVs, the q4 model, DDS over shared memory) with a small memory bud
   with the same options (one process);
 - the same with a UAV killed in the middle of the answers: every request in flight fails over
   (one plan carries each at its own resume point) and every answer is still identical;
+- one of two running requests is canceled: it stops there, the other's answer is unchanged;
 - a request whose KV could never fit a UAV's memory (weights + prompt + max_tokens) is refused
   with the UAV and the bytes;
 - the executors' heartbeats account their memory: weights of the layers they hold, and the
@@ -35,7 +36,7 @@ MAX_TOKENS = 32
 BUDGET = 100_000_000
 HUGE_TOKENS = 8000
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
-SUCCEEDED, ABORTED = 4, 6  # action_msgs/GoalStatus
+SUCCEEDED, CANCELED, ABORTED = 4, 5, 6  # action_msgs/GoalStatus
 
 
 def options(temperature, seed):
@@ -66,6 +67,7 @@ class Goal:
         assert spin_until(self.node, self.send.done, timeout=30)
         h = self.send.result()
         assert h.accepted
+        self.handle = h
         result = h.get_result_async()
         assert spin_until(self.node, result.done, timeout=timeout)
         r = result.result()
@@ -136,6 +138,16 @@ def test_concurrent_clients_kill_and_admission(rclpy_node, procs, reference, tmp
     assert all(len(ids) == 3 for ids in held.values()) and len(held) == 3, held
     assert all(b.memory_bytes == b.weight_bytes + sum(k.kv_bytes for k in b.kv) for b in busiest.values())
     assert all(k.kv_bytes > 0 for b in busiest.values() for k in b.kv), held
+
+    # -- One of two running requests is canceled: it stops, the other goes on exactly.
+    kept, dropped = Goal(rclpy_node, client, *CASES[0]), Goal(rclpy_node, client, *CASES[1])
+    assert spin_until(rclpy_node, lambda: len(dropped.feedback) >= 3, 120), control.output()
+    cancel = dropped.send.result().cancel_goal_async()
+    assert spin_until(rclpy_node, cancel.done, 10) and len(cancel.result().goals_canceling) == 1
+    status, r = dropped.wait(timeout=30)
+    assert status == CANCELED and r.finish_reason == "canceled", (status, r.finish_reason, r.error)
+    assert 0 < len(r.token_ids) < MAX_TOKENS and list(r.token_ids) == reference[CASES[1]]["tokens"][:len(r.token_ids)]
+    exact([kept])
 
     # -- The same with a UAV killed in the middle of the answers.
     goals = [Goal(rclpy_node, client, *case) for case in KILL_CASES]
