@@ -20,7 +20,7 @@ use crate::ros::fallback::{self, Input};
 use crate::ros::{clock, convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
 use crate::standby::{self, KvRestart, Phase, Resume, TokenStep, Watch};
 use aerokv_auth::{NodeId, Role};
-use aerokv_codec::{ActivationCodec, Encoded};
+use aerokv_codec::{ActivationCodec, Encoded, KvCodec};
 use aerokv_engine::{
     models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Sampling, Shard,
 };
@@ -96,6 +96,9 @@ pub struct Params {
     /// How hidden states travel, for the whole swarm: "raw" (exact), "f16", "int8"
     /// (docs/codecs.md). Sent to the executors with every assignment.
     pub activation_codec: String,
+    /// How the executors' KV snapshots travel ("raw" or "zstd": their `kv_codec`, set from the
+    /// same launch configuration): the cost model counts the snapshots' bytes with it.
+    pub kv_codec: String,
     /// Keystore directory (docs/security.md); empty: authentication off.
     pub keystore: String,
     /// Requests that may wait for the swarm (a request that arrives while it is idle waits too,
@@ -144,6 +147,7 @@ impl Default for Params {
             retirement: true,
             retirement_horizon_tokens: 32,
             activation_codec: "raw".into(),
+            kv_codec: "raw".into(),
             keystore: String::new(),
             max_queue: 16,
             finished_kept: 32,
@@ -160,12 +164,17 @@ impl Params {
         self.activation_codec.parse().map_err(|e| anyhow::anyhow!("parameter `activation_codec`: {e}"))
     }
 
+    fn kv_codec(&self) -> anyhow::Result<KvCodec> {
+        self.kv_codec.parse().map_err(|e| anyhow::anyhow!("parameter `kv_codec`: {e}"))
+    }
+
     fn role(&self) -> anyhow::Result<standby::Role> {
         self.role.parse().map_err(|e| anyhow::anyhow!("parameter `role`: {e}"))
     }
 
     fn validate(&self) -> anyhow::Result<()> {
         self.codec()?;
+        self.kv_codec()?;
         self.role()?;
         anyhow::ensure!(
             self.primary_timeout_s > self.scheduler_heartbeat_period_s,
@@ -350,6 +359,7 @@ struct Scheduler {
     followed_inputs: Option<PlanInputs>,
     p: Params,
     codec: ActivationCodec,
+    kv_codec: KvCodec,
     gateway: Gateway,
     controller: Controller,
     own_layer_latency_s: f64,
@@ -496,6 +506,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         ),
         ctx: ctx.clone(),
         codec: p.codec()?,
+        kv_codec: p.kv_codec()?,
         p,
         gateway,
         controller: plan_params.controller(&[]),
@@ -821,7 +832,7 @@ impl Scheduler {
         // Measured link rates plan only over a radio (shared memory is no link to plan with).
         let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
         for (uav, (_, hb)) in live.beats.iter().filter(|_| self.p.shared_channel) {
-            links.observe(uav, hb.link_goodput_bps);
+            links.observe(uav, hb.link_phy_bps, hb.link_goodput_bps);
         }
         live.battery
             .iter()
@@ -978,8 +989,21 @@ impl Scheduler {
     fn prediction(&mut self, steps: &[Step]) -> serde_json::Value {
         let Some(current) = self.current.clone() else { return serde_json::Value::Null };
         let gateway_s = steps.iter().map(|s| s.gateway_ms).sum::<f64>() / steps.len().max(1) as f64 / 1e3;
-        let traffic = crate::linkrate::traffic(self.codec, self.hidden, gateway_s);
+        let traffic = crate::linkrate::traffic(self.codec, self.kv_codec, self.hidden, gateway_s);
         let mut telemetry = self.telemetry();
+        let (phy, source): (BTreeMap<String, f64>, BTreeMap<String, Option<crate::linkrate::LinkSource>>) = {
+            let live = self.lock();
+            let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+            current
+                .plan
+                .stages
+                .iter()
+                .map(|s| {
+                    let phy = live.beats.get(&s.uav).map_or(0.0, |(_, hb)| hb.link_phy_bps);
+                    ((s.uav.clone(), phy), (s.uav.clone(), links.source(&s.uav)))
+                })
+                .unzip()
+        };
         let measured_ms: BTreeMap<String, f64> = {
             let live = self.lock();
             live.beats
@@ -1008,6 +1032,10 @@ impl Scheduler {
                 "planning_compute_ms_per_layer": self.own_layer_latency_s * 1e3,
                 "link_bps": current.plan.stages.iter().map(|s| (s.uav.clone(), telemetry.get(&s.uav).and_then(|t| t.link_bps))).collect::<BTreeMap<_, _>>(),
                 "configured_link_bps": self.p.link_rate_bps,
+                "link_phy_bps": phy,
+                "link_source": source,
+                "kv_codec": self.kv_codec.name(),
+                "kv_bytes_per_element": traffic.kv_bytes_per_element,
             }),
             (Err(e), _) | (_, Err(e)) => serde_json::json!({"error": e.to_string()}),
         }
