@@ -148,7 +148,7 @@ fn bitrate(value: &str) -> Result<Option<f64>, String> {
         None => return Err("a rate without its unit (MBit/s expected)".into()),
     };
     let bps = n * scale;
-    if !(bps.is_finite() && bps >= 0.0 && bps <= MAX_PHY_BPS) {
+    if !(bps.is_finite() && (0.0..=MAX_PHY_BPS).contains(&bps)) {
         return Err(format!("{n} is not a rate (0..{} MBit/s)", MAX_PHY_BPS / 1e6));
     }
     Ok(Some(bps))
