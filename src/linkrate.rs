@@ -178,6 +178,31 @@ impl LinkRates {
     }
 }
 
+/// Per UAV, the mean of a figure sampled over one answer: the executors' compute per layer at
+/// every decode step. Their heartbeat carries an exponentially weighted mean (weight 0.1) that
+/// follows the latest ~10 steps; a prediction of the whole answer's speed wants the whole
+/// answer's compute (one stalled stretch early in an answer moved the prediction by 15 %).
+#[derive(Debug, Clone, Default)]
+pub struct RunMeans {
+    sums: BTreeMap<String, (f64, u32)>,
+}
+
+impl RunMeans {
+    /// Takes `uav`'s current figure (0 or less, or not finite: none yet, ignored).
+    pub fn observe(&mut self, uav: &str, value: f64) {
+        if value.is_finite() && value > 0.0 {
+            let (sum, n) = self.sums.entry(uav.to_string()).or_insert((0.0, 0));
+            *sum += value;
+            *n += 1;
+        }
+    }
+
+    /// The mean of `uav`'s figures so far; `None` before its first.
+    pub fn mean(&self, uav: &str) -> Option<f64> {
+        self.sums.get(uav).filter(|(_, n)| *n > 0).map(|(sum, n)| sum / f64::from(*n))
+    }
+}
+
 /// What crosses the channel per token under activation codec `codec` and the executors' KV codec
 /// `kv` (bytes per element from the codecs themselves: zstd's is its measured mean ratio), for
 /// hidden states of `width` elements, with the gateway's time per token.
@@ -290,6 +315,22 @@ mod tests {
         links.observe("uav1", 0.0, channel.effective_rate_bps(2.6e6));
         assert_eq!((links.measured("uav1"), links.source("uav1")), (Some(54e6), Some(LinkSource::Phy)));
         assert_eq!(links.source("uav2"), None);
+    }
+
+    #[test]
+    fn run_means_average_every_sample_of_the_answer() {
+        let mut m = RunMeans::default();
+        assert_eq!(m.mean("uav1"), None);
+        for v in [0.0, f64::NAN, -1.0, f64::INFINITY] {
+            m.observe("uav1", v);
+        }
+        assert_eq!(m.mean("uav1"), None, "no figure yet");
+        for v in [0.9, 0.6, 0.6] {
+            m.observe("uav1", v);
+        }
+        m.observe("uav2", 1.2);
+        assert!((m.mean("uav1").expect("mean") - 0.7).abs() < 1e-12);
+        assert_eq!(m.mean("uav2"), Some(1.2));
     }
 
     #[test]

@@ -982,11 +982,12 @@ impl Scheduler {
 
     /// The cost model's tokens/s for the current plan with the activation codec's bytes, the
     /// gateway's mean time per step in `steps` and each stage's compute per layer as its executor
-    /// measures it (its heartbeat; the start-up figure where none has arrived): with the link
+    /// measures it (`compute_ms`: the mean of its heartbeats' figure over this answer's steps;
+    /// the latest heartbeat's, or the start-up figure, where none was seen): with the link
     /// rates the planner uses (measured where measured) and with the configured rate. Planning
     /// keeps the start-up figure (see [`Self::uav_inputs`]); a prediction of this run's speed
     /// wants what this run's hosts did.
-    fn prediction(&mut self, steps: &[Step]) -> serde_json::Value {
+    fn prediction(&mut self, steps: &[Step], compute_ms: &crate::linkrate::RunMeans) -> serde_json::Value {
         let Some(current) = self.current.clone() else { return serde_json::Value::Null };
         let gateway_s = steps.iter().map(|s| s.gateway_ms).sum::<f64>() / steps.len().max(1) as f64 / 1e3;
         let traffic = crate::linkrate::traffic(self.codec, self.kv_codec, self.hidden, gateway_s);
@@ -1004,12 +1005,17 @@ impl Scheduler {
                 })
                 .unzip()
         };
+        // The answer's mean where its steps saw a figure, else the latest heartbeat's.
         let measured_ms: BTreeMap<String, f64> = {
             let live = self.lock();
             live.beats
                 .iter()
-                .filter(|(_, (_, hb))| hb.compute_ms_per_layer > 0.0)
-                .map(|(u, (_, hb))| (u.clone(), hb.compute_ms_per_layer))
+                .filter_map(|(u, (_, hb))| {
+                    compute_ms
+                        .mean(u)
+                        .or((hb.compute_ms_per_layer > 0.0).then_some(hb.compute_ms_per_layer))
+                        .map(|ms| (u.clone(), ms))
+                })
                 .collect()
         };
         for (uav, t) in telemetry.iter_mut() {
@@ -1083,7 +1089,7 @@ impl Scheduler {
             "prefill_s": run.prefill_s,
             "gateway_hop_ms": percentiles(&std::mem::take(&mut self.hops)),
             "steps": step_stats(&run.steps),
-            "prediction": self.prediction(&run.steps),
+            "prediction": self.prediction(&run.steps, &run.compute_ms),
             "layout": self.current.as_ref().map(|c| c.plan.stages.iter().map(|s| serde_json::json!({"uav": s.uav, "start": s.start, "layers": s.len, "k": s.k, "t": s.t})).collect::<Vec<_>>()),
         });
         let (accepted, error) = match result {
@@ -1477,6 +1483,8 @@ struct Run {
     sent_at: Option<Instant>,
     /// The decode steps so far.
     steps: Vec<Step>,
+    /// Per UAV, its executor's compute per layer as its heartbeat said at each decode step.
+    compute_ms: crate::linkrate::RunMeans,
 }
 
 impl Run {
@@ -1498,6 +1506,7 @@ impl Run {
             incidents: Vec::new(),
             sent_at: None,
             steps: Vec::new(),
+            compute_ms: Default::default(),
         }
     }
 
@@ -1599,6 +1608,9 @@ impl Scheduler {
                 None
             };
             if let Some(round_trip_ms) = round_trip_ms {
+                for (uav, (_, hb)) in &self.lock().beats {
+                    run.compute_ms.observe(uav, hb.compute_ms_per_layer);
+                }
                 run.steps.push(Step {
                     position: run.position,
                     round_trip_ms,
