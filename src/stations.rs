@@ -172,6 +172,16 @@ pub fn parse_mac_map(text: &str) -> Result<BTreeMap<String, Mac>, StationDumpErr
     Ok(map)
 }
 
+/// The host a stage's activations go to: its ring successor `succ` when the stage ends before
+/// the model's last layer (`end` < `num_layers`: a stage around the gateway ends past it), else
+/// the gateway on `gateway_host` (the last stage's output is the gateway's input).
+pub fn next_hop(end: usize, num_layers: usize, succ: Option<&str>, gateway_host: &str) -> String {
+    match succ {
+        Some(s) if end < num_layers => s.to_string(),
+        _ => gateway_host.to_string(),
+    }
+}
+
 /// The PHY rate (bit/s) an executor reports: toward `next_hop` (the host its activations go to)
 /// when `macs` names its radio and the dump knows the rate toward it, else the median of every
 /// station's (the upper one of an even count); 0 when no station has a known rate.
@@ -313,6 +323,15 @@ Station 00:00:00:00:00:03 (on wlan0)
         let unknown =
             parse_station_dump("Station 00:00:00:00:00:04 (on wlan0)\n\ttx bitrate:\t(unknown)\n").expect("ok");
         assert_eq!(phy_rate_bps(&unknown, &macs, None), 0.0);
+    }
+
+    #[test]
+    fn a_stage_sends_to_its_successor_the_last_stage_to_the_gateway() {
+        assert_eq!(next_hop(10, 30, Some("uav2"), "control"), "uav2");
+        assert_eq!(next_hop(30, 30, Some("uav1"), "control"), "control");
+        // Around the gateway (layers 25..35 of 30), and a UAV alone in the plan.
+        assert_eq!(next_hop(35, 30, Some("uav1"), "control"), "control");
+        assert_eq!(next_hop(10, 30, None, "control"), "control");
     }
 
     #[test]

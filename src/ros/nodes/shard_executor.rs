@@ -504,8 +504,8 @@ impl Worker {
         self.feeds_successor = false;
         // Where this stage's activations go: the radio's rate toward it is the heartbeat's.
         let next_hop = plan.stage(&self.uav).map(|me| {
-            let succ = plan.succ(&self.uav).filter(|s| s.uav != self.uav && me.start + me.len < plan.num_layers);
-            succ.map_or_else(|| crate::radio::scenario::CONTROL_HOST.to_string(), |s| s.uav.clone())
+            let succ = plan.succ(&self.uav).filter(|s| s.uav != self.uav).map(|s| s.uav.as_str());
+            crate::stations::next_hop(me.start + me.len, plan.num_layers, succ, crate::radio::scenario::CONTROL_HOST)
         });
         self.status.lock().unwrap_or_else(|e| e.into_inner()).next_hop = next_hop;
         if let Some(me) = plan.stage(&self.uav).cloned() {
