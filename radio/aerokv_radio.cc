@@ -16,6 +16,13 @@
 //                                        access category (heartbeats, DDS acknowledgements, small
 //                                        control messages), the rest best effort; 0: no 802.11e
 //   report_period_s S
+//   station_dump_dir DIR                 optional: every report period, per node, DIR/NAME.txt in
+//                                        the text format of `iw dev wlan0 station dump` (one
+//                                        "Station MAC (on eth0)" block per peer: packets, bytes,
+//                                        signal, and "tx bitrate"/"rx bitrate", the PHY rate the
+//                                        rate control chose most often for first attempts of
+//                                        unicast data frames in the period, the last one if none);
+//                                        written to DIR/NAME.txt.tmp, then renamed
 //   node INDEX NAME TAP MAC              one per host, INDEX 0, 1, ...
 //   waypoint INDEX T X Y Z               seconds after the mission clock starts, metres
 //
@@ -28,6 +35,8 @@
 #include "ns3/wifi-module.h"
 
 #include <chrono>
+#include <cmath>
+#include <cstdio>
 #include <csignal>
 #include <fstream>
 #include <iostream>
@@ -63,6 +72,7 @@ struct Config
     uint32_t queuePackets = 500;
     uint32_t voiceMaxBytes = 400;
     double reportPeriodS = 1.0;
+    std::string stationDumpDir;
     std::vector<NodeSpec> nodes;
 };
 
@@ -142,6 +152,11 @@ ReadConfig(const std::string& path)
         else if (key == "report_period_s")
         {
             ok = bool(s >> c.reportPeriodS) && c.reportPeriodS > 0;
+        }
+        else if (key == "station_dump_dir")
+        {
+            // The rest of the line: a path may hold spaces.
+            ok = bool(std::getline(s >> std::ws, c.stationDumpDir)) && !c.stationDumpDir.empty();
         }
         else if (key == "node")
         {
@@ -252,6 +267,199 @@ ClassifyAccessCategory(Ptr<const Packet> p)
     }
 }
 
+// What a node's radio knows of each peer, as a Linux driver keeps it for `iw station dump`.
+struct PeerStats
+{
+    uint64_t txBytes = 0;
+    uint64_t txPackets = 0;
+    uint64_t txRetries = 0;
+    uint64_t txFailed = 0;
+    uint64_t rxBytes = 0;
+    uint64_t rxPackets = 0;
+    // This period: PHY rate (bit/s) -> (first attempts of unicast data frames, iw's text of it).
+    std::map<uint64_t, std::pair<uint64_t, std::string>> txRates;
+    std::map<uint64_t, std::pair<uint64_t, std::string>> rxRates;
+    std::string txRate;
+    std::string rxRate;
+    double signalDbm = 0;
+    bool heard = false;
+    Time last;
+};
+
+// Per node, per peer node index.
+std::vector<std::map<uint32_t, PeerStats>> gPeers;
+std::map<Mac48Address, uint32_t> gNodeOfMac;
+
+// iw's rate text: "54.0 MBit/s", "65.0 MBit/s MCS 7 short GI".
+std::string
+RateText(const WifiTxVector& v)
+{
+    uint64_t bps = v.GetMode().GetDataRate(v);
+    std::ostringstream o;
+    o << bps / 1000000 << "." << (bps / 100000) % 10 << " MBit/s";
+    if (v.GetMode().GetModulationClass() == WIFI_MOD_CLASS_HT)
+    {
+        o << " MCS " << int(v.GetMode().GetMcsValue());
+        if (v.GetGuardInterval() == 400)
+        {
+            o << " short GI";
+        }
+    }
+    return o.str();
+}
+
+// The MAC header of a sniffed MPDU (an A-MPDU's subframes carry their subframe header first).
+bool
+MacHeaderOf(Ptr<const Packet> p, const MpduInfo& info, WifiMacHeader& hdr)
+{
+    Ptr<Packet> c = p->Copy();
+    if (info.type != NORMAL_MPDU)
+    {
+        AmpduSubframeHeader sub;
+        c->RemoveHeader(sub);
+    }
+    return c->GetSize() >= 24 && c->PeekHeader(hdr) > 0;
+}
+
+void
+OnSnifferTx(uint32_t node, Ptr<const Packet> p, uint16_t, WifiTxVector v, MpduInfo info, uint16_t)
+{
+    WifiMacHeader hdr;
+    if (!MacHeaderOf(p, info, hdr) || !hdr.IsData() || hdr.GetAddr1().IsGroup())
+    {
+        return;
+    }
+    auto peer = gNodeOfMac.find(hdr.GetAddr1());
+    if (peer == gNodeOfMac.end())
+    {
+        return;
+    }
+    PeerStats& s = gPeers[node][peer->second];
+    s.last = Simulator::Now();
+    if (hdr.IsRetry())
+    {
+        ++s.txRetries;
+        return;
+    }
+    ++s.txPackets;
+    s.txBytes += p->GetSize();
+    auto& r = s.txRates[v.GetMode().GetDataRate(v)];
+    if (r.first++ == 0)
+    {
+        r.second = RateText(v);
+    }
+}
+
+void
+OnSnifferRx(uint32_t node,
+            Ptr<const Packet> p,
+            uint16_t,
+            WifiTxVector v,
+            MpduInfo info,
+            SignalNoiseDbm sn,
+            uint16_t)
+{
+    WifiMacHeader hdr;
+    if (!MacHeaderOf(p, info, hdr) || !hdr.IsData())
+    {
+        return;
+    }
+    auto self = gNodeOfMac.find(hdr.GetAddr1());
+    auto peer = gNodeOfMac.find(hdr.GetAddr2());
+    if (self == gNodeOfMac.end() || self->second != node || peer == gNodeOfMac.end())
+    {
+        return;
+    }
+    PeerStats& s = gPeers[node][peer->second];
+    s.last = Simulator::Now();
+    s.heard = true;
+    s.signalDbm = sn.signal;
+    ++s.rxPackets;
+    s.rxBytes += p->GetSize();
+    auto& r = s.rxRates[v.GetMode().GetDataRate(v)];
+    if (r.first++ == 0)
+    {
+        r.second = RateText(v);
+    }
+}
+
+void
+OnDroppedMpdu(uint32_t node, WifiMacDropReason reason, Ptr<const WifiMpdu> mpdu)
+{
+    auto peer = gNodeOfMac.find(mpdu->GetHeader().GetAddr1());
+    if (reason == WIFI_MAC_DROP_REACHED_RETRY_LIMIT && peer != gNodeOfMac.end())
+    {
+        ++gPeers[node][peer->second].txFailed;
+    }
+}
+
+// The rate chosen most often this period; the last one when the period saw none.
+void
+Settle(std::map<uint64_t, std::pair<uint64_t, std::string>>& rates, std::string& chosen)
+{
+    uint64_t most = 0;
+    for (const auto& [bps, r] : rates)
+    {
+        if (r.first > most)
+        {
+            most = r.first;
+            chosen = r.second;
+        }
+    }
+    rates.clear();
+}
+
+// Every node's `iw dev eth0 station dump`, written atomically (temp file, rename) so that a
+// reader never sees half a file.
+void
+WriteStationDumps()
+{
+    for (uint32_t i = 0; i < gPeers.size(); ++i)
+    {
+        std::ostringstream o;
+        for (auto& [j, s] : gPeers[i])
+        {
+            Settle(s.txRates, s.txRate);
+            Settle(s.rxRates, s.rxRate);
+            o << "Station " << gConfig.nodes[j].mac << " (on eth0)\n"
+              << "\tinactive time:\t" << (Simulator::Now() - s.last).GetMilliSeconds() << " ms\n"
+              << "\trx bytes:\t" << s.rxBytes << "\n"
+              << "\trx packets:\t" << s.rxPackets << "\n"
+              << "\ttx bytes:\t" << s.txBytes << "\n"
+              << "\ttx packets:\t" << s.txPackets << "\n"
+              << "\ttx retries:\t" << s.txRetries << "\n"
+              << "\ttx failed:\t" << s.txFailed << "\n";
+            if (s.heard)
+            {
+                o << "\tsignal:  \t" << std::lround(s.signalDbm) << " dBm\n";
+            }
+            if (!s.txRate.empty())
+            {
+                o << "\ttx bitrate:\t" << s.txRate << "\n";
+            }
+            if (!s.rxRate.empty())
+            {
+                o << "\trx bitrate:\t" << s.rxRate << "\n";
+            }
+            o << "\tauthorized:\tyes\n\tauthenticated:\tyes\n\tassociated:\tyes\n\tWMM/WME:\tyes\n";
+        }
+        std::string path = gConfig.stationDumpDir + "/" + gConfig.nodes[i].name + ".txt";
+        {
+            std::ofstream f(path + ".tmp", std::ios::trunc);
+            f << o.str();
+            if (!f)
+            {
+                std::cerr << "aerokv_radio: cannot write " << path << ".tmp" << std::endl;
+                continue;
+            }
+        }
+        if (std::rename((path + ".tmp").c_str(), path.c_str()) != 0)
+        {
+            std::cerr << "aerokv_radio: cannot rename " << path << ".tmp" << std::endl;
+        }
+    }
+}
+
 double
 LagMs()
 {
@@ -280,6 +488,10 @@ void
 PeriodicReport()
 {
     Report("stats");
+    if (!gConfig.stationDumpDir.empty())
+    {
+        WriteStationDumps();
+    }
     Simulator::Schedule(Seconds(gConfig.reportPeriodS), &PeriodicReport);
 }
 
@@ -473,6 +685,23 @@ main(int argc, char* argv[])
     Config::ConnectWithoutContext(
         dev + "Phy/PhyRxDrop",
         MakeCallback(+[](Ptr<const Packet>, WifiPhyRxfailureReason) { ++gPhyRxDrops; }));
+    // Per node and peer: what `iw station dump` shows (the PHY rate the rate control chose).
+    gPeers.resize(n);
+    for (uint32_t i = 0; i < n; ++i)
+    {
+        gNodeOfMac[Mac48Address::ConvertFrom(devs.Get(i)->GetAddress())] = i;
+    }
+    for (uint32_t i = 0; i < n; ++i)
+    {
+        auto d = DynamicCast<WifiNetDevice>(devs.Get(i));
+        d->GetPhy()->TraceConnectWithoutContext("MonitorSnifferTx", MakeBoundCallback(&OnSnifferTx, i));
+        d->GetPhy()->TraceConnectWithoutContext("MonitorSnifferRx", MakeBoundCallback(&OnSnifferRx, i));
+        d->GetMac()->TraceConnectWithoutContext("DroppedMpdu", MakeBoundCallback(&OnDroppedMpdu, i));
+    }
+    if (!gConfig.stationDumpDir.empty())
+    {
+        WriteStationDumps();
+    }
 
     gWall0 = std::chrono::steady_clock::now();
     Simulator::ScheduleNow(&PollControl);

@@ -107,6 +107,10 @@ def row(scenario, codec, kv_codec, kill, d):
         "kv_snapshot_raw_bytes": sum(s.get("kv_raw_bytes", 0) for s in sent.values()),
         "replay_bytes": sum(s.get("replay_bytes", 0) for s in sent.values()),
         "link_goodput_bps": {u: s.get("link_goodput_bps") for u, s in sorted(sent.items())},
+        # The radio's own PHY rate toward each stage's next hop (the station dump) and what the
+        # prediction planned with: "phy", "goodput" or null (the configured rate).
+        "link_phy_bps": pred.get("link_phy_bps"),
+        "link_source": pred.get("link_source"),
         "predicted_tokens_per_s": model.get("tokens_per_s"),
         "predicted_configured_rate_tokens_per_s": pred.get("configured_rate_tokens_per_s"),
         "prediction": pred,
@@ -140,7 +144,7 @@ def fmt(v, spec):
 
 def table(rows):
     head = (f"{'scenario':8} {'codec':5} {'kv':4} {'kill':8} {'tok/s':>6} {'step p50':>8} {'p99 ms':>7} {'B/tok/hop':>9} "
-            f"{'KV snap B':>10} {'replay B':>9} {'pred tok/s':>10} {'meas/pred':>9} {'ms/L exec':>9} {'plan':>5} {'fail->next':>10} {'false':>5} {'emu CPU':>7}")
+            f"{'KV snap B':>10} {'replay B':>9} {'pred tok/s':>10} {'meas/pred':>9} {'ms/L exec':>9} {'plan':>5} {'PHY Mbit/s':>14} {'fail->next':>10} {'false':>5} {'emu CPU':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "failed" in r:
@@ -148,11 +152,12 @@ def table(rows):
                          f"{r['failed'].strip().splitlines()[-1][:100] if r['failed'].strip() else ''} (false declarations {r['false_declarations']})")
             continue
         nxt = f"{r['next_token_s']:.2f} s" if "next_token_s" in r else "-"
+        phy = "/".join(f"{v / 1e6:.0f}" if v else "-" for _, v in sorted((r.get("link_phy_bps") or {}).items())) or "-"
         lines.append(
             f"{r['scenario']:8} {r['codec']:5} {r['kv_codec']:4} {r['kill'] or '-':8} {fmt(r['tokens_per_s'], '6.1f')} "
             f"{fmt(r['step_p50_ms'], '8.1f')} {fmt(r['step_p99_ms'], '7.1f')} {fmt(r['bytes_per_token_per_hop'], '9.0f')} "
             f"{r['kv_snapshot_bytes']:10.0f} {r['replay_bytes']:9.0f} {fmt(r['predicted_tokens_per_s'], '10.1f')} "
-            f"{fmt(r.get('measured_over_predicted'), '9.2f')} {fmt(r.get('executor_ms_per_layer'), '9.2f')} {fmt(r.get('planning_ms_per_layer'), '5.2f')} "
+            f"{fmt(r.get('measured_over_predicted'), '9.2f')} {fmt(r.get('executor_ms_per_layer'), '9.2f')} {fmt(r.get('planning_ms_per_layer'), '5.2f')} {phy:>14} "
             f"{nxt:>10} {r['false_declarations']:5d} "
             f"{fmt(100 * (r['emulator_answer_cpu_share'] or float('nan')), '6.0f')}%")
     return "\n".join(lines)
@@ -222,6 +227,7 @@ def main():
     # A kill per scenario; codecs take turns (raw on near, f16 on mid, int8 on lossy, ...).
     plan += [(s, codecs[i % len(codecs)], "zstd" if s == "lossy" else None, kill) for i, s in enumerate(kill_scenarios)]
     rows = []
+    print(f"load average at the start {os.getloadavg()[0]:.1f}", flush=True)
     started = time.time()
     try:
         for i, (s, c, kv, k) in enumerate(plan):
@@ -254,6 +260,12 @@ def main():
     goodput = [v for r in rows for v in (r.get("link_goodput_bps") or {}).values() if v]
     if goodput:
         print(f"measured link goodput (bulk messages, executors): {min(goodput) / 1e6:.1f}-{max(goodput) / 1e6:.1f} Mbit/s")
+    phy = [v for r in rows for v in (r.get("link_phy_bps") or {}).values() if v]
+    if phy:
+        sources = [v for r in rows for v in (r.get("link_source") or {}).values()]
+        print(f"radio PHY rate toward the next hop (station dump): {min(phy) / 1e6:.1f}-{max(phy) / 1e6:.1f} Mbit/s; "
+              f"predictions planned with " + ", ".join(f"{sources.count(x)} {x or 'configured'}" for x in sorted(set(sources), key=str))
+              + " link rates")
     print("\ntargets (issue 18):")
     t = targets(rows)
     for x in t:

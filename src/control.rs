@@ -409,6 +409,8 @@ pub struct HeartbeatFields<'a> {
     pub compute_s_total: f64,
     /// Goodput of the bulk data it received, bit/s; 0 until measured (`crate::linkrate`).
     pub link_goodput_bps: f64,
+    /// The radio's PHY rate toward its next hop, bit/s; 0 unknown (`crate::stations`).
+    pub link_phy_bps: f64,
     /// Weights + every request's bytes ([`HeartbeatFields::kv`]).
     pub memory_bytes: u64,
     /// Weights of the layers loaded (a layer held natively and as a replica once).
@@ -555,6 +557,10 @@ pub fn validate_heartbeat(
             value: goodput,
             limit: crate::linkrate::MAX_GOODPUT_BPS,
         });
+    }
+    let phy = number("link_phy_bps", m.link_phy_bps)?;
+    if phy > crate::stations::MAX_PHY_BPS {
+        return Err(TelemetryReject::Absurd { field: "link_phy_bps", value: phy, limit: crate::stations::MAX_PHY_BPS });
     }
     validate_memory(m)
 }
@@ -789,6 +795,7 @@ mod tests {
             compute_ms_per_layer: 0.4,
             compute_s_total: 12.0,
             link_goodput_bps: 0.0,
+            link_phy_bps: 0.0,
             memory_bytes: 0,
             weight_bytes: 0,
             kv: Vec::new(),
@@ -829,6 +836,17 @@ mod tests {
         }
         let absurd = HeartbeatFields { link_goodput_bps: 1e15, ..hb.clone() };
         assert!(matches!(validate_heartbeat(&absurd, "uav1", 30), Err(TelemetryReject::Absurd { .. })));
+        let phy = HeartbeatFields { link_phy_bps: 54e6, ..hb.clone() };
+        assert_eq!(validate_heartbeat(&phy, "uav1", 30), Ok(()));
+        for bad in [f64::NAN, -1.0, f64::NEG_INFINITY, f64::INFINITY] {
+            let r = validate_heartbeat(&HeartbeatFields { link_phy_bps: bad, ..hb.clone() }, "uav1", 30);
+            assert!(matches!(r, Err(TelemetryReject::BadNumber { field: "link_phy_bps", .. })), "{bad}: {r:?}");
+        }
+        let absurd = HeartbeatFields { link_phy_bps: 2e11, ..hb.clone() };
+        assert!(matches!(
+            validate_heartbeat(&absurd, "uav1", 30),
+            Err(TelemetryReject::Absurd { field: "link_phy_bps", .. })
+        ));
         // Memory: weights + every request's bytes, requests named once each.
         let held = |id, kv_bytes| KvHeld { request_id: id, kv_tokens: 3, kv_bytes, pred_snapshot_tokens: 2 };
         let memory = HeartbeatFields {
@@ -880,8 +898,9 @@ mod tests {
         let m = names(&["uav1", "uav2", "uav3"]);
         let mut t = telemetry(&["uav1", "uav2", "uav3"], &[2.7e6; 3]);
         let p = c.initial(&m, &t, 64, 1, 1).unwrap();
-        let raw = crate::linkrate::traffic(aerokv_codec::ActivationCodec::Raw, 576, 0.002);
-        let int8 = crate::linkrate::traffic(aerokv_codec::ActivationCodec::Int8, 576, 0.002);
+        let raw = crate::linkrate::traffic(aerokv_codec::ActivationCodec::Raw, aerokv_codec::KvCodec::Raw, 576, 0.002);
+        let int8 =
+            crate::linkrate::traffic(aerokv_codec::ActivationCodec::Int8, aerokv_codec::KvCodec::Raw, 576, 0.002);
         let at_configured = c.predict(&p, &t, &raw).unwrap();
         // Fewer bytes per token: less airtime, more tokens/s.
         let smaller = c.predict(&p, &t, &int8).unwrap();

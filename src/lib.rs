@@ -9,7 +9,7 @@
 //! - `crates/codec`  (`aerokv-codec`): activation and KV codecs. `crates/auth` (`aerokv-auth`):
 //!   identities, keystore, Ed25519 signing with replay windows. No ROS.
 //! - this crate (`aerokv`): the pure decisions of the nodes (`control`, `decision`, `epoch`,
-//!   `requests`, `interleave`, `admission`, `standby`, `detector`, `fallback`, `linkrate`, `dataplane`, `battery`, `audit`, `mission`, `replay`,
+//!   `requests`, `interleave`, `admission`, `standby`, `detector`, `fallback`, `linkrate`, `stations`, `dataplane`, `battery`, `audit`, `mission`, `replay`,
 //!   `clock`, `node_params`, `diagnostics`), rosbag2 storage (`bag`), radio scenarios (`radio`),
 //!   the CLI (`cli`) and, with the `ros` feature, the ROS 2 adapters (`ros`; nodes in
 //!   `src/bin/*`): thin, messages in and out of the pure modules.
@@ -39,4 +39,5 @@ pub mod requests;
 #[cfg(feature = "ros")]
 pub mod ros;
 pub mod standby;
+pub mod stations;
 pub mod supervisor;

@@ -144,6 +144,12 @@ def test_at_a_lossy_distance_no_healthy_uav_is_declared_and_the_answer_is_exact(
     assert a["failures"] == [] and declared_by_the_watchdog(tmp_path / "lossy") == [], a["failures"]
     p = a["stats"]["prediction"]
     assert p["model"]["tokens_per_s"] > 0 and p["activation_bytes_per_token"] > 576 * 4, p
+    # Every stage's heartbeat carried its radio's PHY rate (the emulator's station dump, read by the
+    # executor: an 802.11a rate, 6-54 Mbit/s) and the prediction planned with it.
+    assert all(6e6 <= p["link_phy_bps"][u] <= 54e6 for u in p["link_bps"]), p
+    assert set(p["link_source"].values()) == {"phy"}, p
+    dump = (tmp_path / "lossy" / "stations" / "uav1.txt").read_text()
+    assert dump.startswith("Station 00:00:00:00:00:") and "\ttx bitrate:\t" in dump, dump
     print(f"\nlossy: {a['tokens_per_s']:.1f} tokens/s (the cost model: {p['model']['tokens_per_s']:.1f}), step round "
           f"trip {a['stats']['steps']['round_trip_ms']}, links {p['link_bps']}")
 

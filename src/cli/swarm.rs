@@ -249,7 +249,7 @@ fn strike(sup: &mut Supervisor, kills: &mut [Kill], reached: KillPoint) {
 }
 
 /// The swarm's processes: `control.launch.xml` + `uav.launch.xml` for uav1..uavN.
-fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
+fn nodes(a: &SwarmArgs, log_dir: &std::path::Path) -> anyhow::Result<Vec<NodeProcess>> {
     let share = share_dir();
     let launcher = Launcher::new(&share);
     let n = a.uavs.to_string();
@@ -288,9 +288,28 @@ fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
     }
     for n in &mut nodes {
         match (n.executable.as_str(), a.codec, a.kv_codec) {
-            ("scheduler", Some(c), _) => n.params.push(("activation_codec".into(), c.to_string())),
+            ("scheduler", c, k) => {
+                if let Some(c) = c {
+                    n.params.push(("activation_codec".into(), c.to_string()));
+                }
+                // The cost model counts the snapshots with the executors' codec.
+                if let Some(k) = k {
+                    n.params.push(("kv_codec".into(), k.to_string()));
+                }
+            }
             ("shard_executor", _, Some(c)) => n.params.push(("kv_codec".into(), c.to_string())),
             _ => {}
+        }
+        if let (Some(_), "shard_executor") = (&a.radio, n.executable.as_str()) {
+            // The radio's PHY rate per station, as `iw station dump` shows it: the emulator writes
+            // each host's (crate::radio::netns).
+            let uav = n.namespace.trim_matches('/').to_string();
+            let hosts: Vec<String> = std::iter::once(crate::radio::scenario::CONTROL_HOST.to_string())
+                .chain((1..=a.uavs).map(|i| format!("uav{i}")))
+                .collect();
+            let file = crate::radio::netns::station_dump_dir(log_dir).join(format!("{uav}.txt"));
+            n.params.push(("station_dump_file".into(), file.display().to_string()));
+            n.params.push(("station_macs".into(), crate::radio::netns::station_macs(&hosts)));
         }
         if let (Some(s), "scheduler") = (a.layer_latency_s, n.executable.as_str()) {
             // Shortest exact decimal, never an exponent or an integer (a YAML double).
@@ -304,9 +323,9 @@ fn nodes(a: &SwarmArgs) -> anyhow::Result<Vec<NodeProcess>> {
 pub fn run(a: SwarmArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.uavs >= 1, "--uavs must be at least 1");
     let mut kills = parse_kills(&a.kill, a.uavs, a.standby)?;
-    let nodes = nodes(&a)?;
     let log_dir =
         a.log_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("aerokv-swarm-{}", std::process::id())));
+    let nodes = nodes(&a, &log_dir)?;
     let mut sup = Supervisor::new(bin_dir(), Some(log_dir.clone()));
     // Built before any node starts and before this process has a thread or a DDS participant.
     let mut radio = match &a.radio {

@@ -148,6 +148,18 @@ fn radio_mac(index: usize) -> String {
     (0..6).rev().map(|b| format!("{:02x}", (n >> (8 * b)) & 0xff)).collect::<Vec<_>>().join(":")
 }
 
+/// Where the emulator writes each host's `iw station dump` text (`<host>.txt`, refreshed every
+/// second): the run's `stations` directory.
+pub fn station_dump_dir(work_dir: &Path) -> PathBuf {
+    work_dir.join("stations")
+}
+
+/// `control=00:00:00:00:00:01, uav1=00:00:00:00:00:02, ...`: the radio of each of `hosts` (in ns-3
+/// node order), the executors' `station_macs`.
+pub fn station_macs(hosts: &[String]) -> String {
+    hosts.iter().enumerate().map(|(i, h)| format!("{h}={}", radio_mac(i))).collect::<Vec<_>>().join(", ")
+}
+
 /// The emulator's nice value (-20 highest .. 19 lowest; processes start at 0).
 const EMULATOR_NICE: i32 = -10;
 
@@ -222,8 +234,10 @@ impl RadioNet {
             let what = format!("{what} {}", p.display());
             move |e| NetError::Io(what, e)
         };
-        std::fs::create_dir_all(work_dir).map_err(io("creating", work_dir))?;
-        std::fs::write(&input, scenario.emulator_input(&emulated)).map_err(io("writing", &input))?;
+        let stations = station_dump_dir(work_dir);
+        std::fs::create_dir_all(&stations).map_err(io("creating", &stations))?;
+        let text = format!("{}station_dump_dir {}\n", scenario.emulator_input(&emulated), stations.display());
+        std::fs::write(&input, text).map_err(io("writing", &input))?;
         let out = File::create(&log).map_err(io("creating", &log))?;
         let err = out.try_clone().map_err(io("opening", &log))?;
         let mut cmd = sim.command(exe);
@@ -364,6 +378,11 @@ mod tests {
         assert_eq!(radio_mac(0), "00:00:00:00:00:01");
         assert_eq!(radio_mac(255), "00:00:00:00:01:00");
         assert_eq!(host_address(2), "10.77.0.3");
+        let hosts = ["control".to_string(), "uav1".to_string()];
+        assert_eq!(station_macs(&hosts), "control=00:00:00:00:00:01, uav1=00:00:00:00:00:02");
+        let map = crate::stations::parse_mac_map(&station_macs(&hosts)).expect("the executors read it");
+        assert_eq!(map["uav1"].to_string(), "00:00:00:00:00:02");
+        assert_eq!(station_dump_dir(Path::new("/run/x")), PathBuf::from("/run/x/stations"));
     }
 
     #[test]

@@ -429,6 +429,7 @@ fn encode_heartbeat(e: &mut Encoder, h: &Heartbeat) {
     e.seq(&h.kv, |e, k| {
         e.u64(k.request_id).u32(k.kv_tokens).u64(k.kv_bytes).u32(k.pred_snapshot_tokens);
     });
+    e.f64(h.link_phy_bps);
 }
 
 fn encode_battery(e: &mut Encoder, b: &BatteryHealth) {
@@ -578,6 +579,7 @@ mod tests {
             "stamp",
             "auth_counters",
             "link_goodput_bps",
+            "link_phy_bps",
             "auth",
         ];
         same(&Heartbeat::default(), &h);

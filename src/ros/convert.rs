@@ -264,6 +264,7 @@ pub fn heartbeat_fields(m: &Heartbeat) -> HeartbeatFields<'_> {
         compute_ms_per_layer: m.compute_ms_per_layer,
         compute_s_total: m.compute_s_total,
         link_goodput_bps: m.link_goodput_bps,
+        link_phy_bps: m.link_phy_bps,
         memory_bytes: m.memory_bytes,
         weight_bytes: m.weight_bytes,
         kv: m

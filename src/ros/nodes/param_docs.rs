@@ -75,6 +75,11 @@ pub const SHARD_EXECUTOR: &[Doc] = &[
     VARIANT,
     Doc::fixed_in("threads", "ONNX Runtime intra-op threads (identical on every executor)", 1.0, 256.0),
     Doc::fixed("kv_codec", "how this UAV's KV snapshots travel: raw or zstd"),
+    Doc::fixed(
+        "station_dump_file",
+        "`iw dev wlan0 station dump` text, refreshed ~1 s, for the radio's PHY rate (empty: off)",
+    ),
+    Doc::fixed("station_macs", "host=MAC, ... of the swarm's radios: which station is the next hop (empty: median)"),
     KEYSTORE,
 ];
 
@@ -122,6 +127,7 @@ pub const SCHEDULER: &[Doc] = &[
     Doc::live("retirement", "move the layers of a UAV whose battery will not last before it dies"),
     Doc::live_in("retirement_horizon_tokens", "retire once fewer tokens than this are left", 0.0, 1e6),
     Doc::fixed("activation_codec", "how hidden states travel, swarm-wide: raw, f16 or int8"),
+    Doc::fixed("kv_codec", "the executors' KV codec (raw or zstd), for the cost model's snapshot bytes"),
     KEYSTORE,
 ];
 

@@ -20,7 +20,7 @@ use crate::ros::fallback::{self, Input};
 use crate::ros::{clock, convert, hop_ms, names, percentiles, stamp_secs, unix_now, NodeContext, Publishers};
 use crate::standby::{self, KvRestart, Phase, Resume, TokenStep, Watch};
 use aerokv_auth::{NodeId, Role};
-use aerokv_codec::{ActivationCodec, Encoded};
+use aerokv_codec::{ActivationCodec, Encoded, KvCodec};
 use aerokv_engine::{models_root, Detokenizer, Gateway, Hidden, Manifest, Runtime, RuntimeConfig, Sampler, Shard};
 use futures::StreamExt;
 use r2r::aerokv::msg::{
@@ -101,6 +101,9 @@ pub struct Params {
     /// How hidden states travel, for the whole swarm: "raw" (exact), "f16", "int8"
     /// (docs/codecs.md). Sent to the executors with every assignment.
     pub activation_codec: String,
+    /// How the executors' KV snapshots travel ("raw" or "zstd": their `kv_codec`, set from the
+    /// same launch configuration): the cost model counts the snapshots' bytes with it.
+    pub kv_codec: String,
     /// Keystore directory (docs/security.md); empty: authentication off.
     pub keystore: String,
     /// Requests that may wait for the swarm (a request that arrives while it is idle waits too,
@@ -151,6 +154,7 @@ impl Default for Params {
             retirement: true,
             retirement_horizon_tokens: 32,
             activation_codec: "raw".into(),
+            kv_codec: "raw".into(),
             keystore: String::new(),
             max_queue: 16,
             finished_kept: 32,
@@ -168,12 +172,17 @@ impl Params {
         self.activation_codec.parse().map_err(|e| anyhow::anyhow!("parameter `activation_codec`: {e}"))
     }
 
+    fn kv_codec(&self) -> anyhow::Result<KvCodec> {
+        self.kv_codec.parse().map_err(|e| anyhow::anyhow!("parameter `kv_codec`: {e}"))
+    }
+
     fn role(&self) -> anyhow::Result<standby::Role> {
         self.role.parse().map_err(|e| anyhow::anyhow!("parameter `role`: {e}"))
     }
 
     fn validate(&self) -> anyhow::Result<()> {
         self.codec()?;
+        self.kv_codec()?;
         self.role()?;
         anyhow::ensure!(
             self.primary_timeout_s > self.scheduler_heartbeat_period_s,
@@ -367,6 +376,7 @@ struct Scheduler {
     followed_inputs: Option<PlanInputs>,
     p: Params,
     codec: ActivationCodec,
+    kv_codec: KvCodec,
     gateway: Gateway,
     controller: Controller,
     own_layer_latency_s: f64,
@@ -516,6 +526,7 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
         ),
         ctx: ctx.clone(),
         codec: p.codec()?,
+        kv_codec: p.kv_codec()?,
         p,
         gateway,
         controller: plan_params.controller(&[]),
@@ -836,7 +847,7 @@ impl Scheduler {
         // Measured link rates plan only over a radio (shared memory is no link to plan with).
         let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
         for (uav, (_, hb)) in live.beats.iter().filter(|_| self.p.shared_channel) {
-            links.observe(uav, hb.link_goodput_bps);
+            links.observe(uav, hb.link_phy_bps, hb.link_goodput_bps);
         }
         live.battery
             .iter()
@@ -986,21 +997,40 @@ impl Scheduler {
 
     /// The cost model's tokens/s for the current plan with the activation codec's bytes, the
     /// gateway's mean time per step in `steps` and each stage's compute per layer as its executor
-    /// measures it (its heartbeat; the start-up figure where none has arrived): with the link
+    /// measures it (`compute_ms`: the mean of its heartbeats' figure over this answer's steps;
+    /// the latest heartbeat's, or the start-up figure, where none was seen): with the link
     /// rates the planner uses (measured where measured) and with the configured rate. Planning
     /// keeps the start-up figure (see [`Self::uav_inputs`]); a prediction of this run's speed
     /// wants what this run's hosts did.
-    fn prediction(&mut self, steps: &[Step]) -> serde_json::Value {
+    fn prediction(&mut self, steps: &[Step], compute_ms: &crate::linkrate::RunMeans) -> serde_json::Value {
         let Some(current) = self.current.clone() else { return serde_json::Value::Null };
         let gateway_s = steps.iter().map(|s| s.gateway_ms).sum::<f64>() / steps.len().max(1) as f64 / 1e3;
-        let traffic = crate::linkrate::traffic(self.codec, self.hidden, gateway_s);
+        let traffic = crate::linkrate::traffic(self.codec, self.kv_codec, self.hidden, gateway_s);
         let mut telemetry = self.telemetry();
+        let (phy, source): (BTreeMap<String, f64>, BTreeMap<String, Option<crate::linkrate::LinkSource>>) = {
+            let live = self.lock();
+            let links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+            current
+                .plan
+                .stages
+                .iter()
+                .map(|s| {
+                    let phy = live.beats.get(&s.uav).map_or(0.0, |(_, hb)| hb.link_phy_bps);
+                    ((s.uav.clone(), phy), (s.uav.clone(), links.source(&s.uav)))
+                })
+                .unzip()
+        };
+        // The answer's mean where its steps saw a figure, else the latest heartbeat's.
         let measured_ms: BTreeMap<String, f64> = {
             let live = self.lock();
             live.beats
                 .iter()
-                .filter(|(_, (_, hb))| hb.compute_ms_per_layer > 0.0)
-                .map(|(u, (_, hb))| (u.clone(), hb.compute_ms_per_layer))
+                .filter_map(|(u, (_, hb))| {
+                    compute_ms
+                        .mean(u)
+                        .or((hb.compute_ms_per_layer > 0.0).then_some(hb.compute_ms_per_layer))
+                        .map(|ms| (u.clone(), ms))
+                })
                 .collect()
         };
         for (uav, t) in telemetry.iter_mut() {
@@ -1023,6 +1053,10 @@ impl Scheduler {
                 "planning_compute_ms_per_layer": self.own_layer_latency_s * 1e3,
                 "link_bps": current.plan.stages.iter().map(|s| (s.uav.clone(), telemetry.get(&s.uav).and_then(|t| t.link_bps))).collect::<BTreeMap<_, _>>(),
                 "configured_link_bps": self.p.link_rate_bps,
+                "link_phy_bps": phy,
+                "link_source": source,
+                "kv_codec": self.kv_codec.name(),
+                "kv_bytes_per_element": traffic.kv_bytes_per_element,
             }),
             (Err(e), _) | (_, Err(e)) => serde_json::json!({"error": e.to_string()}),
         }

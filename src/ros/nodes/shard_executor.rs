@@ -38,6 +38,14 @@ pub struct Params {
     pub kv_codec: String,
     /// Keystore directory (docs/security.md); empty: authentication off.
     pub keystore: String,
+    /// A file holding the text of `iw dev wlan0 station dump`, refreshed about once a second (on
+    /// a drone a timer writes it; over the emulated radio the emulator does): the heartbeat
+    /// reports the radio's PHY rate toward this stage's next hop from it (`link_phy_bps`,
+    /// docs/radio.md). Empty: off.
+    pub station_dump_file: String,
+    /// Which radio each host of the swarm has, `uav2=02:00:00:00:00:03, control=...`: the next
+    /// hop's station in the dump. Empty: the median over the dump's stations.
+    pub station_macs: String,
 }
 
 impl Default for Params {
@@ -50,6 +58,8 @@ impl Default for Params {
             threads: 1,
             kv_codec: "raw".into(),
             keystore: String::new(),
+            station_dump_file: String::new(),
+            station_macs: String::new(),
         }
     }
 }
@@ -87,6 +97,71 @@ struct Status {
     hb: Heartbeat,
     /// Messages that could not be used (undecodable, for another UAV, not applicable).
     ignored: u64,
+    /// The host this stage's activations go to: its successor, or `control` (the gateway) for
+    /// the last stage.
+    next_hop: Option<String>,
+}
+
+/// Reads the station dump (`station_dump_file`) for the heartbeat's `link_phy_bps`, at most once
+/// a second; the parsing and the choice of station are `crate::stations`'.
+struct StationDump {
+    path: std::path::PathBuf,
+    macs: std::collections::BTreeMap<String, crate::stations::Mac>,
+    read_at: Option<std::time::Instant>,
+    phy_bps: f64,
+    /// The last problem logged (each new one is logged once).
+    problem: String,
+}
+
+impl StationDump {
+    /// A dump older than this is no longer the radio's state (its writer stopped).
+    const STALE: Duration = Duration::from_secs(5);
+    const PERIOD: Duration = Duration::from_secs(1);
+
+    fn new(p: &Params) -> anyhow::Result<Option<StationDump>> {
+        if p.station_dump_file.is_empty() {
+            return Ok(None);
+        }
+        let macs = crate::stations::parse_mac_map(&p.station_macs)?;
+        Ok(Some(StationDump {
+            path: p.station_dump_file.clone().into(),
+            macs,
+            read_at: None,
+            phy_bps: 0.0,
+            problem: String::new(),
+        }))
+    }
+
+    /// The PHY rate toward `next_hop`, bit/s (0: unknown), re-read when a period has passed.
+    fn phy_bps(&mut self, next_hop: Option<&str>) -> f64 {
+        if self.read_at.is_some_and(|t| t.elapsed() < Self::PERIOD) {
+            return self.phy_bps;
+        }
+        self.read_at = Some(std::time::Instant::now());
+        let read = || -> anyhow::Result<f64> {
+            let age = std::fs::metadata(&self.path)?.modified()?.elapsed().unwrap_or_default();
+            anyhow::ensure!(age < Self::STALE, "not written for {:.0} s", age.as_secs_f64());
+            let stations = crate::stations::parse_station_dump(&std::fs::read_to_string(&self.path)?)?;
+            Ok(crate::stations::phy_rate_bps(&stations, &self.macs, next_hop))
+        };
+        let (rate, problem) = match read() {
+            Ok(r) => (r, String::new()),
+            Err(e) => (0.0, format!("{e:#}")),
+        };
+        if problem != self.problem {
+            if problem.is_empty() {
+                tracing::info!(path = %self.path.display(), phy_bps = rate, "station dump readable again");
+            } else {
+                tracing::warn!(path = %self.path.display(), "station dump: {problem} (link_phy_bps 0 until it is fixed)");
+            }
+            self.problem = problem;
+        }
+        if (rate - self.phy_bps).abs() > 0.0 {
+            tracing::debug!(phy_bps = rate, next_hop, "radio PHY rate");
+        }
+        self.phy_bps = rate;
+        rate
+    }
 }
 
 pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
@@ -124,7 +199,9 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     let status = Arc::new(Mutex::new(Status {
         hb: Heartbeat { uav_id: p.uav_id.clone(), state: "waiting".into(), ..Default::default() },
         ignored: 0,
+        next_hop: None,
     }));
+    let mut station_dump = StationDump::new(&p).map_err(|e| anyhow::anyhow!("parameter `station_macs`: {e}"))?;
     let (hb_auth, hb_topic) = (auth.clone(), names::heartbeat(&p.uav_id));
     // The worker wakes the heartbeat at a change of state: the scheduler resumes after a failover
     // once every stage says `ready`, and should not wait for the next period to hear it.
@@ -172,6 +249,11 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
                 beat = clock::interval(Duration::from_secs_f64(period));
             }
             _ = beat.tick() => {
+                if let Some(dump) = station_dump.as_mut() {
+                    let next_hop = status.lock().unwrap_or_else(|e| e.into_inner()).next_hop.clone();
+                    let phy = dump.phy_bps(next_hop.as_deref());
+                    status.lock().unwrap_or_else(|e| e.into_inner()).hb.link_phy_bps = phy;
+                }
                 sequence += 1;
                 let (hb, ignored) = beat_once(&hb_pub, &status, sequence, &hb_auth, &hb_topic);
                 diagnostics.due(|| vec![crate::diagnostics::executor(&view(&hb, ignored))]);
@@ -446,6 +528,12 @@ impl Worker {
         }
         // Subscribe before anything is sent in this epoch (publishers keep a transient-local history).
         self.feeds_successor = false;
+        // Where this stage's activations go: the radio's rate toward it is the heartbeat's.
+        let next_hop = plan.stage(&self.uav).map(|me| {
+            let succ = plan.succ(&self.uav).filter(|s| s.uav != self.uav).map(|s| s.uav.as_str());
+            crate::stations::next_hop(me.start + me.len, plan.num_layers, succ, crate::radio::scenario::CONTROL_HOST)
+        });
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).next_hop = next_hop;
         if let Some(me) = plan.stage(&self.uav).cloned() {
             self.ensure_input(&me.uav)?;
             if let Some(succ) = plan.succ(&self.uav).cloned().filter(|s| s.uav != self.uav) {

@@ -62,6 +62,8 @@ pub(super) struct Run {
     steps: Vec<Step>,
     /// Most requests that ran at once while it ran (itself included).
     peak_running: usize,
+    /// Per UAV, its executor's compute per layer as its heartbeat said at each decode step.
+    compute_ms: crate::linkrate::RunMeans,
 }
 
 impl Run {
@@ -86,6 +88,7 @@ impl Run {
             last_sent: 0,
             steps: Vec::new(),
             peak_running: 1,
+            compute_ms: Default::default(),
         }
     }
 
@@ -363,6 +366,9 @@ impl Scheduler {
                 }
                 let Some(run) = runs.get_mut(&id) else { return };
                 if let Some(round_trip_ms) = round_trip_ms {
+                    for (uav, (_, hb)) in &self.lock().beats {
+                        run.compute_ms.observe(uav, hb.compute_ms_per_layer);
+                    }
                     run.steps.push(Step {
                         position: run.position,
                         round_trip_ms,
@@ -465,7 +471,7 @@ impl Scheduler {
             "peak_running": run.peak_running,
             "gateway_hop_ms": percentiles(&std::mem::take(&mut self.hops)),
             "steps": step_stats(&run.steps),
-            "prediction": self.prediction(&run.steps),
+            "prediction": self.prediction(&run.steps, &run.compute_ms),
             "layout": self.current.as_ref().map(|c| c.plan.stages.iter().map(|s| serde_json::json!({"uav": s.uav, "start": s.start, "layers": s.len, "k": s.k, "t": s.t})).collect::<Vec<_>>()),
         });
         let (accepted, error) = match result {
