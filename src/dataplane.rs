@@ -437,6 +437,10 @@ impl ShardHost {
     pub fn replica_pending(&self) -> bool {
         self.contexts.values().any(|c| !c.seed_layers.is_empty())
     }
+    /// The requests whose part of the head replica waits for the successor's seed.
+    pub fn seeds_pending(&self) -> Vec<u64> {
+        self.contexts.iter().filter(|(_, c)| !c.seed_layers.is_empty()).map(|(&id, _)| id).collect()
+    }
     pub fn my_stage(&self) -> Option<Stage> {
         self.plan.as_ref()?.stage(&self.uav).cloned()
     }

@@ -839,8 +839,8 @@ impl Job {
     }
 }
 
-/// A UAV killed once the swarm has given `at` outputs; `next`'s stages take over, carrying every
-/// request in flight. `hold_kv`: KV rows (seeds, snapshots) sent from then on arrive that many
+/// A UAV killed once the swarm has given `at` outputs (none if it is not in the plan: a new plan
+/// for another reason); `next`'s stages take over, carrying every request in flight. `hold_kv`: KV rows (seeds, snapshots) sent from then on arrive that many
 /// outputs later (paced behind the activations, as over a radio).
 struct Failure {
     at: usize,
@@ -862,6 +862,8 @@ struct JobsRun {
     replayed: Vec<Vec<(u64, usize, usize)>>,
     /// Outputs given while a head replica waited for a seed.
     served_while_pending: usize,
+    /// After each new plan, the requests whose head replica waits for a seed (on any UAV).
+    seeds_pending: Vec<Vec<u64>>,
 }
 
 /// Runs `jobs` through the swarm of `first` at once, each keeping up to [`WINDOW`] steps in
@@ -884,6 +886,7 @@ fn run_jobs(
     let mut failures = VecDeque::from(failures);
     let (mut taken, mut order, mut most_held, mut release_at) = (0, Vec::new(), 0, None);
     let (mut carried, mut replayed, mut served_while_pending) = (Vec::new(), Vec::new(), 0);
+    let mut seeds_pending = Vec::new();
     loop {
         if release_at == Some(taken) {
             swarm.release_kv();
@@ -892,10 +895,17 @@ fn run_jobs(
         if failures.front().is_some_and(|f| f.at == taken) {
             let Failure { failed, mut next, hold_kv, .. } = failures.pop_front().unwrap();
             // What the failed UAV's successor reports per request in its heartbeat's `kv`.
-            let succ = current.succ(failed).unwrap().uav.clone();
-            let held: BTreeMap<u64, usize> =
-                swarm.hosts[&succ].memory().requests.iter().map(|r| (r.request_id, r.pred_snapshot_tokens)).collect();
-            swarm.kill(failed);
+            let succ = current.succ(failed).map_or(String::new(), |s| s.uav.clone());
+            let held: BTreeMap<u64, usize> = swarm.hosts.get(&succ).map_or(BTreeMap::new(), |h| {
+                h.memory().requests.iter().map(|r| (r.request_id, r.pred_snapshot_tokens)).collect()
+            });
+            if current.stage(failed).is_some() {
+                swarm.kill(failed);
+            } else {
+                // No failure (a plan for another reason): the activations in flight are of the
+                // old epoch all the same.
+                swarm.queue.retain(|(_, e)| !matches!(e, Emit::Activation { .. }));
+            }
             next.requests = jobs
                 .iter()
                 .filter(|j| j.start <= taken && !j.done())
@@ -908,9 +918,8 @@ fn run_jobs(
             let decision = next.requests[0];
             (next.request_id, next.resume_position, next.replay_from) =
                 (decision.request_id, decision.resume_position, decision.replay_from);
-            let old = current.stage(failed).unwrap();
             let mut embeddings = Vec::new();
-            if current.tail_needs_gateway_replay(old) {
+            if current.stage(failed).is_some_and(|old| current.tail_needs_gateway_replay(old)) {
                 for (r, j) in next.requests.iter().zip(jobs.iter().filter(|j| j.start <= taken && !j.done())) {
                     embeddings.push(Emit::Replay {
                         failed: failed.into(),
@@ -924,6 +933,8 @@ fn run_jobs(
                     });
                 }
             }
+            // KV rows of the old epoch still held never arrive (the executors drop them).
+            (swarm.held, release_at) = (None, None);
             if let Some(later) = hold_kv {
                 swarm.held = Some(Vec::new());
                 release_at = Some(taken + later);
@@ -931,6 +942,9 @@ fn run_jobs(
             swarm.replayed.clear();
             swarm.apply_all(&next, embeddings);
             carried.push(next.requests.clone());
+            let mut waiting: Vec<u64> = swarm.hosts.values().flat_map(ShardHost::seeds_pending).collect();
+            waiting.sort_unstable();
+            seeds_pending.push(waiting);
             replayed.push(std::mem::take(&mut swarm.replayed));
             current = next;
             for j in &mut jobs {
@@ -960,7 +974,7 @@ fn run_jobs(
     for h in swarm.hosts.values() {
         assert!(h.memory().requests.is_empty() && !h.replica_pending(), "finished requests leave nothing behind");
     }
-    JobsRun { jobs, order, most_held, carried, replayed, served_while_pending }
+    JobsRun { jobs, order, most_held, carried, replayed, served_while_pending, seeds_pending }
 }
 
 /// The three requests of the runs below (ids, prompts, tokens, when each joins).
@@ -1098,6 +1112,39 @@ fn seeds_per_request_arrive_late_and_the_replicas_protect_the_next_failover() {
 }
 
 #[test]
+fn a_replica_short_for_some_requests_is_seeded_again_for_those_only() {
+    // uav2 dies after 4 outputs: uav1's new replica of layer 2 waits for the seeds of requests 11
+    // and 12, held back; request 13 starts meanwhile and runs through it from position 0. A new
+    // plan (same stages, no failure) comes before those seeds: the replica layer is short for 11
+    // and 12 (they start over there and wait for this epoch's seeds) and intact for 13 (its rows
+    // stay: reloading the layer would drop them). Then uav3 dies and uav1 runs layer 2 for all.
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let mut gateway = Gateway::load(&rt, &m).unwrap();
+    let first = plan(1, 0, 0, three_stages());
+    let second = plan(2, 0, 0, vec![stage("uav1", 0, 2, 1, 1), stage("uav3", 2, 2, 1, 1)]);
+    let third = SwarmPlan { epoch: 3, ..second.clone() };
+    let fourth = plan(4, 0, 0, vec![stage("uav1", 0, 4, 0, 0)]);
+    let want = {
+        let jobs = three_jobs(&mut gateway);
+        run_jobs(&rt, &m, &mut gateway, first.clone(), jobs, Vec::new())
+    }
+    .jobs;
+    let failures = vec![
+        Failure { at: 4, failed: "uav2", next: second, hold_kv: Some(100) },
+        Failure { at: 7, failed: "none", next: third, hold_kv: Some(3) },
+        Failure { at: 17, failed: "uav3", next: fourth, hold_kv: None },
+    ];
+    let got = {
+        let jobs = three_jobs(&mut gateway);
+        run_jobs(&rt, &m, &mut gateway, first, jobs, failures)
+    };
+    assert_same_outputs(&got, &want, &rt, &m, &mut gateway, "a re-plan before the seeds");
+    assert_eq!(got.carried.iter().map(Vec::len).collect::<Vec<_>>(), [2, 3, 3]);
+    assert_eq!(got.seeds_pending[1], vec![11, 12], "13 is intact on the replica: no seed");
+}
+
+#[test]
 fn a_plan_that_does_not_carry_a_request_drops_it_and_memory_has_one_entry_per_request() {
     let rt = runtime();
     let m = Manifest::load_variant(models(), "tiny").unwrap();
@@ -1132,6 +1179,8 @@ fn a_plan_that_does_not_carry_a_request_drops_it_and_memory_has_one_entry_per_re
     let carried = RequestResume { request_id: 21, resume_position: n + 3, replay_from: 0 };
     let second = SwarmPlan { requests: vec![carried], ..plan(2, 21, n + 3, three_stages()) };
     swarm.apply(&second, None);
+    // 22's snapshots still on their way when the plan came are dropped as stale.
+    assert!(!swarm.stale_kv.is_empty() && swarm.stale_kv.iter().all(|&r| r == 22), "{:?}", swarm.stale_kv);
     for (uav, host) in &swarm.hosts {
         let held: Vec<(u64, usize)> = host.memory().requests.iter().map(|r| (r.request_id, r.kv_tokens)).collect();
         assert_eq!(held, vec![(21, n + 3)], "{uav}");
