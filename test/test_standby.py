@@ -2,10 +2,11 @@
 own action client, in one keyed 2-UAV swarm with a primary and a standby scheduler:
 
 1. the primary answers a first request; the standby follows it (its spec, its tokens, its end);
-2. a second request runs; the primary is killed (SIGKILL) mid-answer; the standby takes over, the
-   client sends its goal again with the request id and the tokens it has (`resume_from`), and the
-   answer goes on token for token as `aerokv generate` gives it, no token twice; the time from the
-   kill to the next token is printed (not asserted: speed is not a test);
+2. two requests run at once; the primary is killed (SIGKILL) mid-answers; the standby takes over,
+   each client sends its goal again with its request id and the tokens it has (`resume_from`),
+   and each answer goes on token for token as `aerokv generate` gives it, no token twice (the
+   first on the executors' KV, the other fed again); the time from the kill to the next token is
+   printed (not asserted: speed is not a test);
 3. the first answer, finished under the primary, is resumed by its id from the standby;
 4. a battery monitor is killed mid-answer: its executor computes on, the answer is exact.
 The standby signs with its own key (`aerokv/standby_scheduler`) once it serves.
@@ -74,22 +75,27 @@ def test_the_standby_takes_over_mid_answer_and_resumes_by_id(rclpy_node, procs, 
     assert first.status == SUCCEEDED and list(r.token_ids) == refs[0], (r.error, primary.output())
     assert beats["primary"].state == "serving" and beats["primary"].auth.sender == "aerokv/scheduler"
 
-    # 2. The primary dies mid-answer; the client resumes from the standby by request id.
-    second = goal(PROMPTS[1])
-    second.handle()
-    assert spin_until(rclpy_node, lambda: len(contiguous([second])) >= 8, 120), primary.output()
+    # 2. The primary dies with two answers in flight; each client resumes from the standby by id.
+    second, beside = goal(PROMPTS[1]), goal(PROMPTS[0])
+    second.handle(), beside.handle()
+    assert spin_until(rclpy_node, lambda: len(contiguous([second])) >= 8 and len(contiguous([beside])) >= 2, 120), \
+        primary.output()
     rid, have = second.feedback[0].request_id, len(contiguous([second]))
+    rid_beside, have_beside = beside.feedback[0].request_id, len(contiguous([beside]))
     assert primary.stop(signal.SIGKILL) is not None
     killed_at = time.monotonic()
     assert spin_until(rclpy_node, lambda: beats["standby"].state == "serving", 10), standby.output()
     took_over = time.monotonic()
-    resumed = None
-    while resumed is None and time.monotonic() - took_over < 30:
-        # A goal sent before the standby's action server is matched is lost: sent again.
-        g = goal(PROMPTS[1], request_id=rid, resume_from=have)
-        if spin_until(rclpy_node, g.send.done, 0.5):
-            resumed = g
-    assert resumed is not None, standby.output()
+
+    def resume(prompt, request_id, start):
+        while time.monotonic() - took_over < 30:
+            # A goal sent before the standby's action server is matched is lost: sent again.
+            g = goal(prompt, request_id=request_id, resume_from=start)
+            if spin_until(rclpy_node, g.send.done, 0.5):
+                return g
+        raise AssertionError(standby.output())
+
+    resumed, resumed_beside = resume(PROMPTS[1], rid, have), resume(PROMPTS[0], rid_beside, have_beside)
     assert spin_until(rclpy_node, lambda: resumed.feedback, 30), standby.output()
     next_token_s = time.monotonic() - killed_at
     r = resumed.wait(180)
@@ -98,6 +104,10 @@ def test_the_standby_takes_over_mid_answer_and_resumes_by_id(rclpy_node, procs, 
     # early, each token once and in order; the result is the whole answer.
     fed = contiguous([second, resumed])
     assert list(r.token_ids) == refs[1] and len(fed) > have and fed == refs[1][:len(fed)], (r.text, standby.output())
+    r_beside = resumed_beside.wait(180)
+    assert resumed_beside.status == SUCCEEDED and list(r_beside.token_ids) == refs[0], (r_beside.error, standby.output())
+    fed = contiguous([beside, resumed_beside])
+    assert fed == refs[0][:len(fed)] and len(fed) > have_beside
     stats = json.loads(r.stats_json)
     takeover = [i for i in stats["incidents"] if i["mode"] == "takeover"]
     assert takeover and takeover[0]["token"] >= have, stats["incidents"]

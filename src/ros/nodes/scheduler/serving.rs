@@ -190,8 +190,16 @@ impl Scheduler {
             let (mut known, _) = self.desk.progress(run.request_id);
             known.truncate(r.have);
             run.known_tokens(&self.gateway, known);
-            self.join(&mut run);
-            add(&mut runs, run);
+            match standby::resume(run.tokens.len(), run.max_tokens, run.prompt_ids.len(), self.max_context) {
+                Resume::Finished(finish) => {
+                    let answer = self.answer(run, Ok(finish));
+                    self.desk.finish(&answer);
+                }
+                Resume::Continue { .. } => {
+                    self.join(&mut run);
+                    add(&mut runs, run);
+                }
+            }
         }
         let mut last_output = clock::now();
         let mut watch = clock::interval(Duration::from_millis(50));
