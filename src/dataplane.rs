@@ -1178,6 +1178,7 @@ fn sized(shard: &mut Shard, request: u64, context_tokens: usize, need: usize) ->
     }
     let capacity = shard.kv_capacity();
     if (shard.kv_len() == 0 && capacity != want) || want > capacity {
+        tracing::debug!(request, layers = ?shard.layers(), from = capacity, to = want, "KV caches sized");
         shard.set_kv_capacity(want)?;
     }
     Ok(())

@@ -494,6 +494,11 @@ impl Worker {
                 let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
                 st.ignored += 1;
                 tracing::warn!(count = st.ignored, "{full}");
+            } else if let Some(bad @ convert::ConvertError::ContextTokens { .. }) = e.downcast_ref() {
+                // A sender's wrong figure: this message is dropped, the epoch is served on.
+                let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                st.ignored += 1;
+                tracing::warn!(count = st.ignored, "message dropped: {bad}");
             } else if is_assignment || !self.host.ready() {
                 // This epoch cannot be served: say so, the scheduler re-plans.
                 tracing::error!("{e:#}");
