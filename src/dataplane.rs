@@ -263,15 +263,30 @@ pub fn step_at<'a>(prompt: &'a [u32], generated: &'a [u32], position: usize) -> 
 /// Something to send.
 #[derive(Debug)]
 pub enum Emit {
-    /// Hidden states entering layer `boundary`, encoded; `to` is its owner, `None` = back to the gateway.
-    Activation { to: Option<String>, boundary: usize, request_id: u64, position: usize, hidden: Encoded },
+    /// Hidden states entering layer `boundary`, encoded; `to` is its owner, `None` = back to the
+    /// gateway. `context_tokens`: the request's KV capacity as this UAV learned it (0 = unknown).
+    Activation {
+        to: Option<String>,
+        boundary: usize,
+        request_id: u64,
+        position: usize,
+        hidden: Encoded,
+        context_tokens: usize,
+    },
     /// KV rows for `holder`: a boundary snapshot of this UAV's tail (to its successor) or the
     /// seed of a new head replica (to its predecessor).
     Kv { holder: String, request_id: u64, rows: KvRows },
     /// Buffered inputs of the failed successor's tail entering layer `boundary`, for its
     /// recovering successor. All of them in one message (bursts of small messages overflow
     /// subscription queues), as `(position, chunk)` in order.
-    Replay { failed: String, to: String, boundary: usize, request_id: u64, chunks: Vec<(usize, Encoded)> },
+    Replay {
+        failed: String,
+        to: String,
+        boundary: usize,
+        request_id: u64,
+        chunks: Vec<(usize, Encoded)>,
+        context_tokens: usize,
+    },
 }
 
 /// Finished requests a host remembers (the most recent ones): their stragglers are dropped.
@@ -303,6 +318,9 @@ struct Context {
     seed_inputs: Vec<(usize, Encoded)>,
     /// Seeds and snapshots to send once the native layers are complete.
     announce: bool,
+    /// The request's prompt + maximum answer, from its activations (the largest figure seen;
+    /// 0 = unknown): the capacity of its caches on every layer here (docs/design.md, Memory).
+    context_tokens: usize,
 }
 
 #[derive(Debug)]
@@ -466,6 +484,16 @@ impl ShardHost {
         let Some(me) = plan.stage(&self.uav) else { return 0 };
         plan.layers(me).iter().filter_map(|l| self.pieces.get(l)).map(|s| rows_of(s, request)).min().unwrap_or(0)
     }
+    /// The capacity of `request`'s KV caches on every loaded layer where they are allocated,
+    /// `(layer, tokens)` in layer order.
+    pub fn kv_capacity(&self, request: u64) -> Vec<(usize, usize)> {
+        self.pieces.iter().filter_map(|(&l, s)| s.kv_capacity_of(request).map(|c| (l, c))).collect()
+    }
+    /// KV bytes allocated on this UAV, every request's caches at their capacities (address
+    /// space; pages become resident as rows are written).
+    pub fn kv_reserved_bytes(&self) -> u64 {
+        self.pieces.values().map(|s| s.memory_bytes().kv_reserved_bytes).sum()
+    }
     /// What this UAV holds: the weights of its loaded layers (one [`Shard`] per absolute layer,
     /// so a layer that is both native and replica, or a replica promoted to native, is loaded
     /// once) and, for every request it holds, its KV rows, the predecessor's tail snapshot and
@@ -541,6 +569,14 @@ impl ShardHost {
             }
         }
         self.contexts.entry(request).or_default()
+    }
+
+    /// The context of `request` (made if it has none) learns its `context_tokens` (the largest
+    /// figure seen; 0 = unknown): returns what its caches are sized for.
+    fn learn(&mut self, request: u64, context_tokens: usize) -> usize {
+        let c = self.open(request);
+        c.context_tokens = c.context_tokens.max(context_tokens);
+        c.context_tokens
     }
 
     /// Forgets `request`: its KV caches on every layer, its snapshot, buffer and recovery work.
@@ -648,6 +684,7 @@ impl ShardHost {
                                 boundary,
                                 request_id: r.request_id,
                                 chunks,
+                                context_tokens: c.context_tokens,
                             });
                         }
                     }
@@ -747,7 +784,8 @@ impl ShardHost {
                 let snap = c.pred_snapshot.as_ref().and_then(|s| layer_rows(s, layer).map(|r| (s, r)));
                 let upto = snap.map_or(0, |(s, _)| s.tokens.min(c.resume));
                 if let (Some((s, rows)), Some(shard)) = (snap, self.pieces.get_mut(&layer)) {
-                    shard.switch_request(id)?;
+                    // Sized for the request's figure (unknown here: the model's context).
+                    sized(shard, id, c.context_tokens, upto)?;
                     shard.import_kv(&single_layer(s, rows, upto))?;
                 }
                 from = from.min(upto);
@@ -795,7 +833,7 @@ impl ShardHost {
     fn complete(&mut self, request: u64) -> Result<Vec<Emit>> {
         let Some(plan) = &self.plan else { return Ok(Vec::new()) };
         let Some(c) = self.contexts.get_mut(&request) else { return Ok(Vec::new()) };
-        let p = c.resume;
+        let (p, want) = (c.resume, c.context_tokens);
         if let Some(r) = &c.replay {
             // Complete when every segment's chunks cover [from, p) exactly.
             let covers = |seg: &Segment| {
@@ -818,7 +856,7 @@ impl ShardHost {
                 for (&pos, h) in seg.chunks.range(r.from..p) {
                     // One chunk at a time, as the failed UAV computed them (exactness).
                     let x = decode(self.codec, h)?;
-                    run_layers(&mut self.pieces, self.codec, &seg.layers, request, x, pos)?;
+                    run_layers(&mut self.pieces, self.codec, &seg.layers, request, want, x, pos)?;
                 }
             }
         }
@@ -849,12 +887,15 @@ impl ShardHost {
     /// the output for the next stage (or the gateway). Call [`ShardHost::snapshot_due`] once it
     /// is on its way. Position 0 of a request not held starts it; a later position of one, or
     /// any of a finished one, is [`DataPlaneError::StaleRequest`].
+    /// `context_tokens` is the request's prompt + maximum answer as the message carries it (0 =
+    /// unknown): the capacity of its caches here ([`ShardHost::kv_capacity`]).
     pub fn on_input(
         &mut self,
         request_id: u64,
         boundary: usize,
         position: usize,
         input: &Encoded,
+        context_tokens: usize,
     ) -> Result<Vec<Emit>> {
         // Runs once per token: the route comes from a borrow of the plan, not a copy of it.
         let (misrouted, end, to, num_layers) = {
@@ -882,14 +923,14 @@ impl ShardHost {
             }
         }
         let x = decode(self.codec, input)?;
-        self.open(request_id);
+        let context_tokens = self.learn(request_id, context_tokens);
         (self.recent, self.stepped) = (request_id, Some(request_id));
         let started = std::time::Instant::now();
         let layers: Vec<usize> = (boundary..end).collect();
-        let y = run_layers(&mut self.pieces, self.codec, &layers, request_id, x, position)?;
+        let y = run_layers(&mut self.pieces, self.codec, &layers, request_id, context_tokens, x, position)?;
         let hidden = self.encode(&y)?;
         self.account(started.elapsed(), end - boundary, input.rows());
-        Ok(vec![Emit::Activation { to, boundary: end % num_layers, request_id, position, hidden }])
+        Ok(vec![Emit::Activation { to, boundary: end % num_layers, request_id, position, hidden, context_tokens }])
     }
 
     /// The successor's input: compute its head replica and buffer the output (its tail's input).
@@ -900,6 +941,7 @@ impl ShardHost {
         boundary: usize,
         position: usize,
         input: &Encoded,
+        context_tokens: usize,
     ) -> Result<()> {
         let succ_has_tail = match self.plan.as_ref().map(|p| (p, p.succ(&self.uav))) {
             Some((plan, Some(succ))) if succ.uav != self.uav && boundary == succ.start => {
@@ -912,6 +954,7 @@ impl ShardHost {
         if let Some(c) = self.contexts.get_mut(&request_id).filter(|c| !c.seed_layers.is_empty()) {
             // Checked now (a malformed input is refused as it would be seeded), computed later.
             decode(codec, input)?;
+            c.context_tokens = c.context_tokens.max(context_tokens);
             c.seed_inputs.push((position, input.clone()));
             return Ok(());
         }
@@ -921,17 +964,24 @@ impl ShardHost {
                 return Err(DataPlaneError::Duplicate { request: request_id, position, layer: first, held });
             }
         }
-        self.run_replica(request_id, position, input, succ_has_tail)
+        self.run_replica(request_id, position, input, succ_has_tail, context_tokens)
     }
 
     /// The head replica's step for the successor's input at `position`, and the buffered input of
     /// the successor's tail.
-    fn run_replica(&mut self, request_id: u64, position: usize, input: &Encoded, succ_has_tail: bool) -> Result<()> {
+    fn run_replica(
+        &mut self,
+        request_id: u64,
+        position: usize,
+        input: &Encoded,
+        succ_has_tail: bool,
+        context_tokens: usize,
+    ) -> Result<()> {
         let head = self.replica_layers();
         let x = decode(self.codec, input)?;
-        self.open(request_id);
+        let context_tokens = self.learn(request_id, context_tokens);
         let started = std::time::Instant::now();
-        let y = run_layers(&mut self.pieces, self.codec, &head, request_id, x, position)?;
+        let y = run_layers(&mut self.pieces, self.codec, &head, request_id, context_tokens, x, position)?;
         self.account(started.elapsed(), head.len(), input.rows());
         // With no head (K = 0) the tail's input is the stage input itself. A tail that starts
         // at layer 0 is fed by the gateway: the scheduler replays it.
@@ -948,7 +998,11 @@ impl ShardHost {
     pub fn on_kv(&mut self, source: &str, request_id: u64, rows: KvRows) -> Result<Vec<Emit>> {
         let Some(plan) = self.plan.clone() else { return Ok(Vec::new()) };
         if !self.contexts.contains_key(&request_id) {
-            let carried = plan.carried().iter().any(|r| r.request_id == request_id);
+            // Carried by the plan, or the current predecessor's first snapshot of a request
+            // whose first activation has not arrived here yet (it may overtake it): taken.
+            let carried = plan.carried().iter().any(|r| r.request_id == request_id)
+                || (plan.pred(&self.uav).is_some_and(|p| p.uav == source && p.uav != self.uav)
+                    && !self.is_finished(request_id));
             if rows.token_start != 0 || !carried {
                 let why = if self.is_finished(request_id) { Stale::Finished } else { Stale::NotStarted };
                 return Err(DataPlaneError::StaleRequest { request: request_id, position: rows.token_start, why });
@@ -963,13 +1017,14 @@ impl ShardHost {
             && !c.seed_layers.is_empty()
             && c.seed_layers.iter().all(|&l| layer_rows(&rows, l).is_some());
         if seed {
+            let want = c.context_tokens;
             for layer in std::mem::take(&mut c.seed_layers) {
                 let shard = self
                     .pieces
                     .get_mut(&layer)
                     .ok_or_else(|| DataPlaneError::Plan(format!("seed for layer {layer}, not loaded")))?;
                 if let Some(r) = layer_rows(&rows, layer) {
-                    shard.switch_request(request_id)?;
+                    sized(shard, request_id, want, rows.token_start + rows.tokens)?;
                     shard.import_kv(&single_layer(&rows, r, rows.tokens))?;
                 }
             }
@@ -978,7 +1033,7 @@ impl ShardHost {
             let succ_has_tail = plan.succ(&self.uav).is_some_and(|s| plan.tail_input_from_pred(s).is_some());
             for (position, input) in caught_up {
                 if position >= rows.tokens {
-                    self.run_replica(request_id, position, &input, succ_has_tail)?;
+                    self.run_replica(request_id, position, &input, succ_has_tail, 0)?;
                 }
             }
         }
@@ -1016,7 +1071,11 @@ impl ShardHost {
         boundary: usize,
         request_id: u64,
         chunks: Vec<(usize, Encoded)>,
+        context_tokens: usize,
     ) -> Result<Vec<Emit>> {
+        if let Some(c) = self.contexts.get_mut(&request_id) {
+            c.context_tokens = c.context_tokens.max(context_tokens);
+        }
         let pending = self.contexts.get_mut(&request_id).and_then(|c| c.replay.as_mut()).filter(|r| r.failed == failed);
         tracing::debug!(
             failed,
@@ -1084,11 +1143,13 @@ impl ShardHost {
 /// layer switched to that request's caches first). Every layer after the first is fed its
 /// predecessor's output as `codec` delivers it (module comment: exactness). With no layers, `x`
 /// itself.
+#[allow(clippy::too_many_arguments)]
 fn run_layers(
     pieces: &mut BTreeMap<usize, Shard>,
     codec: ActivationCodec,
     layers: &[usize],
     request: u64,
+    context_tokens: usize,
     mut x: Hidden,
     position: usize,
 ) -> Result<Hidden> {
@@ -1097,10 +1158,30 @@ fn run_layers(
             x = Hidden::new(codec.round_trip(x.as_slice(), x.width())?, x.width())?;
         }
         let shard = pieces.get_mut(layer).ok_or_else(|| DataPlaneError::Plan(format!("layer {layer} not loaded")))?;
-        shard.switch_request(request)?;
+        sized(shard, request, context_tokens, position + x.tokens())?;
         x = shard.forward(&x, position)?;
     }
     Ok(x)
+}
+
+/// Makes `request`'s caches on `shard` the current ones, with room for `context_tokens` (its
+/// prompt + maximum answer; 0 = unknown: the model's context): a context that holds no rows yet
+/// is sized to it, one that holds rows grows when the figure grew (rows are copied; the bits of
+/// a step do not depend on the capacity), never shrinks. A step past the figure (a figure too
+/// small) gets the model's context at once rather than a copy per token.
+fn sized(shard: &mut Shard, request: u64, context_tokens: usize, need: usize) -> Result<()> {
+    shard.switch_request(request)?;
+    let max = shard.architecture().max_context;
+    let mut want = if context_tokens == 0 { max } else { context_tokens.min(max) };
+    if need > want {
+        want = max;
+    }
+    let capacity = shard.kv_capacity();
+    if (shard.kv_len() == 0 && capacity != want) || want > capacity {
+        tracing::debug!(request, layers = ?shard.layers(), from = capacity, to = want, "KV caches sized");
+        shard.set_kv_capacity(want)?;
+    }
+    Ok(())
 }
 
 /// Rows of `request`'s tokens `tokens` on `layers`, in pipeline order: a wrapped interval

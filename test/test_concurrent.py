@@ -92,6 +92,13 @@ def test_concurrent_clients_kill_and_admission(rclpy_node, procs, reference, tmp
     rclpy_node.create_subscription(Assignment, "/aerokv/assignment", lambda m: latest.update(a=m), LATCHED)
     for u in uavs:
         rclpy_node.create_subscription(Heartbeat, f"/{u}/heartbeat", beat, qos_profile_sensor_data)
+    # The KV capacity every stage input (the gateway's and each executor's) carries, per request.
+    from aerokv.msg import Activation
+    sized = {}
+    for u in uavs:
+        rclpy_node.create_subscription(Activation, f"/{u}/input",
+                                       lambda m: sized.setdefault(m.request_id, set()).add(m.context_tokens),
+                                       QoSProfile(depth=64, reliability=ReliabilityPolicy.RELIABLE))
     assert spin_until(rclpy_node, lambda: "a" in latest and len(latest["a"].ring) == 3, 90), control.output()
     client = ActionClient(rclpy_node, Generate, "/aerokv/generate")
     assert client.wait_for_server(timeout_sec=30)
@@ -133,6 +140,9 @@ def test_concurrent_clients_kill_and_admission(rclpy_node, procs, reference, tmp
     results = exact(goals)
     peaks = [json.loads(r.stats_json)["peak_running"] for r in results]
     assert peaks == [3, 3, 3], peaks
+    # Each request's caches are sized for it: every stage input carried prompt + max_tokens.
+    want = {r.request_id: {min(len(r.prompt_ids) + MAX_TOKENS, 8192)} for r in results}
+    assert {i: sized.get(i) for i in want} == want, (sized, want)
     # Memory accounted per request: while they ran, each executor held the three requests' KV.
     held = {u: sorted(k.request_id for k in b.kv) for u, b in busiest.items()}
     assert all(len(ids) == 3 for ids in held.values()) and len(held) == 3, held

@@ -52,6 +52,10 @@ struct Swarm {
     held: Option<Vec<(String, Emit)>>,
     /// The requests of KV rows dropped as stale.
     stale_kv: Vec<u64>,
+    /// What the gateway sends as each request's `context_tokens` (absent: 0, unknown).
+    context: BTreeMap<u64, usize>,
+    /// KV rows overtake the activations queued before them (another topic: nothing orders them).
+    kv_first: bool,
 }
 
 impl Swarm {
@@ -62,6 +66,15 @@ impl Swarm {
 
     /// [`Swarm::apply`] with any number of messages from the scheduler.
     fn apply_all(&mut self, plan: &SwarmPlan, gateway: impl IntoIterator<Item = Emit>) {
+        // KV rows sent in the previous epoch and not delivered yet: the executors drop them
+        // (older epoch), counted here as stale.
+        let (old, rest): (VecDeque<_>, VecDeque<_>) =
+            std::mem::take(&mut self.queue).into_iter().partition(|(_, e)| matches!(e, Emit::Kv { .. }));
+        self.stale_kv.extend(old.iter().filter_map(|(_, e)| match e {
+            Emit::Kv { request_id, .. } => Some(*request_id),
+            _ => None,
+        }));
+        self.queue = rest;
         let names: Vec<String> = self.hosts.keys().cloned().collect();
         for name in names {
             let emits = self.hosts.get_mut(&name).unwrap().apply_plan(plan.clone()).unwrap();
@@ -86,20 +99,32 @@ impl Swarm {
             hop_tokens: 0,
             held: None,
             stale_kv: Vec::new(),
+            context: BTreeMap::new(),
+            kv_first: false,
         }
     }
 
     /// The stage input goes to its owner and to the holder of the owner's head replica.
-    fn input(&mut self, plan: &SwarmPlan, to: &str, boundary: usize, request: u64, position: usize, hidden: &Encoded) {
+    #[allow(clippy::too_many_arguments)]
+    fn input(
+        &mut self,
+        plan: &SwarmPlan,
+        to: &str,
+        boundary: usize,
+        request: u64,
+        position: usize,
+        hidden: &Encoded,
+        context: usize,
+    ) {
         self.hop_bytes += hidden.bytes().len();
         self.hop_tokens += hidden.rows();
         if let Some(pred) = plan.pred(to).map(|s| s.uav.clone()).filter(|p| p != to) {
             if let Some(h) = self.hosts.get_mut(&pred) {
-                h.on_successor_input(request, boundary, position, hidden).unwrap();
+                h.on_successor_input(request, boundary, position, hidden, context).unwrap();
             }
         }
         let host = self.hosts.get_mut(to).expect("input for a live host");
-        let output = host.on_input(request, boundary, position, hidden).unwrap();
+        let output = host.on_input(request, boundary, position, hidden, context).unwrap();
         let snapshot = host.snapshot_due().unwrap();
         self.queue.extend(output.into_iter().chain(snapshot).map(|e| (to.to_string(), e)));
     }
@@ -112,7 +137,9 @@ impl Swarm {
     /// [`Swarm::drain`], with the request and position the output is for.
     fn drain_any(&mut self) -> Option<(u64, usize, Hidden)> {
         let plan = self.hosts.values().next()?.plan()?.clone();
-        while let Some((from, e)) = self.queue.pop_front() {
+        loop {
+            let kv = self.queue.iter().position(|(_, e)| matches!(e, Emit::Kv { .. })).filter(|_| self.kv_first);
+            let Some((from, e)) = self.queue.remove(kv.unwrap_or(0)) else { break };
             match e {
                 Emit::Activation { to: None, hidden, request_id, position, .. } => {
                     self.hop_bytes += hidden.bytes().len();
@@ -123,8 +150,8 @@ impl Swarm {
                         Hidden::new(hidden.decode().unwrap(), hidden.width()).unwrap(),
                     ));
                 }
-                Emit::Activation { to: Some(to), boundary, request_id, position, hidden } => {
-                    self.input(&plan, &to, boundary, request_id, position, &hidden)
+                Emit::Activation { to: Some(to), boundary, request_id, position, hidden, context_tokens } => {
+                    self.input(&plan, &to, boundary, request_id, position, &hidden, context_tokens)
                 }
                 e @ Emit::Kv { .. } if self.held.is_some() => self.held.as_mut().unwrap().push((from, e)),
                 Emit::Kv { holder, request_id, rows } => {
@@ -138,10 +165,10 @@ impl Swarm {
                         }
                     }
                 }
-                Emit::Replay { failed, to, boundary, request_id, chunks } => {
+                Emit::Replay { failed, to, boundary, request_id, chunks, context_tokens } => {
                     self.replayed.extend(chunks.iter().map(|(pos, h)| (request_id, *pos, h.rows())));
-                    let emits =
-                        self.hosts.get_mut(&to).unwrap().on_replay(&failed, boundary, request_id, chunks).unwrap();
+                    let host = self.hosts.get_mut(&to).unwrap();
+                    let emits = host.on_replay(&failed, boundary, request_id, chunks, context_tokens).unwrap();
                     self.queue.extend(emits.into_iter().map(|e| (to.clone(), e)));
                 }
             }
@@ -158,7 +185,8 @@ impl Swarm {
     fn send_request(&mut self, plan: &SwarmPlan, gateway: &mut Gateway, request: u64, ids: &[u32], position: usize) {
         let first = plan.first().unwrap().uav.clone();
         let embedded = encode(self.codec, &gateway.embed(ids).unwrap());
-        self.input(plan, &first, 0, request, position, &embedded);
+        let context = self.context.get(&request).copied().unwrap_or(0);
+        self.input(plan, &first, 0, request, position, &embedded, context);
     }
 
     /// Held KV rows go out now, ahead of what is queued, in the order they were sent.
@@ -391,6 +419,7 @@ fn run_with_failure(
                     .into_iter()
                     .map(|(pos, ids)| (pos, encode(codec, &gateway.embed(ids).unwrap())))
                     .collect(),
+                context_tokens: 0,
             });
             swarm.apply(&next, embeddings);
             current = next;
@@ -536,10 +565,10 @@ fn an_activation_in_another_codec_than_the_plans_is_refused() {
     host.set_activation_codec(ActivationCodec::Int8);
     host.apply_plan(plan(1, 1, 0, vec![stage("uav1", 0, 4, 0, 0)])).unwrap();
     let raw = Encoded::encode(ActivationCodec::Raw, &vec![0.5; width], width).unwrap();
-    let e = host.on_input(1, 0, 0, &raw).unwrap_err().to_string();
+    let e = host.on_input(1, 0, 0, &raw, 0).unwrap_err().to_string();
     assert!(e.contains("codec raw, but the plan's codec is int8"), "{e}");
     let int8 = Encoded::encode(ActivationCodec::Int8, &vec![0.5; width], width).unwrap();
-    let out = host.on_input(1, 0, 0, &int8).unwrap();
+    let out = host.on_input(1, 0, 0, &int8, 0).unwrap();
     assert!(matches!(&out[..], [Emit::Activation { to: None, hidden, .. }] if hidden.codec() == ActivationCodec::Int8));
     // A codec change forgets the request's KV: resuming it is refused, not computed differently.
     host.set_activation_codec(ActivationCodec::F16);
@@ -559,17 +588,17 @@ fn stragglers_and_repeated_inputs_are_dropped_without_touching_the_state() {
         [Emit::Activation { hidden, .. }] => hidden.clone(),
         other => panic!("{other:?}"),
     };
-    let first = host.on_input(2, 0, 0, &x(0.5)).unwrap();
-    host.on_input(2, 0, 1, &x(0.25)).unwrap();
+    let first = host.on_input(2, 0, 0, &x(0.5), 0).unwrap();
+    host.on_input(2, 0, 1, &x(0.25), 0).unwrap();
     // The step at position 0 again (a resent copy): dropped, the caches keep their 2 tokens.
-    let e = host.on_input(2, 0, 0, &x(0.5)).unwrap_err();
+    let e = host.on_input(2, 0, 0, &x(0.5), 0).unwrap_err();
     assert!(
         e.is_stale() && matches!(e, DataPlaneError::Duplicate { request: 2, position: 0, layer: 0, held: 2 }),
         "{e}"
     );
     assert_eq!(host.kv_tokens(2), 2);
     // A request not held, past its first step (a straggler of a request a plan dropped): stale.
-    let e = host.on_input(1, 0, 2, &x(0.5)).unwrap_err();
+    let e = host.on_input(1, 0, 2, &x(0.5), 0).unwrap_err();
     assert!(
         e.is_stale() && matches!(e, DataPlaneError::StaleRequest { request: 1, position: 2, why: Stale::NotStarted }),
         "{e}"
@@ -577,18 +606,18 @@ fn stragglers_and_repeated_inputs_are_dropped_without_touching_the_state() {
     assert_eq!((host.kv_tokens(2), host.kv_tokens(1), host.requests()), (2, 0, vec![2]));
     // The next position still runs; a new request starts from nothing at position 0 (no plan
     // needed) and gives the first output again; request 2 keeps its rows.
-    host.on_input(2, 0, 2, &x(0.125)).unwrap();
-    let again = host.on_input(3, 0, 0, &x(0.5)).unwrap();
+    host.on_input(2, 0, 2, &x(0.125), 0).unwrap();
+    let again = host.on_input(3, 0, 0, &x(0.5), 0).unwrap();
     assert_eq!(out(&first), out(&again));
     assert_eq!((host.kv_tokens(2), host.kv_tokens(3), host.requests()), (3, 1, vec![2, 3]));
     // An older id is no straggler: it starts too.
-    host.on_input(1, 0, 0, &x(0.5)).unwrap();
+    host.on_input(1, 0, 0, &x(0.5), 0).unwrap();
     assert_eq!(host.requests(), vec![1, 2, 3]);
     // A finished request: freed, and every late message of it is stale, position 0 included.
     host.finish_request(2);
     assert_eq!((host.kv_tokens(2), host.requests()), (0, vec![1, 3]));
     for position in [3, 0] {
-        let e = host.on_input(2, 0, position, &x(0.5)).unwrap_err();
+        let e = host.on_input(2, 0, position, &x(0.5), 0).unwrap_err();
         assert!(
             e.is_stale() && matches!(e, DataPlaneError::StaleRequest { request: 2, why: Stale::Finished, .. }),
             "{e}"
@@ -596,11 +625,11 @@ fn stragglers_and_repeated_inputs_are_dropped_without_touching_the_state() {
     }
     assert_eq!(host.memory().requests.iter().map(|r| r.request_id).collect::<Vec<_>>(), vec![1, 3]);
     // The other requests carry on where they were.
-    let next = host.on_input(3, 0, 1, &x(0.25)).unwrap();
+    let next = host.on_input(3, 0, 1, &x(0.25), 0).unwrap();
     let mut alone = ShardHost::new(runtime(), Manifest::load_variant(models(), "tiny").unwrap(), "uav1").unwrap();
     alone.apply_plan(plan(1, 0, 0, vec![stage("uav1", 0, 4, 0, 0)])).unwrap();
-    alone.on_input(7, 0, 0, &x(0.5)).unwrap();
-    assert_eq!(out(&next), out(&alone.on_input(7, 0, 1, &x(0.25)).unwrap()));
+    alone.on_input(7, 0, 0, &x(0.5), 0).unwrap();
+    assert_eq!(out(&next), out(&alone.on_input(7, 0, 1, &x(0.25), 0).unwrap()));
 }
 
 #[test]
@@ -811,12 +840,25 @@ struct Job {
     in_flight: usize,
     /// Every output, in position order: compared bit by bit between runs.
     outputs: Vec<Hidden>,
+    /// The `context_tokens` the gateway sends for it (0: unknown).
+    context: usize,
 }
 
 impl Job {
     fn new(id: u64, gateway: &mut Gateway, user: &str, n: usize, start: usize) -> Job {
         let prompt = gateway.encode_chat(user).unwrap();
-        Job { id, prompt, n, start, got: Vec::new(), position: 0, sent_until: 0, in_flight: 0, outputs: Vec::new() }
+        Job {
+            id,
+            prompt,
+            n,
+            start,
+            got: Vec::new(),
+            position: 0,
+            sent_until: 0,
+            in_flight: 0,
+            outputs: Vec::new(),
+            context: 0,
+        }
     }
     fn done(&self) -> bool {
         self.got.len() == self.n
@@ -864,6 +906,10 @@ struct JobsRun {
     served_while_pending: usize,
     /// After each new plan, the requests whose head replica waits for a seed (on any UAV).
     seeds_pending: Vec<Vec<u64>>,
+    /// Every KV capacity each request's caches had, on any UAV and layer, over the run.
+    capacities: BTreeMap<u64, BTreeSet<usize>>,
+    /// Most KV bytes the swarm had allocated at once (every UAV's caches at their capacities).
+    most_reserved: u64,
 }
 
 /// Runs `jobs` through the swarm of `first` at once, each keeping up to [`WINDOW`] steps in
@@ -876,11 +922,27 @@ fn run_jobs(
     m: &Manifest,
     gateway: &mut Gateway,
     first: SwarmPlan,
+    jobs: Vec<Job>,
+    failures: Vec<Failure>,
+) -> JobsRun {
+    run_jobs_with(rt, m, gateway, first, jobs, failures, false)
+}
+
+/// [`run_jobs`]; `kv_first`: KV rows overtake the activations sent before them.
+fn run_jobs_with(
+    rt: &Runtime,
+    m: &Manifest,
+    gateway: &mut Gateway,
+    first: SwarmPlan,
     mut jobs: Vec<Job>,
     failures: Vec<Failure>,
+    kv_first: bool,
 ) -> JobsRun {
     let hosts = first.stages.iter().map(|s| (s.uav.clone(), ShardHost::new(rt.clone(), m.clone(), &s.uav).unwrap()));
     let mut swarm = Swarm::new(hosts, ActivationCodec::Raw);
+    swarm.kv_first = kv_first;
+    swarm.context = jobs.iter().filter(|j| j.context > 0).map(|j| (j.id, j.context)).collect();
+    let (mut capacities, mut most_reserved) = (BTreeMap::<u64, BTreeSet<usize>>::new(), 0);
     swarm.apply(&first, None);
     let mut current = first;
     let mut failures = VecDeque::from(failures);
@@ -930,6 +992,7 @@ fn run_jobs(
                             .into_iter()
                             .map(|(pos, ids)| (pos, encode(ActivationCodec::Raw, &gateway.embed(ids).unwrap())))
                             .collect(),
+                        context_tokens: swarm.context.get(&j.id).copied().unwrap_or(0),
                     });
                 }
             }
@@ -959,6 +1022,12 @@ fn run_jobs(
             break;
         }
         let (id, position, out) = swarm.drain_any().expect("a step in flight answers");
+        for h in swarm.hosts.values() {
+            for r in h.requests() {
+                capacities.entry(r).or_default().extend(h.kv_capacity(r).into_iter().map(|(_, c)| c));
+            }
+        }
+        most_reserved = most_reserved.max(swarm.hosts.values().map(ShardHost::kv_reserved_bytes).sum());
         let j = jobs.iter_mut().find(|j| j.id == id).unwrap();
         j.take(gateway, position, out);
         if j.done() {
@@ -974,7 +1043,17 @@ fn run_jobs(
     for h in swarm.hosts.values() {
         assert!(h.memory().requests.is_empty() && !h.replica_pending(), "finished requests leave nothing behind");
     }
-    JobsRun { jobs, order, most_held, carried, replayed, served_while_pending, seeds_pending }
+    JobsRun {
+        jobs,
+        order,
+        most_held,
+        carried,
+        replayed,
+        served_while_pending,
+        seeds_pending,
+        capacities,
+        most_reserved,
+    }
 }
 
 /// The three requests of the runs below (ids, prompts, tokens, when each joins).
@@ -1188,11 +1267,11 @@ fn a_plan_that_does_not_carry_a_request_drops_it_and_memory_has_one_entry_per_re
     }
     // 22's stragglers are stale; it may start again from position 0, and gives the same output.
     let x = encode(ActivationCodec::Raw, &gateway.embed(&[42]).unwrap());
-    let e = swarm.hosts.get_mut("uav1").unwrap().on_input(22, 0, n + 1, &x).unwrap_err();
+    let e = swarm.hosts.get_mut("uav1").unwrap().on_input(22, 0, n + 1, &x, 0).unwrap_err();
     assert!(matches!(e, DataPlaneError::StaleRequest { request: 22, why: Stale::NotStarted, .. }), "{e}");
-    let e = swarm.hosts.get_mut("uav3").unwrap().on_successor_input(22, 1, n + 1, &x);
+    let e = swarm.hosts.get_mut("uav3").unwrap().on_successor_input(22, 1, n + 1, &x, 0);
     assert!(e.is_ok(), "uav3 replicates nobody's head: not its successor's input");
-    let e = swarm.hosts.get_mut("uav1").unwrap().on_successor_input(22, 1, n + 1, &x).unwrap_err();
+    let e = swarm.hosts.get_mut("uav1").unwrap().on_successor_input(22, 1, n + 1, &x, 0).unwrap_err();
     assert!(matches!(e, DataPlaneError::StaleRequest { request: 22, .. }), "{e}");
     swarm.send_request(&second, &mut gateway, 22, &prompt, 0);
     assert!(swarm.drain().unwrap().bit_identical(&outputs[&22]));
@@ -1211,14 +1290,123 @@ fn a_host_holds_at_most_the_carried_requests_bound_and_refuses_more() {
     host.apply_plan(plan(1, 0, 0, vec![stage("uav1", 0, 1, 0, 0), stage("uav2", 1, 3, 0, 0)])).unwrap();
     let x = Encoded::encode(ActivationCodec::Raw, &vec![0.5; width], width).unwrap();
     for id in 1..=MAX_CARRIED_REQUESTS as u64 {
-        host.on_input(id, 0, 0, &x).unwrap();
+        host.on_input(id, 0, 0, &x, 0).unwrap();
     }
-    let e = host.on_input(1000, 0, 0, &x).unwrap_err();
+    let e = host.on_input(1000, 0, 0, &x, 0).unwrap_err();
     assert!(!e.is_stale() && matches!(e, DataPlaneError::TooManyRequests { request: 1000, held: 64 }), "{e}");
     assert_eq!(host.requests().len(), MAX_CARRIED_REQUESTS);
     // The requests held are served on; a finished one makes room.
-    host.on_input(5, 0, 1, &x).unwrap();
+    host.on_input(5, 0, 1, &x, 0).unwrap();
     host.finish_request(5);
-    host.on_input(1000, 0, 0, &x).unwrap();
+    host.on_input(1000, 0, 0, &x, 0).unwrap();
     assert_eq!(host.kv_tokens(1000), 1);
+}
+
+#[test]
+fn each_requests_caches_are_sized_for_its_context_tokens_and_the_outputs_do_not_change() {
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let max = m.architecture.max_context;
+    let mut gateway = Gateway::load(&rt, &m).unwrap();
+    let first = plan(1, 0, 0, three_stages());
+    let jobs = three_jobs(&mut gateway);
+    let unknown = run_jobs(&rt, &m, &mut gateway, first.clone(), jobs, Vec::new());
+    // The gateway knows each request's prompt + maximum answer (one of them with room to spare).
+    let mut jobs = three_jobs(&mut gateway);
+    for (j, spare) in jobs.iter_mut().zip([0, 5, 0]) {
+        j.context = j.prompt.len() + j.n + spare;
+    }
+    let want: BTreeMap<u64, BTreeSet<usize>> = jobs.iter().map(|j| (j.id, BTreeSet::from([j.context]))).collect();
+    let sized = run_jobs(&rt, &m, &mut gateway, first, jobs, Vec::new());
+    assert_eq!(sized.capacities, want, "every layer of every UAV, for each request its own figure");
+    let everywhere: BTreeMap<u64, BTreeSet<usize>> = want.keys().map(|&id| (id, BTreeSet::from([max]))).collect();
+    assert_eq!(unknown.capacities, everywhere, "unknown: the model's context");
+    assert_same_outputs(&sized, &unknown.jobs, &rt, &m, &mut gateway, "sized caches");
+    // What the swarm reserved at most: the three requests' figures, not three model contexts.
+    let per_token = m.architecture.kv_bytes_per_token_per_layer();
+    let layers = m.architecture.layers as u64;
+    // Every layer once plus the head replicas of uav2 (layer 1, on uav1) and uav1 (layer 0, on uav3).
+    let most = |figures: &[usize]| figures.iter().map(|&f| f as u64).sum::<u64>() * (layers + 2) * per_token;
+    let figures: Vec<usize> = want.values().flatten().copied().collect();
+    assert!(sized.most_reserved <= most(&figures), "{} > {}", sized.most_reserved, most(&figures));
+    assert_eq!(unknown.most_reserved, most(&[max; 3]));
+    assert!(sized.most_reserved * 10 < unknown.most_reserved, "{} {}", sized.most_reserved, unknown.most_reserved);
+    println!(
+        "KV reserved at most: {} bytes with context_tokens {figures:?}, {} unknown",
+        sized.most_reserved, unknown.most_reserved
+    );
+}
+
+#[test]
+fn a_larger_context_tokens_grows_the_caches_and_a_step_past_it_gets_the_models_context() {
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let (width, max, layers) = (m.architecture.hidden, m.architecture.max_context, m.architecture.layers);
+    let whole = || vec![stage("uav1", 0, 4, 0, 0)];
+    let mut host = ShardHost::new(rt.clone(), m.clone(), "uav1").unwrap();
+    let mut reference = ShardHost::new(rt, m, "uav1").unwrap();
+    host.apply_plan(plan(1, 0, 0, whole())).unwrap();
+    reference.apply_plan(plan(1, 0, 0, whole())).unwrap();
+    let x = |v: f32, n: usize| Encoded::encode(ActivationCodec::Raw, &vec![v; n * width], width).unwrap();
+    let out = |e: Vec<Emit>| match &e[..] {
+        [Emit::Activation { hidden, context_tokens, .. }] => (hidden.clone(), *context_tokens),
+        other => panic!("{other:?}"),
+    };
+    let capacity =
+        |h: &ShardHost, r: u64, c: usize| assert_eq!(h.kv_capacity(r), (0..layers).map(|l| (l, c)).collect::<Vec<_>>());
+    // (position, tokens, the figure the message carries, the capacity after it)
+    let steps = [(0, 3, 5, 5), (3, 1, 5, 5), (4, 1, 9, 9), (5, 1, 0, 9), (6, 1, 7, 9), (7, 3, 9, max)];
+    for (i, &(position, tokens, figure, after)) in steps.iter().enumerate() {
+        let input = x(0.5 / (i + 1) as f32, tokens);
+        let (got, forwarded) = out(host.on_input(4, 0, position, &input, figure).unwrap());
+        let (want, _) = out(reference.on_input(4, 0, position, &input, 0).unwrap());
+        assert_eq!(got.bytes(), want.bytes(), "step at {position}: the capacity changes no bit");
+        assert_eq!(forwarded, after.min(9), "the largest figure seen goes on with the output");
+        capacity(&host, 4, after);
+        capacity(&reference, 4, max);
+    }
+    // Another request beside it has its own.
+    host.on_input(6, 0, 0, &x(0.25, 2), 3).unwrap();
+    capacity(&host, 6, 3);
+    capacity(&host, 4, max);
+}
+
+#[test]
+fn a_snapshot_that_overtakes_the_first_activation_is_kept_and_the_failover_replays_after_it() {
+    let rt = runtime();
+    let m = Manifest::load_variant(models(), "tiny").unwrap();
+    let mut gateway = Gateway::load(&rt, &m).unwrap();
+    // A layer each: uav2's (its tail, K = 0) is snapshotted to uav3 every token, and uav3 sees
+    // nothing of a request before uav2's output (it replicates uav4's head, not uav1's).
+    let ring = vec![
+        stage("uav1", 0, 1, 1, 0),
+        stage("uav2", 1, 1, 0, 1),
+        stage("uav3", 2, 1, 1, 0),
+        stage("uav4", 3, 1, 1, 0),
+    ];
+    let first = plan(1, 0, 0, ring);
+    // uav2 dies mid-answer; its snapshots reached uav3 ahead of its activations all along.
+    let failure = || Failure {
+        at: 9,
+        failed: "uav2",
+        next: plan(2, 0, 0, vec![stage("uav1", 0, 1, 1, 0), stage("uav3", 1, 2, 0, 1), stage("uav4", 3, 1, 1, 0)]),
+        hold_kv: None,
+    };
+    let jobs = |g: &mut Gateway| vec![Job::new(11, g, SHORT, 10, 0), Job::new(12, g, LONG, 8, 2)];
+    let js = jobs(&mut gateway);
+    let plain = run_jobs(&rt, &m, &mut gateway, first.clone(), js, Vec::new());
+    let js = jobs(&mut gateway);
+    let raced = run_jobs_with(&rt, &m, &mut gateway, first, js, vec![failure()], true);
+    assert_same_outputs(&raced, &plain.jobs, &rt, &m, &mut gateway, "snapshots first");
+    for r in &raced.carried[0] {
+        assert!(
+            r.replay_from > 0,
+            "request {}: replay from {} (the snapshot was dropped)",
+            r.request_id,
+            r.replay_from
+        );
+        let replayed: Vec<usize> =
+            raced.replayed[0].iter().filter(|(id, ..)| *id == r.request_id).map(|&(_, p, _)| p).collect();
+        assert!(replayed.iter().all(|&p| p + 1 > r.replay_from), "request {}: {replayed:?}", r.request_id);
+    }
 }

@@ -446,6 +446,7 @@ fn encode_activation(e: &mut Encoder, a: &Activation) {
     e.str(&a.dtype).str(&a.codec).bytes(&a.payload);
     encode_u32s(e, &a.chunk_tokens);
     encode_time(e, &a.stamp);
+    e.u32(a.context_tokens);
 }
 
 fn encode_kv(e: &mut Encoder, k: &KvSnapshot) {
@@ -615,6 +616,7 @@ mod tests {
             "payload",
             "chunk_tokens",
             "stamp",
+            "context_tokens",
             "auth",
         ];
         same(&Activation::default(), &a);
@@ -856,6 +858,7 @@ mod tests {
         moved[0] ^= 1;
         assert!(!scheduler.accept_activation(&topic, &Activation { payload: moved, ..act.clone() }));
         assert!(!scheduler.accept_activation(&topic, &Activation { source: "uav2".into(), ..act.clone() }));
+        assert!(!scheduler.accept_activation(&topic, &Activation { context_tokens: 9, ..act.clone() }));
         assert!(scheduler.accept_activation(&topic, &act));
         let mut gw = Activation { source: GATEWAY_SOURCE.into(), ..Default::default() };
         uav1.sign_activation(&topic, &mut gw);
@@ -870,7 +873,7 @@ mod tests {
         uav1.sign_heartbeat(&names::heartbeat("uav1"), &mut own);
         assert!(scheduler.accept_heartbeat(&names::heartbeat("uav1"), &own));
         let counts = scheduler.counters();
-        assert_eq!((counts.accepted, counts.bad_signature, counts.wrong_role), (3, 2, 3), "{counts:?}");
+        assert_eq!((counts.accepted, counts.bad_signature, counts.wrong_role), (3, 3, 3), "{counts:?}");
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 

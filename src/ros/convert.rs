@@ -18,6 +18,8 @@ pub enum ConvertError {
     KvShape { what: String },
     #[error(transparent)]
     Engine(#[from] aerokv_engine::EngineError),
+    #[error("context_tokens {tokens} is past the model's context of {limit} tokens")]
+    ContextTokens { tokens: u32, limit: usize },
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -44,6 +46,8 @@ pub fn activation(
         payload: h.bytes().to_vec(),
         chunk_tokens: Vec::new(),
         stamp: crate::ros::now_stamp(),
+        // Set by the sender when it knows the request's length (0 = unknown).
+        context_tokens: 0,
         auth: Default::default(),
     }
 }
@@ -88,6 +92,16 @@ pub fn encoded(a: &Activation) -> Result<Encoded, ConvertError> {
         return Err(ConvertError::Shape { bytes: a.payload.len(), shape: a.shape.clone() });
     }
     Ok(Encoded::from_wire(codec, a.shape[1] as usize, a.shape[2] as usize, a.payload.clone())?)
+}
+
+/// The KV capacity an activation asks for its request (`context_tokens`): 0 (unknown: the
+/// model's context) or 1 ..= the model's `max_context`; more is refused (the message is dropped)
+/// before a cache of that size is allocated.
+pub fn context_tokens(a: &Activation, arch: &Architecture) -> Result<usize, ConvertError> {
+    if a.context_tokens as usize > arch.max_context {
+        return Err(ConvertError::ContextTokens { tokens: a.context_tokens, limit: arch.max_context });
+    }
+    Ok(a.context_tokens as usize)
 }
 
 /// The hidden states an activation carries, decoded.
@@ -277,5 +291,40 @@ pub fn heartbeat_fields(m: &Heartbeat) -> HeartbeatFields<'_> {
                 pred_snapshot_tokens: k.pred_snapshot_tokens,
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arch(max_context: usize) -> Architecture {
+        Architecture {
+            layers: 2,
+            hidden: 8,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            intermediate: 16,
+            vocab: 32,
+            rope_base: 10_000.0,
+            rms_eps: 1e-6,
+            max_context,
+        }
+    }
+
+    #[test]
+    fn context_tokens_is_zero_or_at_most_the_models_context() {
+        let a = |tokens| Activation { context_tokens: tokens, ..Default::default() };
+        let m = arch(8192);
+        assert_eq!(context_tokens(&a(0), &m).unwrap(), 0, "unknown: the model's context");
+        assert_eq!(context_tokens(&a(1), &m).unwrap(), 1);
+        assert_eq!(context_tokens(&a(72), &m).unwrap(), 72);
+        assert_eq!(context_tokens(&a(8192), &m).unwrap(), 8192);
+        for tokens in [8193, u32::MAX] {
+            let e = context_tokens(&a(tokens), &m).unwrap_err();
+            assert!(matches!(e, ConvertError::ContextTokens { tokens: t, limit: 8192 } if t == tokens), "{e}");
+            assert!(e.to_string().contains("8192"), "{e}");
+        }
     }
 }

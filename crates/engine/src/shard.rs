@@ -447,10 +447,23 @@ impl Shard {
         Ok(())
     }
 
-    /// Frees the caches of `request_id` (the current request's are emptied; its buffers stay).
+    /// The capacity of `request_id`'s caches once they are allocated (None: no caches of it yet):
+    /// each request's caches have their own, set by [`Shard::set_kv_capacity`] while it is current.
+    pub fn kv_capacity_of(&self, request_id: u64) -> Option<usize> {
+        let allocated = |kv: &[LayerKv]| !kv.is_empty() && kv.iter().all(|k| k.key.is_some());
+        if request_id == self.request {
+            return allocated(&self.kv).then_some(self.kv_capacity);
+        }
+        self.parked.get(&request_id).filter(|(kv, _)| allocated(kv)).map(|&(_, c)| c)
+    }
+
+    /// Frees the caches of `request_id`. The current request's buffers are let go (the sessions'
+    /// bindings hold them until the next request's are bound) and no request is current: kept,
+    /// they would be parked under the finished id at the next switch and never freed.
     pub fn drop_request(&mut self, request_id: u64) {
         if request_id == self.request {
-            self.reset();
+            self.kv = (self.start..self.end).map(LayerKv::empty).collect();
+            self.request = 0;
         } else {
             self.parked.remove(&request_id);
         }

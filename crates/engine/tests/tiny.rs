@@ -404,4 +404,21 @@ fn requests_interleaved_on_one_shard_each_give_their_answer_alone() {
     shard.drop_request(7);
     assert_eq!(shard.requests(), vec![(9, positions[1] + 1)]);
     assert_eq!(shard.memory_bytes().kv_bytes, (positions[1] + 1) as u64 * per_token);
+    // Each request's caches have their own capacity, and the reservation follows them.
+    let max = m.architecture.max_context;
+    assert_eq!(shard.memory_bytes().kv_reserved_bytes, max as u64 * per_token);
+    shard.switch_request(12).unwrap();
+    shard.set_kv_capacity(40).unwrap();
+    shard.forward(&gw.embed(&prompts[0]).unwrap(), 0).unwrap();
+    assert_eq!(
+        (shard.kv_capacity_of(12), shard.kv_capacity_of(9), shard.kv_capacity_of(7)),
+        (Some(40), Some(max), None)
+    );
+    assert_eq!(shard.memory_bytes().kv_reserved_bytes, (max + 40) as u64 * per_token);
+    // A dropped current request lets its buffers go too (none is current then).
+    shard.drop_request(12);
+    assert_eq!((shard.request(), shard.kv_capacity_of(12)), (0, None));
+    shard.switch_request(9).unwrap();
+    assert_eq!(shard.memory_bytes().kv_reserved_bytes, max as u64 * per_token);
+    assert_eq!(shard.requests(), vec![(9, positions[1] + 1)]);
 }

@@ -475,9 +475,10 @@ impl Worker {
                 Ok(())
             }
             Event::Replay { failed, msg } => convert::unpack(&msg)
+                .and_then(|chunks| Ok((chunks, convert::context_tokens(&msg, self.host.architecture())?)))
                 .map_err(anyhow::Error::from)
-                .and_then(|chunks| {
-                    Ok(self.host.on_replay(&failed, msg.layer_boundary as usize, msg.request_id, chunks)?)
+                .and_then(|(chunks, context)| {
+                    Ok(self.host.on_replay(&failed, msg.layer_boundary as usize, msg.request_id, chunks, context)?)
                 })
                 .and_then(|emits| self.emit(emits)),
             Event::Token(_) => Ok(()),
@@ -493,6 +494,11 @@ impl Worker {
                 let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
                 st.ignored += 1;
                 tracing::warn!(count = st.ignored, "{full}");
+            } else if let Some(bad @ convert::ConvertError::ContextTokens { .. }) = e.downcast_ref() {
+                // A sender's wrong figure: this message is dropped, the epoch is served on.
+                let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+                st.ignored += 1;
+                tracing::warn!(count = st.ignored, "message dropped: {bad}");
             } else if is_assignment || !self.host.ready() {
                 // This epoch cannot be served: say so, the scheduler re-plans.
                 tracing::error!("{e:#}");
@@ -605,11 +611,12 @@ impl Worker {
 
     fn on_input(&mut self, owner: &str, msg: &Activation) -> anyhow::Result<()> {
         let h = convert::encoded(msg)?;
+        let context = convert::context_tokens(msg, self.host.architecture())?;
         let (req, boundary, pos) = (msg.request_id, msg.layer_boundary as usize, msg.position as usize);
         if owner == self.uav {
             self.hops.push(crate::ros::hop_ms(&msg.stamp));
             let before = crate::os::thread_preemptions();
-            let output = self.host.on_input(req, boundary, pos, &h)?;
+            let output = self.host.on_input(req, boundary, pos, &h, context)?;
             if h.rows() == 1 {
                 self.decode_steps += 1;
                 self.preempted_in_decode += crate::os::thread_preemptions().saturating_sub(before);
@@ -619,7 +626,7 @@ impl Worker {
             let snapshot = self.host.snapshot_due()?;
             self.emit(snapshot)
         } else {
-            Ok(self.host.on_successor_input(req, boundary, pos, &h)?)
+            Ok(self.host.on_successor_input(req, boundary, pos, &h, context)?)
         }
     }
 
@@ -627,9 +634,10 @@ impl Worker {
         let epoch = self.host.epoch();
         for e in emits {
             match e {
-                Emit::Activation { to, boundary, request_id, position, hidden } => {
+                Emit::Activation { to, boundary, request_id, position, hidden, context_tokens } => {
                     let topic = to.as_deref().map_or(names::GATEWAY_INPUT.to_string(), names::stage_input);
                     let mut msg = convert::activation(epoch, request_id, 0, position, boundary, &self.uav, &hidden);
+                    msg.context_tokens = context_tokens as u32;
                     self.auth.sign_activation(&topic, &mut msg);
                     self.count_tx(msg.payload.len());
                     self.sent.activation_bytes += msg.payload.len() as u64;
@@ -639,7 +647,7 @@ impl Worker {
                     }
                     self.activation_pub(&topic)?.publish(&msg)?;
                     if self.feeds_successor && to.is_some() {
-                        self.host.on_successor_input(request_id, boundary, position, &hidden)?;
+                        self.host.on_successor_input(request_id, boundary, position, &hidden, context_tokens)?;
                     }
                 }
                 Emit::Kv { holder, request_id, rows } => {
@@ -652,8 +660,9 @@ impl Worker {
                     self.sent.kv_raw_bytes += rows.byte_len() as u64;
                     self.publishers.kv.get(&self.ctx, &topic, names::data_plane())?.publish(&msg)?;
                 }
-                Emit::Replay { failed, to, boundary, request_id, chunks } => {
+                Emit::Replay { failed, to, boundary, request_id, chunks, context_tokens } => {
                     let mut msg = convert::packed_activation(epoch, request_id, boundary, &self.uav, &chunks)?;
+                    msg.context_tokens = context_tokens as u32;
                     let topic = names::replay(&failed);
                     self.auth.sign_activation(&topic, &mut msg);
                     let (tokens, bytes) = (msg.token_count, msg.payload.len());

@@ -116,6 +116,12 @@ impl Run {
         (self.prompt_ids.len() + self.max_tokens) as u64
     }
 
+    /// The KV capacity its caches need on every stage (the Activation's `context_tokens`):
+    /// prompt + maximum answer, at most the model's context.
+    fn context_tokens(&self, max_context: usize) -> u32 {
+        self.total_tokens().min(max_context as u64).min(u32::MAX as u64) as u32
+    }
+
     /// Back to the start: every known token is fed again, in the steps first computed.
     fn rewind(&mut self) {
         self.position = 0;
@@ -688,6 +694,7 @@ impl Scheduler {
             let (request_id, position) = (run.request_id, run.sent_until);
             let hidden = self.embed(ids)?;
             let mut msg = convert::activation(epoch, request_id, 0, position, 0, names::GATEWAY_SOURCE, &hidden);
+            msg.context_tokens = run.context_tokens(self.max_context);
             self.auth.sign_activation(&topic, &mut msg);
             let publisher = self.activation_pub(&topic).map_err(|e| Interrupt::Fatal(e.to_string()))?;
             publisher.publish(&msg).map_err(|e| Interrupt::Fatal(format!("publish to {topic}: {e}")))?;
@@ -725,6 +732,7 @@ impl Scheduler {
         }
         let mut msg = convert::packed_activation(self.epoch, run.request_id, 0, names::GATEWAY_SOURCE, &chunks)
             .map_err(|e| Interrupt::Fatal(format!("replay of {failed}'s embeddings: {e}")))?;
+        msg.context_tokens = run.context_tokens(self.max_context);
         let topic = names::replay(failed);
         self.auth.sign_activation(&topic, &mut msg);
         tracing::info!(
