@@ -148,6 +148,9 @@ def test_concurrent_clients_kill_and_admission(rclpy_node, procs, reference, tmp
     assert all(len(ids) == 3 for ids in held.values()) and len(held) == 3, held
     assert all(b.memory_bytes == b.weight_bytes + sum(k.kv_bytes for k in b.kv) for b in busiest.values())
     assert all(k.kv_bytes > 0 for b in busiest.values() for k in b.kv), held
+    # Each request's end (/aerokv/finished) frees its caches on every executor.
+    assert spin_until(rclpy_node, lambda: all(u in beats and not beats[u].kv for u in uavs), 10), \
+        {u: [k.request_id for k in b.kv] for u, b in beats.items()}
 
     # -- One of two running requests is canceled: it stops, the other goes on exactly.
     kept, dropped = Goal(rclpy_node, client, *CASES[0]), Goal(rclpy_node, client, *CASES[1])

@@ -144,6 +144,13 @@ impl NodeAuth {
     pub fn accept_token(&self, t: &TokenChunk) -> bool {
         self.accept(names::TOKENS, &t.auth, |e| encode_token(e, t))
     }
+    /// A request's last chunk on [`names::FINISHED`].
+    pub fn sign_finished(&self, t: &mut TokenChunk) {
+        t.auth = self.sign(names::FINISHED, |e| encode_token(e, t));
+    }
+    pub fn accept_finished(&self, t: &TokenChunk) -> bool {
+        self.accept(names::FINISHED, &t.auth, |e| encode_token(e, t))
+    }
     /// What an assignment was decided from (read by recorders and `aerokv bag audit`).
     pub fn sign_plan_inputs(&self, i: &mut PlanInputs) {
         i.auth = self.sign(names::PLAN_INPUTS, |e| encode_plan_inputs(e, i));

@@ -18,6 +18,9 @@ pub const REQUESTS: &str = "/aerokv/requests";
 /// `Activation.source` of the gateway's messages (the scheduler's embeddings).
 pub const GATEWAY_SOURCE: &str = "gateway";
 pub const TOKENS: &str = "/aerokv/tokens";
+/// Each request's last token chunk (`done`) again, alone: the executors free its caches on it
+/// without taking every token over the radio.
+pub const FINISHED: &str = "/aerokv/finished";
 /// How much of a request's prompt has gone through the swarm (long prompts take seconds).
 pub const PROGRESS: &str = "/aerokv/progress";
 pub const GENERATE: &str = "/aerokv/generate";

@@ -22,7 +22,7 @@ pub fn rule(topic: &str) -> Option<Rule> {
     if ns == SWARM_NAMESPACE {
         return match leaf {
             // The primary scheduler and the standby (after its takeover) share the role.
-            "assignment" | "tokens" | "progress" | "plan_inputs" | "requests" | "scheduler/heartbeat" => {
+            "assignment" | "tokens" | "finished" | "progress" | "plan_inputs" | "requests" | "scheduler/heartbeat" => {
                 any(&[Scheduler])
             }
             "failures" | "watchdog/heartbeat" => any(&[Watchdog]),

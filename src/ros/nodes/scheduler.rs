@@ -391,6 +391,8 @@ struct Scheduler {
     assign_pub: SignedPublisher<Assignment>,
     auth: Arc<NodeAuth>,
     token_pub: SignedPublisher<TokenChunk>,
+    /// Each request's last chunk again, for the executors (`names::FINISHED`).
+    finished_pub: SignedPublisher<TokenChunk>,
     progress_pub: SignedPublisher<PromptProgress>,
     /// Failure detection while the watchdog is silent.
     fallback: fallback::Handle,
@@ -514,6 +516,11 @@ pub async fn run(ctx: NodeContext, p: Params) -> anyhow::Result<()> {
             NodeAuth::sign_assignment,
         ),
         auth: auth.clone(),
+        finished_pub: SignedPublisher::new(
+            ctx.publisher(names::FINISHED, names::events())?,
+            auth.clone(),
+            NodeAuth::sign_finished,
+        ),
         token_pub: SignedPublisher::new(
             ctx.publisher(names::TOKENS, names::events())?,
             auth.clone(),
@@ -1272,6 +1279,10 @@ impl Scheduler {
         };
         if let Err(e) = self.token_pub.publish(&chunk) {
             tracing::warn!("publish the last token chunk: {e}");
+        }
+        // The executors free the request's caches on it.
+        if let Err(e) = self.finished_pub.publish(&chunk) {
+            tracing::warn!("publish the request's end on {}: {e}", names::FINISHED);
         }
     }
 }

@@ -76,7 +76,7 @@ enum Event {
         failed: String,
         msg: Activation,
     },
-    /// The scheduler's token stream: a request's last chunk (`done`) frees its caches.
+    /// A request's last token chunk (`done`, on `/aerokv/finished`) frees its caches.
     Token(TokenChunk),
 }
 
@@ -230,7 +230,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     };
     worker.subscribe(names::ASSIGNMENT.to_string(), names::latched_reader(), Event::Assignment)?;
     worker.subscribe(names::kv_inbox(&p.uav_id), names::data_plane(), Event::Kv)?;
-    worker.subscribe(names::TOKENS.to_string(), names::events(), Event::Token)?;
+    worker.subscribe(names::FINISHED.to_string(), names::events(), Event::Token)?;
     let worker = std::thread::Builder::new().name("data-plane".into()).spawn(move || worker.run())?;
     let mut beat = clock::interval(Duration::from_secs_f64(p.heartbeat_period_s));
     let shutdown = ctx.shutdown();
@@ -518,7 +518,7 @@ impl Worker {
             Event::Input { owner, msg } => self.auth.accept_activation(&names::stage_input(owner), msg),
             Event::Replay { failed, msg } => self.auth.accept_activation(&names::replay(failed), msg),
             Event::Kv(k) => self.auth.accept_kv(&names::kv_inbox(&self.uav), k),
-            Event::Token(t) => self.auth.accept_token(t),
+            Event::Token(t) => self.auth.accept_finished(t),
         }
     }
 
