@@ -321,6 +321,17 @@ MacHeaderOf(Ptr<const Packet> p, const MpduInfo& info, WifiMacHeader& hdr)
     return c->GetSize() >= 24 && c->PeekHeader(hdr) > 0;
 }
 
+// One more frame sent (or heard) at `v`'s rate: counted per rate, with its `iw` text.
+void
+CountRate(std::map<uint64_t, std::pair<uint64_t, std::string>>& rates, const WifiTxVector& v)
+{
+    auto& r = rates[v.GetMode().GetDataRate(v)];
+    if (r.first++ == 0)
+    {
+        r.second = RateText(v);
+    }
+}
+
 void
 OnSnifferTx(uint32_t node, Ptr<const Packet> p, uint16_t, WifiTxVector v, MpduInfo info, uint16_t)
 {
@@ -343,11 +354,7 @@ OnSnifferTx(uint32_t node, Ptr<const Packet> p, uint16_t, WifiTxVector v, MpduIn
     }
     ++s.txPackets;
     s.txBytes += p->GetSize();
-    auto& r = s.txRates[v.GetMode().GetDataRate(v)];
-    if (r.first++ == 0)
-    {
-        r.second = RateText(v);
-    }
+    CountRate(s.txRates, v);
 }
 
 void
@@ -376,11 +383,7 @@ OnSnifferRx(uint32_t node,
     s.signalDbm = sn.signal;
     ++s.rxPackets;
     s.rxBytes += p->GetSize();
-    auto& r = s.rxRates[v.GetMode().GetDataRate(v)];
-    if (r.first++ == 0)
-    {
-        r.second = RateText(v);
-    }
+    CountRate(s.rxRates, v);
 }
 
 void

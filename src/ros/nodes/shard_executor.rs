@@ -77,7 +77,7 @@ enum Event {
         msg: Activation,
     },
     /// A request's last token chunk (`done`, on `/aerokv/finished`) frees its caches.
-    Token(TokenChunk),
+    Finished(TokenChunk),
 }
 
 impl Event {
@@ -86,7 +86,7 @@ impl Event {
             Event::Assignment(a) => a.epoch,
             Event::Input { msg, .. } | Event::Replay { msg, .. } => msg.epoch,
             Event::Kv(k) => k.epoch,
-            Event::Token(t) => t.epoch,
+            Event::Finished(t) => t.epoch,
         }
     }
 }
@@ -230,7 +230,7 @@ pub async fn run(ctx: NodeContext, mut p: Params) -> anyhow::Result<()> {
     };
     worker.subscribe(names::ASSIGNMENT.to_string(), names::latched_reader(), Event::Assignment)?;
     worker.subscribe(names::kv_inbox(&p.uav_id), names::data_plane(), Event::Kv)?;
-    worker.subscribe(names::FINISHED.to_string(), names::events(), Event::Token)?;
+    worker.subscribe(names::FINISHED.to_string(), names::events(), Event::Finished)?;
     let worker = std::thread::Builder::new().name("data-plane".into()).spawn(move || worker.run())?;
     let mut beat = clock::interval(Duration::from_secs_f64(p.heartbeat_period_s));
     let shutdown = ctx.shutdown();
@@ -409,8 +409,8 @@ impl Worker {
     }
 
     fn handle_event(&mut self, ev: Event) {
-        // Only a request's last token chunk matters here (and is worth a signature check).
-        if matches!(&ev, Event::Token(t) if !t.done) {
+        // Only a request's last chunk (`done`) belongs on /aerokv/finished: nothing else is checked.
+        if matches!(&ev, Event::Finished(t) if !t.done) {
             return;
         }
         if !self.authentic(&ev) {
@@ -424,19 +424,18 @@ impl Worker {
                 self.goodput.observe(&msg.source, msg.payload.len(), sent, crate::ros::unix_now());
             }
             Event::Kv(m) => self.goodput.observe_paced(&m.source, crate::ros::unix_now()),
-            Event::Assignment(_) | Event::Token(_) => {}
+            Event::Assignment(_) | Event::Finished(_) => {}
         }
         self.handle_checked(ev);
     }
 
     /// An event that passed [`Self::authentic`].
     fn handle_checked(&mut self, ev: Event) {
-        if let Event::Token(t) = &ev {
-            // Whatever its epoch: the request is over, its stragglers are stale from now on.
-            if t.done {
-                tracing::debug!(request = t.request_id, finish = %t.finish_reason, "request finished: its caches are freed");
-                self.host.finish_request(t.request_id);
-            }
+        if let Event::Finished(t) = &ev {
+            // Whatever its epoch: the request is over, its stragglers are stale from now on (only
+            // `done` chunks get here: `handle_event`).
+            tracing::debug!(request = t.request_id, finish = %t.finish_reason, "request finished: its caches are freed");
+            self.host.finish_request(t.request_id);
             return;
         }
         let current = self.host.epoch();
@@ -481,7 +480,7 @@ impl Worker {
                     Ok(self.host.on_replay(&failed, msg.layer_boundary as usize, msg.request_id, chunks, context)?)
                 })
                 .and_then(|emits| self.emit(emits)),
-            Event::Token(_) => Ok(()),
+            Event::Finished(_) => Ok(()),
         };
         if let Err(e) = result {
             let refused = e.downcast_ref::<DataPlaneError>();
@@ -518,7 +517,7 @@ impl Worker {
             Event::Input { owner, msg } => self.auth.accept_activation(&names::stage_input(owner), msg),
             Event::Replay { failed, msg } => self.auth.accept_activation(&names::replay(failed), msg),
             Event::Kv(k) => self.auth.accept_kv(&names::kv_inbox(&self.uav), k),
-            Event::Token(t) => self.auth.accept_finished(t),
+            Event::Finished(t) => self.auth.accept_finished(t),
         }
     }
 

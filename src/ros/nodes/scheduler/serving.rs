@@ -793,17 +793,18 @@ impl Scheduler {
             Ok(mut planned) if planned.plan.resume_position > 0 => {
                 incident.planned_recovery_s = planned.protection.worst_recovery_s;
                 // Each request resumes at its own oldest step, its failed tail replayed from its
-                // own snapshot (the decision's rule: the snapshot, at most the resume position).
+                // own snapshot (the decision's rule for the lead's `replay_from`: the snapshot, at
+                // most the resume position).
                 planned.plan.requests = runs
                     .values()
                     .map(|r| RequestResume {
                         request_id: r.request_id,
                         resume_position: r.position,
-                        replay_from: if r.request_id == lead.0 {
-                            planned.plan.replay_from
-                        } else {
-                            snapshots.get(&r.request_id).copied().flatten().map_or(0, |s| s.tokens.min(r.position))
-                        },
+                        replay_from: snapshots
+                            .get(&r.request_id)
+                            .copied()
+                            .flatten()
+                            .map_or(0, |s| s.tokens.min(r.position)),
                     })
                     .collect();
                 let carried = planned.plan.requests.clone();
