@@ -12,9 +12,10 @@
 //   max_range_m M                        0: no hard range limit
 //   frame_error_rate P                   each received frame is lost with probability P
 //   queue_packets N                      wifi MAC queue size (per access category)
-//   voice_max_bytes N                    IPv4 datagrams of at most N bytes go in 802.11e's voice
-//                                        access category (heartbeats, DDS acknowledgements, small
-//                                        control messages), the rest best effort; 0: no 802.11e
+//   voice_max_bytes N                    IPv4 datagrams of at most N bytes that are not IP fragments
+//                                        go in 802.11e's voice access category (heartbeats, DDS
+//                                        acknowledgements, control messages, single tokens), the
+//                                        rest best effort (bulk data: fragments); 0: no 802.11e
 //   report_period_s S
 //   station_dump_dir DIR                 optional: every report period, per node, DIR/NAME.txt in
 //                                        the text format of `iw dev wlan0 station dump` (one
@@ -70,7 +71,7 @@ struct Config
     double maxRangeM = 0.0;
     double frameErrorRate = 0.0;
     uint32_t queuePackets = 500;
-    uint32_t voiceMaxBytes = 400;
+    uint32_t voiceMaxBytes = 1000;
     double reportPeriodS = 1.0;
     std::string stationDumpDir;
     std::vector<NodeSpec> nodes;
@@ -240,25 +241,40 @@ uint64_t gMacTx = 0;
 uint64_t gEnqueued = 0;
 uint64_t gMacRx = 0;
 uint64_t gRetryDrops = 0;
+uint64_t gExpiredDrops = 0;
 uint64_t gPhyRxDrops = 0;
 uint64_t gVoice = 0;
 
 // 802.11e (WMM): a host's IP stack would mark its heartbeat socket (DSCP) and the wifi driver
 // map that to an access category; Fast DDS cannot mark one writer's datagrams, so the emulator
-// classifies by size instead. MacTx fires in WifiNetDevice::Send after the LLC header is added and
-// before the MAC queues the packet by its SocketPriorityTag (ns-3: tags may be added to a const
-// packet). Priority 6 = TID 6 = AC_VO.
+// classifies by shape instead. Bulk data (prompt chunks, KV rows, replays, full-precision
+// activations) leaves Fast DDS as datagrams larger than the MTU, hence IP fragments; control
+// traffic is single small datagrams. A size limit alone is not enough: AeroKV's heartbeat grows by
+// one entry per request an executor holds (416 bytes with one, ~640 with eight), and when it
+// outgrew a 400-byte limit it queued behind the fragments for a UAV out of range, whose every
+// frame is retried, until the MAC's 500 ms lifetime dropped it. MacTx fires in WifiNetDevice::Send
+// after the LLC header is added and before the MAC queues the packet by its SocketPriorityTag
+// (ns-3: tags may be added to a const packet). Priority 6 = TID 6 = AC_VO.
+bool
+IsVoice(Ptr<const Packet> p)
+{
+    Ptr<Packet> c = p->Copy();
+    LlcSnapHeader llc;
+    uint8_t ip[8];
+    if (!c->RemoveHeader(llc) || llc.GetType() != 0x0800 || c->GetSize() > gConfig.voiceMaxBytes ||
+        c->CopyData(ip, sizeof ip) != sizeof ip)
+    {
+        return false;
+    }
+    // Flags and fragment offset (RFC 791): more fragments (0x2000) or an offset means a fragment.
+    return ((ip[6] << 8 | ip[7]) & 0x3fff) == 0;
+}
+
 void
 ClassifyAccessCategory(Ptr<const Packet> p)
 {
     ++gMacTx;
-    if (gConfig.voiceMaxBytes == 0)
-    {
-        return;
-    }
-    Ptr<Packet> c = p->Copy();
-    LlcSnapHeader llc;
-    if (c->RemoveHeader(llc) && llc.GetType() == 0x0800 && c->GetSize() <= gConfig.voiceMaxBytes)
+    if (gConfig.voiceMaxBytes > 0 && IsVoice(p))
     {
         SocketPriorityTag tag;
         tag.SetPriority(6);
@@ -274,6 +290,8 @@ struct PeerStats
     uint64_t txPackets = 0;
     uint64_t txRetries = 0;
     uint64_t txFailed = 0;
+    // Frames that waited in the queue past the MAC's lifetime (ns-3: 500 ms) and were dropped.
+    uint64_t txExpired = 0;
     uint64_t rxBytes = 0;
     uint64_t rxPackets = 0;
     // This period: PHY rate (bit/s) -> (first attempts of unicast data frames, iw's text of it).
@@ -390,10 +408,13 @@ void
 OnDroppedMpdu(uint32_t node, WifiMacDropReason reason, Ptr<const WifiMpdu> mpdu)
 {
     auto peer = gNodeOfMac.find(mpdu->GetHeader().GetAddr1());
-    if (reason == WIFI_MAC_DROP_REACHED_RETRY_LIMIT && peer != gNodeOfMac.end())
+    if (peer == gNodeOfMac.end())
     {
-        ++gPeers[node][peer->second].txFailed;
+        return;
     }
+    auto& s = gPeers[node][peer->second];
+    s.txFailed += reason == WIFI_MAC_DROP_REACHED_RETRY_LIMIT;
+    s.txExpired += reason == WIFI_MAC_DROP_EXPIRED_LIFETIME;
 }
 
 // The rate chosen most often this period; the last one when the period saw none.
@@ -476,6 +497,7 @@ Report(const char* what)
     std::cout << what << " t=" << Simulator::Now().GetSeconds() << " lag_ms=" << LagMs()
               << " max_lag_ms=" << gMaxLagMs << " frames_in=" << gMacTx << " delivered=" << gMacRx
               << " queue_full_drops=" << gMacTx - gEnqueued << " retry_limit_drops=" << gRetryDrops
+              << " expired_drops=" << gExpiredDrops
               << " phy_rx_drops=" << gPhyRxDrops << " voice_frames=" << gVoice << std::endl;
 }
 
@@ -684,6 +706,7 @@ main(int argc, char* argv[])
         dev + "Mac/DroppedMpdu",
         MakeCallback(+[](WifiMacDropReason reason, Ptr<const WifiMpdu>) {
             gRetryDrops += (reason == WIFI_MAC_DROP_REACHED_RETRY_LIMIT);
+            gExpiredDrops += (reason == WIFI_MAC_DROP_EXPIRED_LIFETIME);
         }));
     Config::ConnectWithoutContext(
         dev + "Phy/PhyRxDrop",
@@ -714,6 +737,15 @@ main(int argc, char* argv[])
               << std::endl;
     Simulator::Run();
     Report("final");
+    for (uint32_t i = 0; i < gPeers.size(); ++i)
+    {
+        for (const auto& [j, p] : gPeers[i])
+        {
+            std::cout << "peer " << gConfig.nodes[i].name << " to=" << gConfig.nodes[j].name
+                      << " tx_packets=" << p.txPackets << " tx_retries=" << p.txRetries
+                      << " tx_failed=" << p.txFailed << " tx_expired=" << p.txExpired << std::endl;
+        }
+    }
     Simulator::Destroy();
     return 0;
 }

@@ -392,14 +392,17 @@ impl Watchdog {
         self.epoch
     }
 
-    /// A new assignment: its epoch (never goes back) and its ring.
-    pub fn assignment(&mut self, epoch: u64, ring: impl IntoIterator<Item = String>) {
+    /// A new assignment, received at `now`: its epoch (never goes back) and its ring.
+    pub fn assignment(&mut self, epoch: u64, ring: impl IntoIterator<Item = String>, now: f64) {
         let ring: BTreeSet<String> = ring.into_iter().collect();
         if epoch > self.epoch {
-            // A UAV declared in an older epoch that the new plan still counts on is judged again.
+            // A UAV declared in an older epoch that the new plan counts on again is judged again,
+            // from the plan on: the scheduler heard it (a UAV back in range), this watchdog may
+            // not have yet (its readers match again a moment later), and the silence before the
+            // declaration is no evidence against the new member.
             for (uav, d) in self.uavs.iter_mut() {
                 if d.health == Health::Declared && ring.contains(uav) {
-                    d.health = Health::Alive;
+                    *d = Detector::new(&self.p, now, d.last_sequence);
                 }
             }
         }

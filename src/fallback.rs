@@ -87,8 +87,8 @@ impl Fallback {
         }
     }
 
-    pub fn assignment(&mut self, epoch: u64, ring: impl IntoIterator<Item = String>) {
-        self.detector.assignment(epoch, ring);
+    pub fn assignment(&mut self, epoch: u64, ring: impl IntoIterator<Item = String>, now: f64) {
+        self.detector.assignment(epoch, ring, now);
         self.held.retain(|d| d.epoch >= epoch);
     }
 
@@ -158,7 +158,7 @@ mod tests {
 
     fn fallback() -> Fallback {
         let mut f = Fallback::new(WatchdogParams::default(), 1.0, 0.0);
-        f.assignment(3, ["uav1".to_string(), "uav2".to_string()]);
+        f.assignment(3, ["uav1".to_string(), "uav2".to_string()], 0.0);
         f
     }
 

@@ -8,6 +8,7 @@ may be left: no process, no network namespace.
 """
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -119,6 +120,27 @@ def test_a_uav_out_of_range_fails_over_and_rejoins(radio):
     assert back and back[0]["epoch"] > max(a["stats"]["epochs"]), a["rejoined"]
     print(f"\npartition: declared {out[0]['token']} tokens in, next token {out[0]['next_token_s']:.2f} s after "
           f"the declaration; fenced {fenced} ({a['stale_messages']} + scheduler {a['stats']['stale_dropped']}); rejoined {back}")
+
+
+def test_a_signed_heartbeat_with_the_most_requests_travels_in_the_voice_category():
+    """The emulator puts unfragmented datagrams of at most `voice_max_bytes` in 802.11e's voice
+    category, ahead of bulk data; a heartbeat grows by one entry per request its executor holds.
+    When it outgrew the limit, heartbeats queued behind the frames for a UAV out of range and a
+    healthy UAV was declared failed (docs/radio.md, "Queues and priorities"). Measured over the
+    emulated radio: a heartbeat of one request, 272 bytes serialized, was a 500-byte datagram, so
+    RTPS, UDP and IP add 228 bytes."""
+    from aerokv.msg import Heartbeat, RequestKv
+    from rclpy.serialization import serialize_message
+    voice_max = int(re.search(r"voiceMaxBytes = (\d+);", (ROOT / "radio/aerokv_radio.cc").read_text())[1])
+    most = int(re.search(r"MAX_RUNNING_LIMIT: usize = (\d+);", (ROOT / "src/ros/nodes/scheduler.rs").read_text())[1])
+    one = Heartbeat(uav_id="uav1", state="ready", kv=[RequestKv(request_id=1)])
+    assert len(serialize_message(one)) == 272, "the message changed: measure its datagram again"
+    hb = Heartbeat(uav_id="uav99", state="recovering", kv=[
+        RequestKv(request_id=2**64 - 1 - i, kv_tokens=2**32 - 1, kv_bytes=2**64 - 1, pred_snapshot_tokens=2**32 - 1)
+        for i in range(most)])
+    hb.auth.sender, hb.auth.signature = "uav99/shard_executor", bytes(64)
+    size = len(serialize_message(hb)) + 228
+    assert size <= voice_max, f"a heartbeat of {most} requests is {size} bytes on the wire, over {voice_max}"
 
 
 def declared_by_the_watchdog(log_dir) -> list[str]:

@@ -197,29 +197,33 @@ fn max_silence_declares_whatever_phi_says() {
 #[test]
 fn an_empty_battery_is_declared_at_once_and_once_per_epoch() {
     let mut w = Watchdog::new(shm());
-    w.assignment(3, ["uav1".to_string(), "uav2".to_string()]);
+    w.assignment(3, ["uav1".to_string(), "uav2".to_string()], 0.0);
     assert_eq!(w.battery("uav2", 10.0, 0.0), None);
     assert_eq!(w.battery("uav2", f64::NAN, 0.0), None, "a broken report is not an empty battery");
     let Some(Event::Declared(d)) = w.battery("uav2", 0.0, 0.0) else { panic!("not declared") };
     assert_eq!((d.reason, d.evidence, d.epoch, d.silence_s), (FailureReason::BatteryEmpty, Evidence::Battery, 3, None));
     assert_eq!(w.battery("uav2", 0.0, 0.1), None);
-    w.assignment(4, ["uav1".to_string()]);
+    w.assignment(4, ["uav1".to_string()], 0.1);
     assert!(matches!(w.battery("uav2", -1.0, 0.2), Some(Event::Declared(d)) if d.epoch == 4));
 }
 
 #[test]
 fn heartbeat_declarations_are_once_per_epoch_and_only_for_members() {
     let mut w = Watchdog::new(shm());
-    w.assignment(1, ["uav1".to_string()]);
+    w.assignment(1, ["uav1".to_string()], 0.0);
     beat(&mut w, "uav1", 0.05, 0.0, 5.0, 1);
     beat(&mut w, "uav9", 0.05, 0.0, 5.0, 1);
     let ev = silence(&mut w, 5.0, 10.0);
     assert_eq!(declared(&ev).iter().map(|d| d.uav.as_str()).collect::<Vec<_>>(), ["uav1"], "uav9 is no member");
     assert!(declared(&silence(&mut w, 10.0, 12.0)).is_empty(), "once per epoch");
-    // A plan that still counts on it: judged again in the new epoch.
-    w.assignment(2, ["uav1".to_string()]);
-    let again = silence(&mut w, 12.0, 13.0);
+    // A plan that counts on it again: judged again in the new epoch, its silence counted from
+    // the plan (not from its last heartbeat, 7 s before).
+    w.assignment(2, ["uav1".to_string()], 12.0);
+    let p = w.p.clone();
+    let again = silence(&mut w, 12.0, 13.0 + p.max_silence_s);
     assert!(matches!(declared(&again)[..], [d] if d.epoch == 2 && d.uav == "uav1"), "{again:?}");
+    let silence_s = declared(&again)[0].silence_s.expect("heard");
+    assert!(silence_s >= p.min_declare_s && silence_s <= p.max_silence_s + p.check_period_s, "{again:?}");
     // Heard again after a declaration: a new member with a fresh history.
     let ev = w.heartbeat("uav1", 1, 13.0);
     assert!(ev.iter().any(|e| matches!(e, Event::Heard { was: Health::Declared, .. })), "{ev:?}");
@@ -323,7 +327,7 @@ fn run(p: &WatchdogParams, link: &Link, stop: f64, seed: u64) -> (usize, f64) {
     }
     arrivals.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut w = Watchdog::new(p.clone());
-    w.assignment(1, ["uav1".to_string()]);
+    w.assignment(1, ["uav1".to_string()], 0.0);
     let mut next = arrivals.iter().peekable();
     let mut t = rng.gen_range(0.0..p.check_period_s);
     let mut false_declarations = 0;

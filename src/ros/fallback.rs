@@ -22,7 +22,7 @@ const DIAGNOSTICS_PERIOD: Duration = Duration::from_secs(1);
 pub enum Input {
     Heartbeat(String, u64, Instant),
     Battery(String, f64, Instant),
-    Assignment(u64, Vec<String>),
+    Assignment(u64, Vec<String>, Instant),
 }
 
 /// The watchdog's state as the scheduler last judged it (for `stats_json`).
@@ -141,7 +141,7 @@ fn apply(f: &mut Fallback, input: Input, secs: impl Fn(Instant) -> f64) {
     match input {
         Input::Heartbeat(uav, seq, at) => f.heartbeat(&uav, seq, secs(at)),
         Input::Battery(uav, energy, at) => f.battery(&uav, energy, secs(at)),
-        Input::Assignment(epoch, ring) => f.assignment(epoch, ring),
+        Input::Assignment(epoch, ring, at) => f.assignment(epoch, ring, secs(at)),
     }
 }
 

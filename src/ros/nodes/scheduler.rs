@@ -966,7 +966,7 @@ impl Scheduler {
             planned.plan.stages.iter().map(|s| format!("{}[{}+{} K{} T{}]", s.uav, s.start, s.len, s.k, s.t)).collect();
         tracing::info!(epoch = planned.plan.epoch, reason, resume = planned.plan.resume_position, layout = %layout.join(" "), min_expected_tokens = planned.protection.min_expected_tokens, "assignment published");
         self.assign_pub.publish(&msg)?;
-        self.fallback.send(Input::Assignment(epoch, msg.ring.clone()));
+        self.fallback.send(Input::Assignment(epoch, msg.ring.clone(), clock::now()));
         // Ready before a failure needs it: matching a new publisher costs the recovery time.
         let plan = &planned.plan;
         for s in plan.stages.iter().filter(|s| plan.tail_needs_gateway_replay(s)) {

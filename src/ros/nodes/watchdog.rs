@@ -73,7 +73,7 @@ pub async fn run(ctx: NodeContext, Checked(p): Params) -> anyhow::Result<()> {
                 Vec::new()
             }
             Some(a) = assignments.recv() => {
-                w.assignment(a.epoch, a.ring);
+                w.assignment(a.epoch, a.ring, secs(clock::now()));
                 Vec::new()
             }
             Some(seen) = seen_rx.recv() => take(&mut w, &mut rejects, seen, secs),
