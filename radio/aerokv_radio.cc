@@ -250,9 +250,9 @@ uint64_t gVoice = 0;
 // classifies by shape instead. Bulk data (prompt chunks, KV rows, replays, full-precision
 // activations) leaves Fast DDS as datagrams larger than the MTU, hence IP fragments; control
 // traffic is single small datagrams. A size limit alone is not enough: AeroKV's heartbeat grows by
-// one entry per request an executor holds (416 bytes with one, ~640 with eight), and when it
-// outgrew a 400-byte limit it queued behind the fragments for a UAV out of range, whose every
-// frame is retried, until the MAC's 500 ms lifetime dropped it. MacTx fires in WifiNetDevice::Send
+// 32 bytes per request an executor holds (416-500 bytes with one), and when it outgrew a 400-byte
+// limit it queued behind the fragments for a UAV out of range, whose every frame is retried, until
+// the MAC's 500 ms lifetime dropped it. MacTx fires in WifiNetDevice::Send
 // after the LLC header is added and before the MAC queues the packet by its SocketPriorityTag
 // (ns-3: tags may be added to a const packet). Priority 6 = TID 6 = AC_VO.
 bool
