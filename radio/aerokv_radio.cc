@@ -249,12 +249,12 @@ uint64_t gVoice = 0;
 // map that to an access category; Fast DDS cannot mark one writer's datagrams, so the emulator
 // classifies by shape instead. Bulk data (prompt chunks, KV rows, replays, full-precision
 // activations) leaves Fast DDS as datagrams larger than the MTU, hence IP fragments; control
-// traffic is single small datagrams. A size limit alone is not enough: AeroKV's heartbeat grows by
-// 32 bytes per request an executor holds (416-500 bytes with one), and when it outgrew a 400-byte
-// limit it queued behind the fragments for a UAV out of range, whose every frame is retried, until
-// the MAC's 500 ms lifetime dropped it. MacTx fires in WifiNetDevice::Send
-// after the LLC header is added and before the MAC queues the packet by its SocketPriorityTag
-// (ns-3: tags may be added to a const packet). Priority 6 = TID 6 = AC_VO.
+// traffic is single small datagrams. A size limit alone is not enough: AeroKV's heartbeat grows
+// by 32 bytes per request an executor holds (384 bytes with none, 416 with one), and when it
+// outgrew a 400-byte limit it queued behind the fragments for a UAV out of range, whose every
+// frame is retried, until the MAC's 500 ms lifetime dropped it. MacTx fires in
+// WifiNetDevice::Send after the LLC header is added and before the MAC queues the packet by its
+// SocketPriorityTag (ns-3: tags may be added to a const packet). Priority 6 = TID 6 = AC_VO.
 bool
 IsVoice(Ptr<const Packet> p)
 {

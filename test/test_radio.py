@@ -127,8 +127,8 @@ def test_a_signed_heartbeat_with_the_most_requests_travels_in_the_voice_category
     category, ahead of bulk data; a heartbeat grows by one entry per request its executor holds.
     When it outgrew the limit, heartbeats queued behind the frames for a UAV out of range and a
     healthy UAV was declared failed (docs/radio.md, "Queues and priorities"). Measured over the
-    emulated radio: a heartbeat of one request, 272 bytes serialized, was a 500-byte datagram, so
-    RTPS, UDP and IP add 228 bytes."""
+    emulated radio: an executor's heartbeat of one request, 272 bytes serialized, was a 416-byte
+    datagram (384 with none), so RTPS, UDP and IP add 144 bytes."""
     from aerokv.msg import Heartbeat, RequestKv
     from rclpy.serialization import serialize_message
     voice_max = int(re.search(r"voiceMaxBytes = (\d+);", (ROOT / "radio/aerokv_radio.cc").read_text())[1])
@@ -139,7 +139,7 @@ def test_a_signed_heartbeat_with_the_most_requests_travels_in_the_voice_category
         RequestKv(request_id=2**64 - 1 - i, kv_tokens=2**32 - 1, kv_bytes=2**64 - 1, pred_snapshot_tokens=2**32 - 1)
         for i in range(most)])
     hb.auth.sender, hb.auth.signature = "uav99/shard_executor", bytes(64)
-    size = len(serialize_message(hb)) + 228
+    size = len(serialize_message(hb)) + 144
     assert size <= voice_max, f"a heartbeat of {most} requests is {size} bytes on the wire, over {voice_max}"
 
 
