@@ -258,16 +258,16 @@ uint64_t gVoice = 0;
 bool
 IsVoice(Ptr<const Packet> p)
 {
-    Ptr<Packet> c = p->Copy();
-    LlcSnapHeader llc;
-    uint8_t ip[8];
-    if (!c->RemoveHeader(llc) || llc.GetType() != 0x0800 || c->GetSize() > gConfig.voiceMaxBytes ||
-        c->CopyData(ip, sizeof ip) != sizeof ip)
+    // LLC/SNAP (8 bytes, its EtherType last), then the IPv4 header; read in place, not copied.
+    const uint32_t llc = 8;
+    uint8_t head[llc + 8];
+    if (p->GetSize() > llc + gConfig.voiceMaxBytes || p->CopyData(head, sizeof head) != sizeof head ||
+        (head[6] << 8 | head[7]) != 0x0800)
     {
         return false;
     }
     // Flags and fragment offset (RFC 791): more fragments (0x2000) or an offset means a fragment.
-    return ((ip[6] << 8 | ip[7]) & 0x3fff) == 0;
+    return ((head[llc + 6] << 8 | head[llc + 7]) & 0x3fff) == 0;
 }
 
 void
@@ -407,6 +407,8 @@ OnSnifferRx(uint32_t node,
 void
 OnDroppedMpdu(uint32_t node, WifiMacDropReason reason, Ptr<const WifiMpdu> mpdu)
 {
+    gRetryDrops += reason == WIFI_MAC_DROP_REACHED_RETRY_LIMIT;
+    gExpiredDrops += reason == WIFI_MAC_DROP_EXPIRED_LIFETIME;
     auto peer = gNodeOfMac.find(mpdu->GetHeader().GetAddr1());
     if (peer == gNodeOfMac.end())
     {
@@ -703,15 +705,10 @@ main(int argc, char* argv[])
                                               MakeCallback(+[](Ptr<const WifiMpdu>) { ++gEnqueued; }));
     }
     Config::ConnectWithoutContext(
-        dev + "Mac/DroppedMpdu",
-        MakeCallback(+[](WifiMacDropReason reason, Ptr<const WifiMpdu>) {
-            gRetryDrops += (reason == WIFI_MAC_DROP_REACHED_RETRY_LIMIT);
-            gExpiredDrops += (reason == WIFI_MAC_DROP_EXPIRED_LIFETIME);
-        }));
-    Config::ConnectWithoutContext(
         dev + "Phy/PhyRxDrop",
         MakeCallback(+[](Ptr<const Packet>, WifiPhyRxfailureReason) { ++gPhyRxDrops; }));
-    // Per node and peer: what `iw station dump` shows (the PHY rate the rate control chose).
+    // Per node and peer: what `iw station dump` shows (the PHY rate the rate control chose), and
+    // the drops of every radio.
     gPeers.resize(n);
     for (uint32_t i = 0; i < n; ++i)
     {

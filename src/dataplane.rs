@@ -323,6 +323,15 @@ struct Context {
     context_tokens: usize,
 }
 
+impl Context {
+    /// Learns the request's `context_tokens` (the largest figure seen; 0 = unknown): returns
+    /// what its caches are sized for.
+    fn learn(&mut self, context_tokens: usize) -> usize {
+        self.context_tokens = self.context_tokens.max(context_tokens);
+        self.context_tokens
+    }
+}
+
 #[derive(Debug)]
 struct PendingReplay {
     failed: String,
@@ -569,14 +578,6 @@ impl ShardHost {
             }
         }
         self.contexts.entry(request).or_default()
-    }
-
-    /// The context of `request` (made if it has none) learns its `context_tokens` (the largest
-    /// figure seen; 0 = unknown): returns what its caches are sized for.
-    fn learn(&mut self, request: u64, context_tokens: usize) -> usize {
-        let c = self.open(request);
-        c.context_tokens = c.context_tokens.max(context_tokens);
-        c.context_tokens
     }
 
     /// Forgets `request`: its KV caches on every layer, its snapshot, buffer and recovery work.
@@ -923,7 +924,7 @@ impl ShardHost {
             }
         }
         let x = decode(self.codec, input)?;
-        let context_tokens = self.learn(request_id, context_tokens);
+        let context_tokens = self.open(request_id).learn(context_tokens);
         (self.recent, self.stepped) = (request_id, Some(request_id));
         let started = std::time::Instant::now();
         let layers: Vec<usize> = (boundary..end).collect();
@@ -954,7 +955,7 @@ impl ShardHost {
         if let Some(c) = self.contexts.get_mut(&request_id).filter(|c| !c.seed_layers.is_empty()) {
             // Checked now (a malformed input is refused as it would be seeded), computed later.
             decode(codec, input)?;
-            c.context_tokens = c.context_tokens.max(context_tokens);
+            c.learn(context_tokens);
             c.seed_inputs.push((position, input.clone()));
             return Ok(());
         }
@@ -979,7 +980,7 @@ impl ShardHost {
     ) -> Result<()> {
         let head = self.replica_layers();
         let x = decode(self.codec, input)?;
-        let context_tokens = self.learn(request_id, context_tokens);
+        let context_tokens = self.open(request_id).learn(context_tokens);
         let started = std::time::Instant::now();
         let y = run_layers(&mut self.pieces, self.codec, &head, request_id, context_tokens, x, position)?;
         self.account(started.elapsed(), head.len(), input.rows());
@@ -1074,7 +1075,7 @@ impl ShardHost {
         context_tokens: usize,
     ) -> Result<Vec<Emit>> {
         if let Some(c) = self.contexts.get_mut(&request_id) {
-            c.context_tokens = c.context_tokens.max(context_tokens);
+            c.learn(context_tokens);
         }
         let pending = self.contexts.get_mut(&request_id).and_then(|c| c.replay.as_mut()).filter(|r| r.failed == failed);
         tracing::debug!(
